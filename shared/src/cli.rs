@@ -1,0 +1,98 @@
+//! The `main` every tool shares: error printing, exit codes, quiet broken pipe,
+//! no backtraces on input, and a progress bar that only shows on a terminal.
+
+use crate::error::{Error, Result};
+use std::io::{self, IsTerminal, Write};
+
+/// Run a tool's body and turn its result into the process exit code.
+///
+/// Prints `name: error: <message>` on stderr for errors. A broken pipe exits 0.
+/// A panic (a bug, never expected on bad input) prints one line, not a backtrace,
+/// and exits 101 so scripts see it is not an input problem.
+pub fn main_with(name: &'static str, body: impl FnOnce() -> Result<()>) -> ! {
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let loc = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let _ = writeln!(
+            io::stderr(),
+            "{name}: internal error: {msg}{loc} (this is a bug; please report it)"
+        );
+    }));
+    let code = match body() {
+        Ok(()) => 0,
+        Err(e) => {
+            if !matches!(e, Error::BrokenPipe) {
+                let _ = writeln!(io::stderr(), "{name}: error: {e}");
+            }
+            e.exit_code()
+        }
+    };
+    std::process::exit(code)
+}
+
+/// A progress bar on stderr when stderr is a terminal; hidden otherwise, so
+/// logs and pipelines stay clean.
+pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    if !io::stderr().is_terminal() || std::env::var_os("FTK_NO_PROGRESS").is_some() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// A buffered, locked stdout whose write errors map to ftk errors
+/// (broken pipe becomes a quiet exit 0).
+pub struct Stdout {
+    inner: io::BufWriter<io::StdoutLock<'static>>,
+}
+
+impl Stdout {
+    pub fn new() -> Self {
+        Stdout {
+            inner: io::BufWriter::with_capacity(64 * 1024, io::stdout().lock()),
+        }
+    }
+
+    /// Write a line of text.
+    pub fn line(&mut self, s: &str) -> Result<()> {
+        self.inner
+            .write_all(s.as_bytes())
+            .and_then(|_| self.inner.write_all(b"\n"))
+            .map_err(Error::stdout)
+    }
+
+    /// Flush; call at the end of a tool (and after each record when streaming
+    /// to a terminal or a live pipe consumer matters).
+    pub fn flush(&mut self) -> Result<()> {
+        self.inner.flush().map_err(Error::stdout)
+    }
+}
+
+impl Default for Stdout {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -1,0 +1,14 @@
+//! `ftk`: what every ftk tool shares — JSON lines, safetensors, model
+//! configs, sizes, errors and exit codes, seeded randomness, tables.
+
+pub mod cli;
+pub mod error;
+pub mod io;
+pub mod jsonl;
+pub mod model;
+pub mod rng;
+pub mod size;
+pub mod table;
+pub mod tensors;
+
+pub use error::{Context, Error, Result};

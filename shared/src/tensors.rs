@@ -1,0 +1,380 @@
+//! safetensors files: zero-copy reading through memmap2 (every dtype,
+//! F16/BF16 decoded with `half`) and atomic writing.
+
+use crate::error::{Error, Result};
+use crate::io::write_atomic;
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::SafeTensorError;
+pub use safetensors::Dtype;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+/// A memory-mapped safetensors file. Tensors borrow from the map: nothing is
+/// copied until a caller decodes elements.
+pub struct TensorFile {
+    name: String,
+    mmap: Option<Mmap>,
+    data_start: usize,
+    meta: Metadata,
+}
+
+/// One tensor's view into a [`TensorFile`].
+#[derive(Clone, Copy)]
+pub struct Tensor<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    /// Raw little-endian element bytes.
+    pub data: &'a [u8],
+    file: &'a str,
+}
+
+/// True if the first bytes look like a safetensors file (8-byte little-endian
+/// header length followed by `{`), as opposed to JSON text.
+pub fn sniff(head: &[u8]) -> bool {
+    head.len() >= 9 && head[8] == b'{' && head[0] != b'{'
+}
+
+fn describe(e: &SafeTensorError, len: usize) -> String {
+    match e {
+        SafeTensorError::HeaderTooSmall => {
+            format!("file is {len} bytes, too short for the 8-byte safetensors header length")
+        }
+        SafeTensorError::InvalidHeaderLength => {
+            "header length runs past the end of the file (truncated file?)".into()
+        }
+        SafeTensorError::HeaderTooLarge => "header length is implausibly large (not a safetensors file?)".into(),
+        SafeTensorError::InvalidHeader(_) => "header is not UTF-8 (not a safetensors file?)".into(),
+        SafeTensorError::InvalidHeaderDeserialization(e) => {
+            format!("header is not valid safetensors JSON: {e}")
+        }
+        SafeTensorError::MetadataIncompleteBuffer => {
+            "data section does not match the header's offsets (truncated or corrupted file)".into()
+        }
+        other => format!("invalid safetensors file: {other}"),
+    }
+}
+
+impl TensorFile {
+    /// Map and validate `path` (header, offsets, total length).
+    pub fn open(path: &Path) -> Result<TensorFile> {
+        let name = path.display().to_string();
+        if path == Path::new("-") {
+            return Err(Error::input(
+                "safetensors input cannot be read from stdin (it is memory-mapped); give a file path",
+            ));
+        }
+        let f = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+        let len = f
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", path, e))?
+            .len() as usize;
+        if len < 8 {
+            return Err(Error::input(format!(
+                "{name}: file is {len} bytes, too short for the 8-byte safetensors header length"
+            )));
+        }
+        // SAFETY: the map is read-only; ftk never writes input files and the
+        // caller is told (DESIGN.md) that inputs must not change while a tool
+        // runs. A concurrent truncation could SIGBUS, as with any mmap reader.
+        let mmap = unsafe { Mmap::map(&f) }.map_err(|e| Error::io("cannot map", path, e))?;
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+            .map_err(|e| Error::input(format!("{name}: {}", describe(&e, len))))?;
+        Ok(TensorFile {
+            name,
+            mmap: Some(mmap),
+            data_start: 8 + n,
+            meta,
+        })
+    }
+
+    /// The file name, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Tensor names in file order (by data offset).
+    pub fn names(&self) -> Vec<String> {
+        self.meta.offset_keys()
+    }
+
+    /// The `__metadata__` string map, if any.
+    pub fn metadata(&self) -> Option<&HashMap<String, String>> {
+        self.meta.metadata().as_ref()
+    }
+
+    /// The tensor named `name`, if present.
+    pub fn get<'a>(&'a self, name: &'a str) -> Option<Tensor<'a>> {
+        let info: &TensorInfo = self.meta.info(name)?;
+        let bytes = self.mmap.as_deref().unwrap_or(&[]);
+        let (a, b) = info.data_offsets;
+        Some(Tensor {
+            name,
+            dtype: info.dtype,
+            shape: &info.shape,
+            data: &bytes[self.data_start + a..self.data_start + b],
+            file: &self.name,
+        })
+    }
+
+    /// The tensor named `name`, or an input error naming the file.
+    pub fn require<'a>(&'a self, name: &'a str) -> Result<Tensor<'a>> {
+        self.get(name).ok_or_else(|| {
+            Error::input(format!(
+                "{}: no tensor named '{name}' (the file has {} tensors)",
+                self.name,
+                self.meta.tensors().len()
+            ))
+        })
+    }
+}
+
+/// Size in bytes of one element; `None` for sub-byte dtypes.
+pub fn dtype_bytes(d: Dtype) -> Option<usize> {
+    let bits = d.bitsize();
+    (bits % 8 == 0).then_some(bits / 8)
+}
+
+/// Whether `d` is an integer dtype ftk can read as indices.
+pub fn is_int(d: Dtype) -> bool {
+    matches!(
+        d,
+        Dtype::I8 | Dtype::I16 | Dtype::I32 | Dtype::I64 | Dtype::U8 | Dtype::U16 | Dtype::U32 | Dtype::U64
+    )
+}
+
+/// Whether `d` is a float dtype ftk decodes to f32.
+pub fn is_float(d: Dtype) -> bool {
+    matches!(d, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+}
+
+impl<'a> Tensor<'a> {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// `"<file>: tensor '<name>'"`, for messages.
+    pub fn here(&self) -> String {
+        format!("{}: tensor '{}'", self.file, self.name)
+    }
+
+    /// Error unless the tensor has `rank` dimensions.
+    pub fn expect_rank(&self, rank: usize, meaning: &str) -> Result<()> {
+        if self.shape.len() != rank {
+            return Err(Error::input(format!(
+                "{}: expected shape {meaning}, got {:?}",
+                self.here(),
+                self.shape
+            )));
+        }
+        Ok(())
+    }
+
+    /// Decode elements `[start, start + out.len())` as f32 (F16/BF16/F32/F64).
+    pub fn read_f32(&self, start: usize, out: &mut [f32]) -> Result<()> {
+        decode_f32(self.dtype, self.data, start, out).map_err(|m| Error::input(format!("{}: {m}", self.here())))
+    }
+
+    /// Decode elements `[start, start + out.len())` as i64 (any integer dtype).
+    pub fn read_i64(&self, start: usize, out: &mut [i64]) -> Result<()> {
+        decode_i64(self.dtype, self.data, start, out).map_err(|m| Error::input(format!("{}: {m}", self.here())))
+    }
+
+    /// All elements as f32.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; self.numel()];
+        self.read_f32(0, &mut v)?;
+        Ok(v)
+    }
+
+    /// All elements as i64.
+    pub fn to_i64_vec(&self) -> Result<Vec<i64>> {
+        let mut v = vec![0i64; self.numel()];
+        self.read_i64(0, &mut v)?;
+        Ok(v)
+    }
+}
+
+macro_rules! decode_le {
+    ($bytes:expr, $start:expr, $out:expr, $t:ty, $conv:expr) => {{
+        const W: usize = std::mem::size_of::<$t>();
+        let src = &$bytes[$start * W..($start + $out.len()) * W];
+        for (o, c) in $out.iter_mut().zip(src.chunks_exact(W)) {
+            let x = <$t>::from_le_bytes(c.try_into().unwrap());
+            *o = $conv(x);
+        }
+    }};
+}
+
+fn check_range(dtype: Dtype, bytes: &[u8], start: usize, n: usize) -> std::result::Result<(), String> {
+    let w = dtype_bytes(dtype).ok_or_else(|| format!("dtype {dtype:?} is not supported here"))?;
+    if (start + n) * w > bytes.len() {
+        return Err(format!("element range {start}..{} is out of bounds", start + n));
+    }
+    Ok(())
+}
+
+/// Decode little-endian floats of `dtype` into f32.
+pub fn decode_f32(dtype: Dtype, bytes: &[u8], start: usize, out: &mut [f32]) -> std::result::Result<(), String> {
+    check_range(dtype, bytes, start, out.len())?;
+    match dtype {
+        Dtype::F32 => decode_le!(bytes, start, out, f32, |x| x),
+        Dtype::F64 => decode_le!(bytes, start, out, f64, |x: f64| x as f32),
+        Dtype::F16 => decode_le!(bytes, start, out, u16, |x| half::f16::from_bits(x).to_f32()),
+        Dtype::BF16 => decode_le!(bytes, start, out, u16, |x| half::bf16::from_bits(x).to_f32()),
+        other => return Err(format!("expected a float dtype (F16, BF16, F32, F64), got {other:?}")),
+    }
+    Ok(())
+}
+
+/// Decode little-endian integers of `dtype` into i64. U64 values above
+/// i64::MAX are reported as errors rather than wrapped.
+pub fn decode_i64(dtype: Dtype, bytes: &[u8], start: usize, out: &mut [i64]) -> std::result::Result<(), String> {
+    check_range(dtype, bytes, start, out.len())?;
+    match dtype {
+        Dtype::I8 => decode_le!(bytes, start, out, i8, i64::from),
+        Dtype::I16 => decode_le!(bytes, start, out, i16, i64::from),
+        Dtype::I32 => decode_le!(bytes, start, out, i32, i64::from),
+        Dtype::I64 => decode_le!(bytes, start, out, i64, |x| x),
+        Dtype::U8 => decode_le!(bytes, start, out, u8, i64::from),
+        Dtype::U16 => decode_le!(bytes, start, out, u16, i64::from),
+        Dtype::U32 => decode_le!(bytes, start, out, u32, i64::from),
+        Dtype::U64 => {
+            decode_le!(bytes, start, out, u64, |x: u64| i64::try_from(x).unwrap_or(-1));
+        }
+        other => return Err(format!("expected an integer dtype (I8..I64, U8..U64), got {other:?}")),
+    }
+    Ok(())
+}
+
+/// A tensor to write: name, dtype, shape and little-endian bytes.
+pub struct OutTensor<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: std::borrow::Cow<'a, [u8]>,
+}
+
+impl<'a> OutTensor<'a> {
+    /// An F32 tensor from a slice.
+    pub fn f32(name: impl Into<String>, shape: Vec<usize>, v: &[f32]) -> OutTensor<'a> {
+        let mut b = Vec::with_capacity(v.len() * 4);
+        v.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
+        OutTensor { name: name.into(), dtype: Dtype::F32, shape, data: b.into() }
+    }
+
+    /// An I64 tensor from a slice.
+    pub fn i64(name: impl Into<String>, shape: Vec<usize>, v: &[i64]) -> OutTensor<'a> {
+        let mut b = Vec::with_capacity(v.len() * 8);
+        v.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
+        OutTensor { name: name.into(), dtype: Dtype::I64, shape, data: b.into() }
+    }
+}
+
+/// Write tensors to `path` atomically, in the layout the safetensors crate
+/// itself produces (data ordered by descending dtype alignment, then name;
+/// header padded to 8 bytes), streaming each tensor's bytes once.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[OutTensor<'_>],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut order: Vec<&OutTensor> = tensors.iter().collect();
+    order.sort_by(|a, b| b.dtype.cmp(&a.dtype).then(a.name.cmp(&b.name)));
+    let mut infos = Vec::with_capacity(order.len());
+    let mut offset = 0usize;
+    for t in &order {
+        let w = dtype_bytes(t.dtype)
+            .ok_or_else(|| Error::input(format!("cannot write sub-byte dtype {:?}", t.dtype)))?;
+        let n = t.shape.iter().product::<usize>() * w;
+        if n != t.data.len() {
+            return Err(Error::input(format!(
+                "tensor '{}': shape {:?} needs {n} bytes, got {}",
+                t.name,
+                t.shape,
+                t.data.len()
+            )));
+        }
+        infos.push((
+            t.name.clone(),
+            TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (offset, offset + n) },
+        ));
+        offset += n;
+    }
+    let meta = Metadata::new(metadata, infos).map_err(|e| Error::input(format!("cannot build safetensors header: {e}")))?;
+    let mut header = serde_json::to_vec(&meta).map_err(|e| Error::input(format!("cannot encode header: {e}")))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    write_atomic(path, |w| {
+        let io = |e| Error::io("writing", path, e);
+        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&header).map_err(io)?;
+        for t in &order {
+            w.write_all(&t.data).map_err(io)?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_all_float_and_int_dtypes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        let bf: Vec<u8> = [1.5f32, -2.0, 3.25]
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
+            .collect();
+        let f16: Vec<u8> = [0.5f32, 65504.0]
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes())
+            .collect();
+        let i16b: Vec<u8> = [-3i16, 7].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let ts = vec![
+            OutTensor { name: "bf".into(), dtype: Dtype::BF16, shape: vec![3], data: bf.into() },
+            OutTensor { name: "h".into(), dtype: Dtype::F16, shape: vec![2], data: f16.into() },
+            OutTensor { name: "i".into(), dtype: Dtype::I16, shape: vec![2, 1], data: i16b.into() },
+            OutTensor::f32("f", vec![2], &[1.0, f32::MIN_POSITIVE]),
+            OutTensor::i64("l", vec![1], &[i64::MAX]),
+        ];
+        write_safetensors(&p, &ts, None).unwrap();
+        // The reference reader must accept what we wrote.
+        let bytes = std::fs::read(&p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.len(), 5);
+        let f = TensorFile::open(&p).unwrap();
+        assert_eq!(f.require("bf").unwrap().to_f32_vec().unwrap(), vec![1.5, -2.0, 3.25]);
+        assert_eq!(f.require("h").unwrap().to_f32_vec().unwrap(), vec![0.5, 65504.0]);
+        assert_eq!(f.require("i").unwrap().to_i64_vec().unwrap(), vec![-3, 7]);
+        assert_eq!(f.require("l").unwrap().to_i64_vec().unwrap(), vec![i64::MAX]);
+        assert!(f.require("f").unwrap().to_i64_vec().is_err());
+        assert!(f.require("nope").is_err());
+    }
+
+    #[test]
+    fn truncated_file_is_an_input_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        write_safetensors(&p, &[OutTensor::f32("x", vec![4], &[1.0; 4])], None).unwrap();
+        let mut b = std::fs::read(&p).unwrap();
+        b.truncate(b.len() - 3);
+        std::fs::write(&p, &b).unwrap();
+        let e = TensorFile::open(&p).err().unwrap();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn failed_write_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.safetensors");
+        let bad = OutTensor { name: "x".into(), dtype: Dtype::F32, shape: vec![3], data: vec![0u8; 4].into() };
+        assert!(write_safetensors(&p, &[bad], None).is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
