@@ -46,10 +46,7 @@ pub fn read_text(path: &Path) -> Result<String> {
 /// directory, is flushed and fsynced, then renamed over `path`. If `fill`
 /// fails or the process dies, `path` is untouched and the temporary is removed
 /// (or, after a kill, left as an obviously named `.ftk-tmp*` file).
-pub fn write_atomic(
-    path: &Path,
-    fill: impl FnOnce(&mut dyn Write) -> Result<()>,
-) -> Result<()> {
+pub fn write_atomic(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     let dir: PathBuf = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),

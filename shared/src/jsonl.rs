@@ -84,7 +84,7 @@ impl<R: BufRead> Reader<R> {
             "bad record"
         };
         Error::input(format!(
-            "{what}: {msg}, {}; each line must be one JSON object",
+            "{}: {what}: {msg}; each line must be one JSON object",
             self.here()
         ))
     }
@@ -132,6 +132,9 @@ mod tests {
     fn missing_field_is_named() {
         let mut r = Reader::new("x", "{\"b\":1}".as_bytes());
         let e = r.next_record::<R>().unwrap_err().to_string();
-        assert!(e.contains("missing field `a`") && e.contains("line 1"), "{e}");
+        assert!(
+            e.contains("missing field `a`") && e.contains("line 1"),
+            "{e}"
+        );
     }
 }

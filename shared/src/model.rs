@@ -66,7 +66,11 @@ struct Raw {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Attention {
     /// Multi-head / grouped-query attention.
-    Gqa { heads: u64, kv_heads: u64, head_dim: u64 },
+    Gqa {
+        heads: u64,
+        kv_heads: u64,
+        head_dim: u64,
+    },
     /// DeepSeek multi-head latent attention.
     Mla {
         heads: u64,
@@ -149,9 +153,8 @@ impl ModelConfig {
 
     /// Parse config text; `src` names it in errors.
     pub fn from_json_str(text: &str, src: &str) -> Result<ModelConfig> {
-        let raw: Raw = serde_json::from_str(text).map_err(|e| {
-            Error::input(format!("{src}: not a valid model config: {e}"))
-        })?;
+        let raw: Raw = serde_json::from_str(text)
+            .map_err(|e| Error::input(format!("{src}: not a valid model config: {e}")))?;
         Self::from_raw(raw, src)
     }
 
@@ -179,7 +182,7 @@ impl ModelConfig {
             }
         } else {
             let kv_heads = r.num_key_value_heads.unwrap_or(heads);
-            if kv_heads == 0 || heads % kv_heads != 0 {
+            if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
                 return Err(Error::input(format!(
                     "{src}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
                 )));
@@ -188,7 +191,11 @@ impl ModelConfig {
             if head_dim == 0 {
                 return Err(Error::input(format!("{src}: head_dim is 0")));
             }
-            Attention::Gqa { heads, kv_heads, head_dim }
+            Attention::Gqa {
+                heads,
+                kv_heads,
+                head_dim,
+            }
         };
         let moe = match r.num_experts {
             Some(experts) if experts > 0 => {
@@ -199,11 +206,12 @@ impl ModelConfig {
                     )));
                 }
                 let expert_ffn = r.moe_intermediate_size.unwrap_or(ffn);
-                let (shared_experts, shared_ffn, shared_gate) = match (r.n_shared_experts, r.shared_expert_intermediate_size) {
-                    (Some(n), _) => (n, expert_ffn, false),
-                    (None, Some(f)) if f > 0 => (1, f, true),
-                    _ => (0, 0, false),
-                };
+                let (shared_experts, shared_ffn, shared_gate) =
+                    match (r.n_shared_experts, r.shared_expert_intermediate_size) {
+                        (Some(n), _) => (n, expert_ffn, false),
+                        (None, Some(f)) if f > 0 => (1, f, true),
+                        _ => (0, 0, false),
+                    };
                 Some(Moe {
                     experts,
                     topk,
@@ -236,7 +244,9 @@ impl ModelConfig {
             .collect();
         Ok(ModelConfig {
             qk_norm: arch == "qwen3_moe" || arch == "qwen3",
-            attention_bias: r.attention_bias.unwrap_or(arch == "qwen2_moe" || arch == "qwen2" || is_gpt2),
+            attention_bias: r
+                .attention_bias
+                .unwrap_or(arch == "qwen2_moe" || arch == "qwen2" || is_gpt2),
             learned_positions: is_gpt2,
             mlp: if is_gpt2 { Mlp::Gelu } else { Mlp::SwiGlu },
             tie_embeddings: r.tie_word_embeddings.unwrap_or(is_gpt2),
@@ -274,7 +284,11 @@ impl ModelConfig {
     pub fn head_dim(&self) -> u64 {
         match self.attention {
             Attention::Gqa { head_dim, .. } => head_dim,
-            Attention::Mla { qk_nope_head_dim, qk_rope_head_dim, .. } => qk_nope_head_dim + qk_rope_head_dim,
+            Attention::Mla {
+                qk_nope_head_dim,
+                qk_rope_head_dim,
+                ..
+            } => qk_nope_head_dim + qk_rope_head_dim,
         }
     }
 
@@ -293,7 +307,11 @@ impl ModelConfig {
         let h = self.hidden;
         let norm = if self.mlp == Mlp::Gelu { 2 * h } else { h };
         norm + match self.attention {
-            Attention::Gqa { heads, kv_heads, head_dim } => {
+            Attention::Gqa {
+                heads,
+                kv_heads,
+                head_dim,
+            } => {
                 let q = heads * head_dim;
                 let kv = kv_heads * head_dim;
                 let bias = if self.attention_bias { q + 2 * kv } else { 0 };
@@ -301,7 +319,14 @@ impl ModelConfig {
                 let qk_norm = if self.qk_norm { 2 * head_dim } else { 0 };
                 h * (q + 2 * kv) + q * h + bias + out_bias + qk_norm
             }
-            Attention::Mla { heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim } => {
+            Attention::Mla {
+                heads,
+                q_lora_rank,
+                kv_lora_rank,
+                qk_nope_head_dim,
+                qk_rope_head_dim,
+                v_head_dim,
+            } => {
                 let qk = qk_nope_head_dim + qk_rope_head_dim;
                 let q = match q_lora_rank {
                     Some(r) => h * r + r + r * heads * qk,
@@ -326,13 +351,19 @@ impl ModelConfig {
 
     /// Parameters of one routed expert (w1, w2, w3).
     pub fn expert_params(&self) -> u64 {
-        self.moe.as_ref().map_or(0, |m| 3 * self.hidden * m.expert_ffn)
+        self.moe
+            .as_ref()
+            .map_or(0, |m| 3 * self.hidden * m.expert_ffn)
     }
 
     /// Router parameters of one MoE layer (plus DeepSeek-V3's score-correction bias).
     pub fn router_params(&self) -> u64 {
         self.moe.as_ref().map_or(0, |m| {
-            let bias = if self.arch == "deepseek_v3" { m.experts } else { 0 };
+            let bias = if self.arch == "deepseek_v3" {
+                m.experts
+            } else {
+                0
+            };
             m.experts * self.hidden + bias
         })
     }
@@ -340,7 +371,8 @@ impl ModelConfig {
     /// Shared-expert parameters of one MoE layer (with Qwen2-MoE's gate).
     pub fn shared_params(&self) -> u64 {
         self.moe.as_ref().map_or(0, |m| {
-            m.shared_experts * 3 * self.hidden * m.shared_ffn + if m.shared_gate { self.hidden } else { 0 }
+            m.shared_experts * 3 * self.hidden * m.shared_ffn
+                + if m.shared_gate { self.hidden } else { 0 }
         })
     }
 
@@ -350,7 +382,10 @@ impl ModelConfig {
         let attn = self.attention_params();
         if self.is_moe.get(i as usize).copied().unwrap_or(false) {
             let m = self.moe.as_ref().expect("is_moe implies moe");
-            attn + h + self.router_params() + m.experts * self.expert_params() + self.shared_params()
+            attn + h
+                + self.router_params()
+                + m.experts * self.expert_params()
+                + self.shared_params()
         } else {
             attn + self.mlp_params(self.ffn)
         }
@@ -358,18 +393,33 @@ impl ModelConfig {
 
     /// Input embedding parameters (plus learned positions).
     pub fn embedding_params(&self) -> u64 {
-        self.vocab * self.hidden + if self.learned_positions { self.max_seq.unwrap_or(0) * self.hidden } else { 0 }
+        self.vocab * self.hidden
+            + if self.learned_positions {
+                self.max_seq.unwrap_or(0) * self.hidden
+            } else {
+                0
+            }
     }
 
     /// Output head parameters (0 when tied) plus the final norm.
     pub fn head_params(&self) -> u64 {
-        let norm = if self.mlp == Mlp::Gelu { 2 * self.hidden } else { self.hidden };
-        norm + if self.tie_embeddings { 0 } else { self.vocab * self.hidden }
+        let norm = if self.mlp == Mlp::Gelu {
+            2 * self.hidden
+        } else {
+            self.hidden
+        };
+        norm + if self.tie_embeddings {
+            0
+        } else {
+            self.vocab * self.hidden
+        }
     }
 
     /// Total parameters of the main model (MTP layers excluded).
     pub fn total_params(&self) -> u64 {
-        self.embedding_params() + self.head_params() + (0..self.layers).map(|i| self.layer_params(i)).sum::<u64>()
+        self.embedding_params()
+            + self.head_params()
+            + (0..self.layers).map(|i| self.layer_params(i)).sum::<u64>()
     }
 
     /// Parameters touched per token: routed experts counted top-k times.
@@ -396,8 +446,13 @@ mod tests {
         assert_eq!(c.kv_heads(), 4);
         assert_eq!(c.head_dim(), 16);
         assert!(c.moe.is_none());
-        let e = ModelConfig::from_json_str(r#"{"hidden_size":64}"#, "cfg.json").unwrap_err().to_string();
-        assert!(e.contains("cfg.json") && e.contains("num_hidden_layers"), "{e}");
+        let e = ModelConfig::from_json_str(r#"{"hidden_size":64}"#, "cfg.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cfg.json") && e.contains("num_hidden_layers"),
+            "{e}"
+        );
         let e = ModelConfig::from_json_str("{", "cfg.json").unwrap_err();
         assert_eq!(e.exit_code(), 2);
     }

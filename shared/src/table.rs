@@ -11,7 +11,10 @@ pub struct Table {
 
 impl Table {
     pub fn new<S: Into<String>>(header: impl IntoIterator<Item = S>) -> Self {
-        Table { header: header.into_iter().map(Into::into).collect(), rows: vec![] }
+        Table {
+            header: header.into_iter().map(Into::into).collect(),
+            rows: vec![],
+        }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -19,13 +22,18 @@ impl Table {
     }
 
     fn numeric(s: &str) -> bool {
-        !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || ".-+eE%".contains(c) || c == ' ')
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_digit() || ".-+eE%".contains(c) || c == ' ')
             && s.chars().any(|c| c.is_ascii_digit())
     }
 
     /// Render to a string, columns separated by two spaces.
     pub fn render(&self) -> String {
-        let cols = self.header.len().max(self.rows.iter().map(Vec::len).max().unwrap_or(0));
+        let cols = self
+            .header
+            .len()
+            .max(self.rows.iter().map(Vec::len).max().unwrap_or(0));
         let mut width = vec![0usize; cols];
         for r in std::iter::once(&self.header).chain(&self.rows) {
             for (i, c) in r.iter().enumerate() {

@@ -5,8 +5,8 @@ use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use memmap2::Mmap;
 use safetensors::tensor::{Metadata, TensorInfo};
-use safetensors::SafeTensorError;
 pub use safetensors::Dtype;
+use safetensors::SafeTensorError;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
@@ -45,7 +45,9 @@ fn describe(e: &SafeTensorError, len: usize) -> String {
         SafeTensorError::InvalidHeaderLength => {
             "header length runs past the end of the file (truncated file?)".into()
         }
-        SafeTensorError::HeaderTooLarge => "header length is implausibly large (not a safetensors file?)".into(),
+        SafeTensorError::HeaderTooLarge => {
+            "header length is implausibly large (not a safetensors file?)".into()
+        }
         SafeTensorError::InvalidHeader(_) => "header is not UTF-8 (not a safetensors file?)".into(),
         SafeTensorError::InvalidHeaderDeserialization(e) => {
             format!("header is not valid safetensors JSON: {e}")
@@ -134,14 +136,21 @@ impl TensorFile {
 /// Size in bytes of one element; `None` for sub-byte dtypes.
 pub fn dtype_bytes(d: Dtype) -> Option<usize> {
     let bits = d.bitsize();
-    (bits % 8 == 0).then_some(bits / 8)
+    bits.is_multiple_of(8).then_some(bits / 8)
 }
 
 /// Whether `d` is an integer dtype ftk can read as indices.
 pub fn is_int(d: Dtype) -> bool {
     matches!(
         d,
-        Dtype::I8 | Dtype::I16 | Dtype::I32 | Dtype::I64 | Dtype::U8 | Dtype::U16 | Dtype::U32 | Dtype::U64
+        Dtype::I8
+            | Dtype::I16
+            | Dtype::I32
+            | Dtype::I64
+            | Dtype::U8
+            | Dtype::U16
+            | Dtype::U32
+            | Dtype::U64
     )
 }
 
@@ -175,12 +184,14 @@ impl<'a> Tensor<'a> {
 
     /// Decode elements `[start, start + out.len())` as f32 (F16/BF16/F32/F64).
     pub fn read_f32(&self, start: usize, out: &mut [f32]) -> Result<()> {
-        decode_f32(self.dtype, self.data, start, out).map_err(|m| Error::input(format!("{}: {m}", self.here())))
+        decode_f32(self.dtype, self.data, start, out)
+            .map_err(|m| Error::input(format!("{}: {m}", self.here())))
     }
 
     /// Decode elements `[start, start + out.len())` as i64 (any integer dtype).
     pub fn read_i64(&self, start: usize, out: &mut [i64]) -> Result<()> {
-        decode_i64(self.dtype, self.data, start, out).map_err(|m| Error::input(format!("{}: {m}", self.here())))
+        decode_i64(self.dtype, self.data, start, out)
+            .map_err(|m| Error::input(format!("{}: {m}", self.here())))
     }
 
     /// All elements as f32.
@@ -209,30 +220,53 @@ macro_rules! decode_le {
     }};
 }
 
-fn check_range(dtype: Dtype, bytes: &[u8], start: usize, n: usize) -> std::result::Result<(), String> {
+fn check_range(
+    dtype: Dtype,
+    bytes: &[u8],
+    start: usize,
+    n: usize,
+) -> std::result::Result<(), String> {
     let w = dtype_bytes(dtype).ok_or_else(|| format!("dtype {dtype:?} is not supported here"))?;
     if (start + n) * w > bytes.len() {
-        return Err(format!("element range {start}..{} is out of bounds", start + n));
+        return Err(format!(
+            "element range {start}..{} is out of bounds",
+            start + n
+        ));
     }
     Ok(())
 }
 
 /// Decode little-endian floats of `dtype` into f32.
-pub fn decode_f32(dtype: Dtype, bytes: &[u8], start: usize, out: &mut [f32]) -> std::result::Result<(), String> {
+pub fn decode_f32(
+    dtype: Dtype,
+    bytes: &[u8],
+    start: usize,
+    out: &mut [f32],
+) -> std::result::Result<(), String> {
     check_range(dtype, bytes, start, out.len())?;
     match dtype {
         Dtype::F32 => decode_le!(bytes, start, out, f32, |x| x),
         Dtype::F64 => decode_le!(bytes, start, out, f64, |x: f64| x as f32),
         Dtype::F16 => decode_le!(bytes, start, out, u16, |x| half::f16::from_bits(x).to_f32()),
-        Dtype::BF16 => decode_le!(bytes, start, out, u16, |x| half::bf16::from_bits(x).to_f32()),
-        other => return Err(format!("expected a float dtype (F16, BF16, F32, F64), got {other:?}")),
+        Dtype::BF16 => decode_le!(bytes, start, out, u16, |x| half::bf16::from_bits(x)
+            .to_f32()),
+        other => {
+            return Err(format!(
+                "expected a float dtype (F16, BF16, F32, F64), got {other:?}"
+            ))
+        }
     }
     Ok(())
 }
 
 /// Decode little-endian integers of `dtype` into i64. U64 values above
 /// i64::MAX are reported as errors rather than wrapped.
-pub fn decode_i64(dtype: Dtype, bytes: &[u8], start: usize, out: &mut [i64]) -> std::result::Result<(), String> {
+pub fn decode_i64(
+    dtype: Dtype,
+    bytes: &[u8],
+    start: usize,
+    out: &mut [i64],
+) -> std::result::Result<(), String> {
     check_range(dtype, bytes, start, out.len())?;
     match dtype {
         Dtype::I8 => decode_le!(bytes, start, out, i8, i64::from),
@@ -243,9 +277,14 @@ pub fn decode_i64(dtype: Dtype, bytes: &[u8], start: usize, out: &mut [i64]) -> 
         Dtype::U16 => decode_le!(bytes, start, out, u16, i64::from),
         Dtype::U32 => decode_le!(bytes, start, out, u32, i64::from),
         Dtype::U64 => {
-            decode_le!(bytes, start, out, u64, |x: u64| i64::try_from(x).unwrap_or(-1));
+            decode_le!(bytes, start, out, u64, |x: u64| i64::try_from(x)
+                .unwrap_or(-1));
         }
-        other => return Err(format!("expected an integer dtype (I8..I64, U8..U64), got {other:?}")),
+        other => {
+            return Err(format!(
+                "expected an integer dtype (I8..I64, U8..U64), got {other:?}"
+            ))
+        }
     }
     Ok(())
 }
@@ -263,14 +302,24 @@ impl<'a> OutTensor<'a> {
     pub fn f32(name: impl Into<String>, shape: Vec<usize>, v: &[f32]) -> OutTensor<'a> {
         let mut b = Vec::with_capacity(v.len() * 4);
         v.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
-        OutTensor { name: name.into(), dtype: Dtype::F32, shape, data: b.into() }
+        OutTensor {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape,
+            data: b.into(),
+        }
     }
 
     /// An I64 tensor from a slice.
     pub fn i64(name: impl Into<String>, shape: Vec<usize>, v: &[i64]) -> OutTensor<'a> {
         let mut b = Vec::with_capacity(v.len() * 8);
         v.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
-        OutTensor { name: name.into(), dtype: Dtype::I64, shape, data: b.into() }
+        OutTensor {
+            name: name.into(),
+            dtype: Dtype::I64,
+            shape,
+            data: b.into(),
+        }
     }
 }
 
@@ -300,16 +349,23 @@ pub fn write_safetensors(
         }
         infos.push((
             t.name.clone(),
-            TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (offset, offset + n) },
+            TensorInfo {
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                data_offsets: (offset, offset + n),
+            },
         ));
         offset += n;
     }
-    let meta = Metadata::new(metadata, infos).map_err(|e| Error::input(format!("cannot build safetensors header: {e}")))?;
-    let mut header = serde_json::to_vec(&meta).map_err(|e| Error::input(format!("cannot encode header: {e}")))?;
+    let meta = Metadata::new(metadata, infos)
+        .map_err(|e| Error::input(format!("cannot build safetensors header: {e}")))?;
+    let mut header = serde_json::to_vec(&meta)
+        .map_err(|e| Error::input(format!("cannot encode header: {e}")))?;
     header.resize(header.len().next_multiple_of(8), b' ');
     write_atomic(path, |w| {
         let io = |e| Error::io("writing", path, e);
-        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(io)?;
         w.write_all(&header).map_err(io)?;
         for t in &order {
             w.write_all(&t.data).map_err(io)?;
@@ -336,9 +392,24 @@ mod tests {
             .collect();
         let i16b: Vec<u8> = [-3i16, 7].iter().flat_map(|x| x.to_le_bytes()).collect();
         let ts = vec![
-            OutTensor { name: "bf".into(), dtype: Dtype::BF16, shape: vec![3], data: bf.into() },
-            OutTensor { name: "h".into(), dtype: Dtype::F16, shape: vec![2], data: f16.into() },
-            OutTensor { name: "i".into(), dtype: Dtype::I16, shape: vec![2, 1], data: i16b.into() },
+            OutTensor {
+                name: "bf".into(),
+                dtype: Dtype::BF16,
+                shape: vec![3],
+                data: bf.into(),
+            },
+            OutTensor {
+                name: "h".into(),
+                dtype: Dtype::F16,
+                shape: vec![2],
+                data: f16.into(),
+            },
+            OutTensor {
+                name: "i".into(),
+                dtype: Dtype::I16,
+                shape: vec![2, 1],
+                data: i16b.into(),
+            },
             OutTensor::f32("f", vec![2], &[1.0, f32::MIN_POSITIVE]),
             OutTensor::i64("l", vec![1], &[i64::MAX]),
         ];
@@ -348,10 +419,19 @@ mod tests {
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(st.len(), 5);
         let f = TensorFile::open(&p).unwrap();
-        assert_eq!(f.require("bf").unwrap().to_f32_vec().unwrap(), vec![1.5, -2.0, 3.25]);
-        assert_eq!(f.require("h").unwrap().to_f32_vec().unwrap(), vec![0.5, 65504.0]);
+        assert_eq!(
+            f.require("bf").unwrap().to_f32_vec().unwrap(),
+            vec![1.5, -2.0, 3.25]
+        );
+        assert_eq!(
+            f.require("h").unwrap().to_f32_vec().unwrap(),
+            vec![0.5, 65504.0]
+        );
         assert_eq!(f.require("i").unwrap().to_i64_vec().unwrap(), vec![-3, 7]);
-        assert_eq!(f.require("l").unwrap().to_i64_vec().unwrap(), vec![i64::MAX]);
+        assert_eq!(
+            f.require("l").unwrap().to_i64_vec().unwrap(),
+            vec![i64::MAX]
+        );
         assert!(f.require("f").unwrap().to_i64_vec().is_err());
         assert!(f.require("nope").is_err());
     }
@@ -373,7 +453,12 @@ mod tests {
     fn failed_write_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.safetensors");
-        let bad = OutTensor { name: "x".into(), dtype: Dtype::F32, shape: vec![3], data: vec![0u8; 4].into() };
+        let bad = OutTensor {
+            name: "x".into(),
+            dtype: Dtype::F32,
+            shape: vec![3],
+            data: vec![0u8; 4].into(),
+        };
         assert!(write_safetensors(&p, &[bad], None).is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

@@ -77,16 +77,26 @@ fn count_slice<T: LeInt>(bytes: &[u8], hist: &mut [u64]) -> Result<(), BadId> {
         }
     }
     if bad {
-        let i = bytes.chunks_exact(T::W).position(|c| T::get(c) >= n).unwrap_or(0);
+        let i = bytes
+            .chunks_exact(T::W)
+            .position(|c| T::get(c) >= n)
+            .unwrap_or(0);
         return Err((i, T::wide(&bytes[i * T::W..(i + 1) * T::W])));
     }
     for (i, o) in hist.iter_mut().enumerate() {
-        *o += u64::from(h[i]) + u64::from(h[len + i]) + u64::from(h[2 * len + i]) + u64::from(h[3 * len + i]);
+        *o += u64::from(h[i])
+            + u64::from(h[len + i])
+            + u64::from(h[2 * len + i])
+            + u64::from(h[3 * len + i]);
     }
     Ok(())
 }
 
-fn count_par<T: LeInt + Send + Sync>(bytes: &[u8], k: usize, experts: usize) -> Result<Vec<u64>, BadId> {
+fn count_par<T: LeInt + Send + Sync>(
+    bytes: &[u8],
+    k: usize,
+    experts: usize,
+) -> Result<Vec<u64>, BadId> {
     // u32 task-local counts cannot overflow: a task holds < 2^32 entries.
     let step = ROWS_PER_TASK * k * T::W;
     bytes
@@ -149,7 +159,14 @@ pub struct NanAt(pub usize, pub usize);
 
 /// Per-expert counts of top-k routing over `rows` rows of [rows, experts]
 /// float logits starting at row `first` of the tensor's raw bytes.
-pub fn count_logits(dtype: Dtype, bytes: &[u8], first: usize, rows: usize, experts: usize, k: usize) -> Result<Vec<u64>, NanAt> {
+pub fn count_logits(
+    dtype: Dtype,
+    bytes: &[u8],
+    first: usize,
+    rows: usize,
+    experts: usize,
+    k: usize,
+) -> Result<Vec<u64>, NanAt> {
     let task_rows = (ROWS_PER_TASK / experts.max(1)).max(64);
     let tasks = rows.div_ceil(task_rows);
     (0..tasks)
@@ -161,7 +178,8 @@ pub fn count_logits(dtype: Dtype, bytes: &[u8], first: usize, rows: usize, exper
             let mut buf = vec![0f32; experts];
             let mut top = Vec::with_capacity(k + 1);
             for r in r0..r1 {
-                decode_f32(dtype, bytes, r * experts, &mut buf).expect("caller checked dtype and size");
+                decode_f32(dtype, bytes, r * experts, &mut buf)
+                    .expect("caller checked dtype and size");
                 topk_row(&buf, k, &mut top).map_err(|c| NanAt(r, c))?;
                 for &(_, e) in &top {
                     hist[e] += 1;

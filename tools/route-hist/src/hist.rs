@@ -19,7 +19,7 @@ impl Placement {
         if experts == 0 {
             ftk::bail!("--experts must be at least 1");
         }
-        if ep == 0 || experts % ep != 0 {
+        if ep == 0 || !experts.is_multiple_of(ep) {
             ftk::bail!(
                 "--ep {ep} does not divide the {experts} experts; experts are placed on EP ranks contiguously, so pick a divisor of {experts}"
             );
@@ -68,7 +68,14 @@ impl Accum {
 
     /// Add one unit: `tokens` tokens from source rank `src` whose per-expert
     /// (token, expert) pair counts are `unit`.
-    pub fn add_unit(&mut self, p: Placement, src: usize, tokens: u64, unit: &[u64], capacity_factor: Option<f64>) {
+    pub fn add_unit(
+        &mut self,
+        p: Placement,
+        src: usize,
+        tokens: u64,
+        unit: &[u64],
+        capacity_factor: Option<f64>,
+    ) {
         debug_assert_eq!(unit.len(), p.experts);
         self.tokens += tokens;
         let cap = capacity_factor.map(|f| capacity(tokens, self.topk, p.experts, f));
@@ -85,13 +92,20 @@ impl Accum {
     pub fn merge(&mut self, o: &Accum) {
         self.tokens += o.tokens;
         self.dropped += o.dropped;
-        self.counts.iter_mut().zip(&o.counts).for_each(|(a, b)| *a += b);
+        self.counts
+            .iter_mut()
+            .zip(&o.counts)
+            .for_each(|(a, b)| *a += b);
         self.a2a.iter_mut().zip(&o.a2a).for_each(|(a, b)| *a += b);
     }
 
     pub fn record(&self, p: Placement, with_dropped: bool) -> RouteHist {
         let per_rank = p.experts / p.ep;
-        let rank_counts: Vec<u64> = self.counts.chunks(per_rank).map(|c| c.iter().sum()).collect();
+        let rank_counts: Vec<u64> = self
+            .counts
+            .chunks(per_rank)
+            .map(|c| c.iter().sum())
+            .collect();
         let mean = (self.tokens * self.topk) as f64 / p.experts as f64;
         let max = self.counts.iter().copied().max().unwrap_or(0) as f64;
         let max_vio = if mean > 0.0 { (max - mean) / mean } else { 0.0 };

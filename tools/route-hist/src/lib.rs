@@ -115,7 +115,13 @@ impl Sink {
                 self.out.flush()
             }
             Some(t) => {
-                let (hot, max) = rec.counts.iter().enumerate().max_by_key(|(_, c)| **c).map(|(e, c)| (e, *c)).unwrap_or((0, 0));
+                let (hot, max) = rec
+                    .counts
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, c)| **c)
+                    .map(|(e, c)| (e, *c))
+                    .unwrap_or((0, 0));
                 let rmax = rec.rank_counts.iter().copied().max().unwrap_or(0);
                 let rmean = (rec.tokens * rec.topk) as f64 / rec.ep as f64;
                 t.row(vec![
@@ -126,7 +132,14 @@ impl Sink {
                     format!("e{hot}"),
                     max.to_string(),
                     rmax.to_string(),
-                    format!("{:.3}", if rmean > 0.0 { rmax as f64 / rmean } else { 0.0 }),
+                    format!(
+                        "{:.3}",
+                        if rmean > 0.0 {
+                            rmax as f64 / rmean
+                        } else {
+                            0.0
+                        }
+                    ),
                     rec.dropped.map_or("-".into(), |d| d.to_string()),
                 ]);
                 Ok(())
@@ -161,7 +174,10 @@ pub fn run(mut a: Args) -> Result<()> {
     let model = a.model.as_deref().map(ModelConfig::from_file).transpose()?;
     if let Some(m) = &model {
         let moe = m.moe.as_ref().ok_or_else(|| {
-            Error::input(format!("{}: the model has no MoE layers (no expert count in the config)", a.model.as_ref().unwrap().display()))
+            Error::input(format!(
+                "{}: the model has no MoE layers (no expert count in the config)",
+                a.model.as_ref().unwrap().display()
+            ))
         })?;
         a.experts.get_or_insert(moe.experts as usize);
         a.topk.get_or_insert(moe.topk as usize);
@@ -170,15 +186,33 @@ pub fn run(mut a: Args) -> Result<()> {
     let mut sink = Sink {
         out: Stdout::new(),
         table: a.table.then(|| {
-            Table::new(["layer", "step", "tokens", "max_vio", "hot", "hot_tokens", "max_rank", "rank_imb", "dropped"])
+            Table::new([
+                "layer",
+                "step",
+                "tokens",
+                "max_vio",
+                "hot",
+                "hot_tokens",
+                "max_rank",
+                "rank_imb",
+                "dropped",
+            ])
         }),
         with_dropped: a.capacity_factor.is_some(),
         written: 0,
     };
-    let settings = Settings { experts: a.experts, topk: a.topk, ep: a.ep, capacity_factor: a.capacity_factor };
+    let settings = Settings {
+        experts: a.experts,
+        topk: a.topk,
+        ep: a.ep,
+        capacity_factor: a.capacity_factor,
+    };
     if let Some(skew) = a.synthetic {
         if !a.inputs.is_empty() {
-            ftk::bail!("--synthetic generates routing; it takes no input files (got {})", a.inputs[0].display());
+            ftk::bail!(
+                "--synthetic generates routing; it takes no input files (got {})",
+                a.inputs[0].display()
+            );
         }
         synthetic(&a, skew, &mut sink)?;
     } else {
@@ -196,7 +230,9 @@ fn synthetic(a: &Args, skew: Skew, sink: &mut Sink) -> Result<()> {
     };
     let experts = need(a.experts, "--experts")?;
     let k = need(a.topk, "--topk")?;
-    let tokens = a.tokens.ok_or_else(|| Error::input("--synthetic needs --tokens N (tokens per layer and step)"))?;
+    let tokens = a
+        .tokens
+        .ok_or_else(|| Error::input("--synthetic needs --tokens N (tokens per layer and step)"))?;
     if k == 0 || k > experts {
         ftk::bail!("--topk {k} must be in 1..={experts} (the number of experts)");
     }
@@ -205,7 +241,9 @@ fn synthetic(a: &Args, skew: Skew, sink: &mut Sink) -> Result<()> {
     }
     let p = Placement::new(experts, a.ep)?;
     let layers = a.layers.unwrap_or(1);
-    let models: Vec<LayerModel> = (0..layers).map(|l| LayerModel::new(skew, experts, a.seed, l)).collect();
+    let models: Vec<LayerModel> = (0..layers)
+        .map(|l| LayerModel::new(skew, experts, a.seed, l))
+        .collect();
     let bar = ftk::cli::progress(layers * a.steps, "routing");
     for step in 0..a.steps {
         // One stream per (layer, step, rank): the same bytes at any thread count.
@@ -215,7 +253,8 @@ fn synthetic(a: &Args, skew: Skew, sink: &mut Sink) -> Result<()> {
                 let mut acc = Accum::new(layer, step, k as u64, p);
                 for r in 0..a.ep {
                     let n = (r as u64 + 1) * tokens / a.ep as u64 - r as u64 * tokens / a.ep as u64;
-                    let unit = models[layer as usize].unit(p, k, n, a.seed, [layer, step, r as u64]);
+                    let unit =
+                        models[layer as usize].unit(p, k, n, a.seed, [layer, step, r as u64]);
                     acc.add_unit(p, r, n, &unit, a.capacity_factor);
                 }
                 bar.inc(1);
@@ -231,13 +270,20 @@ fn synthetic(a: &Args, skew: Skew, sink: &mut Sink) -> Result<()> {
 }
 
 fn read_inputs(a: &Args, mut s: Settings, sink: &mut Sink) -> Result<()> {
-    let inputs = if a.inputs.is_empty() { vec![PathBuf::from("-")] } else { a.inputs.clone() };
+    let inputs = if a.inputs.is_empty() {
+        vec![PathBuf::from("-")]
+    } else {
+        a.inputs.clone()
+    };
     let mut groups = Groups::new(a.unordered);
     let mut emit = |acc: &Accum, p: Placement| sink.emit(acc, p);
     for (i, path) in inputs.iter().enumerate() {
         let mut input = Input::open(path)?;
         let head = {
-            let buf = input.reader.fill_buf().map_err(|e| Error::io("reading", &input.name, e))?;
+            let buf = input
+                .reader
+                .fill_buf()
+                .map_err(|e| Error::io("reading", &input.name, e))?;
             buf[..buf.len().min(16)].to_vec()
         };
         if sniff(&head) {
@@ -247,13 +293,19 @@ fn read_inputs(a: &Args, mut s: Settings, sink: &mut Sink) -> Result<()> {
             let f = TensorFile::open(path)?;
             let step = match f.metadata().and_then(|m| m.get("step")) {
                 Some(v) => v.parse::<u64>().map_err(|_| {
-                    Error::input(format!("{}: __metadata__ step '{v}' is not a non-negative integer", f.name()))
+                    Error::input(format!(
+                        "{}: __metadata__ step '{v}' is not a non-negative integer",
+                        f.name()
+                    ))
                 })?,
                 None => a.step + i as u64,
             };
             trace::read_safetensors(&f, step, &s, &mut emit)?;
         } else {
-            if head.first().is_some_and(|b| *b != b'{' && !b.is_ascii_whitespace()) {
+            if head
+                .first()
+                .is_some_and(|b| *b != b'{' && !b.is_ascii_whitespace())
+            {
                 // Read a little more to say what it is not.
                 let mut peek = String::new();
                 let _ = input.reader.by_ref().take(40).read_to_string(&mut peek);
@@ -263,7 +315,10 @@ fn read_inputs(a: &Args, mut s: Settings, sink: &mut Sink) -> Result<()> {
                     peek.lines().next().unwrap_or("")
                 );
             }
-            trace::read_jsonl(&input.name, input.reader, &mut s, &mut groups, &mut emit)?;
+            let name = input.name.clone();
+            if trace::read_jsonl(&name, input.reader, &mut s, &mut groups, &mut emit)? == 0 {
+                ftk::bail!("{name}: no route records (empty input?); expected JSON lines with \"kind\":\"route\"");
+            }
         }
     }
     if let Some(e) = s.experts {

@@ -32,14 +32,23 @@ impl std::str::FromStr for Skew {
             arg.parse::<f64>()
                 .ok()
                 .filter(|v| v.is_finite() && ok(*v))
-                .ok_or_else(|| format!("'{s}': {name} needs {what}, e.g. {name}:{}", if name == "hot" { "0.3" } else { "1.2" }))
+                .ok_or_else(|| {
+                    format!(
+                        "'{s}': {name} needs {what}, e.g. {name}:{}",
+                        if name == "hot" { "0.3" } else { "1.2" }
+                    )
+                })
         };
         match name {
             "uniform" if arg.is_empty() => Ok(Skew::Uniform),
             "zipf" => Ok(Skew::Zipf(num("an exponent >= 0", &|v| v >= 0.0)?)),
             "dirichlet" => Ok(Skew::Dirichlet(num("a concentration > 0", &|v| v > 0.0)?)),
-            "hot" => Ok(Skew::Hot(num("a fraction in [0, 1]", &|v| (0.0..=1.0).contains(&v))?)),
-            _ => Err(format!("unknown skew '{s}': use uniform, zipf:S, dirichlet:A or hot:F")),
+            "hot" => Ok(Skew::Hot(num("a fraction in [0, 1]", &|v| {
+                (0.0..=1.0).contains(&v)
+            })?)),
+            _ => Err(format!(
+                "unknown skew '{s}': use uniform, zipf:S, dirichlet:A or hot:F"
+            )),
         }
     }
 }
@@ -92,7 +101,11 @@ impl LayerModel {
                 acc
             })
             .collect();
-        let hot = if matches!(skew, Skew::Hot(_)) { r.random_range(0..experts) } else { 0 };
+        let hot = if matches!(skew, Skew::Hot(_)) {
+            r.random_range(0..experts)
+        } else {
+            0
+        };
         LayerModel { skew, cdf, hot }
     }
 
@@ -150,7 +163,13 @@ impl LayerModel {
     }
 
     fn finish_exact(&self, r: &mut impl rand::Rng, e: usize, k: usize, chosen: &mut Vec<usize>) {
-        let w = |i: usize| if self.cdf.is_empty() { 1.0 } else { self.cdf[i] - if i == 0 { 0.0 } else { self.cdf[i - 1] } };
+        let w = |i: usize| {
+            if self.cdf.is_empty() {
+                1.0
+            } else {
+                self.cdf[i] - if i == 0 { 0.0 } else { self.cdf[i - 1] }
+            }
+        };
         while chosen.len() < k {
             let total: f64 = (0..e).filter(|i| !chosen.contains(i)).map(w).sum();
             let mut u = r.random::<f64>() * total;
@@ -176,7 +195,14 @@ mod tests {
         assert_eq!("uniform".parse::<Skew>().unwrap(), Skew::Uniform);
         assert_eq!("zipf:1.2".parse::<Skew>().unwrap(), Skew::Zipf(1.2));
         assert_eq!("hot:0.5".parse::<Skew>().unwrap(), Skew::Hot(0.5));
-        for bad in ["zipf", "zipf:-1", "hot:2", "dirichlet:0", "normal:1", "uniform:3"] {
+        for bad in [
+            "zipf",
+            "zipf:-1",
+            "hot:2",
+            "dirichlet:0",
+            "normal:1",
+            "uniform:3",
+        ] {
             assert!(bad.parse::<Skew>().is_err(), "{bad}");
         }
     }

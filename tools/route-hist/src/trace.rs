@@ -32,7 +32,11 @@ pub struct Groups {
 
 impl Groups {
     pub fn new(unordered: bool) -> Groups {
-        Groups { open: BTreeMap::new(), frontier: None, unordered }
+        Groups {
+            open: BTreeMap::new(),
+            frontier: None,
+            unordered,
+        }
     }
 
     /// Groups ready to emit before accepting a record of `step`; errors if
@@ -57,7 +61,9 @@ impl Groups {
     }
 
     pub fn entry(&mut self, layer: u64, step: u64, topk: u64, p: Placement) -> &mut Accum {
-        self.open.entry((step, layer)).or_insert_with(|| Accum::new(layer, step, topk, p))
+        self.open
+            .entry((step, layer))
+            .or_insert_with(|| Accum::new(layer, step, topk, p))
     }
 
     pub fn finish(self) -> Vec<Accum> {
@@ -92,7 +98,9 @@ pub fn read_jsonl(
         }
         let here = || r.here();
         let field = |v: Option<u64>, name: &str| {
-            v.ok_or_else(|| Error::input(format!("{}: route record has no '{name}' field", r.here())))
+            v.ok_or_else(|| {
+                Error::input(format!("{}: route record has no '{name}' field", r.here()))
+            })
         };
         let layer = field(rec.layer, "layer")?;
         let step = field(rec.step, "step")?;
@@ -115,7 +123,10 @@ pub fn read_jsonl(
             (None, None) => continue,
         };
         if k == 0 || k > experts {
-            return Err(Error::input(format!("{}: top-k of {k} is not in 1..={experts}", here())));
+            return Err(Error::input(format!(
+                "{}: top-k of {k} is not in 1..={experts}",
+                here()
+            )));
         }
         let p = Placement::new(experts, s.ep)?;
         for acc in groups.advance(step, here)? {
@@ -142,7 +153,13 @@ pub fn read_jsonl(
             }
         }
         let src_rank = (rank % s.ep as u64) as usize;
-        groups.entry(layer, step, k as u64, p).add_unit(p, src_rank, topk.len() as u64, &unit, s.capacity_factor);
+        groups.entry(layer, step, k as u64, p).add_unit(
+            p,
+            src_rank,
+            topk.len() as u64,
+            &unit,
+            s.capacity_factor,
+        );
         n += 1;
     }
     Ok(n)
@@ -159,8 +176,12 @@ enum LayerTensor {
 fn layers_of(f: &TensorFile) -> BTreeMap<u64, LayerTensor> {
     let mut out = BTreeMap::new();
     for name in f.names() {
-        let Some(rest) = name.strip_prefix("layer.") else { continue };
-        let Some((l, what)) = rest.split_once('.') else { continue };
+        let Some(rest) = name.strip_prefix("layer.") else {
+            continue;
+        };
+        let Some((l, what)) = rest.split_once('.') else {
+            continue;
+        };
         let Ok(l) = l.parse::<u64>() else { continue };
         match what {
             "topk" => {
@@ -215,7 +236,10 @@ pub fn read_safetensors(
                 })?;
                 if let Some(want) = s.topk {
                     if want != k {
-                        return Err(Error::input(format!("{}: has top-{k} rows but --topk is {want}", t.here())));
+                        return Err(Error::input(format!(
+                            "{}: has top-{k} rows but --topk is {want}",
+                            t.here()
+                        )));
                     }
                 }
                 if tokens == 0 || k == 0 || k > experts {
@@ -230,13 +254,14 @@ pub fn read_safetensors(
                 let mut acc = Accum::new(*layer, step, k as u64, p);
                 for (r, a, b) in blocks(tokens, s.ep) {
                     let bytes = &t.data[a * k * w..b * k * w];
-                    let unit = count::count_topk(t.dtype, bytes, k, experts).map_err(|(i, v)| {
-                        Error::input(format!(
+                    let unit =
+                        count::count_topk(t.dtype, bytes, k, experts).map_err(|(i, v)| {
+                            Error::input(format!(
                             "{}: token {} names expert {v}, outside 0..{experts}; check --experts",
                             t.here(),
                             a + i / k
                         ))
-                    })?;
+                        })?;
                     acc.add_unit(p, r, (b - a) as u64, &unit, s.capacity_factor);
                 }
                 (acc, p)
@@ -259,7 +284,10 @@ pub fn read_safetensors(
                     )));
                 }
                 let k = s.topk.ok_or_else(|| {
-                    Error::input(format!("{}: routing from logits needs --topk K or --model config.json", t.here()))
+                    Error::input(format!(
+                        "{}: routing from logits needs --topk K or --model config.json",
+                        t.here()
+                    ))
                 })?;
                 if tokens == 0 || k == 0 || k > experts {
                     return Err(Error::input(format!(
@@ -271,9 +299,14 @@ pub fn read_safetensors(
                 let p = Placement::new(experts, s.ep)?;
                 let mut acc = Accum::new(*layer, step, k as u64, p);
                 for (r, a, b) in blocks(tokens, s.ep) {
-                    let unit = count::count_logits(t.dtype, t.data, a, b - a, experts, k).map_err(|count::NanAt(row, col)| {
-                        Error::input(format!("{}: NaN logit at token {row}, expert {col}", t.here()))
-                    })?;
+                    let unit = count::count_logits(t.dtype, t.data, a, b - a, experts, k).map_err(
+                        |count::NanAt(row, col)| {
+                            Error::input(format!(
+                                "{}: NaN logit at token {row}, expert {col}",
+                                t.here()
+                            ))
+                        },
+                    )?;
                     acc.add_unit(p, r, (b - a) as u64, &unit, s.capacity_factor);
                 }
                 (acc, p)
