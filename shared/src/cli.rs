@@ -29,8 +29,15 @@ pub fn main_with(name: &'static str, body: impl FnOnce() -> Result<()>) -> ! {
     let code = match body() {
         Ok(()) => 0,
         Err(e) => {
-            if !matches!(e, Error::BrokenPipe) {
-                let _ = writeln!(io::stderr(), "{name}: error: {e}");
+            match &e {
+                Error::BrokenPipe => {}
+                // A negative answer is a result, not a failure of the tool.
+                Error::Negative(m) => {
+                    let _ = writeln!(io::stderr(), "{name}: {m}");
+                }
+                _ => {
+                    let _ = writeln!(io::stderr(), "{name}: error: {e}");
+                }
             }
             e.exit_code()
         }

@@ -1,0 +1,122 @@
+//! Parallel layout, stage assignment and static memory per GPU.
+
+use ftk::model::ModelConfig;
+use ftk::Result;
+
+/// TP, PP, EP, CP, DP and virtual pipeline stages.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Layout {
+    pub tp: u64,
+    pub pp: u64,
+    pub ep: u64,
+    pub cp: u64,
+    pub dp: u64,
+    pub vpp: u64,
+    pub world: u64,
+}
+
+impl Layout {
+    pub fn new(tp: u64, pp: u64, ep: u64, cp: u64, dp: u64, vpp: u64, m: &ModelConfig) -> Result<Layout> {
+        for (v, f) in [(tp, "--tp"), (pp, "--pp"), (ep, "--ep"), (cp, "--cp"), (dp, "--dp"), (vpp, "--vpp")] {
+            if v == 0 {
+                ftk::bail!("{f} must be at least 1");
+            }
+        }
+        if let Some(moe) = &m.moe {
+            if !moe.experts.is_multiple_of(ep) {
+                ftk::bail!("--ep {ep} does not divide the model's {} experts", moe.experts);
+            }
+        } else if ep > 1 {
+            ftk::bail!("--ep {ep} given but the model has no experts");
+        }
+        if !(dp * cp).is_multiple_of(ep) {
+            ftk::bail!(
+                "--ep {ep} must divide --dp × --cp = {} (Megatron-LM forms expert-parallel groups inside the data × context parallel ranks)",
+                dp * cp
+            );
+        }
+        if pp * vpp > m.layers {
+            ftk::bail!("--pp {pp} × --vpp {vpp} exceeds the model's {} layers", m.layers);
+        }
+        if vpp > 1 && pp == 1 {
+            ftk::bail!("--vpp needs --pp > 1 (interleaving splits a pipeline stage into model chunks)");
+        }
+        Ok(Layout { tp, pp, ep, cp, dp, vpp, world: tp * pp * cp * dp })
+    }
+
+    /// Pipeline rank holding layer `i`: layers split into pp·vpp contiguous
+    /// model chunks (remainder to the first chunks); chunk j runs on rank j mod pp.
+    pub fn stage_of(&self, layers: u64, i: u64) -> u64 {
+        let chunks = self.pp * self.vpp;
+        // chunk j holds [j*L/chunks, (j+1)*L/chunks)
+        let j = (0..chunks).find(|&j| i < (j + 1) * layers / chunks).unwrap_or(chunks - 1);
+        j % self.pp
+    }
+}
+
+/// Bytes per parameter for the weights, their gradients and the optimizer.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Precision {
+    pub param: f64,
+    pub grad: f64,
+    pub optim: f64,
+}
+
+impl Precision {
+    /// Mixed-precision Adam as in the ZeRO paper (Rajbhandari et al. 2020,
+    /// §3.1: 2Ψ + 2Ψ + 12Ψ): 16-bit weights and gradients, and fp32 master
+    /// weights, Adam m and v (12 bytes). `grad_fp32` keeps fp32 gradients
+    /// (Megatron's --accumulate-allreduce-grads-in-fp32). fp32 training keeps
+    /// the weights themselves as master copy: 4 + 4 + 8. SGD with momentum
+    /// replaces m, v by one momentum buffer.
+    pub fn new(dtype_bytes: f64, grad_fp32: bool, optimizer: &str) -> Precision {
+        let grad = if grad_fp32 { 4.0 } else { dtype_bytes };
+        let master = if dtype_bytes >= 4.0 { 0.0 } else { 4.0 };
+        let states = if optimizer == "sgd" { 4.0 } else { 8.0 };
+        Precision { param: dtype_bytes, grad, optim: master + states }
+    }
+
+    /// Bytes per parameter when ZeRO stage `zero` shards over `shard` ranks.
+    pub fn per_param(&self, zero: u64, shard: f64) -> f64 {
+        let by = |stage: u64| if zero >= stage { shard } else { 1.0 };
+        self.param / by(3) + self.grad / by(2) + self.optim / by(1)
+    }
+}
+
+/// Parameters one GPU of pipeline rank `stage` holds, split into the
+/// non-expert part (sharded by t, optimizer sharded over DP×CP) and the
+/// routed-expert part (E/ep local experts, sharded by t, optimizer sharded
+/// over the expert-data-parallel group DP×CP/ep). Norm weights are counted
+/// as sharded by t (under 0.01% of any model here). Routers are replicated.
+pub fn stage_params(m: &ModelConfig, l: &Layout, stage: u64) -> (f64, f64) {
+    let t = l.tp as f64;
+    let (mut dense, mut expert) = (0.0, 0.0);
+    for i in (0..m.layers).filter(|&i| l.stage_of(m.layers, i) == stage) {
+        dense += m.attention_params() as f64 / t;
+        if m.is_moe[i as usize] {
+            let moe = m.moe.as_ref().expect("MoE layer");
+            dense += m.router_params() as f64 + (m.shared_params() + m.hidden) as f64 / t;
+            expert += (moe.experts / l.ep) as f64 * m.expert_params() as f64 / t;
+        } else {
+            dense += m.mlp_params(m.ffn) as f64 / t;
+        }
+    }
+    if stage == 0 {
+        dense += m.embedding_params() as f64 / t;
+    }
+    if stage == l.pp - 1 {
+        // Megatron keeps a copy of tied embeddings on the last stage.
+        let tied_copy = if m.tie_embeddings && l.pp > 1 { (m.vocab * m.hidden) as f64 } else { 0.0 };
+        dense += (m.head_params() as f64 + tied_copy) / t;
+    }
+    (dense, expert)
+}
+
+/// Static memory of one GPU: `Ψ_dense · bytes(ZeRO over DP·CP) + Ψ_expert ·
+/// bytes(ZeRO over DP·CP/EP)` (MemFine eq. 1 with the optimizer term as
+/// mixed-precision Adam's 12 bytes, see [`Precision`]).
+pub fn static_bytes(m: &ModelConfig, l: &Layout, stage: u64, p: &Precision, zero: u64) -> f64 {
+    let (dense, expert) = stage_params(m, l, stage);
+    let dp = (l.dp * l.cp) as f64;
+    dense * p.per_param(zero, dp) + expert * p.per_param(zero, dp / l.ep as f64)
+}

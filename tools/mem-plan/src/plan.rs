@@ -1,0 +1,249 @@
+//! Putting the terms together: per MoE layer and EP rank records, per stage
+//! peaks, and MACT's chunk choice.
+
+use crate::layout::{static_bytes, Layout, Precision};
+use crate::memory::{self, Dims, Recompute};
+use crate::routing::Received;
+use ftk::model::ModelConfig;
+use ftk::size::format_bytes;
+use serde::Serialize;
+
+/// How dense (non-MoE) layers' activations are modelled.
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DenseAct {
+    /// MemFine's Table 2 terms with a SwiGLU MLP (flash attention, no dropout).
+    Memfine,
+    /// Korthikanti et al.: sbh(34 + 5as/h) and its TP/SP variants (GPT layer with dropout, no flash attention).
+    Korthikanti,
+}
+
+pub struct Inputs<'a> {
+    pub model: &'a ModelConfig,
+    pub layout: Layout,
+    pub dims: Dims,
+    pub precision: Precision,
+    pub zero: u64,
+    pub budget: Option<f64>,
+    pub bins: Vec<u64>,
+    pub fixed_chunks: Option<u64>,
+    pub recv: &'a Received,
+    pub dense_act: DenseAct,
+    pub sequence_parallel: bool,
+}
+
+#[derive(Serialize, Clone, Copy, Debug, Default)]
+pub struct Acts {
+    pub none: u64,
+    pub full: u64,
+    pub chunked: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct LayerRecord {
+    pub kind: &'static str,
+    pub layer: u64,
+    pub moe_layer: u64,
+    pub stage: u64,
+    pub rank: u64,
+    pub tokens_received: u64,
+    pub static_bytes: u64,
+    pub ckpt_bytes: u64,
+    pub act_bytes: Acts,
+    pub chunks: u64,
+    pub peak_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fits: Option<bool>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct StageSummary {
+    pub stage: u64,
+    pub layers: u64,
+    pub moe_layers: u64,
+    pub m_g: u64,
+    pub static_bytes: u64,
+    pub ckpt_bytes: u64,
+    /// s'_max of eq. (8): token copies one MoE layer may receive unchunked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s_max: Option<i64>,
+    pub peak_bytes: Acts,
+    pub chunks: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fits: Option<bool>,
+}
+
+pub struct Plan {
+    pub records: Vec<LayerRecord>,
+    pub stages: Vec<StageSummary>,
+    pub chunks: u64,
+    pub fits: Option<bool>,
+    pub dominant: &'static str,
+    pub why: String,
+    pub min_peak: u64,
+}
+
+fn dense_act(i: &Inputs) -> f64 {
+    match i.dense_act {
+        DenseAct::Memfine => memory::dense_layer_act(&i.dims),
+        DenseAct::Korthikanti => {
+            let d = &i.dims;
+            // Korthikanti's constants assume 16-bit values; scale for other widths.
+            memory::korthikanti_layer_act(d.s / d.c, d.b, d.h, d.a, d.t, i.sequence_parallel, Recompute::None) * d.dt / 2.0
+        }
+    }
+}
+
+/// Compute the plan.
+pub fn plan(i: &Inputs) -> Plan {
+    let m = i.model;
+    let l = &i.layout;
+    let d = &i.dims;
+    let moe_ordinal: Vec<Option<u64>> = {
+        let mut n = 0;
+        m.is_moe.iter().map(|&x| x.then(|| { n += 1; n - 1 })).collect()
+    };
+    let dense = dense_act(i);
+    let seq = memory::moe_seq_bytes(d);
+    let per_recv = memory::moe_bytes_per_received(d);
+    let max_bin = *i.bins.last().unwrap_or(&1);
+    let mut records = vec![];
+    let mut stages = vec![];
+    // (stage, layer, rank, static, ckpt, s_recv, C, feasible) of the worst chunked peak
+    let mut worst: Option<(u64, u64, u64, f64, f64, f64, u64, bool, f64)> = None;
+    for stage in 0..l.pp {
+        let layers: Vec<u64> = (0..m.layers).filter(|&x| l.stage_of(m.layers, x) == stage).collect();
+        let sta = static_bytes(m, l, stage, &i.precision, i.zero);
+        let m_g = memory::in_flight_microbatches(l.vpp, l.pp, stage);
+        let per_chunk_inflight = m_g as f64 / l.vpp as f64;
+        let ckpt = per_chunk_inflight * layers.len() as f64 * memory::checkpoint_bytes(d);
+        let s_max = i.budget.map(|b| memory::s_prime_max(d, b, sta, ckpt));
+        // Chunks per MoE layer, shared by all EP ranks (each chunk is one all-to-all).
+        let mut layer_chunks = vec![];
+        let mut feasible = true;
+        for &x in &layers {
+            let Some(o) = moe_ordinal[x as usize] else { continue };
+            let s_layer = i.recv.per_layer[o as usize].iter().cloned().fold(0.0, f64::max);
+            let c = match (i.fixed_chunks, s_max) {
+                (Some(c), _) => c,
+                (None, Some(sm)) => memory::mact_chunks(s_layer, sm, &i.bins).unwrap_or_else(|| {
+                    feasible = false;
+                    max_bin
+                }),
+                (None, None) => 1,
+            };
+            layer_chunks.push((x, o, c));
+        }
+        if let Some(b) = i.budget {
+            if sta + ckpt + dense > b && layers.iter().any(|&x| moe_ordinal[x as usize].is_none()) {
+                feasible = false;
+            }
+        }
+        let mut peak = Acts::default();
+        let (mut pn, mut pf, mut pc) = (0f64, 0f64, 0f64);
+        for r in 0..l.ep as usize {
+            let act = |x: u64, c: f64| match moe_ordinal[x as usize] {
+                Some(o) => memory::moe_layer_act(d, i.recv.per_layer[o as usize][r], c),
+                None => dense,
+            };
+            let none: f64 = layers.iter().map(|&x| act(x, 1.0)).sum::<f64>() * per_chunk_inflight;
+            let full = layers.iter().map(|&x| act(x, 1.0)).fold(0.0, f64::max);
+            let mut chunked = if layers.iter().any(|&x| moe_ordinal[x as usize].is_none()) { dense } else { 0.0 };
+            for &(x, o, c) in &layer_chunks {
+                let s_recv = i.recv.per_layer[o as usize][r];
+                let a_c = memory::moe_layer_act(d, s_recv, c as f64);
+                chunked = chunked.max(a_c);
+                let peak_r = sta + ckpt + a_c;
+                let fits = i.budget.map(|b| peak_r <= b);
+                if worst.is_none_or(|w| peak_r > w.8) {
+                    worst = Some((stage, x, r as u64, sta, ckpt, s_recv, c, feasible, peak_r));
+                }
+                records.push(LayerRecord {
+                    kind: "mem_plan",
+                    layer: x,
+                    moe_layer: o,
+                    stage,
+                    rank: r as u64,
+                    tokens_received: s_recv.round() as u64,
+                    static_bytes: sta.round() as u64,
+                    ckpt_bytes: ckpt.round() as u64,
+                    act_bytes: Acts {
+                        none: (per_chunk_inflight * memory::moe_layer_act(d, s_recv, 1.0)).round() as u64,
+                        full: memory::moe_layer_act(d, s_recv, 1.0).round() as u64,
+                        chunked: a_c.round() as u64,
+                    },
+                    chunks: c,
+                    peak_bytes: peak_r.round() as u64,
+                    fits,
+                });
+            }
+            pn = pn.max(sta + none);
+            pf = pf.max(sta + ckpt + full);
+            pc = pc.max(sta + ckpt + chunked);
+        }
+        peak.none = pn.round() as u64;
+        peak.full = pf.round() as u64;
+        peak.chunked = pc.round() as u64;
+        let fits = i.budget.map(|b| feasible && pc <= b);
+        stages.push(StageSummary {
+            stage,
+            layers: layers.len() as u64,
+            moe_layers: layer_chunks.len() as u64,
+            m_g,
+            static_bytes: sta.round() as u64,
+            ckpt_bytes: ckpt.round() as u64,
+            s_max: s_max.map(|x| x.floor().max(-1.0) as i64),
+            peak_bytes: peak,
+            chunks: layer_chunks.iter().map(|x| x.2).max().unwrap_or(1),
+            fits,
+        });
+    }
+    records.sort_by_key(|r| (r.layer, r.rank));
+    let fits = i.budget.map(|_| stages.iter().all(|s| s.fits == Some(true)));
+    let chunks = stages.iter().map(|s| s.chunks).max().unwrap_or(1);
+    let min_peak = stages.iter().map(|s| s.peak_bytes.chunked).max().unwrap_or(0);
+    let (dominant, why) = explain(i, worst, seq, per_recv, dense, &stages);
+    Plan { records, stages, chunks, fits, dominant, why, min_peak }
+}
+
+type Worst = Option<(u64, u64, u64, f64, f64, f64, u64, bool, f64)>;
+
+fn explain(i: &Inputs, worst: Worst, seq: f64, per_recv: f64, dense: f64, stages: &[StageSummary]) -> (&'static str, String) {
+    let gb = format_bytes;
+    let Some((stage, layer, rank, sta, ckpt, s_recv, c, _feasible, peak)) = worst else {
+        let s = stages.iter().max_by_key(|s| s.peak_bytes.chunked).expect("at least one stage");
+        return (
+            if s.static_bytes as f64 > dense { "static" } else { "dense activations" },
+            format!("no MoE layers; stage {} peaks at {} ({} static)", s.stage, gb(s.peak_bytes.chunked as f64), gb(s.static_bytes as f64)),
+        );
+    };
+    let expert = s_recv * per_recv;
+    let terms = [("static", sta), ("checkpoints", ckpt), ("attention and router activations", seq), ("expert activations", expert)];
+    let dominant = terms.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|t| t.0).unwrap_or("static");
+    let head = format!(
+        "stage {stage}: static {} + checkpoints {}; MoE layer {layer} on EP rank {rank} receives {:.0} token copies: \
+         expert activations {} unchunked, attention and router {}",
+        gb(sta),
+        gb(ckpt),
+        s_recv,
+        gb(expert),
+        gb(seq)
+    );
+    let tail = match i.budget {
+        None => format!("; peak {} at C={c}", gb(peak)),
+        Some(b) if sta + ckpt + seq > b => format!(
+            "; static, checkpoints and the unchunkable attention terms alone exceed the {} budget, so no chunk count helps",
+            gb(b)
+        ),
+        Some(b) if peak > b => format!("; even C={c} peaks at {} > budget {}", gb(peak), gb(b)),
+        Some(b) if c > 1 => format!(
+            "; {} left for the expert term, so C={c} ({} per chunk), peak {} of {}",
+            gb(b - sta - ckpt - seq),
+            gb(expert / c as f64),
+            gb(peak),
+            gb(b)
+        ),
+        Some(b) => format!("; fits unchunked, peak {} of {}", gb(peak), gb(b)),
+    };
+    (dominant, head + &tail)
+}
