@@ -16,15 +16,33 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub fn new(tp: u64, pp: u64, ep: u64, cp: u64, dp: u64, vpp: u64, m: &ModelConfig) -> Result<Layout> {
-        for (v, f) in [(tp, "--tp"), (pp, "--pp"), (ep, "--ep"), (cp, "--cp"), (dp, "--dp"), (vpp, "--vpp")] {
+    pub fn new(
+        tp: u64,
+        pp: u64,
+        ep: u64,
+        cp: u64,
+        dp: u64,
+        vpp: u64,
+        m: &ModelConfig,
+    ) -> Result<Layout> {
+        for (v, f) in [
+            (tp, "--tp"),
+            (pp, "--pp"),
+            (ep, "--ep"),
+            (cp, "--cp"),
+            (dp, "--dp"),
+            (vpp, "--vpp"),
+        ] {
             if v == 0 {
                 ftk::bail!("{f} must be at least 1");
             }
         }
         if let Some(moe) = &m.moe {
             if !moe.experts.is_multiple_of(ep) {
-                ftk::bail!("--ep {ep} does not divide the model's {} experts", moe.experts);
+                ftk::bail!(
+                    "--ep {ep} does not divide the model's {} experts",
+                    moe.experts
+                );
             }
         } else if ep > 1 {
             ftk::bail!("--ep {ep} given but the model has no experts");
@@ -36,12 +54,25 @@ impl Layout {
             );
         }
         if pp * vpp > m.layers {
-            ftk::bail!("--pp {pp} × --vpp {vpp} exceeds the model's {} layers", m.layers);
+            ftk::bail!(
+                "--pp {pp} × --vpp {vpp} exceeds the model's {} layers",
+                m.layers
+            );
         }
         if vpp > 1 && pp == 1 {
-            ftk::bail!("--vpp needs --pp > 1 (interleaving splits a pipeline stage into model chunks)");
+            ftk::bail!(
+                "--vpp needs --pp > 1 (interleaving splits a pipeline stage into model chunks)"
+            );
         }
-        Ok(Layout { tp, pp, ep, cp, dp, vpp, world: tp * pp * cp * dp })
+        Ok(Layout {
+            tp,
+            pp,
+            ep,
+            cp,
+            dp,
+            vpp,
+            world: tp * pp * cp * dp,
+        })
     }
 
     /// Pipeline rank holding layer `i`: layers split into pp·vpp contiguous
@@ -49,7 +80,9 @@ impl Layout {
     pub fn stage_of(&self, layers: u64, i: u64) -> u64 {
         let chunks = self.pp * self.vpp;
         // chunk j holds [j*L/chunks, (j+1)*L/chunks)
-        let j = (0..chunks).find(|&j| i < (j + 1) * layers / chunks).unwrap_or(chunks - 1);
+        let j = (0..chunks)
+            .find(|&j| i < (j + 1) * layers / chunks)
+            .unwrap_or(chunks - 1);
         j % self.pp
     }
 }
@@ -73,7 +106,11 @@ impl Precision {
         let grad = if grad_fp32 { 4.0 } else { dtype_bytes };
         let master = if dtype_bytes >= 4.0 { 0.0 } else { 4.0 };
         let states = if optimizer == "sgd" { 4.0 } else { 8.0 };
-        Precision { param: dtype_bytes, grad, optim: master + states }
+        Precision {
+            param: dtype_bytes,
+            grad,
+            optim: master + states,
+        }
     }
 
     /// Bytes per parameter when ZeRO stage `zero` shards over `shard` ranks.
@@ -106,7 +143,11 @@ pub fn stage_params(m: &ModelConfig, l: &Layout, stage: u64) -> (f64, f64) {
     }
     if stage == l.pp - 1 {
         // Megatron keeps a copy of tied embeddings on the last stage.
-        let tied_copy = if m.tie_embeddings && l.pp > 1 { (m.vocab * m.hidden) as f64 } else { 0.0 };
+        let tied_copy = if m.tie_embeddings && l.pp > 1 {
+            (m.vocab * m.hidden) as f64
+        } else {
+            0.0
+        };
         dense += (m.head_params() as f64 + tied_copy) / t;
     }
     (dense, expert)

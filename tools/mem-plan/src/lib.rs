@@ -159,7 +159,10 @@ fn check(a: &Args) -> Result<()> {
     if !(a.alpha > 0.0 && a.alpha <= 1.0) {
         ftk::bail!("--alpha must be in (0, 1], got {}", a.alpha);
     }
-    if a.chunk_bins.is_empty() || a.chunk_bins.contains(&0) || a.chunk_bins.windows(2).any(|w| w[0] >= w[1]) {
+    if a.chunk_bins.is_empty()
+        || a.chunk_bins.contains(&0)
+        || a.chunk_bins.windows(2).any(|w| w[0] >= w[1])
+    {
         ftk::bail!("--chunk-bins must be ascending positive integers, e.g. 1,2,4,8");
     }
     if a.chunks == Some(0) {
@@ -207,7 +210,12 @@ pub fn run(a: Args) -> Result<()> {
     let topk = moe.as_ref().map_or(0, |x| x.topk);
     let bs = (a.micro_batch * a.seq) as f64;
     let recv = if let Some(n) = a.tokens_received {
-        routing::Received { per_layer: vec![vec![n; a.ep as usize]; moe_layers], source: "tokens-received".into(), hist_records: 0, hist_layers: 0 }
+        routing::Received {
+            per_layer: vec![vec![n; a.ep as usize]; moe_layers],
+            source: "tokens-received".into(),
+            hist_records: 0,
+            hist_layers: 0,
+        }
     } else {
         let src = match &a.hist {
             Some(p) => Some(p.clone()),
@@ -217,12 +225,23 @@ pub fn run(a: Args) -> Result<()> {
         let from = match (src, &moe) {
             (Some(p), Some(x)) => {
                 let input = Input::open(&p)?;
-                routing::from_hists(&input.name.clone(), input.reader, moe_layers, x.experts, x.topk, a.ep as usize, bs)?
+                routing::from_hists(
+                    &input.name.clone(),
+                    input.reader,
+                    moe_layers,
+                    x.experts,
+                    x.topk,
+                    a.ep as usize,
+                    bs,
+                )?
             }
             _ => None,
         };
         if a.hist.is_some() && from.is_none() {
-            ftk::bail!("{}: no route_hist records", a.hist.as_ref().unwrap().display());
+            ftk::bail!(
+                "{}: no route_hist records",
+                a.hist.as_ref().unwrap().display()
+            );
         }
         from.unwrap_or_else(|| routing::uniform(moe_layers, a.ep as usize, bs, topk as f64))
     };
@@ -316,7 +335,19 @@ fn print_tables(out: &mut Stdout, p: &plan::Plan, s: &Summary) -> Result<()> {
         s.routing
     ))?;
     out.line("")?;
-    let mut t = Table::new(["stage", "layers", "m_g", "static", "ckpt", "peak none", "peak full", "peak chunked", "s'_max", "C", "fits"]);
+    let mut t = Table::new([
+        "stage",
+        "layers",
+        "m_g",
+        "static",
+        "ckpt",
+        "peak none",
+        "peak full",
+        "peak chunked",
+        "s'_max",
+        "C",
+        "fits",
+    ]);
     for st in s.stages {
         t.row(vec![
             st.stage.to_string(),
@@ -329,14 +360,29 @@ fn print_tables(out: &mut Stdout, p: &plan::Plan, s: &Summary) -> Result<()> {
             gib(st.peak_bytes.chunked),
             st.s_max.map_or("-".into(), |x| x.to_string()),
             st.chunks.to_string(),
-            st.fits.map_or("-".into(), |f| if f { "yes".into() } else { "NO".into() }),
+            st.fits
+                .map_or("-".into(), |f| if f { "yes".into() } else { "NO".into() }),
         ]);
     }
     t.print(out)?;
     out.line("")?;
-    let mut t = Table::new(["layer", "stage", "max s'", "rank", "act none", "act full", "act chunked", "C", "peak", "fits"]);
+    let mut t = Table::new([
+        "layer",
+        "stage",
+        "max s'",
+        "rank",
+        "act none",
+        "act full",
+        "act chunked",
+        "C",
+        "peak",
+        "fits",
+    ]);
     for grp in p.records.chunk_by(|a, b| a.layer == b.layer) {
-        let r = grp.iter().max_by_key(|r| r.tokens_received).expect("non-empty group");
+        let r = grp
+            .iter()
+            .max_by_key(|r| r.tokens_received)
+            .expect("non-empty group");
         t.row(vec![
             r.layer.to_string(),
             r.stage.to_string(),
@@ -347,7 +393,8 @@ fn print_tables(out: &mut Stdout, p: &plan::Plan, s: &Summary) -> Result<()> {
             gib(r.act_bytes.chunked),
             r.chunks.to_string(),
             gib(r.peak_bytes),
-            r.fits.map_or("-".into(), |f| if f { "yes".into() } else { "NO".into() }),
+            r.fits
+                .map_or("-".into(), |f| if f { "yes".into() } else { "NO".into() }),
         ]);
     }
     t.print(out)?;

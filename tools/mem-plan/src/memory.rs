@@ -49,7 +49,12 @@ pub struct Row {
 /// layer stores for backward, row by row (before the 1/(tc) sharding and D_t b).
 pub fn moe_table2_rows(d: &Dims) -> Vec<Row> {
     use Per::*;
-    let r = |id, module, per, elems_per_token| Row { id, module, per, elems_per_token };
+    let r = |id, module, per, elems_per_token| Row {
+        id,
+        module,
+        per,
+        elems_per_token,
+    };
     vec![
         r(1, "norm", Seq, d.h),
         r(2, "q, k, v (input)", Seq, d.h),
@@ -61,7 +66,12 @@ pub fn moe_table2_rows(d: &Dims) -> Vec<Row> {
         r(9, "router (input)", Seq, d.h),
         r(10, "router (logits)", Seq, d.en),
         r(11, "activated expert (input)", Received, d.h),
-        r(12, "activated expert (w1, w3 outputs)", Received, 2.0 * d.ge),
+        r(
+            12,
+            "activated expert (w1, w3 outputs)",
+            Received,
+            2.0 * d.ge,
+        ),
         r(13, "score mul", Received, d.h),
     ]
 }
@@ -154,7 +164,12 @@ pub struct KItem {
 
 /// Korthikanti's inventory of a transformer layer's activations.
 pub fn korthikanti_items() -> Vec<KItem> {
-    let i = |name, sbh, tp, core| KItem { name, sbh, tp, core };
+    let i = |name, sbh, tp, core| KItem {
+        name,
+        sbh,
+        tp,
+        core,
+    };
     vec![
         i("layernorm 1 input", 2.0, false, false),
         i("QKV input", 2.0, false, false),
@@ -164,7 +179,12 @@ pub fn korthikanti_items() -> Vec<KItem> {
         i("attention dropout output", 2.0, true, true),
         i("V", 2.0, true, false),
         i("output projection input", 2.0, true, false),
-        i("attention dropout mask (after projection)", 1.0, false, false),
+        i(
+            "attention dropout mask (after projection)",
+            1.0,
+            false,
+            false,
+        ),
         i("layernorm 2 input", 2.0, false, false),
         i("MLP fc1 input", 2.0, false, false),
         i("GeLU input", 8.0, true, false),
@@ -176,7 +196,15 @@ pub fn korthikanti_items() -> Vec<KItem> {
 /// Per-layer activation bytes from the itemised inventory: tensor parallelism
 /// shards the `tp` items, sequence parallelism the rest, selective recompute
 /// drops the attention core, full recompute keeps only the 2sbh layer input.
-pub fn korthikanti_layer_act(s: f64, b: f64, h: f64, a: f64, t: f64, sp: bool, rc: Recompute) -> f64 {
+pub fn korthikanti_layer_act(
+    s: f64,
+    b: f64,
+    h: f64,
+    a: f64,
+    t: f64,
+    sp: bool,
+    rc: Recompute,
+) -> f64 {
     if rc == Recompute::Full {
         return 2.0 * s * b * h / if sp { t } else { 1.0 };
     }
@@ -197,15 +225,36 @@ mod tests {
 
     fn model2() -> Dims {
         // MemFine Model II: DeepSeek-V3 shape, t = c = b = 1, s = 4096, BF16.
-        Dims { dt: 2.0, b: 1.0, s: 4096.0, h: 7168.0, a: 128.0, hd: 192.0, ka: 128.0, en: 256.0, ge: 2048.0, gd: 18432.0, t: 1.0, c: 1.0 }
+        Dims {
+            dt: 2.0,
+            b: 1.0,
+            s: 4096.0,
+            h: 7168.0,
+            a: 128.0,
+            hd: 192.0,
+            ka: 128.0,
+            en: 256.0,
+            ge: 2048.0,
+            gd: 18432.0,
+            t: 1.0,
+            c: 1.0,
+        }
     }
 
     #[test]
     fn table2_rows_sum_to_the_printed_total() {
         let d = model2();
         let rows = moe_table2_rows(&d);
-        let seq: f64 = rows.iter().filter(|r| r.per == Per::Seq).map(|r| r.elems_per_token).sum();
-        let recv: f64 = rows.iter().filter(|r| r.per == Per::Received).map(|r| r.elems_per_token).sum();
+        let seq: f64 = rows
+            .iter()
+            .filter(|r| r.per == Per::Seq)
+            .map(|r| r.elems_per_token)
+            .sum();
+        let recv: f64 = rows
+            .iter()
+            .filter(|r| r.per == Per::Received)
+            .map(|r| r.elems_per_token)
+            .sum();
         assert_eq!(d.dt * d.b * d.s * seq / (d.t * d.c), moe_seq_bytes(&d));
         assert_eq!(d.dt * d.b * recv / (d.t * d.c), moe_bytes_per_received(&d));
     }
@@ -217,19 +266,42 @@ mod tests {
         let sbh = s * b * h;
         for t in [1.0, 2.0, 8.0] {
             let close = |x: f64, y: f64| assert!((x - y).abs() <= 1e-9 * y, "{x} vs {y} at t={t}");
-            close(korthikanti_layer_act(s, b, h, a, 1.0, false, Recompute::None), sbh * (34.0 + 5.0 * a * s / h));
-            close(korthikanti_layer_act(s, b, h, a, t, false, Recompute::None), sbh * (10.0 + 24.0 / t + 5.0 * a * s / (h * t)));
-            close(korthikanti_layer_act(s, b, h, a, t, true, Recompute::None), sbh * (34.0 / t + 5.0 * a * s / (h * t)));
-            close(korthikanti_layer_act(s, b, h, a, t, false, Recompute::Selective), sbh * (10.0 + 24.0 / t));
-            close(korthikanti_layer_act(s, b, h, a, t, true, Recompute::Selective), sbh * 34.0 / t);
-            close(korthikanti_layer_act(s, b, h, a, t, false, Recompute::Full), 2.0 * sbh);
+            close(
+                korthikanti_layer_act(s, b, h, a, 1.0, false, Recompute::None),
+                sbh * (34.0 + 5.0 * a * s / h),
+            );
+            close(
+                korthikanti_layer_act(s, b, h, a, t, false, Recompute::None),
+                sbh * (10.0 + 24.0 / t + 5.0 * a * s / (h * t)),
+            );
+            close(
+                korthikanti_layer_act(s, b, h, a, t, true, Recompute::None),
+                sbh * (34.0 / t + 5.0 * a * s / (h * t)),
+            );
+            close(
+                korthikanti_layer_act(s, b, h, a, t, false, Recompute::Selective),
+                sbh * (10.0 + 24.0 / t),
+            );
+            close(
+                korthikanti_layer_act(s, b, h, a, t, true, Recompute::Selective),
+                sbh * 34.0 / t,
+            );
+            close(
+                korthikanti_layer_act(s, b, h, a, t, false, Recompute::Full),
+                2.0 * sbh,
+            );
         }
     }
 
     #[test]
     fn in_flight_counts() {
         // p = 4, v = 1: 2p - 2r - 1 = 7, 5, 3, 1; no pipeline: 1.
-        assert_eq!((0..4).map(|r| in_flight_microbatches(1, 4, r)).collect::<Vec<_>>(), vec![7, 5, 3, 1]);
+        assert_eq!(
+            (0..4)
+                .map(|r| in_flight_microbatches(1, 4, r))
+                .collect::<Vec<_>>(),
+            vec![7, 5, 3, 1]
+        );
         assert_eq!(in_flight_microbatches(1, 1, 0), 1);
         assert_eq!(in_flight_microbatches(2, 4, 0), 11);
     }

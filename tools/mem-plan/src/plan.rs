@@ -89,7 +89,16 @@ fn dense_act(i: &Inputs) -> f64 {
         DenseAct::Korthikanti => {
             let d = &i.dims;
             // Korthikanti's constants assume 16-bit values; scale for other widths.
-            memory::korthikanti_layer_act(d.s / d.c, d.b, d.h, d.a, d.t, i.sequence_parallel, Recompute::None) * d.dt / 2.0
+            memory::korthikanti_layer_act(
+                d.s / d.c,
+                d.b,
+                d.h,
+                d.a,
+                d.t,
+                i.sequence_parallel,
+                Recompute::None,
+            ) * d.dt
+                / 2.0
         }
     }
 }
@@ -101,7 +110,15 @@ pub fn plan(i: &Inputs) -> Plan {
     let d = &i.dims;
     let moe_ordinal: Vec<Option<u64>> = {
         let mut n = 0;
-        m.is_moe.iter().map(|&x| x.then(|| { n += 1; n - 1 })).collect()
+        m.is_moe
+            .iter()
+            .map(|&x| {
+                x.then(|| {
+                    n += 1;
+                    n - 1
+                })
+            })
+            .collect()
     };
     let dense = dense_act(i);
     let seq = memory::moe_seq_bytes(d);
@@ -112,7 +129,9 @@ pub fn plan(i: &Inputs) -> Plan {
     // (stage, layer, rank, static, ckpt, s_recv, C, feasible) of the worst chunked peak
     let mut worst: Option<(u64, u64, u64, f64, f64, f64, u64, bool, f64)> = None;
     for stage in 0..l.pp {
-        let layers: Vec<u64> = (0..m.layers).filter(|&x| l.stage_of(m.layers, x) == stage).collect();
+        let layers: Vec<u64> = (0..m.layers)
+            .filter(|&x| l.stage_of(m.layers, x) == stage)
+            .collect();
         let sta = static_bytes(m, l, stage, &i.precision, i.zero);
         let m_g = memory::in_flight_microbatches(l.vpp, l.pp, stage);
         let per_chunk_inflight = m_g as f64 / l.vpp as f64;
@@ -122,14 +141,21 @@ pub fn plan(i: &Inputs) -> Plan {
         let mut layer_chunks = vec![];
         let mut feasible = true;
         for &x in &layers {
-            let Some(o) = moe_ordinal[x as usize] else { continue };
-            let s_layer = i.recv.per_layer[o as usize].iter().cloned().fold(0.0, f64::max);
+            let Some(o) = moe_ordinal[x as usize] else {
+                continue;
+            };
+            let s_layer = i.recv.per_layer[o as usize]
+                .iter()
+                .cloned()
+                .fold(0.0, f64::max);
             let c = match (i.fixed_chunks, s_max) {
                 (Some(c), _) => c,
-                (None, Some(sm)) => memory::mact_chunks(s_layer, sm, &i.bins).unwrap_or_else(|| {
-                    feasible = false;
-                    max_bin
-                }),
+                (None, Some(sm)) => {
+                    memory::mact_chunks(s_layer, sm, &i.bins).unwrap_or_else(|| {
+                        feasible = false;
+                        max_bin
+                    })
+                }
                 (None, None) => 1,
             };
             layer_chunks.push((x, o, c));
@@ -148,14 +174,23 @@ pub fn plan(i: &Inputs) -> Plan {
             };
             let none: f64 = layers.iter().map(|&x| act(x, 1.0)).sum::<f64>() * per_chunk_inflight;
             let full = layers.iter().map(|&x| act(x, 1.0)).fold(0.0, f64::max);
-            let mut chunked = if layers.iter().any(|&x| moe_ordinal[x as usize].is_none()) { dense } else { 0.0 };
+            let mut chunked = if layers.iter().any(|&x| moe_ordinal[x as usize].is_none()) {
+                dense
+            } else {
+                0.0
+            };
             for &(x, o, c) in &layer_chunks {
                 let s_recv = i.recv.per_layer[o as usize][r];
                 let a_c = memory::moe_layer_act(d, s_recv, c as f64);
                 chunked = chunked.max(a_c);
                 let peak_r = sta + ckpt + a_c;
                 let fits = i.budget.map(|b| peak_r <= b);
-                if worst.is_none_or(|w| peak_r > w.8) {
+                // Explain the layer that is hardest to fit: infeasible first, then
+                // the most chunks, then the highest peak.
+                let key = (!feasible, c, peak_r);
+                if worst.is_none_or(|w| {
+                    key.partial_cmp(&(!w.7, w.6, w.8)) == Some(std::cmp::Ordering::Greater)
+                }) {
                     worst = Some((stage, x, r as u64, sta, ckpt, s_recv, c, feasible, peak_r));
                 }
                 records.push(LayerRecord {
@@ -168,7 +203,8 @@ pub fn plan(i: &Inputs) -> Plan {
                     static_bytes: sta.round() as u64,
                     ckpt_bytes: ckpt.round() as u64,
                     act_bytes: Acts {
-                        none: (per_chunk_inflight * memory::moe_layer_act(d, s_recv, 1.0)).round() as u64,
+                        none: (per_chunk_inflight * memory::moe_layer_act(d, s_recv, 1.0)).round()
+                            as u64,
                         full: memory::moe_layer_act(d, s_recv, 1.0).round() as u64,
                         chunked: a_c.round() as u64,
                     },
@@ -199,27 +235,69 @@ pub fn plan(i: &Inputs) -> Plan {
         });
     }
     records.sort_by_key(|r| (r.layer, r.rank));
-    let fits = i.budget.map(|_| stages.iter().all(|s| s.fits == Some(true)));
+    let fits = i
+        .budget
+        .map(|_| stages.iter().all(|s| s.fits == Some(true)));
     let chunks = stages.iter().map(|s| s.chunks).max().unwrap_or(1);
-    let min_peak = stages.iter().map(|s| s.peak_bytes.chunked).max().unwrap_or(0);
+    let min_peak = stages
+        .iter()
+        .map(|s| s.peak_bytes.chunked)
+        .max()
+        .unwrap_or(0);
     let (dominant, why) = explain(i, worst, seq, per_recv, dense, &stages);
-    Plan { records, stages, chunks, fits, dominant, why, min_peak }
+    Plan {
+        records,
+        stages,
+        chunks,
+        fits,
+        dominant,
+        why,
+        min_peak,
+    }
 }
 
 type Worst = Option<(u64, u64, u64, f64, f64, f64, u64, bool, f64)>;
 
-fn explain(i: &Inputs, worst: Worst, seq: f64, per_recv: f64, dense: f64, stages: &[StageSummary]) -> (&'static str, String) {
+fn explain(
+    i: &Inputs,
+    worst: Worst,
+    seq: f64,
+    per_recv: f64,
+    dense: f64,
+    stages: &[StageSummary],
+) -> (&'static str, String) {
     let gb = format_bytes;
     let Some((stage, layer, rank, sta, ckpt, s_recv, c, _feasible, peak)) = worst else {
-        let s = stages.iter().max_by_key(|s| s.peak_bytes.chunked).expect("at least one stage");
+        let s = stages
+            .iter()
+            .max_by_key(|s| s.peak_bytes.chunked)
+            .expect("at least one stage");
         return (
-            if s.static_bytes as f64 > dense { "static" } else { "dense activations" },
-            format!("no MoE layers; stage {} peaks at {} ({} static)", s.stage, gb(s.peak_bytes.chunked as f64), gb(s.static_bytes as f64)),
+            if s.static_bytes as f64 > dense {
+                "static"
+            } else {
+                "dense activations"
+            },
+            format!(
+                "no MoE layers; stage {} peaks at {} ({} static)",
+                s.stage,
+                gb(s.peak_bytes.chunked as f64),
+                gb(s.static_bytes as f64)
+            ),
         );
     };
     let expert = s_recv * per_recv;
-    let terms = [("static", sta), ("checkpoints", ckpt), ("attention and router activations", seq), ("expert activations", expert)];
-    let dominant = terms.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|t| t.0).unwrap_or("static");
+    let terms = [
+        ("static", sta),
+        ("checkpoints", ckpt),
+        ("attention and router activations", seq),
+        ("expert activations", expert),
+    ];
+    let dominant = terms
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|t| t.0)
+        .unwrap_or("static");
     let head = format!(
         "stage {stage}: static {} + checkpoints {}; MoE layer {layer} on EP rank {rank} receives {:.0} token copies: \
          expert activations {} unchunked, attention and router {}",

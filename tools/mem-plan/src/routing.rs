@@ -58,12 +58,26 @@ pub fn from_hists(
             continue;
         }
         let field = |v: Option<u64>, name: &str| {
-            v.ok_or_else(|| Error::input(format!("{}: route_hist record has no '{name}' field", r.here())))
+            v.ok_or_else(|| {
+                Error::input(format!(
+                    "{}: route_hist record has no '{name}' field",
+                    r.here()
+                ))
+            })
         };
         let layer = field(h.layer, "layer")?;
         field(h.step, "step")?;
-        let (e, k, tokens) = (field(h.experts, "experts")?, field(h.topk, "topk")?, field(h.tokens, "tokens")?);
-        let counts = h.counts.ok_or_else(|| Error::input(format!("{}: route_hist record has no 'counts' field", r.here())))?;
+        let (e, k, tokens) = (
+            field(h.experts, "experts")?,
+            field(h.topk, "topk")?,
+            field(h.tokens, "tokens")?,
+        );
+        let counts = h.counts.ok_or_else(|| {
+            Error::input(format!(
+                "{}: route_hist record has no 'counts' field",
+                r.here()
+            ))
+        })?;
         if e != experts || counts.len() as u64 != experts {
             ftk::bail!(
                 "{}: histogram has {} experts ({} counts) but the model has {experts}; route the trace with the same model",
@@ -73,13 +87,21 @@ pub fn from_hists(
             );
         }
         if k != topk {
-            ftk::bail!("{}: histogram is top-{k} but the model routes top-{topk}", r.here());
+            ftk::bail!(
+                "{}: histogram is top-{k} but the model routes top-{topk}",
+                r.here()
+            );
         }
         if tokens == 0 {
             ftk::bail!("{}: histogram has 0 tokens", r.here());
         }
         if counts.iter().sum::<u64>() != tokens * k {
-            ftk::bail!("{}: counts sum to {} but tokens × topk is {}", r.here(), counts.iter().sum::<u64>(), tokens * k);
+            ftk::bail!(
+                "{}: counts sum to {} but tokens × topk is {}",
+                r.here(),
+                counts.iter().sum::<u64>(),
+                tokens * k
+            );
         }
         if layer as usize >= moe_layers {
             ftk::bail!(
@@ -89,7 +111,10 @@ pub fn from_hists(
         }
         let scale = ep as f64 * bs / tokens as f64;
         let per = experts as usize / ep;
-        let recv: Vec<f64> = counts.chunks(per).map(|c| c.iter().sum::<u64>() as f64 * scale).collect();
+        let recv: Vec<f64> = counts
+            .chunks(per)
+            .map(|c| c.iter().sum::<u64>() as f64 * scale)
+            .collect();
         let slot = &mut worst[layer as usize];
         match slot {
             Some(w) => w.iter_mut().zip(&recv).for_each(|(a, b)| *a = a.max(*b)),
@@ -106,7 +131,10 @@ pub fn from_hists(
     }
     let hist_layers = worst.iter().filter(|w| w.is_some()).count() as u64;
     Ok(Some(Received {
-        per_layer: worst.into_iter().map(|w| w.unwrap_or_else(|| fill.clone())).collect(),
+        per_layer: worst
+            .into_iter()
+            .map(|w| w.unwrap_or_else(|| fill.clone()))
+            .collect(),
         source: "histograms".into(),
         hist_records: n,
         hist_layers,
