@@ -237,11 +237,8 @@ pub fn run(a: Args) -> Result<()> {
             }
             _ => None,
         };
-        if a.hist.is_some() && from.is_none() {
-            ftk::bail!(
-                "{}: no route_hist records",
-                a.hist.as_ref().unwrap().display()
-            );
+        if let (Some(p), None) = (&a.hist, &from) {
+            ftk::bail!("{}: no route_hist records", p.display());
         }
         from.unwrap_or_else(|| routing::uniform(moe_layers, a.ep as usize, bs, topk as f64))
     };

@@ -126,8 +126,7 @@ pub fn plan(i: &Inputs) -> Plan {
     let max_bin = *i.bins.last().unwrap_or(&1);
     let mut records = vec![];
     let mut stages = vec![];
-    // (stage, layer, rank, static, ckpt, s_recv, C, feasible) of the worst chunked peak
-    let mut worst: Option<(u64, u64, u64, f64, f64, f64, u64, bool, f64)> = None;
+    let mut worst: Option<Hardest> = None;
     for stage in 0..l.pp {
         let layers: Vec<u64> = (0..m.layers)
             .filter(|&x| l.stage_of(m.layers, x) == stage)
@@ -185,13 +184,21 @@ pub fn plan(i: &Inputs) -> Plan {
                 chunked = chunked.max(a_c);
                 let peak_r = sta + ckpt + a_c;
                 let fits = i.budget.map(|b| peak_r <= b);
-                // Explain the layer that is hardest to fit: infeasible first, then
-                // the most chunks, then the highest peak.
-                let key = (!feasible, c, peak_r);
-                if worst.is_none_or(|w| {
-                    key.partial_cmp(&(!w.7, w.6, w.8)) == Some(std::cmp::Ordering::Greater)
+                let h = Hardest {
+                    stage,
+                    layer: x,
+                    rank: r as u64,
+                    sta,
+                    ckpt,
+                    s_recv,
+                    chunks: c,
+                    feasible,
+                    peak: peak_r,
+                };
+                if worst.as_ref().is_none_or(|w| {
+                    h.key().partial_cmp(&w.key()) == Some(std::cmp::Ordering::Greater)
                 }) {
-                    worst = Some((stage, x, r as u64, sta, ckpt, s_recv, c, feasible, peak_r));
+                    worst = Some(h);
                 }
                 records.push(LayerRecord {
                     kind: "mem_plan",
@@ -256,18 +263,47 @@ pub fn plan(i: &Inputs) -> Plan {
     }
 }
 
-type Worst = Option<(u64, u64, u64, f64, f64, f64, u64, bool, f64)>;
+/// The (layer, EP rank) that is hardest to fit, which the summary explains.
+struct Hardest {
+    stage: u64,
+    layer: u64,
+    rank: u64,
+    sta: f64,
+    ckpt: f64,
+    s_recv: f64,
+    chunks: u64,
+    feasible: bool,
+    peak: f64,
+}
+
+impl Hardest {
+    /// Infeasible first, then the most chunks, then the highest peak.
+    fn key(&self) -> (bool, u64, f64) {
+        (!self.feasible, self.chunks, self.peak)
+    }
+}
 
 fn explain(
     i: &Inputs,
-    worst: Worst,
+    worst: Option<Hardest>,
     seq: f64,
     per_recv: f64,
     dense: f64,
     stages: &[StageSummary],
 ) -> (&'static str, String) {
     let gb = format_bytes;
-    let Some((stage, layer, rank, sta, ckpt, s_recv, c, _feasible, peak)) = worst else {
+    let Some(Hardest {
+        stage,
+        layer,
+        rank,
+        sta,
+        ckpt,
+        s_recv,
+        chunks: c,
+        peak,
+        ..
+    }) = worst
+    else {
         let s = stages
             .iter()
             .max_by_key(|s| s.peak_bytes.chunked)

@@ -142,9 +142,9 @@ fn dense_layers_follow_korthikanti() {
     }
 }
 
-/// Static memory is mixed-precision Adam's 16 bytes per parameter (2 weights
-/// + 2 grads + 12 fp32 master/m/v), with ZeRO-1 dividing the 12 over DP and
-/// experts spread over EP.
+/// Static memory is mixed-precision Adam's 16 bytes per parameter (2 for
+/// weights, 2 for grads, 12 for fp32 master/m/v), with ZeRO-1 dividing the 12
+/// over DP and experts spread over EP.
 #[test]
 fn static_memory_is_mixed_precision_adam() {
     let mix = config("mixtral-8x7b");
