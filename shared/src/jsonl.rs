@@ -66,6 +66,20 @@ impl<R: BufRead> Reader<R> {
         parsed.map(Some).map_err(|e| self.decode_error(&e))
     }
 
+    /// The next record decoded with a serde seed (for decoders that keep
+    /// state across records, e.g. counting into a buffer), or `None` at end.
+    pub fn next_record_seed<S, V>(&mut self, seed: S) -> Result<Option<V>>
+    where
+        S: for<'de> serde::de::DeserializeSeed<'de, Value = V>,
+    {
+        let Some(line) = self.next_line()? else {
+            return Ok(None);
+        };
+        let mut de = serde_json::Deserializer::from_str(line);
+        let parsed = seed.deserialize(&mut de).and_then(|v| de.end().map(|_| v));
+        parsed.map(Some).map_err(|e| self.decode_error(&e))
+    }
+
     /// Turn a serde_json error on the current line into an input error naming
     /// the source, line and column.
     pub fn decode_error(&self, e: &serde_json::Error) -> Error {
@@ -78,15 +92,14 @@ impl<R: BufRead> Reader<R> {
             }
             None => msg,
         };
-        let what = if e.is_syntax() || e.is_eof() {
-            "malformed JSON"
+        if e.is_syntax() || e.is_eof() {
+            Error::input(format!(
+                "{}: malformed JSON: {msg}; each line must be one JSON object",
+                self.here()
+            ))
         } else {
-            "bad record"
-        };
-        Error::input(format!(
-            "{}: {what}: {msg}; each line must be one JSON object",
-            self.here()
-        ))
+            Error::input(format!("{}: {msg}", self.here()))
+        }
     }
 }
 

@@ -233,4 +233,35 @@ mod tests {
         assert_eq!(out.iter().map(|x| x.1).collect::<Vec<_>>(), vec![1, 3, 2]);
         assert_eq!(topk_row(&[0.0, f32::NAN], 1, &mut out), Err(1));
     }
+
+    proptest::proptest! {
+        /// The parallel, 4-way interleaved counter equals a plain loop for any
+        /// ids, widths and lengths (including tails shorter than one block).
+        #[test]
+        fn parallel_count_equals_plain_loop(ids in proptest::collection::vec(0u8..40, 0..5000), k in 1usize..9) {
+            let n = ids.len() / k * k;
+            let ids = &ids[..n];
+            let mut want = vec![0u64; 40];
+            ids.iter().for_each(|&i| want[i as usize] += 1);
+            let b32: Vec<u8> = ids.iter().flat_map(|&x| u32::from(x).to_le_bytes()).collect();
+            proptest::prop_assert_eq!(count_topk(Dtype::U32, &b32, k, 40).unwrap(), want.clone());
+            proptest::prop_assert_eq!(count_topk(Dtype::U8, ids, k, 40).unwrap(), want);
+        }
+
+        /// top-k by insertion equals a stable sort by (value desc, index asc).
+        #[test]
+        fn topk_equals_stable_sort(row in proptest::collection::vec(-4i8..4, 1..70), k in 1usize..9) {
+            let row: Vec<f32> = row.iter().map(|&x| f32::from(x) * 0.5).collect();
+            let k = k.min(row.len());
+            let mut idx: Vec<usize> = (0..row.len()).collect();
+            idx.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
+            let mut out = vec![];
+            topk_row(&row, k, &mut out).unwrap();
+            let mut got: Vec<usize> = out.iter().map(|x| x.1).collect();
+            let mut want = idx[..k].to_vec();
+            got.sort_unstable();
+            want.sort_unstable();
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
 }

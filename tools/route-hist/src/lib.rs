@@ -4,6 +4,7 @@
 
 pub mod count;
 pub mod hist;
+pub mod route_record;
 pub mod synth;
 pub mod trace;
 

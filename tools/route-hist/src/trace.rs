@@ -3,10 +3,10 @@
 
 use crate::count;
 use crate::hist::{Accum, Placement};
+use crate::route_record::RecordSeed;
 use ftk::jsonl::Reader;
 use ftk::tensors::{self, TensorFile};
 use ftk::{Error, Result};
-use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::io::BufRead;
 
@@ -71,15 +71,6 @@ impl Groups {
     }
 }
 
-#[derive(Deserialize)]
-struct RouteRec {
-    kind: Option<String>,
-    layer: Option<u64>,
-    step: Option<u64>,
-    rank: Option<u64>,
-    topk: Option<Vec<Vec<i64>>>,
-}
-
 /// Stream a JSON-lines trace, calling `emit` with each finished group.
 /// Returns the number of `route` records read.
 pub fn read_jsonl(
@@ -91,9 +82,18 @@ pub fn read_jsonl(
 ) -> Result<u64> {
     let mut r = Reader::new(src, input);
     let mut n = 0u64;
-    let mut unit: Vec<u64> = vec![];
-    while let Some(rec) = r.next_record::<RouteRec>()? {
-        if rec.kind.as_deref() != Some("route") {
+    let mut unit: Vec<u64> = vec![0; s.experts.unwrap_or(0)];
+    loop {
+        unit.fill(0);
+        let seed = RecordSeed {
+            experts: s.experts,
+            k: &mut s.topk,
+            unit: &mut unit,
+        };
+        let Some(rec) = r.next_record_seed(seed)? else {
+            break;
+        };
+        if !rec.is_route {
             continue;
         }
         let here = || r.here();
@@ -105,22 +105,9 @@ pub fn read_jsonl(
         let layer = field(rec.layer, "layer")?;
         let step = field(rec.step, "step")?;
         let rank = field(rec.rank, "rank")?;
-        let topk = rec
-            .topk
-            .ok_or_else(|| Error::input(format!("{}: route record has no 'topk' field", here())))?;
-        let experts = s.experts.ok_or_else(|| {
-            Error::input(format!(
-                "{}: a top-k trace does not say how many experts the model has; pass --experts E or --model config.json",
-                here()
-            ))
-        })?;
-        let k = match (s.topk, topk.first()) {
-            (Some(k), _) => k,
-            (None, Some(row)) => {
-                s.topk = Some(row.len());
-                row.len()
-            }
-            (None, None) => continue,
+        let rows = field(rec.rows, "topk")?;
+        let (Some(experts), Some(k)) = (s.experts, s.topk) else {
+            continue; // an empty topk before any row told us k
         };
         if k == 0 || k > experts {
             return Err(Error::input(format!(
@@ -132,31 +119,11 @@ pub fn read_jsonl(
         for acc in groups.advance(step, here)? {
             emit(&acc, p)?;
         }
-        unit.clear();
-        unit.resize(experts, 0);
-        for (t, row) in topk.iter().enumerate() {
-            if row.len() != k {
-                return Err(Error::input(format!(
-                    "{}: topk row {t} has {} entries, expected {k} (every token must list the same number of experts)",
-                    here(),
-                    row.len()
-                )));
-            }
-            for &e in row {
-                if e < 0 || e as usize >= experts {
-                    return Err(Error::input(format!(
-                        "{}: topk row {t} names expert {e}, outside 0..{experts}; check --experts",
-                        here()
-                    )));
-                }
-                unit[e as usize] += 1;
-            }
-        }
         let src_rank = (rank % s.ep as u64) as usize;
         groups.entry(layer, step, k as u64, p).add_unit(
             p,
             src_rank,
-            topk.len() as u64,
+            rows,
             &unit,
             s.capacity_factor,
         );

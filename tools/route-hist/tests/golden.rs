@@ -250,3 +250,41 @@ fn help_shows_examples_and_fields() {
     let h = String::from_utf8_lossy(&out.stdout);
     assert!(h.contains("Examples:") && h.contains("--synthetic zipf") && h.contains("max_vio"));
 }
+
+#[test]
+fn jsonl_field_order_unknown_fields_and_other_kinds() {
+    let input = r#"{"kind":"note","topk":"not a trace","extra":{"a":[1,2]}}
+{"topk":[[0,1],[1,2]],"rank":0,"step":0,"layer":0,"kind":"route","meta":{"x":[null]}}
+{"kind":null}
+
+{"kind":"route","layer":0,"step":0,"rank":1,"topk":[[3,2]],"tokens_dropped":0}
+"#;
+    let out = cmd()
+        .args(["--experts", "4", "--ep", "2"])
+        .write_stdin(input)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs = lines(&out.stdout);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["counts"], serde_json::json!([1, 2, 2, 1]));
+    assert_eq!(recs[0]["tokens"], 3);
+    assert_eq!(recs[0]["a2a"], serde_json::json!([[3, 1], [0, 2]]));
+    // A bad id names the line, row and value.
+    let bad = "{\"kind\":\"route\",\"layer\":0,\"step\":0,\"rank\":0,\"topk\":[[0,1]]}\n{\"kind\":\"route\",\"layer\":0,\"step\":0,\"rank\":0,\"topk\":[[0,1],[4,0]]}\n";
+    let out = cmd()
+        .args(["--experts", "4"])
+        .write_stdin(bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err.contains("<stdin>: line 2") && err.contains("row 1 names expert 4"),
+        "{err}"
+    );
+}
