@@ -120,23 +120,36 @@ impl Precision {
     }
 }
 
-/// Parameters one GPU of pipeline rank `stage` holds, split into the
-/// non-expert part (sharded by t, optimizer sharded over DP×CP) and the
-/// routed-expert part (E/ep local experts, sharded by t, optimizer sharded
-/// over the expert-data-parallel group DP×CP/ep). Norm weights are counted
-/// as sharded by t (under 0.01% of any model here). Routers are replicated.
+/// Parameters of layer `i` on one GPU, split into the non-expert part
+/// (sharded by t, optimizer sharded over DP×CP) and the routed-expert part
+/// (E/ep local experts, sharded by t, optimizer sharded over the
+/// expert-data-parallel group DP×CP/ep). Norm weights are counted as sharded
+/// by t (under 0.01% of any model here). Routers are replicated.
+pub fn layer_params(m: &ModelConfig, l: &Layout, i: u64) -> (f64, f64) {
+    let t = l.tp as f64;
+    let attn = m.attention_params() as f64 / t;
+    if m.is_moe[i as usize] {
+        let moe = m.moe.as_ref().expect("MoE layer");
+        let dense = attn + m.router_params() as f64 + (m.shared_params() + m.hidden) as f64 / t;
+        (
+            dense,
+            (moe.experts / l.ep) as f64 * m.expert_params() as f64 / t,
+        )
+    } else {
+        (attn + m.mlp_params(m.ffn) as f64 / t, 0.0)
+    }
+}
+
+/// Parameters one GPU of pipeline rank `stage` holds: its layers (see
+/// [`layer_params`]), the embedding on the first stage and the output head
+/// on the last.
 pub fn stage_params(m: &ModelConfig, l: &Layout, stage: u64) -> (f64, f64) {
     let t = l.tp as f64;
     let (mut dense, mut expert) = (0.0, 0.0);
     for i in (0..m.layers).filter(|&i| l.stage_of(m.layers, i) == stage) {
-        dense += m.attention_params() as f64 / t;
-        if m.is_moe[i as usize] {
-            let moe = m.moe.as_ref().expect("MoE layer");
-            dense += m.router_params() as f64 + (m.shared_params() + m.hidden) as f64 / t;
-            expert += (moe.experts / l.ep) as f64 * m.expert_params() as f64 / t;
-        } else {
-            dense += m.mlp_params(m.ffn) as f64 / t;
-        }
+        let (d, e) = layer_params(m, l, i);
+        dense += d;
+        expert += e;
     }
     if stage == 0 {
         dense += m.embedding_params() as f64 / t;
@@ -157,7 +170,12 @@ pub fn stage_params(m: &ModelConfig, l: &Layout, stage: u64) -> (f64, f64) {
 /// bytes(ZeRO over DP·CP/EP)` (MemFine eq. 1 with the optimizer term as
 /// mixed-precision Adam's 12 bytes, see [`Precision`]).
 pub fn static_bytes(m: &ModelConfig, l: &Layout, stage: u64, p: &Precision, zero: u64) -> f64 {
-    let (dense, expert) = stage_params(m, l, stage);
+    param_bytes(stage_params(m, l, stage), l, p, zero)
+}
+
+/// Bytes of (non-expert, expert) parameters with their gradients and
+/// optimizer states, each sharded by ZeRO over its own data-parallel group.
+pub fn param_bytes((dense, expert): (f64, f64), l: &Layout, p: &Precision, zero: u64) -> f64 {
     let dp = (l.dp * l.cp) as f64;
     dense * p.per_param(zero, dp) + expert * p.per_param(zero, dp / l.ep as f64)
 }

@@ -41,7 +41,7 @@ The model (MemFine, arXiv 2511.21431, eqs. 1-3, 8, 9, Table 2; symbols as in the
            C = ceil(s'/s'_max) rounded up to a bin (eq. 9), shared by the layer's EP ranks
 
 Output: one {\"kind\":\"mem_plan\",\"layer\",\"moe_layer\",\"stage\",\"rank\",\"tokens_received\",
-\"static_bytes\",\"ckpt_bytes\",\"act_bytes\":{\"none\",\"full\",\"chunked\"},\"chunks\",\"peak_bytes\",
+\"static_bytes\" (whole GPU),\"layer_static_bytes\",\"ckpt_bytes\",\"act_bytes\":{\"none\",\"full\",\"chunked\"},\"chunks\",\"peak_bytes\",
 \"fits\"} per MoE layer and EP rank, then one {\"kind\":\"mem_plan_summary\",...} with per-stage
 peaks, s_max, the chosen chunks, the dominant term and why. Exit 1 when no chunk count fits.
 

@@ -1,7 +1,7 @@
 //! Putting the terms together: per MoE layer and EP rank records, per stage
 //! peaks, and MACT's chunk choice.
 
-use crate::layout::{static_bytes, Layout, Precision};
+use crate::layout::{layer_params, param_bytes, static_bytes, Layout, Precision};
 use crate::memory::{self, Dims, Recompute};
 use crate::routing::Received;
 use ftk::model::ModelConfig;
@@ -47,7 +47,10 @@ pub struct LayerRecord {
     pub stage: u64,
     pub rank: u64,
     pub tokens_received: u64,
+    /// Static memory of the whole GPU (all its layers, embedding/head).
     pub static_bytes: u64,
+    /// This layer's share of it.
+    pub layer_static_bytes: u64,
     pub ckpt_bytes: u64,
     pub act_bytes: Acts,
     pub chunks: u64,
@@ -208,6 +211,8 @@ pub fn plan(i: &Inputs) -> Plan {
                     rank: r as u64,
                     tokens_received: s_recv.round() as u64,
                     static_bytes: sta.round() as u64,
+                    layer_static_bytes: param_bytes(layer_params(m, l, x), l, &i.precision, i.zero)
+                        .round() as u64,
                     ckpt_bytes: ckpt.round() as u64,
                     act_bytes: Acts {
                         none: (per_chunk_inflight * memory::moe_layer_act(d, s_recv, 1.0)).round()
