@@ -172,9 +172,16 @@ fn static_memory_is_mixed_precision_adam() {
     // The per-layer shares add up to the GPU's static memory, less the
     // embedding and the output head (+ final norm).
     let (_, recs, _) = run(&["--model", mix.as_str(), "--ep", "8", "--dp", "8"]);
-    let layers: f64 = recs.iter().filter(|r| r["kind"] == "mem_plan" && r["rank"] == 0).map(|r| u(&r["layer_static_bytes"])).sum();
+    let layers: f64 = recs
+        .iter()
+        .filter(|r| r["kind"] == "mem_plan" && r["rank"] == 0)
+        .map(|r| u(&r["layer_static_bytes"]))
+        .sum();
     let outside = 16.0 * (2.0 * 32000.0 * 4096.0 + 4096.0);
-    assert!((layers + outside - st).abs() <= 32.0, "{layers} + {outside} vs {st}");
+    assert!(
+        (layers + outside - st).abs() <= 32.0,
+        "{layers} + {outside} vs {st}"
+    );
 }
 
 #[test]

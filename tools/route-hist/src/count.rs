@@ -92,6 +92,12 @@ fn count_slice<T: LeInt>(bytes: &[u8], hist: &mut [u64]) -> Result<(), BadId> {
     Ok(())
 }
 
+/// Element-wise sum of two task histograms (rayon's reduce step).
+fn add_hist<E>(mut a: Vec<u64>, b: Vec<u64>) -> Result<Vec<u64>, E> {
+    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+    Ok(a)
+}
+
 fn count_par<T: LeInt + Send + Sync>(
     bytes: &[u8],
     k: usize,
@@ -107,13 +113,7 @@ fn count_par<T: LeInt + Send + Sync>(
             count_slice::<T>(chunk, &mut hist).map_err(|(i, v)| (ci * step / T::W + i, v))?;
             Ok(hist)
         })
-        .try_reduce(
-            || vec![0u64; experts],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                Ok(a)
-            },
-        )
+        .try_reduce(|| vec![0u64; experts], add_hist)
 }
 
 /// Per-expert counts of a block of a [tokens, k] integer tensor's raw bytes.
@@ -187,13 +187,7 @@ pub fn count_logits(
             }
             Ok(hist)
         })
-        .try_reduce(
-            || vec![0u64; experts],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                Ok(a)
-            },
-        )
+        .try_reduce(|| vec![0u64; experts], add_hist)
 }
 
 #[cfg(test)]

@@ -6,6 +6,10 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 use serde_json::value::RawValue;
 use std::fmt;
 
+/// Top-k ids alone do not tell the expert count.
+pub const NEED_EXPERTS: &str =
+    "a top-k trace does not say how many experts the model has; pass --experts E or --model config.json";
+
 /// What the record said, beside the counts written into the unit buffer.
 #[derive(Default, Debug)]
 pub struct Decoded {
@@ -143,9 +147,7 @@ fn rows<'b, E: de::Error>(
     k: &'b mut Option<usize>,
     unit: &'b mut [u64],
 ) -> Result<Rows<'b>, E> {
-    let experts = experts.ok_or_else(|| {
-        E::custom("a top-k trace does not say how many experts the model has; pass --experts E or --model config.json")
-    })?;
+    let experts = experts.ok_or_else(|| E::custom(NEED_EXPERTS))?;
     Ok(Rows { experts, k, unit })
 }
 

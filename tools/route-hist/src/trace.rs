@@ -3,7 +3,7 @@
 
 use crate::count;
 use crate::hist::{Accum, Placement};
-use crate::route_record::RecordSeed;
+use crate::route_record::{RecordSeed, NEED_EXPERTS};
 use ftk::jsonl::Reader;
 use ftk::tensors::{self, TensorFile};
 use ftk::{Error, Result};
@@ -195,12 +195,9 @@ pub fn read_safetensors(
                     )));
                 }
                 let (tokens, k) = (t.shape[0], t.shape[1]);
-                let experts = s.experts.ok_or_else(|| {
-                    Error::input(format!(
-                        "{}: a top-k trace does not say how many experts the model has; pass --experts E or --model config.json",
-                        t.here()
-                    ))
-                })?;
+                let experts = s
+                    .experts
+                    .ok_or_else(|| Error::input(format!("{}: {NEED_EXPERTS}", t.here())))?;
                 if let Some(want) = s.topk {
                     if want != k {
                         return Err(Error::input(format!(
