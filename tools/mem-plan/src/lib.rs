@@ -64,14 +64,19 @@ pub struct Args {
     /// Ignore stdin and assume uniform routing.
     #[arg(long, conflicts_with = "hist")]
     pub uniform: bool,
+    /// Tensor-parallel size t (also shards the experts: expert TP = TP).
     #[arg(long, default_value_t = 1)]
     pub tp: u64,
+    /// Pipeline-parallel size p.
     #[arg(long, default_value_t = 1)]
     pub pp: u64,
+    /// Expert-parallel size e; experts sit on EP ranks contiguously.
     #[arg(long, default_value_t = 1)]
     pub ep: u64,
+    /// Context-parallel size c.
     #[arg(long, default_value_t = 1)]
     pub cp: u64,
+    /// Data-parallel size d (EP groups form inside DP × CP, as in Megatron-LM).
     #[arg(long, default_value_t = 1)]
     pub dp: u64,
     /// Virtual pipeline stages per GPU (interleaved 1F1B).
