@@ -1,6 +1,7 @@
 //! `ftk`: what every ftk tool shares — JSON lines, safetensors, model
 //! configs, sizes, errors and exit codes, seeded randomness, tables.
 
+pub mod alloc;
 pub mod cli;
 pub mod error;
 pub mod io;
@@ -9,6 +10,7 @@ pub mod model;
 pub mod rng;
 pub mod size;
 pub mod table;
+pub mod tensor_writer;
 pub mod tensors;
 
 pub use error::{Context, Error, Result};

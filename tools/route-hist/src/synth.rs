@@ -118,43 +118,71 @@ impl LayerModel {
         self.cdf.partition_point(|&c| c <= u).min(experts - 1)
     }
 
-    /// Per-expert counts for `tokens` tokens routed top-`k`.
-    pub fn unit(&self, p: Placement, k: usize, tokens: u64, seed: u64, ids: [u64; 3]) -> Vec<u64> {
-        let e = p.experts;
-        let mut r = rng::stream(seed, rng::stream_id(&[TOKENS, ids[0], ids[1], ids[2]]));
-        let mut counts = vec![0u64; e];
-        let mut chosen: Vec<usize> = Vec::with_capacity(k);
-        for _ in 0..tokens {
-            chosen.clear();
-            if let Skew::Hot(f) = self.skew {
-                if r.random::<f64>() < f {
-                    chosen.push(self.hot);
+    /// A model with the given popularity weights (e.g. a measured histogram).
+    pub fn from_weights(weights: &[f64]) -> LayerModel {
+        let max = weights.iter().cloned().fold(0.0, f64::max);
+        let mut acc = 0.0;
+        let cdf = weights
+            .iter()
+            .map(|w| {
+                acc += w.max(max * 1e-300).max(f64::MIN_POSITIVE);
+                acc
+            })
+            .collect();
+        LayerModel {
+            skew: Skew::Uniform,
+            cdf,
+            hot: 0,
+        }
+    }
+
+    /// The random stream for (layer, step, source rank) under `seed`.
+    pub fn stream(seed: u64, ids: [u64; 3]) -> rand_chacha::ChaCha8Rng {
+        rng::stream(seed, rng::stream_id(&[TOKENS, ids[0], ids[1], ids[2]]))
+    }
+
+    /// One token's `k` distinct experts, into `chosen` (cleared first).
+    pub fn draw_token(&self, r: &mut impl rand::Rng, e: usize, k: usize, chosen: &mut Vec<usize>) {
+        chosen.clear();
+        if let Skew::Hot(f) = self.skew {
+            if r.random::<f64>() < f {
+                chosen.push(self.hot);
+            }
+            while chosen.len() < k {
+                // uniform over the experts other than the hot one
+                let mut x = r.random_range(0..e - 1);
+                if x >= self.hot {
+                    x += 1;
                 }
-                while chosen.len() < k {
-                    // uniform over the experts other than the hot one
-                    let mut x = r.random_range(0..e - 1);
-                    if x >= self.hot {
-                        x += 1;
-                    }
-                    if !chosen.contains(&x) {
-                        chosen.push(x);
-                    }
+                if !chosen.contains(&x) {
+                    chosen.push(x);
                 }
-            } else {
-                let mut misses = 0;
-                while chosen.len() < k {
-                    let x = self.draw(&mut r, e);
-                    if !chosen.contains(&x) {
-                        chosen.push(x);
-                    } else {
-                        misses += 1;
-                        if misses > 64 {
-                            // Extreme skew: finish by exact sequential sampling over the rest.
-                            self.finish_exact(&mut r, e, k, &mut chosen);
-                        }
+            }
+        } else {
+            let mut misses = 0;
+            while chosen.len() < k {
+                let x = self.draw(r, e);
+                if !chosen.contains(&x) {
+                    chosen.push(x);
+                } else {
+                    misses += 1;
+                    if misses > 64 {
+                        // Extreme skew: finish by exact sequential sampling over the rest.
+                        self.finish_exact(r, e, k, chosen);
                     }
                 }
             }
+        }
+    }
+
+    /// Per-expert counts for `tokens` tokens routed top-`k`.
+    pub fn unit(&self, p: Placement, k: usize, tokens: u64, seed: u64, ids: [u64; 3]) -> Vec<u64> {
+        let e = p.experts;
+        let mut r = Self::stream(seed, ids);
+        let mut counts = vec![0u64; e];
+        let mut chosen: Vec<usize> = Vec::with_capacity(k);
+        for _ in 0..tokens {
+            self.draw_token(&mut r, e, k, &mut chosen);
             for &x in &chosen {
                 counts[x] += 1;
             }

@@ -1,0 +1,240 @@
+//! Streaming safetensors output for results too large to hold in memory.
+//!
+//! The layout is fixed up front from names, dtypes and shapes (the same
+//! layout [`crate::tensors::write_safetensors`] produces: data ordered by
+//! descending dtype alignment, then name; header padded to 8 bytes). Tensor
+//! bytes are then written at their offsets, from any thread and in any order,
+//! into a temporary file in the destination directory. [`StreamWriter::finish`]
+//! checks that every byte was written and fsyncs; [`Finished::commit`] renames
+//! the file into place. Dropping either before the commit removes the
+//! temporary, so a failed run leaves the destination untouched. Finishing
+//! several outputs first and committing them last keeps a set of files
+//! (e.g. parameters and optimiser state) consistent on any error before the
+//! renames.
+
+use crate::error::{Error, Result};
+use crate::tensors::dtype_bytes;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype;
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Name, dtype and shape of one tensor to be written.
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+/// A safetensors file being written piecewise; see the module docs.
+pub struct StreamWriter {
+    path: PathBuf,
+    tmp: tempfile::NamedTempFile,
+    /// Absolute file offset and byte length of each spec, in spec order.
+    slots: Vec<(u64, u64)>,
+    total: u64,
+    written: AtomicU64,
+}
+
+/// A fully written and fsynced output waiting to be renamed into place.
+pub struct Finished {
+    path: PathBuf,
+    tmp: tempfile::NamedTempFile,
+}
+
+impl StreamWriter {
+    /// Lay out `specs` and create the temporary file next to `path`.
+    pub fn create(
+        path: &Path,
+        specs: &[TensorSpec],
+        metadata: Option<HashMap<String, String>>,
+    ) -> Result<StreamWriter> {
+        let mut order: Vec<usize> = (0..specs.len()).collect();
+        order.sort_by(|&a, &b| {
+            specs[b]
+                .dtype
+                .cmp(&specs[a].dtype)
+                .then(specs[a].name.cmp(&specs[b].name))
+        });
+        let mut infos = Vec::with_capacity(specs.len());
+        let mut rel = vec![(0u64, 0u64); specs.len()];
+        let mut offset = 0usize;
+        for &i in &order {
+            let s = &specs[i];
+            let w = dtype_bytes(s.dtype).ok_or_else(|| {
+                Error::input(format!("cannot write sub-byte dtype {:?}", s.dtype))
+            })?;
+            let n = s.shape.iter().product::<usize>() * w;
+            infos.push((
+                s.name.clone(),
+                TensorInfo {
+                    dtype: s.dtype,
+                    shape: s.shape.clone(),
+                    data_offsets: (offset, offset + n),
+                },
+            ));
+            rel[i] = (offset as u64, n as u64);
+            offset += n;
+        }
+        let meta = Metadata::new(metadata, infos)
+            .map_err(|e| Error::input(format!("cannot build safetensors header: {e}")))?;
+        let mut header = serde_json::to_vec(&meta)
+            .map_err(|e| Error::input(format!("cannot encode header: {e}")))?;
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let dir: PathBuf = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".ftk-tmp")
+            .tempfile_in(&dir)
+            .map_err(|e| Error::io("cannot create a temporary file in", &dir, e))?;
+        let data_start = 8 + header.len() as u64;
+        let total = offset as u64;
+        {
+            let f = tmp.as_file_mut();
+            f.set_len(data_start + total)
+                .map_err(|e| Error::io("writing", path, e))?;
+            f.write_all(&(header.len() as u64).to_le_bytes())
+                .and_then(|_| f.write_all(&header))
+                .map_err(|e| Error::io("writing", path, e))?;
+        }
+        Ok(StreamWriter {
+            path: path.to_path_buf(),
+            tmp,
+            slots: rel.into_iter().map(|(o, n)| (data_start + o, n)).collect(),
+            total,
+            written: AtomicU64::new(0),
+        })
+    }
+
+    /// The destination path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Write `bytes` into tensor `spec` (index into the specs given to
+    /// [`StreamWriter::create`]) starting `byte_offset` bytes into its data.
+    /// Safe to call from several threads for disjoint ranges.
+    pub fn write_at(&self, spec: usize, byte_offset: u64, bytes: &[u8]) -> Result<()> {
+        let (start, len) = self.slots[spec];
+        if byte_offset + bytes.len() as u64 > len {
+            return Err(Error::input(format!(
+                "internal: write of {} bytes at {byte_offset} overruns a {len}-byte tensor",
+                bytes.len()
+            )));
+        }
+        self.tmp
+            .as_file()
+            .write_all_at(bytes, start + byte_offset)
+            .map_err(|e| Error::io("writing", &self.path, e))?;
+        self.written
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Check every data byte was written once, then fsync.
+    pub fn finish(self) -> Result<Finished> {
+        let w = self.written.load(Ordering::Relaxed);
+        if w != self.total {
+            return Err(Error::input(format!(
+                "internal: {} of {} data bytes written to {}",
+                w,
+                self.total,
+                self.path.display()
+            )));
+        }
+        self.tmp
+            .as_file()
+            .sync_all()
+            .map_err(|e| Error::io("syncing", &self.path, e))?;
+        Ok(Finished {
+            path: self.path,
+            tmp: self.tmp,
+        })
+    }
+}
+
+impl Finished {
+    /// Rename the finished file onto its destination.
+    pub fn commit(self) -> Result<()> {
+        self.tmp
+            .persist(&self.path)
+            .map_err(|e| Error::io("renaming the output onto", &self.path, e.error))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensors::{write_safetensors, OutTensor};
+
+    #[test]
+    fn same_bytes_as_write_safetensors_in_any_write_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.safetensors");
+        let b = dir.path().join("b.safetensors");
+        let x: Vec<f32> = (0..10).map(|i| i as f32 * 0.5).collect();
+        let y: Vec<i64> = vec![3, -4];
+        let mut meta = HashMap::new();
+        meta.insert("k".to_string(), "v".to_string());
+        write_safetensors(
+            &a,
+            &[
+                OutTensor::f32("x", vec![2, 5], &x),
+                OutTensor::i64("y", vec![2], &y),
+            ],
+            Some(meta.clone()),
+        )
+        .unwrap();
+        let specs = vec![
+            TensorSpec {
+                name: "y".into(),
+                dtype: Dtype::I64,
+                shape: vec![2],
+            },
+            TensorSpec {
+                name: "x".into(),
+                dtype: Dtype::F32,
+                shape: vec![2, 5],
+            },
+        ];
+        let w = StreamWriter::create(&b, &specs, Some(meta)).unwrap();
+        let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.write_at(1, 20, &xb[20..]).unwrap();
+        w.write_at(
+            0,
+            0,
+            &y.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        w.write_at(1, 0, &xb[..20]).unwrap();
+        assert!(!b.exists());
+        w.finish().unwrap().commit().unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    }
+
+    #[test]
+    fn incomplete_or_dropped_writes_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("o.safetensors");
+        let specs = vec![TensorSpec {
+            name: "x".into(),
+            dtype: Dtype::F32,
+            shape: vec![4],
+        }];
+        let w = StreamWriter::create(&p, &specs, None).unwrap();
+        w.write_at(0, 0, &[0u8; 8]).unwrap();
+        assert!(w.write_at(0, 12, &[0u8; 8]).is_err());
+        assert!(w.finish().is_err());
+        let w = StreamWriter::create(&p, &specs, None).unwrap();
+        w.write_at(0, 0, &[0u8; 16]).unwrap();
+        drop(w.finish().unwrap());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
