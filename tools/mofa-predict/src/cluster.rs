@@ -1,0 +1,133 @@
+//! GPU and cluster presets with their published figures.
+//!
+//! Units: `peak_tflops` is the dense (no 2:4 sparsity) 16-bit tensor-core
+//! peak; `hbm_gbs` is memory bandwidth in GB/s; `intra_node_gbps` and
+//! `inter_node_gbps` are **GB/s per GPU per direction** (gigabytes, not
+//! gigabits): NVLink's aggregate bidirectional figure halved, and one NIC per
+//! GPU (rail-optimised nodes) divided by 8 bits per byte.
+//!
+//! Sources (vendor data sheets):
+//! - V100 SXM2 32GB: NVIDIA Tesla V100 data sheet: 125 TFLOPS tensor FP16,
+//!   900 GB/s HBM2, NVLink 2.0 300 GB/s; DGX-1 with 4x100 Gb/s EDR IB per 8 GPUs
+//!   (12.5 GB/s is one 100 Gb/s port per GPU, an upper bound).
+//! - A100 SXM4 40GB / 80GB: NVIDIA A100 data sheet: 312 TFLOPS BF16 dense,
+//!   1,555 GB/s (40GB) and 2,039 GB/s (80GB) HBM2e, NVLink 3 600 GB/s;
+//!   DGX A100: 8 x 200 Gb/s HDR InfiniBand compute NICs (Selene, as used by
+//!   Narayanan et al. 2021 §5).
+//! - H100 SXM5 80GB: NVIDIA H100 data sheet: 989 TFLOPS BF16 dense, 3.35 TB/s
+//!   HBM3, NVLink 4 900 GB/s; DGX H100: 8 x 400 Gb/s ConnectX-7 NICs.
+//! - H200 SXM 141GB: NVIDIA H200 data sheet: same compute as H100 (989 dense
+//!   BF16), 4.8 TB/s HBM3e, NVLink 900 GB/s; 400 Gb/s per GPU.
+//! - B200 (HGX B200): 2.25 PFLOPS dense BF16 per GPU (4.5 PF with sparsity),
+//!   180 GB HBM3e at 8 TB/s, NVLink 5 1.8 TB/s; DGX B200: 8 x 400 Gb/s NICs.
+//! - MI300X: AMD Instinct MI300X data sheet: 1,307.4 TFLOPS BF16 dense,
+//!   192 GB HBM3 at 5.3 TB/s; 7 Infinity Fabric links x 64 GB/s per direction
+//!   to the 7 peers (448 GB/s); 400 Gb/s NIC per GPU assumed.
+//!
+//! `gemm_eff` (the best fraction of peak a large BF16 GEMM reaches inside a
+//! training step) is *calibrated* for A100 and H100 on published training
+//! runs (`mofa-predict calibrate`, testdata/mofa-predict/measurements.jsonl);
+//! H200 takes H100's value (same SM array); V100, B200 and MI300X have no
+//! calibration rows here and use a stated guess (see README).
+
+use ftk::Result;
+
+/// One GPU type and the network around it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Cluster {
+    pub gpu: String,
+    pub peak_tflops: f64,
+    pub gpus: u64,
+    pub gpus_per_node: u64,
+    pub hbm_gb: f64,
+    pub hbm_gbs: f64,
+    pub intra_node_gbps: f64,
+    pub inter_node_gbps: f64,
+    pub gemm_eff: f64,
+}
+
+/// Calibrated best-GEMM efficiencies (fraction of peak), from
+/// `mofa-predict calibrate` on the calibration rows (see the README).
+pub const A100_GEMM_EFF: f64 = 0.769;
+pub const H100_GEMM_EFF: f64 = 0.661;
+/// Not calibrated (no published run with a complete configuration in the
+/// data set): assumed equal to H100's for Blackwell, lower for MI300X whose
+/// BF16 GEMM libraries reached about half of peak in public 2024 benchmarks,
+/// and A100's for V100.
+pub const UNCALIBRATED_NOTE: &str = "V100, B200 and MI300X gemm_eff are assumptions, not fitted";
+
+/// Preset names accepted by `--cluster` and `cluster.gpu`.
+pub const PRESETS: &[&str] = &[
+    "V100",
+    "A100-40GB",
+    "A100-80GB",
+    "H100",
+    "H200",
+    "B200",
+    "MI300X",
+];
+
+/// The preset for `name` (case-insensitive; "H100 SXM", "A100" = A100-80GB).
+pub fn preset(name: &str) -> Option<Cluster> {
+    let key: String = name
+        .to_ascii_uppercase()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let (gpu, peak, hbm_gb, hbm_gbs, intra, inter, eff) = match key.as_str() {
+        "V100" | "V100SXM2" | "V10032GB" => {
+            ("V100", 125.0, 32.0, 900.0, 150.0, 12.5, A100_GEMM_EFF)
+        }
+        "A10040GB" | "A10040" => ("A100-40GB", 312.0, 40.0, 1555.0, 300.0, 25.0, A100_GEMM_EFF),
+        "A100" | "A10080GB" | "A10080" | "A100SXM" => {
+            ("A100-80GB", 312.0, 80.0, 2039.0, 300.0, 25.0, A100_GEMM_EFF)
+        }
+        "H100" | "H100SXM" | "H100SXM5" | "H10080GB" => {
+            ("H100", 989.0, 80.0, 3350.0, 450.0, 50.0, H100_GEMM_EFF)
+        }
+        "H200" | "H200SXM" => ("H200", 989.0, 141.0, 4800.0, 450.0, 50.0, H100_GEMM_EFF),
+        "B200" => ("B200", 2250.0, 180.0, 8000.0, 900.0, 50.0, H100_GEMM_EFF),
+        "MI300X" => ("MI300X", 1307.4, 192.0, 5300.0, 448.0, 50.0, 0.5),
+        _ => return None,
+    };
+    Some(Cluster {
+        gpu: gpu.into(),
+        peak_tflops: peak,
+        gpus: 0,
+        gpus_per_node: 8,
+        hbm_gb,
+        hbm_gbs,
+        intra_node_gbps: intra,
+        inter_node_gbps: inter,
+        gemm_eff: eff,
+    })
+}
+
+/// The preset or an error listing the names.
+pub fn preset_or_err(name: &str, what: &str) -> Result<Cluster> {
+    preset(name).ok_or_else(|| {
+        ftk::Error::input(format!(
+            "{what}: unknown GPU '{name}'; presets are {} (or give peak_tflops, hbm_gb, hbm_gbs, intra_node_gbps, inter_node_gbps)",
+            PRESETS.join(", ")
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_resolve_with_aliases() {
+        for p in PRESETS {
+            assert_eq!(preset(p).unwrap().gpu, *p);
+        }
+        assert_eq!(preset("H100 SXM").unwrap().peak_tflops, 989.0);
+        assert_eq!(preset("a100").unwrap().hbm_gb, 80.0);
+        assert!(preset("TPUv4").is_none());
+        assert!(preset_or_err("TPUv4", "cluster.gpu")
+            .unwrap_err()
+            .to_string()
+            .contains("cluster.gpu"));
+    }
+}

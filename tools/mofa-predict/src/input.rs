@@ -1,0 +1,727 @@
+//! The input schema: one JSON object per prediction, checked field by field so
+//! every error names the line and the field (`<stdin>: line 3: strategy.tp:
+//! must be a positive integer, got 0`).
+//!
+//! ```text
+//! {"id", "model": {"arch","layers","hidden","heads","kv_heads","ffn","vocab","seq",
+//!   "params_b","head_dim","tie_embeddings",
+//!   "moe": null | {"experts","topk","expert_ffn","shared_experts","shared_ffn","moe_layers"}},
+//!  "cluster": {"gpu","peak_tflops","gpus","gpus_per_node","hbm_gb","hbm_gbs",
+//!   "intra_node_gbps","inter_node_gbps","gemm_eff"},
+//!  "strategy": {"tp","pp","dp","cp","ep","vpp","mbs","gbs","recompute","zero","sp",
+//!   "flash_attn","overlap_grad_reduce","moe_imbalance"},
+//!  "run": {"tokens","gpu_failure_rate_per_hour","node_failure_rate_per_hour",
+//!   "ckpt_write_gbps","restart_s","ckpt_interval_s"}}
+//! ```
+//! Defaults are listed in [`DEFAULTS_HELP`].
+
+use crate::cluster::{self, Cluster};
+use ftk::model::{Attention, Mlp, ModelConfig, Moe};
+use ftk::{Error, Result};
+use mem_plan::memory::Recompute;
+use serde_json::{Map, Value};
+
+/// Llama 3 (Dubey et al. 2024, "The Llama 3 Herd of Models", §3.3.4 and
+/// Table 5): 419 unexpected interruptions in a 54-day snapshot of pre-training
+/// on 16,384 H100 GPUs: 419 / (54 · 24 · 16384) per GPU-hour.
+pub const LLAMA3_GPU_FAILURES_PER_HOUR: f64 = 419.0 / (54.0 * 24.0 * 16384.0);
+/// Llama 3 §3.3.4: Tectonic "sustains 2 TB/s" (7 TB/s peak) for checkpoints.
+pub const LLAMA3_CKPT_WRITE_GBS: f64 = 2000.0;
+/// Restart cost (detect, reschedule, reload, warm up): an assumption, not a
+/// published number; override with run.restart_s.
+pub const DEFAULT_RESTART_S: f64 = 600.0;
+/// Bytes per parameter in a checkpoint: bf16 weights plus fp32 master
+/// weights, Adam m and v (2 + 12). Narayanan et al. 2021 §5.10 report 13.8 TB
+/// for the 1T model, i.e. 13.7 bytes per parameter.
+pub const CKPT_BYTES_PER_PARAM: f64 = 14.0;
+
+pub const DEFAULTS_HELP: &str = "\
+Defaults: model.arch llama (SwiGLU; gpt = GELU MLP, learned positions, tied embeddings),
+kv_heads = heads, head_dim = hidden/heads, ffn = 4·hidden for gpt; moe.expert_ffn = ffn,
+shared_experts 0, moe_layers = layers (dense layers first). cluster: every field from the
+gpu preset, gpus = tp·pp·cp·dp, gpus_per_node 8. strategy: tp pp cp ep vpp mbs 1,
+dp = gpus/(tp·pp·cp), gbs = mbs·dp, recompute selective, zero 1, sp = (tp > 1),
+flash_attn true, overlap_grad_reduce true, moe_imbalance 0 (max_vio of route-hist).
+run: gpu_failure_rate_per_hour 1.97e-5 (Llama 3: 419 interruptions / 54 days / 16,384 GPUs),
+node_failure_rate_per_hour 0, ckpt_write_gbps 2000 (Llama 3's Tectonic, GB/s aggregate),
+restart_s 600 (assumed), ckpt_interval_s = Young/Daly optimum; null means the default.";
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Strategy {
+    pub tp: u64,
+    pub pp: u64,
+    pub dp: u64,
+    pub cp: u64,
+    pub ep: u64,
+    pub vpp: u64,
+    pub mbs: u64,
+    pub gbs: u64,
+    #[serde(serialize_with = "ser_recompute")]
+    pub recompute: Recompute,
+    pub zero: u64,
+    pub sp: bool,
+    pub flash_attn: bool,
+    pub overlap_grad_reduce: bool,
+    pub moe_imbalance: f64,
+}
+
+fn ser_recompute<S: serde::Serializer>(
+    r: &Recompute,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(recompute_name(*r))
+}
+
+pub fn recompute_name(r: Recompute) -> &'static str {
+    match r {
+        Recompute::None => "none",
+        Recompute::Selective => "selective",
+        Recompute::Full => "full",
+    }
+}
+
+impl Strategy {
+    /// `tp=8,pp=4,...` as printed in tables and accepted by `--strategy`.
+    pub fn compact(&self) -> String {
+        format!(
+            "tp={},pp={},dp={},cp={},ep={},vpp={},mbs={},gbs={},recompute={},zero={},sp={}",
+            self.tp,
+            self.pp,
+            self.dp,
+            self.cp,
+            self.ep,
+            self.vpp,
+            self.mbs,
+            self.gbs,
+            recompute_name(self.recompute),
+            self.zero,
+            self.sp
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Run {
+    pub tokens: Option<f64>,
+    pub gpu_failure_rate_per_hour: f64,
+    pub node_failure_rate_per_hour: f64,
+    pub ckpt_write_gbps: f64,
+    pub restart_s: f64,
+    pub ckpt_interval_s: Option<f64>,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Run {
+            tokens: None,
+            gpu_failure_rate_per_hour: LLAMA3_GPU_FAILURES_PER_HOUR,
+            node_failure_rate_per_hour: 0.0,
+            ckpt_write_gbps: LLAMA3_CKPT_WRITE_GBS,
+            restart_s: DEFAULT_RESTART_S,
+            ckpt_interval_s: None,
+        }
+    }
+}
+
+/// One fully specified prediction.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub id: Value,
+    pub model: ModelConfig,
+    pub seq: u64,
+    pub cluster: Cluster,
+    pub strategy: Strategy,
+    pub run: Run,
+}
+
+/// A JSON object with the dotted path of its fields, for messages.
+pub struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    path: String,
+    here: &'a str,
+}
+
+impl<'a> Obj<'a> {
+    pub fn new(map: &'a Map<String, Value>, path: &str, here: &'a str) -> Self {
+        Obj {
+            map,
+            path: path.into(),
+            here,
+        }
+    }
+
+    fn name(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.into()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    pub fn err(&self, key: &str, msg: impl std::fmt::Display) -> Error {
+        Error::input(format!("{}: {}: {msg}", self.here, self.name(key)))
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// A non-negative integer; `None` when absent or null.
+    pub fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(x) => Ok(Some(x)),
+                None => match v.as_f64() {
+                    Some(f) if f >= 0.0 && f.fract() == 0.0 && f < 9.0e15 => Ok(Some(f as u64)),
+                    _ => Err(self.err(key, format!("must be a non-negative integer, got {v}"))),
+                },
+            },
+        }
+    }
+
+    /// A positive integer, with a default when absent.
+    pub fn pos(&self, key: &str, default: Option<u64>) -> Result<u64> {
+        match self.opt_u64(key)?.or(default) {
+            Some(0) => Err(self.err(key, "must be a positive integer, got 0")),
+            Some(x) => Ok(x),
+            None => Err(self.err(key, "missing (required)")),
+        }
+    }
+
+    /// A finite number; `None` when absent or null.
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() => Ok(Some(x)),
+                _ => Err(self.err(key, format!("must be a finite number, got {v}"))),
+            },
+        }
+    }
+
+    /// A number > 0 (or >= 0 with `zero_ok`), with a default.
+    pub fn num(&self, key: &str, default: Option<f64>, zero_ok: bool) -> Result<f64> {
+        match self.opt_f64(key)?.or(default) {
+            Some(x) if x > 0.0 || (zero_ok && x == 0.0) => Ok(x),
+            Some(x) => Err(self.err(
+                key,
+                format!("must be {}, got {x}", if zero_ok { ">= 0" } else { "> 0" }),
+            )),
+            None => Err(self.err(key, "missing (required)")),
+        }
+    }
+
+    pub fn opt_str(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.err(key, format!("must be a string, got {v}"))),
+        }
+    }
+
+    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.err(key, format!("must be true or false, got {v}"))),
+        }
+    }
+
+    /// A nested object; `None` when absent or null.
+    pub fn obj(&self, key: &str) -> Result<Option<Obj<'a>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Object(m)) => Ok(Some(Obj {
+                map: m,
+                path: self.name(key),
+                here: self.here,
+            })),
+            Some(v) => Err(self.err(key, format!("must be an object, got {v}"))),
+        }
+    }
+}
+
+/// The model object of the schema as a [`ModelConfig`] (so parameter counts
+/// and memory use mem-plan's code) plus the sequence length.
+pub fn model_from_obj(o: &Obj) -> Result<(ModelConfig, Option<u64>)> {
+    let arch = o.opt_str("arch")?.unwrap_or("llama").to_string();
+    let gpt = matches!(arch.as_str(), "gpt" | "gpt2" | "gpt3" | "bloom" | "opt");
+    let layers = o.pos("layers", None)?;
+    let hidden = o.pos("hidden", None)?;
+    let heads = o.pos("heads", None)?;
+    let kv_heads = o.pos("kv_heads", Some(heads))?;
+    if !heads.is_multiple_of(kv_heads) {
+        return Err(o.err(
+            "kv_heads",
+            format!("must divide heads ({heads}), got {kv_heads}"),
+        ));
+    }
+    let head_dim = o.pos("head_dim", Some((hidden / heads).max(1)))?;
+    let ffn = o.pos("ffn", gpt.then_some(4 * hidden))?;
+    let vocab = o.pos("vocab", None)?;
+    let seq = o.opt_u64("seq")?;
+    if seq == Some(0) {
+        return Err(o.err("seq", "must be a positive integer, got 0"));
+    }
+    if let Some(p) = o.opt_f64("params_b")? {
+        if p <= 0.0 {
+            return Err(o.err("params_b", format!("must be > 0, got {p}")));
+        }
+    }
+    let tie = o.opt_bool("tie_embeddings")?.unwrap_or(gpt);
+    let (moe, is_moe) = match o.obj("moe")? {
+        None => (None, vec![false; layers as usize]),
+        Some(m) => {
+            let experts = m.pos("experts", None)?;
+            let topk = m.pos("topk", None)?;
+            if topk > experts {
+                return Err(m.err("topk", format!("exceeds experts ({experts}), got {topk}")));
+            }
+            let expert_ffn = m.pos("expert_ffn", Some(ffn))?;
+            let shared_experts = m.opt_u64("shared_experts")?.unwrap_or(0);
+            let shared_ffn = m.pos("shared_ffn", Some(expert_ffn))?;
+            let moe_layers = m.pos("moe_layers", Some(layers))?;
+            if moe_layers > layers {
+                return Err(m.err(
+                    "moe_layers",
+                    format!("exceeds model.layers ({layers}), got {moe_layers}"),
+                ));
+            }
+            let first_dense = layers - moe_layers;
+            (
+                Some(Moe {
+                    experts,
+                    topk,
+                    expert_ffn,
+                    shared_experts,
+                    shared_ffn,
+                    shared_gate: false,
+                    norm_topk_prob: true,
+                }),
+                (0..layers).map(|i| i >= first_dense).collect(),
+            )
+        }
+    };
+    Ok((
+        ModelConfig {
+            arch,
+            hidden,
+            layers,
+            vocab,
+            ffn,
+            max_seq: seq,
+            tie_embeddings: tie,
+            attention: Attention::Gqa {
+                heads,
+                kv_heads,
+                head_dim,
+            },
+            attention_bias: gpt,
+            qk_norm: false,
+            learned_positions: gpt,
+            mlp: if gpt { Mlp::Gelu } else { Mlp::SwiGlu },
+            moe,
+            is_moe,
+            mtp_layers: 0,
+            torch_dtype: None,
+        },
+        seq,
+    ))
+}
+
+pub fn cluster_from_obj(
+    o: Option<&Obj>,
+    fallback: Option<&Cluster>,
+    here: &str,
+) -> Result<Cluster> {
+    let Some(o) = o else {
+        return fallback.cloned().ok_or_else(|| {
+            Error::input(format!(
+                "{here}: cluster: missing; give a cluster object or --cluster NAME ({})",
+                cluster::PRESETS.join(", ")
+            ))
+        });
+    };
+    let base = match o.opt_str("gpu")? {
+        Some(name) => match cluster::preset(name) {
+            Some(c) => Some(c),
+            // An unknown name is fine when every number is given.
+            None if o.has("peak_tflops") => None,
+            None => Some(cluster::preset_or_err(
+                name,
+                &format!("{here}: cluster.gpu"),
+            )?),
+        },
+        None => fallback.cloned(),
+    };
+    let b = base.as_ref();
+    let c = Cluster {
+        gpu: o
+            .opt_str("gpu")?
+            .map(str::to_string)
+            .or_else(|| b.map(|c| c.gpu.clone()))
+            .unwrap_or_else(|| "custom".into()),
+        peak_tflops: o.num("peak_tflops", b.map(|c| c.peak_tflops), false)?,
+        gpus: o.opt_u64("gpus")?.or(b.map(|c| c.gpus)).unwrap_or(0),
+        gpus_per_node: o.pos("gpus_per_node", Some(b.map_or(8, |c| c.gpus_per_node)))?,
+        hbm_gb: o.num("hbm_gb", b.map(|c| c.hbm_gb), false)?,
+        hbm_gbs: o.num("hbm_gbs", b.map(|c| c.hbm_gbs), false)?,
+        intra_node_gbps: o.num("intra_node_gbps", b.map(|c| c.intra_node_gbps), false)?,
+        inter_node_gbps: o.num("inter_node_gbps", b.map(|c| c.inter_node_gbps), false)?,
+        gemm_eff: o.num(
+            "gemm_eff",
+            Some(b.map_or(cluster::H100_GEMM_EFF, |c| c.gemm_eff)),
+            false,
+        )?,
+    };
+    if c.gemm_eff > 1.0 {
+        return Err(o.err("gemm_eff", format!("must be in (0, 1], got {}", c.gemm_eff)));
+    }
+    Ok(c)
+}
+
+/// Strategy fields; `gpus` = 0 when the cluster does not say.
+pub fn strategy_from_obj(o: &Obj, model: &ModelConfig, gpus: u64) -> Result<Strategy> {
+    let tp = o.pos("tp", Some(1))?;
+    let pp = o.pos("pp", Some(1))?;
+    let cp = o.pos("cp", Some(1))?;
+    let ep = o.pos("ep", Some(1))?;
+    let vpp = o.pos("vpp", Some(1))?;
+    let mbs = o.pos("mbs", Some(1))?;
+    let mp = tp * pp * cp;
+    let dp = match (o.opt_u64("dp")?, gpus) {
+        (Some(0), _) => return Err(o.err("dp", "must be a positive integer, got 0")),
+        (Some(d), 0) => d,
+        (Some(d), g) if d * mp == g => d,
+        (Some(d), g) => {
+            return Err(o.err(
+                "dp",
+                format!("tp·pp·cp·dp = {} but cluster.gpus = {g}", d * mp),
+            ))
+        }
+        (None, 0) => 1,
+        (None, g) if g.is_multiple_of(mp) => g / mp,
+        (None, g) => {
+            return Err(o.err(
+                "tp",
+                format!("tp·pp·cp = {mp} does not divide cluster.gpus = {g}"),
+            ))
+        }
+    };
+    let gbs = o.pos("gbs", Some(mbs * dp))?;
+    if !gbs.is_multiple_of(mbs * dp) {
+        return Err(o.err(
+            "gbs",
+            format!("must be a multiple of mbs·dp = {}, got {gbs}", mbs * dp),
+        ));
+    }
+    let recompute = match o.opt_str("recompute")?.unwrap_or("selective") {
+        "none" => Recompute::None,
+        "selective" => Recompute::Selective,
+        "full" => Recompute::Full,
+        other => {
+            return Err(o.err(
+                "recompute",
+                format!("must be none, selective or full, got '{other}'"),
+            ))
+        }
+    };
+    let zero = o.opt_u64("zero")?.unwrap_or(1);
+    if zero > 3 {
+        return Err(o.err("zero", format!("must be 0, 1, 2 or 3, got {zero}")));
+    }
+    let heads = model.heads();
+    if !heads.is_multiple_of(tp) {
+        return Err(o.err(
+            "tp",
+            format!("must divide the {heads} attention heads, got {tp}"),
+        ));
+    }
+    let kv = model.kv_heads();
+    if !(kv.is_multiple_of(tp) || tp.is_multiple_of(kv)) {
+        return Err(o.err(
+            "tp",
+            format!("must divide or be a multiple of kv_heads ({kv}), got {tp}"),
+        ));
+    }
+    if vpp > 1 && pp == 1 {
+        return Err(o.err("vpp", "needs pp > 1 (interleaving splits a pipeline stage)"));
+    }
+    if pp * vpp > model.layers {
+        return Err(o.err(
+            "pp",
+            format!(
+                "pp·vpp = {} exceeds the model's {} layers",
+                pp * vpp,
+                model.layers
+            ),
+        ));
+    }
+    match &model.moe {
+        Some(m) if !m.experts.is_multiple_of(ep) => {
+            return Err(o.err(
+                "ep",
+                format!("must divide the {} experts, got {ep}", m.experts),
+            ))
+        }
+        None if ep > 1 => return Err(o.err("ep", format!("is {ep} but the model has no experts"))),
+        _ => {}
+    }
+    if !(dp * cp).is_multiple_of(ep) {
+        return Err(o.err(
+            "ep",
+            format!("must divide dp·cp = {} (expert groups form inside data × context parallel ranks), got {ep}", dp * cp),
+        ));
+    }
+    let sp = o.opt_bool("sp")?.unwrap_or(tp > 1);
+    let moe_imbalance = o.num("moe_imbalance", Some(0.0), true)?;
+    Ok(Strategy {
+        tp,
+        pp,
+        dp,
+        cp,
+        ep,
+        vpp,
+        mbs,
+        gbs,
+        recompute,
+        zero,
+        sp,
+        flash_attn: o.opt_bool("flash_attn")?.unwrap_or(true),
+        overlap_grad_reduce: o.opt_bool("overlap_grad_reduce")?.unwrap_or(true),
+        moe_imbalance,
+    })
+}
+
+pub fn run_from_obj(o: Option<&Obj>) -> Result<Run> {
+    let d = Run::default();
+    let Some(o) = o else { return Ok(d) };
+    let tokens = match o.opt_f64("tokens")? {
+        Some(t) if t > 0.0 => Some(t),
+        Some(t) => return Err(o.err("tokens", format!("must be > 0, got {t}"))),
+        None => None,
+    };
+    let interval = match o.opt_f64("ckpt_interval_s")? {
+        Some(t) if t > 0.0 => Some(t),
+        Some(t) => return Err(o.err("ckpt_interval_s", format!("must be > 0, got {t}"))),
+        None => None,
+    };
+    Ok(Run {
+        tokens,
+        gpu_failure_rate_per_hour: o.num(
+            "gpu_failure_rate_per_hour",
+            Some(d.gpu_failure_rate_per_hour),
+            true,
+        )?,
+        node_failure_rate_per_hour: o.num("node_failure_rate_per_hour", Some(0.0), true)?,
+        ckpt_write_gbps: o.num("ckpt_write_gbps", Some(d.ckpt_write_gbps), false)?,
+        restart_s: o.num("restart_s", Some(d.restart_s), true)?,
+        ckpt_interval_s: interval,
+    })
+}
+
+/// Defaults that flags supply to records lacking a model or cluster.
+#[derive(Default)]
+pub struct Fallback {
+    pub model: Option<ModelConfig>,
+    pub seq: Option<u64>,
+    pub cluster: Option<Cluster>,
+}
+
+/// Build a job from one record. `here` prefixes every message.
+pub fn job_from_value(v: &Value, fb: &Fallback, here: &str) -> Result<Job> {
+    let Value::Object(map) = v else {
+        return Err(Error::input(format!("{here}: expected a JSON object")));
+    };
+    let root = Obj::new(map, "", here);
+    let (model, seq) = match root.obj("model")? {
+        Some(m) => model_from_obj(&m)?,
+        None => match &fb.model {
+            Some(m) => (m.clone(), None),
+            None => {
+                return Err(root.err(
+                    "model",
+                    "missing; give a model object or --model config.json",
+                ))
+            }
+        },
+    };
+    let seq = match seq.or(root.opt_u64("seq")?).or(fb.seq) {
+        Some(s) if s > 0 => s,
+        _ => return Err(root.err("model.seq", "missing; give model.seq or --seq")),
+    };
+    let cluster_obj = root.obj("cluster")?;
+    let mut cluster = cluster_from_obj(cluster_obj.as_ref(), fb.cluster.as_ref(), here)?;
+    let strategy = match root.obj("strategy")? {
+        Some(s) => strategy_from_obj(&s, &model, cluster.gpus)?,
+        None => return Err(root.err("strategy", "missing; give a strategy object or --strategy")),
+    };
+    if !seq.is_multiple_of(strategy.cp) {
+        return Err(root.err(
+            "strategy.cp",
+            format!("must divide the sequence length {seq}, got {}", strategy.cp),
+        ));
+    }
+    let world = strategy.tp * strategy.pp * strategy.cp * strategy.dp;
+    if cluster.gpus == 0 {
+        cluster.gpus = world;
+    }
+    let run = run_from_obj(root.obj("run")?.as_ref())?;
+    Ok(Job {
+        id: map.get("id").cloned().unwrap_or(Value::Null),
+        model,
+        seq,
+        cluster,
+        strategy,
+        run,
+    })
+}
+
+/// `tp=8,pp=4,recompute=full,sp=true` as a JSON object (numbers, booleans,
+/// strings by content).
+pub fn parse_kv(s: &str, what: &str) -> Result<Map<String, Value>> {
+    let mut m = Map::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((k, v)) = part.split_once('=') else {
+            return Err(Error::input(format!(
+                "{what}: expected key=value, got '{part}' (e.g. tp=8,pp=4,dp=32,mbs=1,gbs=1024)"
+            )));
+        };
+        let v = v.trim();
+        let val = if let Ok(n) = v.parse::<u64>() {
+            Value::from(n)
+        } else if let Ok(b) = v.parse::<bool>() {
+            Value::Bool(b)
+        } else if let Ok(f) = v.parse::<f64>() {
+            if !f.is_finite() {
+                return Err(Error::input(format!(
+                    "{what}: {k}: must be finite, got {v}"
+                )));
+            }
+            Value::from(f)
+        } else {
+            Value::String(v.to_string())
+        };
+        m.insert(k.trim().to_string(), val);
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job(v: Value) -> Result<Job> {
+        job_from_value(&v, &Fallback::default(), "t: line 1")
+    }
+
+    fn base() -> Value {
+        json!({"id": "x",
+            "model": {"arch":"gpt","layers":24,"hidden":2304,"heads":24,"vocab":51200,"seq":2048},
+            "cluster": {"gpu":"A100-80GB","gpus":32},
+            "strategy": {"tp":1,"pp":1,"mbs":1,"gbs":512,"recompute":"full","zero":0}})
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let j = job(base()).unwrap();
+        assert_eq!(j.strategy.dp, 32);
+        assert!(!j.strategy.sp);
+        assert_eq!(j.model.ffn, 4 * 2304);
+        assert_eq!(j.run, Run::default());
+        // Llama 3: 419 / (54 days · 24 h · 16384 GPUs) ≈ 1.973e-5 per GPU-hour.
+        assert!((LLAMA3_GPU_FAILURES_PER_HOUR - 1.9733e-5).abs() < 1e-8);
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let cases = [
+            (
+                "/strategy/tp",
+                json!(0),
+                "strategy.tp: must be a positive integer, got 0",
+            ),
+            (
+                "/strategy/tp",
+                json!(5),
+                "strategy.tp: tp·pp·cp = 5 does not divide cluster.gpus = 32",
+            ),
+            (
+                "/strategy/gbs",
+                json!(100),
+                "strategy.gbs: must be a multiple of mbs·dp = 32",
+            ),
+            (
+                "/strategy/recompute",
+                json!("some"),
+                "strategy.recompute: must be none",
+            ),
+            ("/cluster/gpus", json!(0), "strategy.tp"),
+            (
+                "/model/hidden",
+                json!(-4),
+                "model.hidden: must be a non-negative integer",
+            ),
+            (
+                "/model/heads",
+                json!(2.5),
+                "model.heads: must be a non-negative integer",
+            ),
+            ("/cluster/gpu", json!("TPUv9"), "cluster.gpu: unknown GPU"),
+            ("/cluster/hbm_gb", json!(0), "cluster.hbm_gb: must be > 0"),
+            (
+                "/strategy/zero",
+                json!(4),
+                "strategy.zero: must be 0, 1, 2 or 3",
+            ),
+            (
+                "/strategy/ep",
+                json!(2),
+                "strategy.ep: is 2 but the model has no experts",
+            ),
+        ];
+        for (ptr, val, want) in cases {
+            let mut v = base();
+            let (parent, key) = ptr.rsplit_once('/').unwrap();
+            v.pointer_mut(parent)
+                .and_then(Value::as_object_mut)
+                .unwrap_or_else(|| panic!("{ptr}"))
+                .insert(key.to_string(), val);
+            if ptr == "/cluster/gpus" {
+                // gpus 0 means "derive", so this one must succeed.
+                assert!(job(v).is_ok());
+                continue;
+            }
+            let e = job(v).unwrap_err().to_string();
+            assert!(e.starts_with("t: line 1: "), "{e}");
+            assert!(e.contains(want), "{ptr}: {e}");
+        }
+        let mut v = base();
+        v["model"].as_object_mut().unwrap().remove("vocab");
+        assert!(job(v)
+            .unwrap_err()
+            .to_string()
+            .contains("model.vocab: missing"));
+    }
+
+    #[test]
+    fn kv_strings_parse() {
+        let m = parse_kv(
+            "tp=8, pp=4,recompute=full,sp=true,moe_imbalance=0.5",
+            "--strategy",
+        )
+        .unwrap();
+        assert_eq!(m["tp"], json!(8));
+        assert_eq!(m["sp"], json!(true));
+        assert_eq!(m["recompute"], json!("full"));
+        assert_eq!(m["moe_imbalance"], json!(0.5));
+        assert!(parse_kv("tp8", "--strategy").is_err());
+        assert!(parse_kv("tp=NaN", "--strategy").is_err());
+    }
+}
