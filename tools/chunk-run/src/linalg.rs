@@ -4,11 +4,27 @@
 
 use gemm::{gemm, Parallelism};
 
+thread_local! {
+    /// Set inside a rayon task that already runs GEMMs side by side.
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn par() -> Parallelism {
+    if SERIAL.with(|s| s.get()) {
+        return Parallelism::None;
+    }
     match rayon::current_num_threads() {
         0 | 1 => Parallelism::None,
         n => Parallelism::Rayon(n),
     }
+}
+
+/// Run `f` with single-threaded GEMMs (the caller parallelises across calls).
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    SERIAL.with(|s| s.set(true));
+    let r = f();
+    SERIAL.with(|s| s.set(false));
+    r
 }
 
 /// Shared driver: dst[m,n] (+)= lhs · rhs with explicit strides.
