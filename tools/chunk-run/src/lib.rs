@@ -47,7 +47,7 @@ Without them, seeded N(0, 0.02²) weights and N(0,1) inputs of the given shape.
 
 Examples:
   chunk-run --hidden 1024 --ffn 2816 --experts 8 --topk 2 --tokens 4096 --layers 4 \\
-            --synthetic hot:0.45 --recompute chunked:4 --table
+            --synthetic hot:0.45 --recompute none,full,chunked:4 --table
   chunk-run --model mixtral/config.json --hidden 512 --ffn 1024 --recompute auto --device-mem 2GiB
   chunk-run --weights layer.safetensors --input x.safetensors --topk 2 --grads-out grads.safetensors";
 
@@ -85,9 +85,9 @@ pub struct Args {
     /// Renormalise the top-k weights (Mixtral: true; Qwen2-MoE style: false).
     #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub norm_topk_prob: Option<bool>,
-    /// none, full, chunked:C or auto.
-    #[arg(long, default_value = "full", value_parser = parse_recompute)]
-    pub recompute: Recompute,
+    /// none, full, chunked:C or auto; a comma list runs each mode in turn (side by side with --table).
+    #[arg(long, default_value = "full", value_parser = parse_recompute, value_delimiter = ',')]
+    pub recompute: Vec<Recompute>,
     /// Force routing to a skew: uniform, zipf:S, dirichlet:A or hot:F (router weights still weigh the experts).
     #[arg(long, value_name = "SKEW", conflicts_with = "route")]
     pub synthetic: Option<Skew>,
@@ -312,7 +312,7 @@ pub fn run(a: Args) -> Result<()> {
     {
         ftk::bail!("--chunk-bins must be ascending positive integers, e.g. 1,2,4,8");
     }
-    if a.recompute == Recompute::Auto && a.device_mem.is_none() {
+    if a.recompute.contains(&Recompute::Auto) && a.device_mem.is_none() {
         ftk::bail!("--recompute auto needs --device-mem (MACT sizes chunks to a memory budget)");
     }
     let wfile = a.weights.as_deref().map(TensorFile::open).transpose()?;
@@ -371,8 +371,13 @@ pub fn run(a: Args) -> Result<()> {
             "tokens/s",
         ])
     });
+    linalg::warm_up();
     let mut last = None;
-    for step in 0..a.steps {
+    for (mode, step) in a
+        .recompute
+        .iter()
+        .flat_map(|&m| (0..a.steps).map(move |s| (m, s)))
+    {
         grads.iter_mut().for_each(LayerW::fill_zero);
         let base = ftk::alloc::live();
         let auto = a.device_mem.map(|m| AutoCfg {
@@ -382,7 +387,7 @@ pub fn run(a: Args) -> Result<()> {
         ftk::alloc::reset_peak();
         let t0 = std::time::Instant::now();
         let cfg = StepCfg {
-            mode: a.recompute,
+            mode,
             forced: forced.as_deref(),
             auto: auto.as_ref(),
         };
@@ -390,7 +395,7 @@ pub fn run(a: Args) -> Result<()> {
         let step_ms = t0.elapsed().as_secs_f64() * 1e3;
         let peak = ftk::alloc::peak();
         let c_max = r.chunks.iter().copied().max().unwrap_or(1);
-        let bmode = match a.recompute {
+        let bmode = match mode {
             Recompute::None => BlockMode::None,
             Recompute::Full => BlockMode::Full,
             _ => BlockMode::Chunked(c_max as f64),
@@ -406,7 +411,7 @@ pub fn run(a: Args) -> Result<()> {
         let rec = Record {
             kind: "chunk_run",
             step,
-            recompute: mode_name(a.recompute),
+            recompute: mode_name(mode),
             chunks: c_max,
             chunks_per_layer: r.chunks.clone(),
             layers: a.layers,
@@ -426,7 +431,7 @@ pub fn run(a: Args) -> Result<()> {
                 let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
                 t.row(vec![
                     step.to_string(),
-                    if let Recompute::Chunked(c) = a.recompute {
+                    if let Recompute::Chunked(c) = mode {
                         format!("chunked:{c}")
                     } else {
                         rec.recompute.to_string()
