@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 BIN := target/release
 MIXTRAL := testdata/configs/mixtral-8x7b/config.json
 MODEL2 := testdata/mem-plan/memfine-model2.json
+LLAMA70B := testdata/configs/llama-3-70b/config.json
 
 .PHONY: all build demo test lint bench gen clean
 
@@ -32,6 +33,38 @@ demo: build
 	$(BIN)/mem-plan --model $(MODEL2) --ep 32 --dp 32 --tokens-received 597500 --chunks 2 --uniform \
 	  | head -1
 
+	@echo
+	@echo "== chunk-run: one expert gets 45% of the tokens; none / full / chunked (FCDA) / auto (MACT) =="
+	$(BIN)/chunk-run --hidden 512 --ffn 1408 --experts 8 --topk 2 --tokens 2048 --layers 4 \
+	  --synthetic hot:0.45 --recompute none,full,chunked:2,chunked:4,auto --device-mem 256MiB --table
+	@echo
+	@echo "== mofa-predict: Llama-3-70B-class dense run and Mixtral-class MoE run on 1024 H100s =="
+	$(BIN)/mofa-predict --model $(LLAMA70B) --seq 8192 --cluster H100 --gpus 1024 \
+	  --strategy tp=8,pp=4,vpp=2,mbs=1,gbs=1024,recompute=selective,zero=1 --tokens 15e12 --table
+	$(BIN)/mofa-predict --model $(MIXTRAL) --seq 4096 --cluster H100 --gpus 1024 \
+	  --strategy tp=2,pp=4,ep=8,mbs=1,gbs=1024,recompute=selective,zero=1 --tokens 1e12 --table
+	@echo
+	@echo "== mofa-predict tune: the best strategies for the Mixtral-class run =="
+	$(BIN)/mofa-predict tune --model $(MIXTRAL) --seq 4096 --cluster H100 --gpus 1024 --gbs 1024 --top 5 --tokens 1e12 --table
+
+	@echo
+	@echo "== fed-aggregate: FedAvg of 9 clients, then 3 FedAdam rounds with server state (Flower-checked fixtures) =="
+	@mkdir -p target/demo && cp testdata/fed-aggregate/global0.safetensors target/demo/g.safetensors && rm -f target/demo/opt.safetensors
+	$(BIN)/fed-aggregate --strategy fedavg -o target/demo/fedavg.safetensors testdata/fed-aggregate/m_r1_9.jsonl
+	for r in 1 2 3; do $(BIN)/fed-aggregate --strategy fedadam --global target/demo/g.safetensors \
+	  --state target/demo/opt.safetensors -o target/demo/g.safetensors testdata/fed-aggregate/m_r$${r}_5.jsonl; done
+	@echo
+	@echo "== fed-aggregate: FedRA allocation, then layer-wise LoRA aggregation over the clients holding each layer =="
+	$(BIN)/fed-aggregate fedra-alloc --clients 6 --layers 12 --capacity 12,10,8,6,4,3 --round 1 --seed 0 | head -2
+	$(BIN)/fed-aggregate --strategy fedra --alloc testdata/fed-aggregate/fedra_alloc.jsonl --layer-pattern 'blocks\.(\d+)\.' \
+	  --global testdata/fed-aggregate/fedra_global.safetensors -o target/demo/fedra.safetensors testdata/fed-aggregate/m_fedra.jsonl
+	@echo
+	@echo "== fed-aggregate: 2-level tree: 3 leaf partials of 3 clients, merged ((p0 p1) p2) =="
+	cd testdata/fed-aggregate && for i in 0 1 2; do sed -n "$$((3*i+1)),$$((3*i+3))p" m_r1_9.jsonl \
+	  | ../../$(BIN)/fed-aggregate --strategy fedavg --partial-out ../../target/demo/p$$i.safetensors; done
+	$(BIN)/fed-aggregate merge --partial-out target/demo/p01.safetensors target/demo/p0.safetensors target/demo/p1.safetensors
+	$(BIN)/fed-aggregate merge -o target/demo/tree.safetensors target/demo/p01.safetensors target/demo/p2.safetensors
+
 test:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -49,10 +82,14 @@ $(VENV)/.installed: testdata/gen/requirements.txt bench/requirements.txt
 # Side-by-side benchmarks: ftk against its peer in the same run, one JSON line each.
 bench: build $(VENV)/.installed
 	$(PY) bench/route_hist_bench.py
+	$(PY) bench/chunk_run_bench.py
+	$(PY) bench/fed_aggregate_bench.py
+	$(PY) bench/mofa_bench.py
 
 # Regenerate the reference fixtures to a temp dir and byte-compare with testdata/.
 gen: $(VENV)/.installed
 	$(PY) testdata/gen/route_hist_ref.py gen --check
+	$(PY) testdata/gen/fed_aggregate_ref.py gen --check
 
 clean:
 	$(CARGO) clean

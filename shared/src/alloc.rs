@@ -72,3 +72,18 @@ pub fn reset_peak() {
 pub fn active() -> bool {
     LIVE.load(Relaxed) > 0
 }
+
+/// Ask glibc to serve large blocks from the heap and keep freed memory for
+/// reuse (as PyTorch's caching allocator does), instead of mapping fresh,
+/// zero-filled pages for every large buffer: a multi-GB training step
+/// otherwise spends a sixth of its CPU time in page faults. Live bytes, which
+/// is what [`live`] and [`peak`] count, are unaffected.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's allocation policy; called before
+    // the tool allocates anything large.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
