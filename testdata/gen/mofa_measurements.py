@@ -67,11 +67,13 @@ for n, tf in [(560, 171), (1120, 167), (2240, 159)]:
          "flash_attn": False, "overlap_grad_reduce": False},
         "hw_tflops_per_gpu", tf, MEG21, "Table 2 (PTD-P, 529.6B)", "valid", "medium",
         "tp 8 x pp 35 inferred from model-parallel size 280; schedule not stated")
-# Table 2 ZeRO-3 rows (DeepSpeed, no pipeline; model-parallel size M = tensor parallel).
+# Table 2 ZeRO-3 rows ("ZeRO-3 without Model Parallelism": DeepSpeed, model-parallel size 1 in
+# every row, no pipeline; the batch is fixed while the GPUs double and the micro-batch halves, so
+# every GPU runs exactly one micro-batch per iteration).
 for pb, (l, h, a), n, m, b, mbs, tf in [
-        (174.6, (96, 12288, 96), 384, 1, 1536, 4, 144), (174.6, (96, 12288, 96), 768, 2, 1536, 2, 88),
+        (174.6, (96, 12288, 96), 384, 1, 1536, 4, 144), (174.6, (96, 12288, 96), 768, 1, 1536, 2, 88),
         (174.6, (96, 12288, 96), 1536, 1, 1536, 1, 44), (529.6, (105, 20480, 128), 640, 1, 2560, 4, 138),
-        (529.6, (105, 20480, 128), 1120, 2, 2240, 2, 98), (529.6, (105, 20480, 128), 2240, 1, 2240, 1, 48)]:
+        (529.6, (105, 20480, 128), 1120, 1, 2240, 2, 98), (529.6, (105, 20480, 128), 2240, 1, 2240, 1, 48)]:
     add(f"meg21-t2-zero3-{pb}B-{n}", gpt(l, h, a) | {"params_b": pb}, "A100-80GB", n,
         {"tp": m, "pp": 1, "mbs": mbs, "gbs": b, "recompute": "full", "zero": 3, "sp": False,
          "flash_attn": False, "overlap_grad_reduce": True},
@@ -100,15 +102,18 @@ for n, tf in [(2240, 126), (2800, 121), (3360, 113)]:
 
 # Llama 3 405B (Dubey et al. 2024, Table 4): H100-80GB, 126 layers, h=16384, ffn 53248,
 # 128 heads, 8 KV heads, V=128256; tokens per batch 16M; BF16 MFU 43/41/38%.
+# Context parallelism is all-gather based (section 3.3.2), not a ring.
 L405 = {"arch": "llama", "layers": 126, "hidden": 16384, "heads": 128, "kv_heads": 8, "ffn": 53248,
         "vocab": 128256, "seq": 8192}
 for i, (n, cp, dp, seq, bpd, tf) in enumerate([(8192, 1, 64, 8192, 32, 430), (16384, 1, 128, 8192, 16, 400),
                                                (16384, 16, 8, 131072, 16, 380)]):
     add(f"llama3-405B-{n}-cp{cp}", L405 | {"seq": seq}, "H100", n,
         {"tp": 8, "cp": cp, "pp": 16, "dp": dp, "vpp": 4, "mbs": 1, "gbs": bpd * dp,
-         "recompute": "selective", "zero": 2, "sp": True, "flash_attn": True, "overlap_grad_reduce": True},
+         "recompute": "selective", "zero": 2, "sp": True, "flash_attn": True, "overlap_grad_reduce": True,
+         "cp_comm": "allgather"},
         "model_tflops_per_gpu", tf, LLAMA3, f"Table 4, row {i + 1}", "calib" if i == 0 else "valid",
-        "medium", "virtual stages (vpp=4), micro-batch 1 and recompute mode are not published; assumed")
+        "medium", "virtual stages (vpp=4), micro-batch 1 and recompute mode are not published; assumed. "
+        "cp_comm allgather: section 3.3.2 all-gathers K and V before attention, exposed on the critical path")
 
 # BLOOM 176B: ~150 TFLOP/s per GPU (hardware FLOPs), 384 A100-80GB, tp 4, pp 12, dp 8,
 # mbs 2, gbs 2048, 70 layers, h=14336, 112 heads, V=250880.

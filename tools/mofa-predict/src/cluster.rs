@@ -29,6 +29,18 @@
 //! runs (`mofa-predict calibrate`, testdata/mofa-predict/measurements.jsonl);
 //! H200 takes H100's value (same SM array); V100, B200 and MI300X have no
 //! calibration rows here and use a stated guess (see README).
+//!
+//! `attn_tflops` is the achieved rate of the fused (flash) attention kernel,
+//! forward and backward, in TFLOP/s of causal work. It is a kernel property,
+//! not a fraction of the GEMM rate, and it is *not* fitted: H100/H200 take
+//! FlashAttention-2's measured causal forward rate on H100 SXM5 at head dim
+//! 128 and 8k-16k tokens, 333-335 TFLOP/s (Shah et al. 2024, FlashAttention-3,
+//! arXiv 2407.08608, Fig. 5; FA-2 is what 2024 training runs such as Llama 3
+//! used); the backward pass is assumed to run at the same rate. A100 takes 60%
+//! of peak, inside the 50-73% FlashAttention-2 reports on A100 (Dao 2023,
+//! arXiv 2307.08691, abstract); other GPUs take H100's fraction of peak
+//! (0.34). FlashAttention-3 / cuDNN reach 600+ TFLOP/s on H100: set
+//! `cluster.attn_tflops` for such runs.
 
 use ftk::Result;
 
@@ -44,16 +56,22 @@ pub struct Cluster {
     pub intra_node_gbps: f64,
     pub inter_node_gbps: f64,
     pub gemm_eff: f64,
+    pub attn_tflops: f64,
 }
 
 /// Calibrated best-GEMM efficiencies (fraction of peak), from
 /// `mofa-predict calibrate` on the calibration rows (see the README).
 pub const A100_GEMM_EFF: f64 = 0.769;
-pub const H100_GEMM_EFF: f64 = 0.661;
+pub const H100_GEMM_EFF: f64 = 0.677;
 /// Not calibrated (no published run with a complete configuration in the
 /// data set): assumed equal to H100's for Blackwell, lower for MI300X whose
 /// BF16 GEMM libraries reached about half of peak in public 2024 benchmarks,
 /// and A100's for V100.
+/// FlashAttention-2 causal rate on H100 SXM5 (see the module comment).
+pub const H100_ATTN_TFLOPS: f64 = 335.0;
+/// Fraction of peak the flash-attention kernel reaches where no benchmark is
+/// cited: H100's FA-2 figure over its peak.
+pub const ATTN_PEAK_FRACTION: f64 = H100_ATTN_TFLOPS / 989.0;
 pub const UNCALIBRATED_NOTE: &str = "V100, B200 and MI300X gemm_eff are assumptions, not fitted";
 
 /// Preset names accepted by `--cluster` and `cluster.gpu`.
@@ -90,6 +108,11 @@ pub fn preset(name: &str) -> Option<Cluster> {
         "MI300X" => ("MI300X", 1307.4, 192.0, 5300.0, 448.0, 50.0, 0.5),
         _ => return None,
     };
+    let attn_tflops = match gpu {
+        "H100" | "H200" => H100_ATTN_TFLOPS,
+        "A100-40GB" | "A100-80GB" => 0.6 * peak,
+        _ => ATTN_PEAK_FRACTION * peak,
+    };
     Some(Cluster {
         gpu: gpu.into(),
         peak_tflops: peak,
@@ -100,6 +123,7 @@ pub fn preset(name: &str) -> Option<Cluster> {
         intra_node_gbps: intra,
         inter_node_gbps: inter,
         gemm_eff: eff,
+        attn_tflops,
     })
 }
 

@@ -7,9 +7,9 @@
 //!   "params_b","head_dim","tie_embeddings",
 //!   "moe": null | {"experts","topk","expert_ffn","shared_experts","shared_ffn","moe_layers"}},
 //!  "cluster": {"gpu","peak_tflops","gpus","gpus_per_node","hbm_gb","hbm_gbs",
-//!   "intra_node_gbps","inter_node_gbps","gemm_eff"},
+//!   "intra_node_gbps","inter_node_gbps","gemm_eff","attn_tflops"},
 //!  "strategy": {"tp","pp","dp","cp","ep","vpp","mbs","gbs","recompute","zero","sp",
-//!   "flash_attn","overlap_grad_reduce","moe_imbalance"},
+//!   "flash_attn","overlap_grad_reduce","moe_imbalance","cp_comm"},
 //!  "run": {"tokens","gpu_failure_rate_per_hour","node_failure_rate_per_hour",
 //!   "ckpt_write_gbps","restart_s","ckpt_interval_s"}}
 //! ```
@@ -41,7 +41,10 @@ kv_heads = heads, head_dim = hidden/heads, ffn = 4·hidden for gpt; moe.expert_f
 shared_experts 0, moe_layers = layers (dense layers first). cluster: every field from the
 gpu preset, gpus = tp·pp·cp·dp, gpus_per_node 8. strategy: tp pp cp ep vpp mbs 1,
 dp = gpus/(tp·pp·cp), gbs = mbs·dp, recompute selective, zero 1, sp = (tp > 1),
-flash_attn true, overlap_grad_reduce true, moe_imbalance 0 (max_vio of route-hist).
+flash_attn true, overlap_grad_reduce true, moe_imbalance 0 (max_vio of route-hist),
+cp_comm ring (K/V passed around the context-parallel ring under the attention; allgather =
+Llama 3's all-gather of K/V before attention, exposed). cluster.attn_tflops: the preset's
+flash-attention rate (H100: FlashAttention-2, 335), scaled with an overridden peak.
 run: gpu_failure_rate_per_hour 1.97e-5 (Llama 3: 419 interruptions / 54 days / 16,384 GPUs),
 node_failure_rate_per_hour 0, ckpt_write_gbps 2000 (Llama 3's Tectonic, GB/s aggregate),
 restart_s 600 (assumed), ckpt_interval_s = Young/Daly optimum; null means the default.";
@@ -63,6 +66,26 @@ pub struct Strategy {
     pub flash_attn: bool,
     pub overlap_grad_reduce: bool,
     pub moe_imbalance: f64,
+    #[serde(serialize_with = "ser_cp_comm")]
+    pub cp_comm: CpComm,
+}
+
+/// How context-parallel ranks exchange K and V.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpComm {
+    /// Ring attention (Megatron / Transformer Engine): K/V blocks travel the
+    /// ring while each step's attention runs; only what outlasts it shows.
+    Ring,
+    /// All-gather K/V before attention, reduce-scatter dK/dV after it, on
+    /// the critical path (Llama 3, Dubey et al. 2024 §3.3.2).
+    AllGather,
+}
+
+fn ser_cp_comm<S: serde::Serializer>(c: &CpComm, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(match c {
+        CpComm::Ring => "ring",
+        CpComm::AllGather => "allgather",
+    })
 }
 
 fn ser_recompute<S: serde::Serializer>(
@@ -378,6 +401,19 @@ pub fn cluster_from_obj(
             Some(b.map_or(cluster::H100_GEMM_EFF, |c| c.gemm_eff)),
             false,
         )?,
+        attn_tflops: 0.0,
+    };
+    let peak = c.peak_tflops;
+    let c = Cluster {
+        attn_tflops: o.num(
+            "attn_tflops",
+            Some(b.map_or(cluster::ATTN_PEAK_FRACTION * peak, |c| {
+                // A preset's figure scales with an overridden peak.
+                c.attn_tflops * peak / c.peak_tflops
+            })),
+            false,
+        )?,
+        ..c
     };
     if c.gemm_eff > 1.0 {
         return Err(o.err("gemm_eff", format!("must be in (0, 1], got {}", c.gemm_eff)));
@@ -480,6 +516,16 @@ pub fn strategy_from_obj(o: &Obj, model: &ModelConfig, gpus: u64) -> Result<Stra
     }
     let sp = o.opt_bool("sp")?.unwrap_or(tp > 1);
     let moe_imbalance = o.num("moe_imbalance", Some(0.0), true)?;
+    let cp_comm = match o.opt_str("cp_comm")?.unwrap_or("ring") {
+        "ring" => CpComm::Ring,
+        "allgather" => CpComm::AllGather,
+        other => {
+            return Err(o.err(
+                "cp_comm",
+                format!("must be ring or allgather, got '{other}'"),
+            ))
+        }
+    };
     Ok(Strategy {
         tp,
         pp,
@@ -495,6 +541,7 @@ pub fn strategy_from_obj(o: &Obj, model: &ModelConfig, gpus: u64) -> Result<Stra
         flash_attn: o.opt_bool("flash_attn")?.unwrap_or(true),
         overlap_grad_reduce: o.opt_bool("overlap_grad_reduce")?.unwrap_or(true),
         moe_imbalance,
+        cp_comm,
     })
 }
 

@@ -11,7 +11,7 @@
 //! context, then data (expert groups inside data × context), then pipeline:
 //! a group stays on NVLink when `stride · size <= gpus_per_node`.
 
-use crate::input::Job;
+use crate::input::{CpComm, Job};
 use ftk::model::{Attention, Mlp, ModelConfig};
 use mem_plan::layout::Layout;
 use mem_plan::memory::Recompute;
@@ -28,8 +28,6 @@ pub struct Calib {
     pub elem_bytes: f64,
     /// Fraction of link bandwidth NCCL collectives reach. Assumed.
     pub comm_eff: f64,
-    /// Flash-attention throughput relative to the best GEMM. Assumed.
-    pub attn_eff: f64,
     /// Passes over the s×s score matrix (2 bytes each) without flash
     /// attention: fused scale-mask-softmax and dropout, forward + backward. Assumed.
     pub softmax_passes: f64,
@@ -39,10 +37,9 @@ pub struct Calib {
 /// (testdata/mofa-predict/measurements.jsonl, split = "calib"). The
 /// per-GPU `gemm_eff` lives with the cluster presets.
 pub const CALIB: Calib = Calib {
-    gemm_x0: 35.3,
-    elem_bytes: 50.6,
+    gemm_x0: 34.7,
+    elem_bytes: 50.8,
     comm_eff: 0.7,
-    attn_eff: 0.7,
     softmax_passes: 6.0,
 };
 
@@ -119,6 +116,8 @@ impl LayerCost {
 pub struct Hw {
     pub peak: f64,
     pub eff: f64,
+    /// Flash-attention rate (FLOP/s of causal work), a kernel benchmark.
+    pub attn: f64,
     pub hbm: f64,
     pub intra: f64,
     pub inter: f64,
@@ -131,6 +130,7 @@ impl Hw {
         Hw {
             peak: c.peak_tflops * 1e12,
             eff: c.gemm_eff,
+            attn: c.attn_tflops * 1e12,
             hbm: c.hbm_gbs * 1e9,
             intra: c.intra_node_gbps * 1e9,
             inter: c.inter_node_gbps * 1e9,
@@ -280,6 +280,15 @@ pub fn iteration_flops(job: &Job) -> (f64, f64) {
     (model_flops, model_flops + tokens * extra)
 }
 
+/// Forward passes re-run per micro-batch (full recompute re-runs the layer).
+fn rc_passes_of(r: Recompute) -> f64 {
+    if r == Recompute::Full {
+        1.0
+    } else {
+        0.0
+    }
+}
+
 /// Cost of layer `i` for one micro-batch on one GPU.
 pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     let m = &job.model;
@@ -335,7 +344,7 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     let heads_local = b * a / t;
     let (attn_fwd, attn_bwd) = if st.flash_attn {
         let flops = 4.0 * heads_local * (s / cp) * s * hd * 0.5;
-        let f = flops / (hw.peak * hw.eff * c.attn_eff);
+        let f = flops / hw.attn;
         (f, 2.5 * f)
     } else {
         let g = 2.0 * heads_local * gemm_s(s / cp, s, hd, hw, c);
@@ -356,11 +365,7 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
         Recompute::Selective if !st.flash_attn => attn_fwd,
         _ => 0.0,
     };
-    let rc_passes = if st.recompute == Recompute::Full {
-        1.0
-    } else {
-        0.0
-    };
+    let rc_passes = rc_passes_of(st.recompute);
 
     // TP: 2 all-reduces forward, 2 backward (SP: all-gather + reduce-scatter,
     // the same volume), 2 more when full recompute re-runs the forward.
@@ -370,15 +375,28 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     } else {
         0.0
     };
-    // CP: ring exchange of K and V (c-1 steps), dK and dV back in backward,
-    // overlapped with the attention of each step.
+    // CP: each rank holds s/c tokens' K and V (KV heads split by t, or one
+    // head when t exceeds them), 2 bytes each.
     let cpc = if st.cp > 1 {
         let bw = hw.link(st.tp, st.cp);
-        let kv = tok * 2.0 * ka * hd / t * 2.0;
-        let step_f = (cp - 1.0) * kv / (bw * c.comm_eff);
-        let exposed_f = (step_f - attn_fwd).max(0.0);
-        let exposed_b = (2.0 * step_f - attn_bwd).max(0.0);
-        exposed_f * (1.0 + rc_passes) + exposed_b
+        let kv = tok * 2.0 * (ka / t).max(1.0) * hd * 2.0;
+        match st.cp_comm {
+            // Ring: c-1 steps pass K/V forward (dK/dV too in backward),
+            // overlapped with each step's attention; what outlasts it shows.
+            CpComm::Ring => {
+                let step_f = (cp - 1.0) * kv / (bw * c.comm_eff);
+                let exposed_f = (step_f - attn_fwd).max(0.0);
+                let exposed_b = (2.0 * step_f - attn_bwd).max(0.0);
+                exposed_f * (1.0 + rc_passes) + exposed_b
+            }
+            // All-gather K/V before the forward attention (again when the
+            // forward is recomputed), reduce-scatter dK/dV after the
+            // backward: on the critical path (Llama 3 §3.3.2).
+            CpComm::AllGather => {
+                let ag = gather_s(kv * cp, st.cp, bw, c);
+                ag * (1.0 + rc_passes) + ag
+            }
+        }
     } else {
         0.0
     };
@@ -492,29 +510,45 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
     let egrp = (dgrp / st.ep).max(1);
     let bw_d = hw.link(st.tp, dgrp);
     let bw_e = hw.link(st.tp * st.cp * st.ep, egrp);
-    let (grad, param, z3) = match st.zero {
-        0 => (
-            allreduce_s(pd * 4.0, dgrp, bw_d, c) + allreduce_s(pe * 4.0, egrp, bw_e, c),
-            0.0,
-            0.0,
-        ),
-        z => {
-            let g = gather_s(pd * 4.0, dgrp, bw_d, c) + gather_s(pe * 4.0, egrp, bw_e, c);
-            let p = gather_s(pd * 2.0, dgrp, bw_d, c) + gather_s(pe * 2.0, egrp, bw_e, c);
-            // ZeRO-3 gathers the weights again for every micro-batch's
-            // forward and backward, prefetched under that micro-batch's compute.
-            let z3 = if z == 3 {
-                mf * (2.0 * p - (sc.fwd + sc.bwd)).max(0.0)
+    // 2-byte (bf16/fp16) all-gather or reduce-scatter of the stage's weights.
+    let p16 = gather_s(pd * 2.0, dgrp, bw_d, c) + gather_s(pe * 2.0, egrp, bw_e, c);
+    let dp_exposed = match st.zero {
+        // ZeRO-3 (DeepSpeed stage 3 / FSDP full shard): per micro-batch, the
+        // weights are all-gathered before the forward, all-gathered again
+        // for the backward (the recompute forward of a layer runs right
+        // before its backward and reuses that gather) and the 16-bit
+        // gradients are reduce-scattered as each layer's backward ends.
+        // Prefetch overlaps each phase's traffic with that phase's compute
+        // and tensor-parallel time, so a phase lasts the longer of the two.
+        3 => {
+            let tp_share = |n: f64| sc.tp * n / (4.0 + 2.0 * rc_passes_of(st.recompute));
+            let c_f = sc.fwd + tp_share(2.0);
+            let c_b = sc.bwd + sc.recompute + tp_share(2.0 + 2.0 * rc_passes_of(st.recompute));
+            let per_mb = if st.overlap_grad_reduce {
+                (p16 - c_f).max(0.0) + (2.0 * p16 - c_b).max(0.0)
             } else {
-                0.0
+                3.0 * p16
             };
-            (g, if z == 3 { 0.0 } else { p }, z3)
+            mf * per_mb
         }
-    };
-    let dp_exposed = if st.overlap_grad_reduce {
-        (grad - sc.bwd).max(0.0) + (param - sc.fwd).max(0.0) + z3
-    } else {
-        grad + param + z3
+        z => {
+            let (grad, param) = if z == 0 {
+                (
+                    allreduce_s(pd * 4.0, dgrp, bw_d, c) + allreduce_s(pe * 4.0, egrp, bw_e, c),
+                    0.0,
+                )
+            } else {
+                (
+                    gather_s(pd * 4.0, dgrp, bw_d, c) + gather_s(pe * 4.0, egrp, bw_e, c),
+                    p16,
+                )
+            };
+            if st.overlap_grad_reduce {
+                (grad - sc.bwd).max(0.0) + (param - sc.fwd).max(0.0)
+            } else {
+                grad + param
+            }
+        }
     };
     // Optimizer: Adam reads and writes ~32 bytes per local parameter.
     let shard = |g: u64| if st.zero >= 1 { g as f64 } else { 1.0 };
@@ -600,6 +634,7 @@ mod tests {
         let hw = Hw {
             peak: 312e12,
             eff: 0.769,
+            attn: 187e12,
             hbm: 2e12,
             intra: 3e11,
             inter: 2.5e10,
@@ -636,5 +671,54 @@ mod tests {
             p4.breakdown.pp_bubble_s / per_mb
         );
         assert!(p4v2.breakdown.pp_bubble_s < 0.55 * p4.breakdown.pp_bubble_s);
+    }
+
+    #[test]
+    fn zero3_gathers_twice_and_reduce_scatters_once_per_micro_batch() {
+        let mk = |overlap: bool| {
+            let v = serde_json::json!({"model":{"arch":"gpt","layers":24,"hidden":4096,"heads":32,"vocab":51200,"seq":2048},
+                "cluster":{"gpu":"A100-80GB","gpus":64},"strategy":{"tp":1,"mbs":1,"gbs":128,"zero":3,
+                "recompute":"full","overlap_grad_reduce":overlap}});
+            let j = job_from_value(&v, &Fallback::default(), "t").unwrap();
+            (predict_time(&j, &CALIB), j)
+        };
+        let (t, j) = mk(false);
+        // 64 ranks over 8 nodes: the DP ring crosses nodes, 25 GB/s per GPU.
+        let (pd, pe) = mem_plan::layout::stage_params(&j.model, &layout(&j), 0);
+        assert_eq!(pe, 0.0);
+        let p16 = 63.0 / 64.0 * pd * 2.0 / (25e9 * CALIB.comm_eff);
+        // 2 micro-batches, each: all-gather (forward), all-gather (recompute
+        // + backward), reduce-scatter; nothing per iteration.
+        let want = 2.0 * 3.0 * p16;
+        assert!((t.breakdown.dp_comm_exposed_s - want).abs() < 1e-9 * want);
+        // Prefetch can only hide traffic, never more than a phase lasts.
+        let (o, _) = mk(true);
+        assert!(o.breakdown.dp_comm_exposed_s < t.breakdown.dp_comm_exposed_s);
+        let b = &o.breakdown;
+        let c = (b.compute_s + b.recompute_s) / 2.0;
+        assert!(b.dp_comm_exposed_s >= 2.0 * (3.0 * p16 - c) - 1e-9);
+    }
+
+    #[test]
+    fn allgather_context_parallelism_is_exposed() {
+        let mk = |cp_comm: &str| {
+            let v = serde_json::json!({"model":{"arch":"llama","layers":8,"hidden":8192,"heads":64,"kv_heads":8,
+                "ffn":28672,"vocab":128256,"seq":65536},"cluster":{"gpu":"H100","gpus":64},
+                "strategy":{"tp":8,"cp":8,"mbs":1,"gbs":2,"recompute":"selective","cp_comm":cp_comm}});
+            predict_time(
+                &job_from_value(&v, &Fallback::default(), "t").unwrap(),
+                &CALIB,
+            )
+        };
+        // Per layer and micro-batch: K and V of 65536/8 tokens, one KV head
+        // per TP rank, 128 wide, 2 bytes; all-gathered over 8 ranks on the
+        // NIC (stride 8) forward, reduce-scattered backward.
+        let kv = 8192.0 * 2.0 * 128.0 * 2.0;
+        let ag = 7.0 / 8.0 * kv * 8.0 / (50e9 * CALIB.comm_eff);
+        let want = 2.0 * 8.0 * 2.0 * ag; // 2 micro-batches, 8 layers
+        let got = mk("allgather").breakdown.cp_comm_s;
+        assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
+        // The ring hides the same traffic under the attention at this length.
+        assert_eq!(mk("ring").breakdown.cp_comm_s, 0.0);
     }
 }

@@ -160,7 +160,7 @@ fn calibration_rows_meet_their_errors() {
     // ones reported in the README (checked here so they cannot drift).
     assert!(s["mape_calib"].as_f64().unwrap() < 4.0, "{s}");
     let v = s["mape_valid"].as_f64().unwrap();
-    assert!(v < 12.0, "{s}");
+    assert!(v < 11.0, "{s}");
     assert!(s["baseline_constant_mfu_mape_valid"].as_f64().unwrap() > 2.0 * v);
     // Every run that was actually trained must fit in memory, except 1T
     // under selective recompute (see README: our activation model).
@@ -207,4 +207,46 @@ fn tune_ranks_fitting_strategies() {
     assert!(ranked
         .iter()
         .all(|r| r["fits"] == true && r["bottleneck"].is_string()));
+}
+
+/// Llama-3-70B (the published config) on 1024 H100s with a Megatron-style
+/// strategy. Meta reports 380-430 model TFLOP/s per GPU (38-43% BF16 MFU)
+/// for Llama 3 405B on 8,192-16,384 H100s (Dubey et al. 2024, Table 4).
+/// That is a different model and scale, so this is a sanity band, not a
+/// fit: a 70B run on 1024 GPUs has a smaller hidden size (relatively more
+/// TP traffic) but far less data-parallel traffic and a smaller bubble, so
+/// it should land near that range, not at half or at 1.5x of it.
+#[test]
+fn llama3_70b_on_1024_h100_is_in_llama3s_band() {
+    let (code, recs, err) = run(
+        &[
+            "--model",
+            "testdata/configs/llama-3-70b/config.json",
+            "--seq",
+            "8192",
+            "--cluster",
+            "H100",
+            "--gpus",
+            "1024",
+            "--strategy",
+            "tp=8,pp=4,vpp=2,mbs=1,gbs=1024,recompute=selective,zero=1",
+            "--tokens",
+            "15e12",
+        ],
+        "",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let p = &recs[0];
+    let f = |k: &str| p[k].as_f64().unwrap();
+    // The config gives the published 70.6B parameters.
+    assert!((f("params_b") - 70.6).abs() < 0.1, "{p}");
+    assert_eq!(p["fits"], true, "{p}");
+    let tf = f("tflops_per_gpu");
+    assert!(
+        (0.8 * 380.0..=1.1 * 430.0).contains(&tf),
+        "{tf} TFLOP/s is outside the sanity band around Llama 3's 380-430"
+    );
+    assert!((f("mfu") - tf / 989.0).abs() < 1e-12);
+    // 15T tokens at this rate: months, not days or years.
+    assert!((60.0..400.0).contains(&f("train_days")), "{p}");
 }
