@@ -6,6 +6,7 @@ pub mod cli;
 pub mod error;
 pub mod io;
 pub mod jsonl;
+pub mod linalg;
 pub mod model;
 pub mod rng;
 pub mod size;

@@ -2,7 +2,7 @@
 //! forward + backward) under none / full / chunked (MemFine FCDA) / auto
 //! (MACT) recompute, with MEASURED peak memory and throughput.
 
-pub mod linalg;
+pub use ftk::linalg;
 pub mod moe;
 pub mod stack;
 pub mod weights;
@@ -15,7 +15,7 @@ use ftk::table::Table;
 use ftk::tensors::TensorFile;
 use ftk::{Error, Result};
 use mem_plan::memory::{block_peak_act, block_s_prime_max, BlockDims, BlockMode};
-use moe::{LayerW, Shape};
+use moe::{LayerT, LayerW, Shape};
 use route_hist::synth::{LayerModel, Skew};
 use serde::Serialize;
 use stack::{AutoCfg, Recompute, StepCfg};
@@ -348,6 +348,7 @@ pub fn run(a: Args) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let forced = forced_routing(&a, &sh)?;
+    let lts: Vec<LayerT> = layers.iter().map(|lw| LayerT::new(&sh, lw)).collect();
     let mut grads: Vec<LayerW> = (0..a.layers).map(|_| LayerW::zeros(&sh)).collect();
     let dims = BlockDims {
         t: sh.tokens as f64,
@@ -391,7 +392,7 @@ pub fn run(a: Args) -> Result<()> {
             forced: forced.as_deref(),
             auto: auto.as_ref(),
         };
-        let r = stack::step(&sh, &layers, &mut grads, &x, &dy, &cfg);
+        let r = stack::step(&sh, &layers, &lts, &mut grads, &x, &dy, &cfg);
         let step_ms = t0.elapsed().as_secs_f64() * 1e3;
         let peak = ftk::alloc::peak();
         let c_max = r.chunks.iter().copied().max().unwrap_or(1);

@@ -4,7 +4,7 @@
 //! → combine C token chunks at a time, recomputing chunk by chunk in
 //! backward) and auto (MACT: C per layer from the tokens that arrive).
 
-use crate::moe::{self, Acts, Dispatch, LayerW, Routing, Shape};
+use crate::moe::{self, Acts, Dispatch, LayerT, LayerW, Routing, Shape};
 use std::time::Instant;
 
 /// How activations are kept.
@@ -76,6 +76,7 @@ pub struct StepCfg<'a> {
 pub fn step(
     sh: &Shape,
     layers: &[LayerW],
+    lts: &[LayerT],
     grads: &mut [LayerW],
     x: &[f32],
     dy: &[f32],
@@ -106,13 +107,13 @@ pub fn step(
         let keep = match mode {
             Recompute::None => {
                 let d = moe::dispatch(sh, &r, 0, t);
-                let acts = moe::experts_forward(sh, lw, xin, &d);
+                let acts = moe::experts_forward(sh, &lts[l], xin, &d);
                 moe::combine(sh, &mut y, &acts.o, &d, &r);
                 Saved::All(r, d, acts)
             }
             Recompute::Full => {
                 let d = moe::dispatch(sh, &r, 0, t);
-                let acts = moe::experts_forward(sh, lw, xin, &d);
+                let acts = moe::experts_forward(sh, &lts[l], xin, &d);
                 moe::combine(sh, &mut y, &acts.o, &d, &r);
                 Saved::Input
             }
@@ -120,7 +121,7 @@ pub fn step(
                 for i in 0..c {
                     let (t0, t1) = chunk_bounds(t, c, i);
                     let d = moe::dispatch(sh, &r, t0, t1);
-                    let acts = moe::experts_forward(sh, lw, xin, &d);
+                    let acts = moe::experts_forward(sh, &lts[l], xin, &d);
                     moe::combine(sh, &mut y, &acts.o, &d, &r);
                 }
                 Saved::Routing(r, c)
@@ -147,7 +148,7 @@ pub fn step(
             Saved::Input => {
                 let r = moe::route(sh, xin, lw, forced_of(l));
                 let d = moe::dispatch(sh, &r, 0, t);
-                let acts = moe::experts_forward(sh, lw, xin, &d);
+                let acts = moe::experts_forward(sh, &lts[l], xin, &d);
                 moe::experts_backward(sh, lw, gw, gin, acts, &d, &r, &mut dx, &mut dw);
                 r
             }
@@ -155,7 +156,7 @@ pub fn step(
                 for i in 0..c {
                     let (t0, t1) = chunk_bounds(t, c, i);
                     let d = moe::dispatch(sh, &r, t0, t1);
-                    let acts = moe::experts_forward(sh, lw, xin, &d);
+                    let acts = moe::experts_forward(sh, &lts[l], xin, &d);
                     moe::experts_backward(sh, lw, gw, gin, acts, &d, &r, &mut dx, &mut dw);
                 }
                 r
