@@ -65,10 +65,18 @@ demo: build
 	$(BIN)/fed-aggregate merge --partial-out target/demo/p01.safetensors target/demo/p0.safetensors target/demo/p1.safetensors
 	$(BIN)/fed-aggregate merge -o target/demo/tree.safetensors target/demo/p01.safetensors target/demo/p2.safetensors
 
-test:
+# libnvrtc from PyPI (no GPU, no CUDA toolkit): every kernel in kernels/ must compile.
+NVRTC_VENV := .venv-nvrtc
+$(NVRTC_VENV)/.installed:
+	$(PYTHON) -m venv $(NVRTC_VENV)
+	$(NVRTC_VENV)/bin/pip install -q nvidia-cuda-nvrtc-cu12==12.9.86
+	touch $@
+
+test: $(NVRTC_VENV)/.installed
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) test --workspace
+	LD_LIBRARY_PATH="$$(echo $(CURDIR)/$(NVRTC_VENV)/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib)" \
+	  FTK_REQUIRE_NVRTC=1 $(CARGO) test --workspace
 
 lint:
 	$(CARGO) fmt --all --check

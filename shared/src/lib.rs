@@ -3,9 +3,11 @@
 
 pub mod alloc;
 pub mod cli;
+pub mod device;
 pub mod error;
 pub mod io;
 pub mod jsonl;
+pub mod kernels;
 pub mod linalg;
 pub mod model;
 pub mod rng;

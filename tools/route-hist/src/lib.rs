@@ -3,6 +3,7 @@
 //! matrix, load imbalance and capacity drops.
 
 pub mod count;
+pub mod cuda;
 pub mod hist;
 pub mod route_record;
 pub mod synth;
@@ -95,6 +96,9 @@ pub struct Args {
     /// Print an aligned table for people instead of JSON lines.
     #[arg(long)]
     pub table: bool,
+    /// Where to count top-k traces: auto (CUDA when a GPU is present), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: ftk::device::DeviceArg,
 }
 
 /// Where finished groups go: JSON lines as they come, or a table at the end.
@@ -207,6 +211,7 @@ pub fn run(mut a: Args) -> Result<()> {
         topk: a.topk,
         ep: a.ep,
         capacity_factor: a.capacity_factor,
+        device: a.device.resolve()?,
     };
     if let Some(skew) = a.synthetic {
         if !a.inputs.is_empty() {

@@ -17,6 +17,8 @@ pub struct Settings {
     pub topk: Option<usize>,
     pub ep: usize,
     pub capacity_factor: Option<f64>,
+    /// Where top-k histograms of safetensors traces are counted.
+    pub device: ftk::device::Device,
 }
 
 /// Open (layer, step) groups, emitted in (step, layer) order.
@@ -218,6 +220,17 @@ pub fn read_safetensors(
                 let mut acc = Accum::new(*layer, step, k as u64, p);
                 for (r, a, b) in blocks(tokens, s.ep) {
                     let bytes = &t.data[a * k * w..b * k * w];
+                    if let (ftk::device::Device::Cuda(ordinal), Some(_)) =
+                        (s.device, crate::cuda::kernel_for(t.dtype))
+                    {
+                        let counted = crate::cuda::count_topk(ordinal, t.dtype, bytes, experts)
+                            .map_err(|m| Error::input(format!("{}: {m}", t.here())))?;
+                        if let Some(unit) = counted {
+                            acc.add_unit(p, r, (b - a) as u64, &unit, s.capacity_factor);
+                            continue;
+                        }
+                        // ids out of range: the CPU scan below names the first one
+                    }
                     let unit =
                         count::count_topk(t.dtype, bytes, k, experts).map_err(|(i, v)| {
                             Error::input(format!(
