@@ -65,6 +65,19 @@ demo: build
 	$(BIN)/fed-aggregate merge --partial-out target/demo/p01.safetensors target/demo/p0.safetensors target/demo/p1.safetensors
 	$(BIN)/fed-aggregate merge -o target/demo/tree.safetensors target/demo/p01.safetensors target/demo/p2.safetensors
 
+	@echo
+	@echo "== fed-embed: FedDISC round on the digits domains (prototypes -> pseudo-labels -> k-means -> noise) =="
+	@mkdir -p target/demo
+	$(BIN)/fed-embed prototypes --features testdata/fed-embed/server.safetensors -o target/demo/protos.safetensors
+	$(BIN)/fed-embed pseudo-label --prototypes target/demo/protos.safetensors --features testdata/fed-embed/client0.safetensors -o target/demo/pl0.safetensors --table
+	$(BIN)/fed-embed cluster --features testdata/fed-embed/client0.safetensors --labels target/demo/pl0.safetensors --k 5 --seed 0 -o target/demo/c0.safetensors --table
+	$(BIN)/fed-embed noise --features target/demo/c0.safetensors --clip 4 --sigma 8 --seed 0 -o target/demo/up0.safetensors --table
+	@echo
+	@echo "== fed-embed: FedD3A client subspaces -> per-sample teacher weights on mixed-domain server data =="
+	for k in 0 1 2; do $(BIN)/fed-embed subspace --features testdata/fed-embed/client$$k.safetensors --energy 0.9 -o target/demo/b$$k.safetensors; done
+	$(BIN)/fed-embed d3a-weights --basis target/demo/b0.safetensors --basis target/demo/b1.safetensors --basis target/demo/b2.safetensors \
+	  --features testdata/fed-embed/d3a_server.safetensors -o target/demo/w.safetensors --table
+
 # libnvrtc from PyPI (no GPU, no CUDA toolkit): every kernel in kernels/ must compile.
 NVRTC_VENV := .venv-nvrtc
 $(NVRTC_VENV)/.installed:
@@ -92,12 +105,14 @@ bench: build $(VENV)/.installed
 	$(PY) bench/route_hist_bench.py
 	$(PY) bench/chunk_run_bench.py
 	$(PY) bench/fed_aggregate_bench.py
+	$(PY) bench/fed_embed_bench.py
 	$(PY) bench/mofa_bench.py
 
 # Regenerate the reference fixtures to a temp dir and byte-compare with testdata/.
 gen: $(VENV)/.installed
 	$(PY) testdata/gen/route_hist_ref.py gen --check
 	$(PY) testdata/gen/fed_aggregate_ref.py gen --check
+	$(PY) testdata/gen/fed_embed_ref.py gen --check
 
 clean:
 	$(CARGO) clean
