@@ -78,6 +78,24 @@ demo: build
 	$(BIN)/fed-embed d3a-weights --basis target/demo/b0.safetensors --basis target/demo/b1.safetensors --basis target/demo/b2.safetensors \
 	  --features testdata/fed-embed/d3a_server.safetensors -o target/demo/w.safetensors --table
 
+	@echo
+	@echo "== diffuse-synth: tiny random SD (diffusers-checked), DPM++ 2M Karras, CFG 3 -> PNGs + manifest =="
+	@mkdir -p target/demo
+	$(BIN)/diffuse-synth --model testdata/diffuse-synth/tiny-sd --scheduler dpmpp-2m --karras --steps 10 --guidance-scale 3 \
+	  --prompt-embeds testdata/diffuse-synth/pipeline.safetensors --seed 7 --batch 2 --class 1 --client c0 \
+	  -o target/demo/synth.safetensors --png-dir target/demo/synth-png
+	@echo "== diffuse-synth: FedCADO classifier + BN guidance, 10 noise-editing steps (DDPM) =="
+	$(BIN)/diffuse-synth --model testdata/diffuse-synth/tiny-sd --scheduler ddpm --steps 10 --guidance-scale 3 \
+	  --prompt-embeds testdata/diffuse-synth/pipeline.safetensors --seed 7 --batch 2 \
+	  --classifier testdata/diffuse-synth/classifier.safetensors --classifier-arch testdata/diffuse-synth/classifier.json \
+	  --class 1 --classifier-size 12 -o target/demo/fedcado.safetensors --png-dir target/demo/fedcado-png
+	@echo "== diffuse-synth: FedDEO description learning, then u + 3(text-u) + 3(desc-u) =="
+	$(BIN)/diffuse-synth describe --model testdata/diffuse-synth/tiny-sd --images testdata/diffuse-synth/describe.safetensors \
+	  --init testdata/diffuse-synth/describe.safetensors --lr 10 --seed 0 -o target/demo/desc.safetensors
+	$(BIN)/diffuse-synth --model testdata/diffuse-synth/tiny-sd --scheduler ddpm --steps 10 --guidance-scale 3,3 \
+	  --prompt-embeds testdata/diffuse-synth/pipeline.safetensors --prompt-embeds target/demo/desc.safetensors \
+	  --seed 7 --batch 2 -o target/demo/feddeo.safetensors --png-dir target/demo/feddeo-png
+
 # libnvrtc from PyPI (no GPU, no CUDA toolkit): every kernel in kernels/ must compile.
 NVRTC_VENV := .venv-nvrtc
 $(NVRTC_VENV)/.installed:
@@ -113,6 +131,7 @@ gen: $(VENV)/.installed
 	$(PY) testdata/gen/route_hist_ref.py gen --check
 	$(PY) testdata/gen/fed_aggregate_ref.py gen --check
 	$(PY) testdata/gen/fed_embed_ref.py gen --check
+	$(PY) testdata/gen/diffuse_synth_ref.py gen --check
 
 clean:
 	$(CARGO) clean

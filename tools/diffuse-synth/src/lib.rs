@@ -1,0 +1,630 @@
+//! diffuse-synth: diffusers-compatible Stable Diffusion sampling for the server
+//! side of one-shot federated learning (FedCADO, FedDEO, FedDISC).
+//!
+//! - [`scheduler`]: DDPM, DDIM, PNDM, Euler, Euler-ancestral and DPM++ 2M as
+//!   diffusers 0.42 computes them (pure Rust, checked against diffusers).
+//! - [`model`]: a diffusers folder (unet/, vae/, scheduler/) loaded onto candle.
+//! - [`png`]: a dependency-free PNG writer for `--png-dir`.
+//!
+//! - [`classifier`], [`guidance`]: FedCADO classifier + BN-statistics guidance
+//!   and noise editing (JSON-described conv nets; gradients checked against PyTorch).
+//! - [`describe`]: FedDEO description learning (`diffuse-synth describe`).
+//!
+//! Not implemented yet: `--prompt` (text encoder), torchvision ResNet
+//! classifiers, FedDEO `describe`, FedDISC image-embedding conditioning.
+
+pub mod classifier;
+pub mod describe;
+pub mod guidance;
+pub mod model;
+pub mod png;
+pub mod scheduler;
+pub mod sd;
+
+use candle_core::{Device, Tensor};
+use clap::{Parser, Subcommand};
+use ftk::cli::Stdout;
+use ftk::tensors::{write_safetensors, OutTensor, TensorFile};
+use ftk::{bail, Error, Result};
+use model::ce;
+use rand::RngExt;
+use rand_distr::StandardNormal;
+use scheduler::{Kind, Scheduler};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+const AFTER_HELP: &str = "\
+Reads a diffusers folder: unet/ and vae/ (config.json + diffusion_pytorch_model.safetensors)
+and scheduler/scheduler_config.json. SD 1.x/2.x shapes (any sizes the configs describe,
+linear projection, v-prediction).
+
+Scheduler: the folder's class unless --scheduler names another; the config is read as
+`<Class>.from_pretrained(model, subfolder=\"scheduler\")` (keys the class takes come from the
+file, the rest are that class's defaults), the override flags are applied, then what
+StableDiffusionPipeline's constructor does (steps_offset=1, clip_sample=false).
+
+Conditioning: --prompt-embeds E.safetensors holds `prompt_embeds` [B or 1, L, D] and, for
+guidance, `negative_prompt_embeds` (same shape). One file with --guidance-scale G > 1 is
+classifier-free guidance exactly as diffusers: e = e_u + G (e_c - e_u). Several files give
+several weighted conditions, e = e_u + sum_i w_i (e_i - e_u), with --guidance-scale w1,w2,...
+(the unconditional embedding is the first file's negative_prompt_embeds).
+
+Initial noise: --latents L.safetensors (`latents` [B,4,h,w], scaled by the scheduler's init
+sigma as diffusers does) or --seed S --batch B: sample j's seed is derived from (S, j) and
+draws its initial latents and every scheduler noise from its own stream, so `--shard i/n`
+array jobs produce exactly the rows of one unsharded run.
+
+Output (-o): safetensors with `latents` (final latents, before decoding) and `images`
+([B,3,H,W] in [0,1]); --png-dir writes index-numbered PNGs. One JSON line per sample on
+stdout: {\"kind\":\"sample\",\"index\",\"seed\",\"class\",\"client\",\"path\"}.
+
+FedCADO (--classifier C.safetensors --classifier-arch net.json --class K): at every step but
+the last, z <- z - classifier-scale * grad_z [CE(f(x), K) + bn-weight * L_BN], where x is the
+predicted x0 decoded by the VAE, clamped to [0,1], resized bicubically to --classifier-size and
+CLIP-normalised, and L_BN sums ||running_var - var||_2 + ||running_mean - mean||_2 over the BN
+layers' inputs; then the ordinary step at the edited z. --noise-edit-steps N first applies N such
+updates with the BN term only at the first timestep (the authors' defaults: scale 1, 0.1, 10).
+
+FedDEO: `diffuse-synth describe --model DIR --images X.safetensors --init E.safetensors -o D.safetensors`
+learns a description [1,L,D] (SGD on the denoising loss, one image per step); pass it as a
+second --prompt-embeds to generate with it (u + 3(text - u) + 3(description - u)).
+
+Examples:
+  diffuse-synth --model tiny-sd --prompt-embeds emb.safetensors --seed 7 --batch 8 \\
+      --steps 20 --guidance-scale 3 -o out.safetensors --png-dir pngs > manifest.jsonl
+  diffuse-synth --model tiny-sd --scheduler dpmpp-2m --karras --steps 10 \\
+      --prompt-embeds emb.safetensors --seed 7 --batch 64 --shard 3/8 -o part3.safetensors
+  diffuse-synth --model tiny-sd --prompt-embeds cls.safetensors --prompt-embeds desc.safetensors \\
+      --guidance-scale 3,3 --seed 1 --batch 4 -o feddeo.safetensors";
+
+/// Stable Diffusion sampling with diffusers' schedulers, from diffusers weights.
+#[derive(Parser, Debug)]
+#[command(
+    name = "diffuse-synth",
+    version,
+    after_help = AFTER_HELP,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// diffusers model folder (unet/, vae/, scheduler/)
+    #[arg(long, value_name = "DIR", required = true)]
+    pub model: Option<PathBuf>,
+    /// ddpm | ddim | pndm | euler | euler-ancestral | dpmpp-2m (default: the folder's)
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// number of inference steps
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// DDIM's eta (0 = deterministic)
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// override: linear | scaled_linear | squaredcos_cap_v2
+    #[arg(long)]
+    pub beta_schedule: Option<String>,
+    /// override: leading | trailing | linspace
+    #[arg(long)]
+    pub timestep_spacing: Option<String>,
+    /// override: epsilon | v_prediction
+    #[arg(long)]
+    pub prediction_type: Option<String>,
+    /// Karras sigmas (euler, dpmpp-2m)
+    #[arg(long)]
+    pub karras: bool,
+    /// guidance scale(s), one per --prompt-embeds (one value applies to all)
+    #[arg(long, default_value = "7.5", value_delimiter = ',')]
+    pub guidance_scale: Vec<f64>,
+    /// safetensors with `prompt_embeds` (and `negative_prompt_embeds`); repeatable
+    #[arg(long, value_name = "FILE", required = true)]
+    pub prompt_embeds: Vec<PathBuf>,
+    /// initial latents (`latents` [B,C,h,w]) instead of --seed/--batch
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["seed", "batch"])]
+    pub latents: Option<PathBuf>,
+    /// seed for the initial noise and scheduler noise
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// number of samples (with --seed)
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// image height in pixels (default: the UNet's sample_size x the VAE's factor)
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// image width in pixels
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// this job's slice: i/n (0-based i) of the samples
+    #[arg(long, value_name = "i/n")]
+    pub shard: Option<String>,
+    /// scheduler noise from a file (`noise` [K,B,C,h,w]: the k-th draw uses noise[k]),
+    /// to reproduce a run of diffusers' pipeline with the same draws
+    #[arg(long, value_name = "FILE")]
+    pub step_noise: Option<PathBuf>,
+    /// output safetensors (`latents`, `images`)
+    #[arg(short = 'o', long, value_name = "FILE", required = true)]
+    pub output: Option<PathBuf>,
+    /// also write PNGs here (<index>.png)
+    #[arg(long, value_name = "DIR")]
+    pub png_dir: Option<PathBuf>,
+    /// class label recorded in the manifest
+    #[arg(long)]
+    pub class: Option<i64>,
+    /// client id recorded in the manifest
+    #[arg(long)]
+    pub client: Option<String>,
+    /// FedCADO: client classifier weights (safetensors, PyTorch state_dict names)
+    #[arg(long, value_name = "FILE", requires_all = ["classifier_arch", "class"])]
+    pub classifier: Option<PathBuf>,
+    /// FedCADO: classifier architecture (JSON; see the crate docs)
+    #[arg(long, value_name = "FILE", requires = "classifier")]
+    pub classifier_arch: Option<PathBuf>,
+    /// FedCADO: step size of the gradient update on the latents
+    #[arg(long, default_value_t = 1.0)]
+    pub classifier_scale: f64,
+    /// FedCADO: weight of the BN-statistics loss
+    #[arg(long, default_value_t = 0.1)]
+    pub bn_weight: f64,
+    /// FedCADO: noise-editing iterations before sampling
+    #[arg(long, default_value_t = 10)]
+    pub noise_edit_steps: usize,
+    /// FedCADO: classifier input size in pixels
+    #[arg(long, default_value_t = 224)]
+    pub classifier_size: usize,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// FedDEO: learn a description embedding on a client's images (denoising loss, SGD)
+    Describe(describe::DescribeArgs),
+}
+
+/// One dense f32 tensor read from a safetensors file.
+struct Dense {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+fn read_tensor(path: &Path, name: &str, rank: usize, what: &str) -> Result<Dense> {
+    let f = TensorFile::open(path)?;
+    let t = f.require(name)?;
+    t.expect_rank(rank, what)?;
+    Ok(Dense {
+        shape: t.shape.to_vec(),
+        data: t.to_f32_vec()?,
+    })
+}
+
+fn read_optional(path: &Path, name: &str, rank: usize, what: &str) -> Result<Option<Dense>> {
+    let f = TensorFile::open(path)?;
+    if f.get(name).is_none() {
+        return Ok(None);
+    }
+    read_tensor(path, name, rank, what).map(Some)
+}
+
+/// Parse `i/n`.
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let bad = || Error::input(format!("--shard {s:?}: expected i/n with 0 <= i < n"));
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let i: usize = i.trim().parse().map_err(|_| bad())?;
+    let n: usize = n.trim().parse().map_err(|_| bad())?;
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+/// Rows [start, end) of `total` for shard i of n (contiguous, sizes differ by at most 1).
+pub fn shard_range(total: usize, i: usize, n: usize) -> (usize, usize) {
+    (total * i / n, total * (i + 1) / n)
+}
+
+/// The seed of sample `index` under `seed` (53 bits, so JSON readers keep it exact).
+pub fn sample_seed(seed: u64, index: usize) -> u64 {
+    ftk::rng::stream_id(&[seed, index as u64]) >> 11
+}
+
+fn normals(seed: u64, stream: u64, n: usize) -> Vec<f32> {
+    let mut r = ftk::rng::stream(seed, stream);
+    (0..n).map(|_| r.sample::<f32, _>(StandardNormal)).collect()
+}
+
+/// Embeddings for the shard's rows: [rows, L, D] from [1 or B, L, D].
+fn embed_rows(
+    d: &Dense,
+    total: usize,
+    start: usize,
+    end: usize,
+    src: &Path,
+    name: &str,
+) -> Result<Tensor> {
+    let (b, l, dim) = (d.shape[0], d.shape[1], d.shape[2]);
+    let per = l * dim;
+    let mut v = Vec::with_capacity((end - start) * per);
+    for r in start..end {
+        let row = if b == 1 {
+            0
+        } else if b == total {
+            r
+        } else {
+            bail!(
+                "{}: `{name}` has batch {b}, expected 1 or the sample count {total}",
+                src.display()
+            );
+        };
+        v.extend_from_slice(&d.data[row * per..(row + 1) * per]);
+    }
+    Tensor::from_vec(v, (end - start, l, dim), &Device::Cpu).map_err(ce(src.display()))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if let Some(Command::Describe(d)) = a.command {
+        return describe::describe(d);
+    }
+    let (Some(model_dir), Some(output)) = (a.model.clone(), a.output.clone()) else {
+        bail!("--model and -o are required");
+    };
+    // ---- scheduler
+    let (file_kind, raw, src) = model::read_scheduler_config(&model_dir)?;
+    let kind = match &a.scheduler {
+        Some(s) => Kind::parse(s).ok_or_else(|| {
+            Error::input(format!(
+                "--scheduler {s:?} is not one of ddpm, ddim, pndm, euler, euler-ancestral, dpmpp-2m"
+            ))
+        })?,
+        None => file_kind.ok_or_else(|| {
+            Error::input(format!(
+                "{src}: `_class_name` is not a scheduler diffuse-synth implements; pass --scheduler"
+            ))
+        })?,
+    };
+    let mut cfg = model::scheduler_config(kind, &raw, &src)?;
+    let mut over = |key: &str, v: serde_json::Value, flag: &str| -> Result<()> {
+        if !kind.accepts(key) {
+            bail!("{flag}: {} has no `{key}` in diffusers", kind.name());
+        }
+        cfg.set(key, &v)
+            .map_err(|m| Error::input(format!("{flag}: {m}")))
+    };
+    if let Some(s) = &a.beta_schedule {
+        over("beta_schedule", json!(s), "--beta-schedule")?;
+    }
+    if let Some(s) = &a.timestep_spacing {
+        over("timestep_spacing", json!(s), "--timestep-spacing")?;
+    }
+    if let Some(s) = &a.prediction_type {
+        over("prediction_type", json!(s), "--prediction-type")?;
+    }
+    if a.karras {
+        over("use_karras_sigmas", json!(true), "--karras")?;
+    }
+    cfg.apply_pipeline_fixes();
+    if a.eta.is_nan() || a.eta < 0.0 {
+        bail!("--eta must be >= 0");
+    }
+    let sched = Scheduler::new(&cfg, a.steps, a.eta)?;
+
+    // ---- conditions
+    let k = a.prompt_embeds.len();
+    let weights: Vec<f64> = match a.guidance_scale.len() {
+        1 => vec![a.guidance_scale[0]; k],
+        n if n == k => a.guidance_scale.clone(),
+        n => bail!("--guidance-scale has {n} values for {k} --prompt-embeds files"),
+    };
+    if weights.iter().any(|w| !w.is_finite()) {
+        bail!("--guidance-scale must be finite");
+    }
+    // diffusers: guidance only when the scale is > 1 (one condition)
+    let guided = k > 1 || weights[0] > 1.0;
+    let mut conds = Vec::with_capacity(k);
+    for p in &a.prompt_embeds {
+        conds.push(read_tensor(p, "prompt_embeds", 3, "[batch, tokens, dim]")?);
+    }
+    let neg = if guided {
+        let p = &a.prompt_embeds[0];
+        Some(
+            read_optional(p, "negative_prompt_embeds", 3, "[batch, tokens, dim]")?.ok_or_else(
+                || {
+                    Error::input(format!(
+                        "{}: no `negative_prompt_embeds`: guidance needs the unconditional \
+                         embedding (or use --guidance-scale 1)",
+                        p.display()
+                    ))
+                },
+            )?,
+        )
+    } else {
+        None
+    };
+
+    // ---- samples and shard
+    let (total, given) = match (&a.latents, a.seed, a.batch) {
+        (Some(p), _, _) => {
+            let d = read_tensor(p, "latents", 4, "[batch, channels, height, width]")?;
+            (d.shape[0], Some(d))
+        }
+        (None, Some(_), Some(b)) => (b, None),
+        _ => bail!("give --latents FILE, or --seed S with --batch B"),
+    };
+    if total == 0 {
+        bail!("no samples: the batch is empty");
+    }
+    let (si, sn) = match &a.shard {
+        Some(s) => parse_shard(s)?,
+        None => (0, 1),
+    };
+    let (start, end) = shard_range(total, si, sn);
+
+    // ---- models
+    let unet = model::load_unet(&model_dir)?;
+    let vae = model::load_vae(&model_dir)?;
+    let clf = match (&a.classifier, &a.classifier_arch) {
+        (Some(wf), Some(arch)) => {
+            let c = classifier::Classifier::load(arch, wf)?;
+            let k = a.class.unwrap_or(-1);
+            if k < 0 || k as usize >= c.num_classes {
+                bail!(
+                    "--class {k} is not a class of the classifier {} ({} classes)",
+                    wf.display(),
+                    c.num_classes
+                );
+            }
+            if a.classifier_size == 0 {
+                bail!("--classifier-size must be positive");
+            }
+            Some(c)
+        }
+        _ => None,
+    };
+    let (c, h, w) = match &given {
+        Some(d) => (d.shape[1], d.shape[2], d.shape[3]),
+        None => {
+            let f = vae.factor;
+            let hh = a.height.unwrap_or(unet.sample_size * f);
+            let ww = a.width.unwrap_or(unet.sample_size * f);
+            if !hh.is_multiple_of(f) || !ww.is_multiple_of(f) || hh == 0 || ww == 0 {
+                bail!("--height/--width must be positive multiples of the VAE factor {f}");
+            }
+            (unet.in_channels, hh / f, ww / f)
+        }
+    };
+    if c != unet.in_channels {
+        bail!(
+            "{}: latents have {c} channels but the UNet takes {}",
+            a.latents
+                .as_deref()
+                .unwrap_or(Path::new("latents"))
+                .display(),
+            unet.in_channels
+        );
+    }
+    for (d, p) in conds.iter().zip(&a.prompt_embeds) {
+        if d.shape[2] != unet.cross_attention_dim {
+            bail!(
+                "{}: `prompt_embeds` dim {} != the UNet's cross_attention_dim {}",
+                p.display(),
+                d.shape[2],
+                unet.cross_attention_dim
+            );
+        }
+        if d.shape[1] != conds[0].shape[1] {
+            bail!(
+                "{}: token count differs from the first --prompt-embeds",
+                p.display()
+            );
+        }
+    }
+    if let Some(n) = &neg {
+        if n.shape[1..] != conds[0].shape[1..] {
+            bail!(
+                "{}: `negative_prompt_embeds` shape {:?} != `prompt_embeds` {:?}",
+                a.prompt_embeds[0].display(),
+                n.shape,
+                conds[0].shape
+            );
+        }
+    }
+    let rows = end - start;
+    let per = c * h * w;
+    let dev = Device::Cpu;
+
+    // context: [neg; cond_1; ...; cond_k] each [rows, L, D]
+    let mut ctx_parts = vec![];
+    if let Some(n) = &neg {
+        ctx_parts.push(embed_rows(
+            n,
+            total,
+            start,
+            end,
+            &a.prompt_embeds[0],
+            "negative_prompt_embeds",
+        )?);
+    }
+    for (d, p) in conds.iter().zip(&a.prompt_embeds) {
+        ctx_parts.push(embed_rows(d, total, start, end, p, "prompt_embeds")?);
+    }
+    let copies = ctx_parts.len();
+
+    // initial latents
+    let seeds: Vec<Option<u64>> = (start..end)
+        .map(|j| a.seed.map(|s| sample_seed(s, j)))
+        .collect();
+
+    // scheduler noise from a file
+    let step_noise = match &a.step_noise {
+        Some(p) => {
+            let d = read_tensor(p, "noise", 5, "[draws, batch, channels, height, width]")?;
+            if d.shape[1] != total || d.shape[2..] != [c, h, w] {
+                bail!(
+                    "{}: `noise` shape {:?} does not match [draws, {total}, {c}, {h}, {w}]",
+                    p.display(),
+                    d.shape
+                );
+            }
+            Some(d)
+        }
+        None => None,
+    };
+
+    // One sample at a time (its unconditional and conditional passes batched
+    // together), so a sample's numbers never depend on which other samples share
+    // the job: `--shard i/n` reproduces the rows of one run bit for bit.
+    let bar = ftk::cli::progress((rows * sched.timesteps().len()) as u64, "denoising");
+    let mut lat_all: Vec<f32> = Vec::with_capacity(rows * per);
+    for (r, seed) in seeds.iter().enumerate() {
+        let g = start + r; // global sample index
+        let parts: Vec<Tensor> = ctx_parts
+            .iter()
+            .map(|p| p.narrow(0, r, 1))
+            .collect::<candle_core::Result<_>>()
+            .map_err(ce("prompt embeddings"))?;
+        let ctx = Tensor::cat(&parts, 0).map_err(ce("prompt embeddings"))?;
+        let mut sched = Scheduler::new(&cfg, a.steps, a.eta)?;
+        let den = guidance::Denoiser {
+            unet: &unet,
+            ctx: ctx.clone(),
+            weights: weights.clone(),
+            guided,
+        };
+        let fedcado = clf.as_ref().map(|cl| guidance::FedCado {
+            classifier: cl,
+            class: a.class.unwrap_or(0) as usize,
+            size: a.classifier_size,
+            bn_weight: a.bn_weight,
+        });
+        let init: Vec<f32> = match &given {
+            Some(d) => d.data[g * per..(g + 1) * per].to_vec(),
+            None => normals(seed.unwrap_or(0), 0, per),
+        };
+        let ins = sched.init_noise_sigma();
+        let mut lat: Vec<f32> = init.iter().map(|x| x * ins).collect();
+        let mut draws = 0usize;
+        let mut draw_err: Option<Error> = None;
+        let ts: Vec<f64> = sched.timesteps().to_vec();
+        let zshape = (1, c, h, w);
+        if let Some(fc) = &fedcado {
+            // noise editing: BN term only, at the first timestep
+            for _ in 0..a.noise_edit_steps {
+                let (_, g) = guidance::loss_and_grad(
+                    &den, &vae, fc, &mut sched, 0, ts[0], &lat, zshape, false,
+                )?;
+                lat.iter_mut().zip(&g).for_each(|(z, g)| *z -= g);
+            }
+        }
+        for (i, &t) in ts.iter().enumerate() {
+            if let Some(fc) = &fedcado {
+                if i + 1 < ts.len() {
+                    let (_, g) = guidance::loss_and_grad(
+                        &den, &vae, fc, &mut sched, i, t, &lat, zshape, true,
+                    )?;
+                    let s = a.classifier_scale as f32;
+                    lat.iter_mut().zip(&g).for_each(|(z, g)| *z -= s * g);
+                }
+            }
+            let x = sched.scale_model_input(i, &lat)?;
+            let xt = Tensor::from_vec(x, (1, c, h, w), &dev).map_err(ce("latents"))?;
+            let inp = Tensor::cat(&vec![&xt; copies], 0).map_err(ce("latents"))?;
+            let eps_all = unet
+                .model
+                .forward(&inp, t, &ctx)
+                .and_then(|e| e.flatten_all())
+                .and_then(|e| e.to_vec1::<f32>())
+                .map_err(ce(format!("UNet at step {i}")))?;
+            let eps: Vec<f32> = if guided {
+                // diffusers: e_u + w (e_c - e_u), one term per condition
+                let u = &eps_all[..per];
+                let mut acc = u.to_vec();
+                for (ci, &wgt) in weights.iter().enumerate() {
+                    let e = &eps_all[(ci + 1) * per..(ci + 2) * per];
+                    let wgt = wgt as f32;
+                    acc.iter_mut()
+                        .zip(e.iter().zip(u))
+                        .for_each(|(a, (&e, &u))| *a += wgt * (e - u));
+                }
+                acc
+            } else {
+                eps_all[..per].to_vec()
+            };
+            let mut noise_fn = || -> Vec<f32> {
+                let k = draws;
+                draws += 1;
+                match &step_noise {
+                    Some(d) => {
+                        if k >= d.shape[0] {
+                            draw_err = Some(Error::input(format!(
+                                "--step-noise: the scheduler drew noise {} times but the file has {}",
+                                k + 1,
+                                d.shape[0]
+                            )));
+                            return vec![0.0; per];
+                        }
+                        let base = (k * total + g) * per;
+                        d.data[base..base + per].to_vec()
+                    }
+                    None => normals(seed.unwrap_or(0), 1 + k as u64, per),
+                }
+            };
+            lat = sched.step(i, &eps, &lat, &mut noise_fn)?;
+            if let Some(e) = draw_err.take() {
+                return Err(e);
+            }
+            if lat.iter().any(|v| !v.is_finite()) {
+                bail!(
+                    "latents of sample {g} became non-finite at step {i} (t={t}); \
+                     check the model weights and config"
+                );
+            }
+            bar.inc(1);
+        }
+        lat_all.extend_from_slice(&lat);
+    }
+    bar.finish_and_clear();
+    let lat = lat_all;
+
+    // ---- decode and write
+    let lt = Tensor::from_vec(lat.clone(), (rows, c, h, w), &dev).map_err(ce("latents"))?;
+    let img = model::decode(&vae, &lt)?;
+    let ishape = img.dims().to_vec();
+    let pixels = img
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(ce("images"))?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("scheduler".to_string(), kind.name().to_string());
+    meta.insert("steps".to_string(), a.steps.to_string());
+    meta.insert("shard".to_string(), format!("{si}/{sn}"));
+    meta.insert("first_index".to_string(), start.to_string());
+    write_safetensors(
+        &output,
+        &[
+            OutTensor::f32("latents", vec![rows, c, h, w], &lat),
+            OutTensor::f32("images", ishape.clone(), &pixels),
+        ],
+        Some(meta),
+    )?;
+    let mut paths = vec![output.display().to_string(); rows];
+    if let Some(dir) = &a.png_dir {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+        let (ch, ih, iw) = (ishape[1], ishape[2], ishape[3]);
+        for (r, path) in paths.iter_mut().enumerate() {
+            let p = dir.join(format!("{:06}.png", start + r));
+            let px = &pixels[r * ch * ih * iw..(r + 1) * ch * ih * iw];
+            png::write_png_chw(&p, px, ch, ih, iw)?;
+            *path = p.display().to_string();
+        }
+    }
+    let mut out = Stdout::new();
+    for (r, path) in paths.iter().enumerate() {
+        let rec = json!({
+            "kind": "sample",
+            "index": start + r,
+            "seed": seeds[r],
+            "class": a.class,
+            "client": a.client,
+            "path": path,
+        });
+        out.line(&rec.to_string())?;
+    }
+    out.flush()
+}

@@ -1,0 +1,22 @@
+//! Stable Diffusion UNet and VAE, adapted from candle-transformers 0.11.1
+//! (`models::stable_diffusion`, Apache-2.0 OR MIT, (c) the candle authors).
+//!
+//! Changes, each marked `ftk:` in place:
+//! - GEGLU uses the exact erf GELU as diffusers does (candle: tanh approximation,
+//!   a ~1e-3 difference in every transformer block);
+//! - DownBlock2D / UpBlock2D pass `norm_num_groups` to their ResNets (candle: 32);
+//! - attention softmax and transformer LayerNorms use candle ops that have a
+//!   backward pass (`softmax`, `layer_norm_slow`), so gradients reach every
+//!   parameter and the input (rust-stack.md: the fused ones silently drop them);
+//! - the VAE attention block copies its transposed activations before the q/k/v
+//!   projections: candle 0.11.1's batched matmul returns wrong values for that
+//!   non-contiguous left operand (found by the VAE check against diffusers);
+//! - flash attention is not built; conv layers are plain candle_nn ones.
+#![allow(clippy::all)]
+
+pub mod attention;
+pub mod embeddings;
+pub mod resnet;
+pub mod unet_2d;
+pub mod unet_2d_blocks;
+pub mod vae;

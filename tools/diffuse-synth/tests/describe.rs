@@ -1,0 +1,106 @@
+//! `diffuse-synth describe` (FedDEO) against the same three SGD steps in PyTorch
+//! (testdata/gen: diffusers VAE encode + DDPM add_noise + UNet, lr 10, fixed draws).
+
+use assert_cmd::Command;
+use ftk::tensors::TensorFile;
+use std::path::{Path, PathBuf};
+
+fn td() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/diffuse-synth")
+}
+
+fn f32s(p: &Path, n: &str) -> Vec<f32> {
+    TensorFile::open(p)
+        .unwrap()
+        .require(n)
+        .unwrap()
+        .to_f32_vec()
+        .unwrap()
+}
+
+#[test]
+fn description_matches_pytorch_sgd() {
+    let td = td();
+    let fx = td.join("describe.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("d.safetensors");
+    let o = Command::cargo_bin("diffuse-synth")
+        .unwrap()
+        .env("FTK_NO_PROGRESS", "1")
+        .arg("describe")
+        .arg("--model")
+        .arg(td.join("tiny-sd"))
+        .arg("--images")
+        .arg(&fx)
+        .arg("--init")
+        .arg(&fx)
+        .arg("--train-noise")
+        .arg(&fx)
+        .args(["--lr", "10"])
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rec: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let losses = f32s(&fx, "losses");
+    let l0 = rec["loss_first"].as_f64().unwrap() as f32;
+    let l2 = rec["loss_last"].as_f64().unwrap() as f32;
+    assert!(
+        (l0 - losses[0]).abs() <= 1e-4 * losses[0],
+        "{l0} vs {}",
+        losses[0]
+    );
+    assert!(
+        (l2 - losses[2]).abs() <= 1e-4 * losses[2],
+        "{l2} vs {}",
+        losses[2]
+    );
+    let got = f32s(&out, "prompt_embeds");
+    let want = f32s(&fx, "final");
+    let init = f32s(&fx, "prompt_embeds");
+    // compare the learned change, relative to its size
+    let change = want
+        .iter()
+        .zip(&init)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(change > 1e-2, "the fixture's SGD must move the description");
+    let d = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        d <= 1e-3 * change,
+        "description differs from PyTorch by {d} (change {change})"
+    );
+}
+
+#[test]
+fn describe_rejects_bad_input() {
+    let td = td();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("d.safetensors");
+    let o = Command::cargo_bin("diffuse-synth")
+        .unwrap()
+        .arg("describe")
+        .arg("--model")
+        .arg(td.join("tiny-sd"))
+        .arg("--images")
+        .arg(td.join("multi.safetensors"))
+        .arg("--init")
+        .arg(td.join("describe.safetensors"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("multi.safetensors") && err.contains("images"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1);
+    assert!(!out.exists());
+}

@@ -1,0 +1,208 @@
+//! FedCADO's loss and gradient w.r.t. the latents against PyTorch (testdata/gen:
+//! diffusers UNet + DDPM x0 + VAE decode + torch bicubic + a BN conv net), rel 1e-3;
+//! and a guided run through the CLI.
+
+use candle_core::{Device, Tensor};
+use diffuse_synth::classifier::{bicubic_matrix, Classifier};
+use diffuse_synth::guidance::{loss_and_grad, Denoiser, FedCado};
+use diffuse_synth::scheduler::{Config, Kind, Scheduler};
+use diffuse_synth::{model, sd};
+use ftk::tensors::TensorFile;
+use std::path::{Path, PathBuf};
+
+fn td() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/diffuse-synth")
+}
+
+fn row0(f: &TensorFile, name: &str) -> Tensor {
+    let t = f.require(name).unwrap();
+    let mut shape = t.shape.to_vec();
+    let v = t.to_f32_vec().unwrap();
+    let n = v.len() / shape[0];
+    shape[0] = 1;
+    Tensor::from_vec(v[..n].to_vec(), shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn gradients_match_pytorch() {
+    let _ = sd::attention::LayerNormSlow::new; // the differentiable LayerNorm is in use
+    let td = td();
+    let unet = model::load_unet(&td.join("tiny-sd")).unwrap();
+    let vae = model::load_vae(&td.join("tiny-sd")).unwrap();
+    let clf = Classifier::load(
+        &td.join("classifier.json"),
+        &td.join("classifier.safetensors"),
+    )
+    .unwrap();
+    let pipe = TensorFile::open(&td.join("pipeline.safetensors")).unwrap();
+    let ctx = Tensor::cat(
+        &[
+            row0(&pipe, "negative_prompt_embeds"),
+            row0(&pipe, "prompt_embeds"),
+        ],
+        0,
+    )
+    .unwrap();
+    let z0 = row0(&pipe, "latents");
+    let (_, raw, src) = model::read_scheduler_config(&td.join("tiny-sd")).unwrap();
+    let mut cfg = Config::from_json(Kind::Ddpm, &raw, &src).unwrap();
+    cfg.apply_pipeline_fixes();
+    let reff = TensorFile::open(&td.join("fedcado.safetensors")).unwrap();
+    let den = Denoiser {
+        unet: &unet,
+        ctx,
+        weights: vec![3.0],
+        guided: true,
+    };
+    let fc = FedCado {
+        classifier: &clf,
+        class: 1,
+        size: 12,
+        bn_weight: 0.1,
+    };
+    for (tag, with_ce) in [("ce_bn", true), ("bn", false)] {
+        let mut sched = Scheduler::new(&cfg, 4, 0.0).unwrap();
+        let z: Vec<f32> = z0
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v * sched.init_noise_sigma())
+            .collect();
+        let t = sched.timesteps()[0];
+        let (loss, g) =
+            loss_and_grad(&den, &vae, &fc, &mut sched, 0, t, &z, (1, 4, 8, 8), with_ce).unwrap();
+        let want_loss = reff
+            .require(&format!("loss.{tag}"))
+            .unwrap()
+            .to_f32_vec()
+            .unwrap()[0];
+        let want = reff
+            .require(&format!("grad.{tag}"))
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        assert!(
+            (loss - want_loss).abs() <= 1e-4 * want_loss.abs(),
+            "{tag}: loss {loss} vs {want_loss}"
+        );
+        let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+        assert!(scale > 0.0);
+        let d = g
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "{tag}: loss {loss} (torch {want_loss}), grad rel diff {:e}",
+            d / scale
+        );
+        assert!(
+            d <= 1e-3 * scale,
+            "{tag}: gradient differs from PyTorch by {d} (max |grad| {scale})"
+        );
+    }
+}
+
+#[test]
+fn bicubic_rows_sum_to_one_and_identity_at_same_size() {
+    for (i, o) in [(16, 12), (16, 224), (7, 3)] {
+        let m = bicubic_matrix(i, o);
+        for r in 0..o {
+            let s: f32 = m[r * i..(r + 1) * i].iter().sum();
+            assert!((s - 1.0).abs() < 1e-5, "{i}->{o} row {r} sums to {s}");
+        }
+    }
+    let m = bicubic_matrix(5, 5);
+    for r in 0..5 {
+        for c in 0..5 {
+            assert!((m[r * 5 + c] - f32::from(u8::from(r == c))).abs() < 1e-6);
+        }
+    }
+}
+
+#[test]
+fn guided_run_through_the_cli() {
+    let td = td();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("g.safetensors");
+    let plain = dir.path().join("p.safetensors");
+    let run = |o: &Path, guided: bool| {
+        let mut c = assert_cmd::Command::cargo_bin("diffuse-synth").unwrap();
+        c.env("FTK_NO_PROGRESS", "1")
+            .arg("--model")
+            .arg(td.join("tiny-sd"))
+            .args([
+                "--scheduler",
+                "ddpm",
+                "--steps",
+                "3",
+                "--guidance-scale",
+                "3",
+                "--seed",
+                "4",
+                "--batch",
+                "2",
+                "--shard",
+                "0/2",
+            ])
+            .arg("--prompt-embeds")
+            .arg(td.join("pipeline.safetensors"))
+            .arg("-o")
+            .arg(o);
+        if guided {
+            c.arg("--classifier")
+                .arg(td.join("classifier.safetensors"))
+                .arg("--classifier-arch")
+                .arg(td.join("classifier.json"))
+                .args([
+                    "--class",
+                    "1",
+                    "--classifier-size",
+                    "12",
+                    "--noise-edit-steps",
+                    "2",
+                    "--classifier-scale",
+                    "50",
+                ]);
+        }
+        c.assert().success();
+        TensorFile::open(o)
+            .unwrap()
+            .require("latents")
+            .unwrap()
+            .to_f32_vec()
+            .unwrap()
+    };
+    let g = run(&out, true);
+    let p = run(&plain, false);
+    let d = g
+        .iter()
+        .zip(&p)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        d > 1e-3,
+        "guidance must change the samples (max change {d})"
+    );
+    let mut c = assert_cmd::Command::cargo_bin("diffuse-synth").unwrap();
+    let o = c
+        .arg("--model")
+        .arg(td.join("tiny-sd"))
+        .args([
+            "--steps", "2", "--seed", "1", "--batch", "2", "--class", "7",
+        ])
+        .arg("--prompt-embeds")
+        .arg(td.join("pipeline.safetensors"))
+        .arg("--classifier")
+        .arg(td.join("classifier.safetensors"))
+        .arg("--classifier-arch")
+        .arg(td.join("classifier.json"))
+        .arg("-o")
+        .arg(dir.path().join("x.safetensors"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--class 7"));
+}
