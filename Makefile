@@ -36,7 +36,7 @@ demo: build
 	@echo
 	@echo "== chunk-run: one expert gets 45% of the tokens; none / full / chunked (FCDA) / auto (MACT) =="
 	$(BIN)/chunk-run --hidden 512 --ffn 1408 --experts 8 --topk 2 --tokens 2048 --layers 4 \
-	  --synthetic hot:0.45 --recompute none,full,chunked:2,chunked:4,auto --device-mem 256MiB --table
+	  --synthetic hot:0.45 --recompute none,full,chunked:2,chunked:4,auto --device-mem 900MiB --alpha 1 --table
 	@echo
 	@echo "== mofa-predict: Llama-3-70B-class dense run and Mixtral-class MoE run on 1024 H100s =="
 	$(BIN)/mofa-predict --model $(LLAMA70B) --seq 8192 --cluster H100 --gpus 1024 \

@@ -75,12 +75,20 @@ def main():
     ap.add_argument("--ftk", default="target/release/chunk-run")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; best tokens/s per mode")
     a = ap.parse_args()
     skew = ["--synthetic", "hot:0.45", "--seed", "1"]
-    runs = {m: ftk(a.ftk, m, a.steps, a.threads, skew)
-            for m in ["full", "none", "chunked:1", "chunked:2", "chunked:4", "chunked:8"]}
+    modes = ["full", "none", "chunked:1", "chunked:2", "chunked:4", "chunked:8"]
+    runs = {m: ftk(a.ftk, m, a.steps, a.threads, skew) for m in modes}
     budget = (runs["chunked:2"]["peak_bytes"] + runs["full"]["peak_bytes"]) // 2
-    runs["auto"] = ftk(a.ftk, "auto", a.steps, a.threads, skew + ["--device-mem", str(budget), "--alpha", "1"])
+    auto = skew + ["--device-mem", str(budget), "--alpha", "1"]
+    runs["auto"] = ftk(a.ftk, "auto", a.steps, a.threads, auto)
+    # Throughput on a shared 2-core VM is noisy: alternate the modes for a few
+    # more rounds and keep each mode's best, so every mode sees the same noise.
+    for _ in range(a.rounds - 1):
+        for m in modes + ["auto"]:
+            r = ftk(a.ftk, m, a.steps, a.threads, auto if m == "auto" else skew)
+            runs[m]["tokens_per_s"] = max(runs[m]["tokens_per_s"], r["tokens_per_s"])
     full = runs["full"]
     for m, r in runs.items():
         print(json.dumps({
@@ -90,7 +98,7 @@ def main():
             "act_vs_full": round(r["peak_act_bytes"] / full["peak_act_bytes"], 4),
             "tokens_per_s": round(r["tokens_per_s"], 1),
             "tput_vs_full": round(r["tokens_per_s"] / full["tokens_per_s"], 4),
-            "max_expert_tokens": r["max_expert_tokens"], "threads": a.threads,
+            "max_expert_tokens": r["max_expert_tokens"], "threads": a.threads, "rounds": a.rounds,
             **({"device_mem": budget} if m == "auto" else {}),
         }), flush=True)
     for mode in ["none", "full"]:
