@@ -100,7 +100,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0.9)]
     pub alpha: f64,
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
-    pub chunk_bins: Vec<usize>,
+    pub chunk_bins: Vec<u64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Steps to run (one record each).
@@ -303,15 +303,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.layers == 0 || a.steps == 0 {
         ftk::bail!("--layers and --steps must be at least 1");
     }
-    if !(a.alpha > 0.0 && a.alpha <= 1.0) {
-        ftk::bail!("--alpha must be in (0, 1], got {}", a.alpha);
-    }
-    if a.chunk_bins.is_empty()
-        || a.chunk_bins.contains(&0)
-        || a.chunk_bins.windows(2).any(|w| w[0] >= w[1])
-    {
-        ftk::bail!("--chunk-bins must be ascending positive integers, e.g. 1,2,4,8");
-    }
+    mem_plan::check_mact_flags(a.alpha, &a.chunk_bins)?;
     if a.recompute.contains(&Recompute::Auto) && a.device_mem.is_none() {
         ftk::bail!("--recompute auto needs --device-mem (MACT sizes chunks to a memory budget)");
     }

@@ -22,7 +22,7 @@ pub enum Recompute {
 pub struct AutoCfg {
     /// s'_max: token copies one chunk may hold (from mem-plan's model).
     pub s_max: f64,
-    pub bins: Vec<usize>,
+    pub bins: Vec<u64>,
 }
 
 /// What a block keeps between its forward and backward.
@@ -52,14 +52,9 @@ fn chunk_bounds(t: usize, c: usize, i: usize) -> (usize, usize) {
 fn choose_chunks(sh: &Shape, auto: &AutoCfg) -> usize {
     // All experts are local here, so s'' (copies arriving) is T·k.
     let s = (sh.tokens * sh.topk) as f64;
-    let want = mem_plan::memory::mact_chunks(
-        s,
-        auto.s_max,
-        &auto.bins.iter().map(|&b| b as u64).collect::<Vec<_>>(),
-    );
+    let want = mem_plan::memory::mact_chunks(s, auto.s_max, &auto.bins);
     // No bin is large enough: take the largest and let the measurement show it.
-    want.map_or(*auto.bins.last().unwrap_or(&1), |c| c as usize)
-        .min(sh.tokens.max(1))
+    (want.or(auto.bins.last().copied()).unwrap_or(1) as usize).min(sh.tokens.max(1))
 }
 
 /// How a step keeps activations and routes tokens.

@@ -160,16 +160,20 @@ struct Summary<'a> {
     stages: &'a [plan::StageSummary],
 }
 
-fn check(a: &Args) -> Result<()> {
-    if !(a.alpha > 0.0 && a.alpha <= 1.0) {
-        ftk::bail!("--alpha must be in (0, 1], got {}", a.alpha);
+/// MACT's flags, shared with chunk-run: `--alpha` in (0, 1] and ascending
+/// positive `--chunk-bins`.
+pub fn check_mact_flags(alpha: f64, bins: &[u64]) -> Result<()> {
+    if !(alpha > 0.0 && alpha <= 1.0) {
+        ftk::bail!("--alpha must be in (0, 1], got {alpha}");
     }
-    if a.chunk_bins.is_empty()
-        || a.chunk_bins.contains(&0)
-        || a.chunk_bins.windows(2).any(|w| w[0] >= w[1])
-    {
+    if bins.is_empty() || bins.contains(&0) || bins.windows(2).any(|w| w[0] >= w[1]) {
         ftk::bail!("--chunk-bins must be ascending positive integers, e.g. 1,2,4,8");
     }
+    Ok(())
+}
+
+fn check(a: &Args) -> Result<()> {
+    check_mact_flags(a.alpha, &a.chunk_bins)?;
     if a.chunks == Some(0) {
         ftk::bail!("--chunks must be at least 1");
     }
