@@ -124,6 +124,7 @@ bench: build $(VENV)/.installed
 	$(PY) bench/chunk_run_bench.py
 	$(PY) bench/fed_aggregate_bench.py
 	$(PY) bench/fed_embed_bench.py
+	$(PY) bench/diffuse_synth_bench.py
 	$(PY) bench/mofa_bench.py
 
 # Regenerate the reference fixtures to a temp dir and byte-compare with testdata/.
