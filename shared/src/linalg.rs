@@ -1,4 +1,4 @@
-//! Row-major f32 matrix products on the `gemm` crate (runtime-dispatched
+//! Row-major f32/f64 matrix products on the `gemm` crate (runtime-dispatched
 //! AVX2/AVX-512 kernels, rayon-parallel), in the three orientations a linear
 //! layer's forward and backward need.
 
@@ -27,16 +27,32 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// Element types the products run on.
+pub trait Scalar: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+    const ONE: Self;
+}
+
+impl Scalar for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+}
+
+impl Scalar for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+}
+
 /// Shared driver: dst[m,n] (+)= lhs · rhs with explicit strides.
 #[allow(clippy::too_many_arguments)]
-fn run(
-    c: &mut [f32],
+fn run<T: Scalar>(
+    c: &mut [T],
     m: usize,
     n: usize,
     k: usize,
-    a: &[f32],
+    a: &[T],
     (a_rs, a_cs): (isize, isize),
-    b: &[f32],
+    b: &[T],
     (b_rs, b_cs): (isize, isize),
     acc: bool,
 ) {
@@ -46,7 +62,7 @@ fn run(
     }
     if k == 0 {
         if !acc {
-            c[..m * n].fill(0.0);
+            c[..m * n].fill(T::ZERO);
         }
         return;
     }
@@ -71,8 +87,8 @@ fn run(
             b.as_ptr(),
             b_cs,
             b_rs,
-            1.0,
-            1.0,
+            T::ONE,
+            T::ONE,
             false,
             false,
             false,
@@ -96,17 +112,33 @@ pub fn warm_up() {
 }
 
 /// c[m,n] (+)= a[m,k] · b[n,k]ᵀ — a linear layer `x Wᵀ` with W stored [out, in].
-pub fn matmul_bt(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc: bool) {
+pub fn matmul_bt<T: Scalar>(
+    c: &mut [T],
+    a: &[T],
+    b: &[T],
+    m: usize,
+    n: usize,
+    k: usize,
+    acc: bool,
+) {
     run(c, m, n, k, a, (k as isize, 1), b, (1, k as isize), acc)
 }
 
 /// c[m,n] (+)= a[m,k] · b[k,n] — the input gradient `g W`.
-pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc: bool) {
+pub fn matmul<T: Scalar>(c: &mut [T], a: &[T], b: &[T], m: usize, n: usize, k: usize, acc: bool) {
     run(c, m, n, k, a, (k as isize, 1), b, (n as isize, 1), acc)
 }
 
 /// c[m,n] (+)= a[k,m]ᵀ · b[k,n] — the weight gradient `gᵀ x`.
-pub fn matmul_at(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc: bool) {
+pub fn matmul_at<T: Scalar>(
+    c: &mut [T],
+    a: &[T],
+    b: &[T],
+    m: usize,
+    n: usize,
+    k: usize,
+    acc: bool,
+) {
     run(c, m, n, k, a, (1, m as isize), b, (n as isize, 1), acc)
 }
 

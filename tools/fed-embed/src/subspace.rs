@@ -14,7 +14,6 @@
 
 use crate::input::Matrix;
 use ftk::{bail, Result};
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 /// Rows per Gram block.
@@ -41,13 +40,6 @@ pub struct Subspace {
     pub numerical_rank: usize,
 }
 
-fn par() -> Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
-
 /// G = Xᵀ X in f64, [D, D] row-major.
 pub fn gram(x: &Matrix) -> Vec<f64> {
     let d = x.cols;
@@ -59,31 +51,8 @@ pub fn gram(x: &Matrix) -> Vec<f64> {
         blk.par_iter_mut()
             .zip(chunk.par_iter())
             .for_each(|(o, &v)| *o = f64::from(v));
-        // SAFETY: g is [d, d], blk is [rows, d]; strides below address
-        // exactly those ranges, and g does not alias blk.
-        unsafe {
-            gemm(
-                d,
-                d,
-                rows,
-                g.as_mut_ptr(),
-                1,
-                d as isize,
-                b > 0,
-                blk.as_ptr(),
-                d as isize,
-                1,
-                blk.as_ptr(),
-                1,
-                d as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                par(),
-            );
-        }
+        let blk: &[f64] = blk;
+        ftk::linalg::matmul_at(&mut g, blk, blk, d, d, rows, b > 0);
     }
     // Exactly symmetric for the eigensolver (it reads one triangle anyway).
     for i in 0..d {
