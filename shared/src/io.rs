@@ -42,19 +42,25 @@ pub fn read_text(path: &Path) -> Result<String> {
     Input::open(path)?.read_string()
 }
 
+/// A `.ftk-tmp*` file in `path`'s directory, so the final rename stays on
+/// one filesystem; removed when dropped unless persisted.
+pub fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir: PathBuf = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    tempfile::Builder::new()
+        .prefix(".ftk-tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io("cannot create a temporary file in", &dir, e))
+}
+
 /// Write `path` atomically: the content goes to a temporary file in the same
 /// directory, is flushed and fsynced, then renamed over `path`. If `fill`
 /// fails or the process dies, `path` is untouched and the temporary is removed
 /// (or, after a kill, left as an obviously named `.ftk-tmp*` file).
 pub fn write_atomic(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
-    let dir: PathBuf = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = tempfile::Builder::new()
-        .prefix(".ftk-tmp")
-        .tempfile_in(&dir)
-        .map_err(|e| Error::io("cannot create a temporary file in", &dir, e))?;
+    let tmp = temp_beside(path)?;
     let mut w = io::BufWriter::with_capacity(1 << 20, tmp);
     fill(&mut w)?;
     w.flush().map_err(|e| Error::io("writing", path, e))?;

@@ -13,8 +13,8 @@
 //! renames.
 
 use crate::error::{Error, Result};
-use crate::tensors::dtype_bytes;
-use safetensors::tensor::{Metadata, TensorInfo};
+use crate::io::temp_beside;
+use crate::tensors::{layout, Layout};
 use safetensors::Dtype;
 use std::collections::HashMap;
 use std::io::Write;
@@ -53,48 +53,14 @@ impl StreamWriter {
         specs: &[TensorSpec],
         metadata: Option<HashMap<String, String>>,
     ) -> Result<StreamWriter> {
-        let mut order: Vec<usize> = (0..specs.len()).collect();
-        order.sort_by(|&a, &b| {
-            specs[b]
-                .dtype
-                .cmp(&specs[a].dtype)
-                .then(specs[a].name.cmp(&specs[b].name))
-        });
-        let mut infos = Vec::with_capacity(specs.len());
-        let mut rel = vec![(0u64, 0u64); specs.len()];
-        let mut offset = 0usize;
-        for &i in &order {
-            let s = &specs[i];
-            let w = dtype_bytes(s.dtype).ok_or_else(|| {
-                Error::input(format!("cannot write sub-byte dtype {:?}", s.dtype))
-            })?;
-            let n = s.shape.iter().product::<usize>() * w;
-            infos.push((
-                s.name.clone(),
-                TensorInfo {
-                    dtype: s.dtype,
-                    shape: s.shape.clone(),
-                    data_offsets: (offset, offset + n),
-                },
-            ));
-            rel[i] = (offset as u64, n as u64);
-            offset += n;
-        }
-        let meta = Metadata::new(metadata, infos)
-            .map_err(|e| Error::input(format!("cannot build safetensors header: {e}")))?;
-        let mut header = serde_json::to_vec(&meta)
-            .map_err(|e| Error::input(format!("cannot encode header: {e}")))?;
-        header.resize(header.len().next_multiple_of(8), b' ');
-        let dir: PathBuf = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".ftk-tmp")
-            .tempfile_in(&dir)
-            .map_err(|e| Error::io("cannot create a temporary file in", &dir, e))?;
+        let shapes: Vec<(&str, Dtype, &[usize])> = specs
+            .iter()
+            .map(|s| (s.name.as_str(), s.dtype, s.shape.as_slice()))
+            .collect();
+        let Layout { header, slots: rel } = layout(&shapes, metadata)?;
+        let mut tmp = temp_beside(path)?;
         let data_start = 8 + header.len() as u64;
-        let total = offset as u64;
+        let total = rel.iter().map(|&(_, n)| n as u64).sum();
         {
             let f = tmp.as_file_mut();
             f.set_len(data_start + total)
@@ -106,7 +72,10 @@ impl StreamWriter {
         Ok(StreamWriter {
             path: path.to_path_buf(),
             tmp,
-            slots: rel.into_iter().map(|(o, n)| (data_start + o, n)).collect(),
+            slots: rel
+                .into_iter()
+                .map(|(o, n)| (data_start + o as u64, n as u64))
+                .collect(),
             total,
             written: AtomicU64::new(0),
         })

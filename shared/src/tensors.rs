@@ -323,22 +323,65 @@ impl<'a> OutTensor<'a> {
     }
 }
 
-/// Write tensors to `path` atomically, in the layout the safetensors crate
-/// itself produces (data ordered by descending dtype alignment, then name;
-/// header padded to 8 bytes), streaming each tensor's bytes once.
+/// A file's header and where each tensor's bytes go.
+pub(crate) struct Layout {
+    /// The JSON header, padded; written after its 8-byte length.
+    pub header: Vec<u8>,
+    /// (offset, length) of each tensor in the data section, in spec order.
+    pub slots: Vec<(usize, usize)>,
+}
+
+/// The layout the safetensors crate itself produces for tensors named,
+/// typed and shaped as `specs`: data ordered by descending dtype alignment,
+/// then name; header padded to 8 bytes. Returns the header (without its
+/// 8-byte length prefix) and each spec's (offset, length) in the data
+/// section, in the order given (see [`Layout`]).
+pub(crate) fn layout(
+    specs: &[(&str, Dtype, &[usize])],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Layout> {
+    let mut order: Vec<usize> = (0..specs.len()).collect();
+    order.sort_by(|&a, &b| specs[b].1.cmp(&specs[a].1).then(specs[a].0.cmp(specs[b].0)));
+    let mut infos = Vec::with_capacity(specs.len());
+    let mut slots = vec![(0usize, 0usize); specs.len()];
+    let mut offset = 0usize;
+    for &i in &order {
+        let (name, dtype, shape) = specs[i];
+        let w = dtype_bytes(dtype)
+            .ok_or_else(|| Error::input(format!("cannot write sub-byte dtype {dtype:?}")))?;
+        let n = shape.iter().product::<usize>() * w;
+        infos.push((
+            name.to_string(),
+            TensorInfo {
+                dtype,
+                shape: shape.to_vec(),
+                data_offsets: (offset, offset + n),
+            },
+        ));
+        slots[i] = (offset, n);
+        offset += n;
+    }
+    let meta = Metadata::new(metadata, infos)
+        .map_err(|e| Error::input(format!("cannot build safetensors header: {e}")))?;
+    let mut header = serde_json::to_vec(&meta)
+        .map_err(|e| Error::input(format!("cannot encode header: {e}")))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    Ok(Layout { header, slots })
+}
+
+/// Write tensors to `path` atomically, in the safetensors crate's own
+/// layout (see [`layout`]), streaming each tensor's bytes once.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[OutTensor<'_>],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let mut order: Vec<&OutTensor> = tensors.iter().collect();
-    order.sort_by(|a, b| b.dtype.cmp(&a.dtype).then(a.name.cmp(&b.name)));
-    let mut infos = Vec::with_capacity(order.len());
-    let mut offset = 0usize;
-    for t in &order {
-        let w = dtype_bytes(t.dtype)
-            .ok_or_else(|| Error::input(format!("cannot write sub-byte dtype {:?}", t.dtype)))?;
-        let n = t.shape.iter().product::<usize>() * w;
+    let specs: Vec<(&str, Dtype, &[usize])> = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice()))
+        .collect();
+    let Layout { header, slots } = layout(&specs, metadata)?;
+    for (t, &(_, n)) in tensors.iter().zip(&slots) {
         if n != t.data.len() {
             return Err(Error::input(format!(
                 "tensor '{}': shape {:?} needs {n} bytes, got {}",
@@ -347,28 +390,16 @@ pub fn write_safetensors(
                 t.data.len()
             )));
         }
-        infos.push((
-            t.name.clone(),
-            TensorInfo {
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-                data_offsets: (offset, offset + n),
-            },
-        ));
-        offset += n;
     }
-    let meta = Metadata::new(metadata, infos)
-        .map_err(|e| Error::input(format!("cannot build safetensors header: {e}")))?;
-    let mut header = serde_json::to_vec(&meta)
-        .map_err(|e| Error::input(format!("cannot encode header: {e}")))?;
-    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by_key(|&i| slots[i].0);
     write_atomic(path, |w| {
         let io = |e| Error::io("writing", path, e);
         w.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io)?;
         w.write_all(&header).map_err(io)?;
-        for t in &order {
-            w.write_all(&t.data).map_err(io)?;
+        for &i in &order {
+            w.write_all(&tensors[i].data).map_err(io)?;
         }
         Ok(())
     })
