@@ -79,6 +79,14 @@ fn non_finite_msg(label: &str, tensor: &str, k: usize, v: f64) -> String {
 }
 
 impl<'a> Job<'a> {
+    /// A NaN/Inf in one source's values: that client is at fault.
+    fn non_finite(&self, src: &Src, spec: &Spec, k: usize, v: f64) -> Fault {
+        Fault::Client(
+            src.origin,
+            non_finite_msg(&self.origins[src.origin].label, &spec.name, k, v),
+        )
+    }
+
     fn units(&self) -> Vec<Unit> {
         let mut u = Vec::new();
         for (i, s) in self.specs.iter().enumerate() {
@@ -142,15 +150,7 @@ impl<'a> Job<'a> {
     fn load_src(&self, spec: &Spec, src: &Src, u: Unit, g: &[f64], out: &mut [f64]) -> R<()> {
         self.read(&src.t, u.start, out);
         if let Some(k) = kernel::first_non_finite(out) {
-            return Err(Fault::Client(
-                src.origin,
-                non_finite_msg(
-                    &self.origins[src.origin].label,
-                    &spec.name,
-                    u.start + k,
-                    out[k],
-                ),
-            ));
+            return Err(self.non_finite(src, spec, u.start + k, out[k]));
         }
         if let (Some(dp), false) = (&self.dp, src.summed) {
             let s = dp.scale[src.origin];
@@ -201,15 +201,7 @@ impl<'a> Job<'a> {
                 }
                 if !acc.is_finite() {
                     let k = kernel::first_non_finite(&s.buf).unwrap_or(0);
-                    return Err(Fault::Client(
-                        src.origin,
-                        non_finite_msg(
-                            &self.origins[src.origin].label,
-                            &spec.name,
-                            u.start + k,
-                            s.buf[k],
-                        ),
-                    ));
+                    return Err(self.non_finite(src, spec, u.start + k, s.buf[k]));
                 }
                 sq[src.origin] += acc;
             }
