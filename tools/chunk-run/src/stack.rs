@@ -99,26 +99,22 @@ pub fn step(
         };
         chunks.push(c);
         let mut y = xin.to_vec();
-        let keep = match mode {
-            Recompute::None => {
-                let d = moe::dispatch(sh, &r, 0, t);
+        let keep = if mode == Recompute::None {
+            let d = moe::dispatch(sh, &r, 0, t);
+            let acts = moe::experts_forward(sh, &lts[l], xin, &d);
+            moe::combine(sh, &mut y, &acts.o, &d, &r);
+            Saved::All(r, d, acts)
+        } else {
+            // Full recompute is the one-chunk case; its expert buffers die here too.
+            for i in 0..c {
+                let (t0, t1) = chunk_bounds(t, c, i);
+                let d = moe::dispatch(sh, &r, t0, t1);
                 let acts = moe::experts_forward(sh, &lts[l], xin, &d);
                 moe::combine(sh, &mut y, &acts.o, &d, &r);
-                Saved::All(r, d, acts)
             }
-            Recompute::Full => {
-                let d = moe::dispatch(sh, &r, 0, t);
-                let acts = moe::experts_forward(sh, &lts[l], xin, &d);
-                moe::combine(sh, &mut y, &acts.o, &d, &r);
+            if mode == Recompute::Full {
                 Saved::Input
-            }
-            Recompute::Chunked(_) | Recompute::Auto => {
-                for i in 0..c {
-                    let (t0, t1) = chunk_bounds(t, c, i);
-                    let d = moe::dispatch(sh, &r, t0, t1);
-                    let acts = moe::experts_forward(sh, &lts[l], xin, &d);
-                    moe::combine(sh, &mut y, &acts.o, &d, &r);
-                }
+            } else {
                 Saved::Routing(r, c)
             }
         };
@@ -140,14 +136,13 @@ pub fn step(
                 moe::experts_backward(sh, lw, gw, gin, acts, &d, &r, &mut dx, &mut dw);
                 r
             }
-            Saved::Input => {
-                let r = moe::route(sh, xin, lw, forced_of(l));
-                let d = moe::dispatch(sh, &r, 0, t);
-                let acts = moe::experts_forward(sh, &lts[l], xin, &d);
-                moe::experts_backward(sh, lw, gw, gin, acts, &d, &r, &mut dx, &mut dw);
-                r
-            }
-            Saved::Routing(r, c) => {
+            kept => {
+                // Full recompute re-routes the whole batch as one chunk;
+                // chunked recompute kept its routing.
+                let (r, c) = match kept {
+                    Saved::Routing(r, c) => (r, c),
+                    _ => (moe::route(sh, xin, lw, forced_of(l)), 1),
+                };
                 for i in 0..c {
                     let (t0, t1) = chunk_bounds(t, c, i);
                     let d = moe::dispatch(sh, &r, t0, t1);
