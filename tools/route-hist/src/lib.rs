@@ -96,8 +96,9 @@ pub struct Args {
     /// Print an aligned table for people instead of JSON lines.
     #[arg(long)]
     pub table: bool,
-    /// Where to count top-k traces: auto (CUDA when a GPU is present), cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
+    /// Where to count top-k traces: cpu, auto (CUDA when a GPU is present), cuda or cuda:N.
+    /// The default stays cpu until the CUDA path has been checked on a GPU.
+    #[arg(long, default_value = "cpu")]
     pub device: ftk::device::DeviceArg,
 }
 
