@@ -1,5 +1,7 @@
 // Weighted accumulation of client tensors into an f64 accumulator:
-// acc[i] += w * x[i], for f32, f16 and bf16 inputs. Half conversions are
+// acc[i] += w * x[i], for f32, f16 and bf16 inputs. The product and the sum
+// are rounded separately (__dmul_rn, __dadd_rn: never fused into an FMA), as
+// the CPU path computes them, so both give the same bits. Half conversions are
 // written out bit by bit so no CUDA header is needed.
 
 __device__ __forceinline__ float bf16_to_f32(unsigned short b) {
@@ -30,19 +32,19 @@ __device__ __forceinline__ float f16_to_f32(unsigned short h) {
 extern "C" __global__ void axpy_f32(double* acc, const float* x, double w, unsigned long long n) {
     unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        acc[i] += w * (double)x[i];
+        acc[i] = __dadd_rn(acc[i], __dmul_rn(w, (double)x[i]));
 }
 
 extern "C" __global__ void axpy_bf16(double* acc, const unsigned short* x, double w, unsigned long long n) {
     unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        acc[i] += w * (double)bf16_to_f32(x[i]);
+        acc[i] = __dadd_rn(acc[i], __dmul_rn(w, (double)bf16_to_f32(x[i])));
 }
 
 extern "C" __global__ void axpy_f16(double* acc, const unsigned short* x, double w, unsigned long long n) {
     unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        acc[i] += w * (double)f16_to_f32(x[i]);
+        acc[i] = __dadd_rn(acc[i], __dmul_rn(w, (double)f16_to_f32(x[i])));
 }
 
 // out[i] = acc[i] * scale, back to f32 (the weighted mean).

@@ -363,8 +363,19 @@ pub(crate) fn layout(
     }
     let meta = Metadata::new(metadata, infos)
         .map_err(|e| Error::input(format!("cannot build safetensors header: {e}")))?;
-    let mut header = serde_json::to_vec(&meta)
-        .map_err(|e| Error::input(format!("cannot encode header: {e}")))?;
+    // The metadata map is a HashMap, whose order changes from process to
+    // process: sort it so that the same tensors give the same bytes.
+    let enc = |e: serde_json::Error| Error::input(format!("cannot encode header: {e}"));
+    let mut value = serde_json::to_value(&meta).map_err(enc)?;
+    if let Some(m) = value
+        .get_mut("__metadata__")
+        .and_then(|m| m.as_object_mut())
+    {
+        let mut sorted: Vec<_> = std::mem::take(m).into_iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        m.extend(sorted);
+    }
+    let mut header = serde_json::to_vec(&value).map_err(enc)?;
     header.resize(header.len().next_multiple_of(8), b' ');
     Ok(Layout { header, slots })
 }
@@ -478,6 +489,26 @@ mod tests {
         let e = TensorFile::open(&p).err().unwrap();
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn metadata_order_does_not_change_the_bytes() {
+        // Each HashMap has its own random iteration order; 32 keys make an
+        // accidental match of two orders vanishingly unlikely.
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, keys: Vec<usize>| {
+            let meta: HashMap<String, String> = keys
+                .into_iter()
+                .map(|k| (format!("key{k}"), k.to_string()))
+                .collect();
+            let p = dir.path().join(name);
+            write_safetensors(&p, &[OutTensor::f32("t", vec![2], &[1.0, 2.0])], Some(meta))
+                .unwrap();
+            std::fs::read(p).unwrap()
+        };
+        let a = write("a", (0..32).collect());
+        let b = write("b", (0..32).rev().collect());
+        assert_eq!(a, b);
     }
 
     #[test]

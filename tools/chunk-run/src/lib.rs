@@ -3,12 +3,14 @@
 //! (MACT) recompute, with MEASURED peak memory and throughput.
 
 pub use ftk::linalg;
+pub mod gpu;
 pub mod moe;
 pub mod stack;
 pub mod weights;
 
 use clap::Parser;
 use ftk::cli::Stdout;
+use ftk::device::{Device, DeviceArg};
 use ftk::model::ModelConfig;
 use ftk::size::parse_size;
 use ftk::table::Table;
@@ -18,7 +20,7 @@ use mem_plan::memory::{block_peak_act, block_s_prime_max, BlockDims, BlockMode};
 use moe::{LayerT, LayerW, Shape};
 use route_hist::synth::{LayerModel, Skew};
 use serde::Serialize;
-use stack::{AutoCfg, Recompute, StepCfg};
+use stack::{AutoCfg, CpuEngine, Engine, Recompute, StepCfg};
 use std::path::PathBuf;
 
 const AFTER_HELP: &str = "\
@@ -29,7 +31,10 @@ with loss = Σ y·dy, and prints one record:
    \"step_ms\",\"tokens_per_s\",\"loss\"}
 Memory is measured by a counting allocator: peak_bytes is the heap high-water mark, and
 peak_act_bytes that mark minus what was live before the step (weights, gradient buffers,
-x and dy). predicted_act_bytes is mem-plan's itemised model of the same run.
+x and dy). predicted_act_bytes is mem-plan's itemised model of the same run. On CUDA
+(--device cuda) the same is counted over device buffers (like PyTorch's
+max_memory_allocated), and device_reserved_bytes is what the driver reports in use after
+the step (cuMemGetInfo) minus what it reported before the first step.
 
 Recompute modes:
   none        keep every activation
@@ -49,7 +54,9 @@ Examples:
   chunk-run --hidden 1024 --ffn 2816 --experts 8 --topk 2 --tokens 4096 --layers 4 \\
             --synthetic hot:0.45 --recompute none,full,chunked:4 --table
   chunk-run --model mixtral/config.json --hidden 512 --ffn 1024 --recompute auto --device-mem 2GiB
-  chunk-run --weights layer.safetensors --input x.safetensors --topk 2 --grads-out grads.safetensors";
+  chunk-run --weights layer.safetensors --input x.safetensors --topk 2 --grads-out grads.safetensors
+  chunk-run --device cuda --dtype bf16 --hidden 4096 --ffn 14336 --experts 8 --topk 2 \
+            --tokens 16384 --recompute none,chunked:4 --table";
 
 /// A real MoE training step with none / full / chunked (FCDA) / auto (MACT) recompute.
 #[derive(Parser, Debug)]
@@ -109,6 +116,13 @@ pub struct Args {
     /// Write y and every gradient of the last step here (safetensors, atomic).
     #[arg(long, value_name = "FILE")]
     pub grads_out: Option<PathBuf>,
+    /// Where the step runs: auto (CUDA when a GPU is present), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Expert weights and activations: f32, or bf16 (CUDA only; f32 accumulation,
+    /// f32 router, residual stream and weight gradients).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub dtype: String,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -151,6 +165,10 @@ struct Record {
     peak_act_bytes: u64,
     predicted_act_bytes: u64,
     peak_bytes: u64,
+    device: String,
+    dtype: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_reserved_bytes: Option<u64>,
     fwd_ms: f64,
     bwd_ms: f64,
     step_ms: f64,
@@ -340,121 +358,258 @@ pub fn run(a: Args) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let forced = forced_routing(&a, &sh)?;
-    let lts: Vec<LayerT> = layers.iter().map(|lw| LayerT::new(&sh, lw)).collect();
+    let device = a.device.resolve()?;
+    if a.dtype == "bf16" && device == Device::Cpu {
+        ftk::bail!("--dtype bf16 runs on CUDA only (--device cuda); the CPU path is f32");
+    }
     let mut grads: Vec<LayerW> = (0..a.layers).map(|_| LayerW::zeros(&sh)).collect();
-    let dims = BlockDims {
-        t: sh.tokens as f64,
-        h: sh.hidden as f64,
-        f: sh.ffn as f64,
-        e: sh.experts as f64,
-        k: sh.topk as f64,
-        layers: a.layers as f64,
+    let run = Run {
+        a: &a,
+        sh,
+        dy: &dy,
+        forced: forced.as_deref(),
+        device,
     };
-    let mut out = Stdout::new();
-    let mut table = a.table.then(|| {
-        Table::new([
-            "step",
-            "recompute",
-            "chunks",
-            "peak_act",
-            "predicted",
-            "peak",
-            "fwd_ms",
-            "bwd_ms",
-            "tokens/s",
-        ])
-    });
-    linalg::warm_up();
-    let mut last = None;
-    for (mode, step) in a
-        .recompute
-        .iter()
-        .flat_map(|&m| (0..a.steps).map(move |s| (m, s)))
-    {
-        grads.iter_mut().for_each(LayerW::fill_zero);
-        let base = ftk::alloc::live();
-        let auto = a.device_mem.map(|m| AutoCfg {
-            s_max: block_s_prime_max(&dims, m as f64 * a.alpha, base as f64),
-            bins: a.chunk_bins.clone(),
-        });
-        ftk::alloc::reset_peak();
-        let t0 = std::time::Instant::now();
-        let cfg = StepCfg {
-            mode,
-            forced: forced.as_deref(),
-            auto: auto.as_ref(),
-        };
-        let r = stack::step(&sh, &layers, &lts, &mut grads, &x, &dy, &cfg);
-        let step_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let peak = ftk::alloc::peak();
-        let c_max = r.chunks.iter().copied().max().unwrap_or(1);
-        let bmode = match mode {
-            Recompute::None => BlockMode::None,
-            Recompute::Full => BlockMode::Full,
-            _ => BlockMode::Chunked(c_max as f64),
-        };
-        let loss: f64 =
-            r.y.iter()
-                .zip(&dy)
-                .map(|(p, q)| f64::from(*p) * f64::from(*q))
-                .sum();
-        if !loss.is_finite() {
-            ftk::bail!("the step produced a non-finite loss ({loss}); check the inputs and weights for huge values");
+    let last = match device {
+        Device::Cpu => {
+            let lts: Vec<LayerT> = layers.iter().map(|lw| LayerT::new(&sh, lw)).collect();
+            linalg::warm_up();
+            let mut eng = CpuEngine {
+                sh,
+                layers: &layers,
+                lts: &lts,
+                grads: &mut grads,
+            };
+            run.drive(&mut eng, &x, &dy)?
         }
-        let rec = Record {
-            kind: "chunk_run",
-            step,
-            recompute: mode_name(mode),
-            chunks: c_max,
-            chunks_per_layer: r.chunks.clone(),
-            layers: a.layers,
-            tokens: sh.tokens,
-            max_expert_tokens: r.max_expert_tokens,
-            peak_act_bytes: peak.saturating_sub(base) as u64,
-            predicted_act_bytes: block_peak_act(&dims, bmode).round() as u64,
-            peak_bytes: peak as u64,
-            fwd_ms: r.fwd_ms,
-            bwd_ms: r.bwd_ms,
-            step_ms,
-            tokens_per_s: sh.tokens as f64 / (step_ms / 1e3),
-            loss,
-        };
-        match &mut table {
-            Some(t) => {
-                let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
-                t.row(vec![
-                    step.to_string(),
-                    if let Recompute::Chunked(c) = mode {
-                        format!("chunked:{c}")
-                    } else {
-                        rec.recompute.to_string()
-                    },
-                    format!("{:?}", rec.chunks_per_layer),
-                    mib(rec.peak_act_bytes),
-                    mib(rec.predicted_act_bytes),
-                    mib(rec.peak_bytes),
-                    format!("{:.1}", rec.fwd_ms),
-                    format!("{:.1}", rec.bwd_ms),
-                    format!("{:.0}", rec.tokens_per_s),
-                ]);
-            }
-            None => {
-                ftk::jsonl::write_record(&mut out, &rec)?;
-                out.flush()?;
+        Device::Cuda(n) => {
+            if a.dtype == "bf16" {
+                run.drive_gpu::<half::bf16>(n, &layers, &x, &mut grads)?
+            } else {
+                run.drive_gpu::<f32>(n, &layers, &x, &mut grads)?
             }
         }
-        last = Some(r);
-    }
-    if let Some(t) = &table {
-        t.print(&mut out)?;
-    }
-    out.flush()?;
-    if let (Some(path), Some(r)) = (&a.grads_out, &last) {
+    };
+    if let (Some(path), Some((y, dx))) = (&a.grads_out, &last) {
         ftk::tensors::write_safetensors(
             path,
-            &weights::grad_tensors(&grads, &sh, &prefix, &r.y, &r.dx),
+            &weights::grad_tensors(&grads, &sh, &prefix, y, dx),
             None,
         )?;
     }
     Ok(())
+}
+
+/// Memory accounting and host transfers an engine offers the driver loop.
+pub trait Measured: Engine {
+    /// Bytes counted live now (heap on the CPU, device buffers on CUDA).
+    fn live(&self) -> usize;
+    fn peak(&self) -> usize;
+    fn reset_peak(&self);
+    fn zero_grads(&mut self) -> Result<()>;
+    fn to_host(&self, b: &Self::Buf) -> Result<Vec<f32>>;
+    /// What the device driver reports in use, where there is one.
+    fn reserved(&self) -> Result<Option<usize>>;
+}
+
+impl Measured for CpuEngine<'_> {
+    fn live(&self) -> usize {
+        ftk::alloc::live()
+    }
+    fn peak(&self) -> usize {
+        ftk::alloc::peak()
+    }
+    fn reset_peak(&self) {
+        ftk::alloc::reset_peak()
+    }
+    fn zero_grads(&mut self) -> Result<()> {
+        self.grads.iter_mut().for_each(LayerW::fill_zero);
+        Ok(())
+    }
+    fn to_host(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(b.clone())
+    }
+    fn reserved(&self) -> Result<Option<usize>> {
+        Ok(None)
+    }
+}
+
+impl<T: gpu::Act> Measured for gpu::GpuEngine<T> {
+    fn live(&self) -> usize {
+        self.mem.live()
+    }
+    fn peak(&self) -> usize {
+        self.mem.peak()
+    }
+    fn reset_peak(&self) {
+        self.mem.reset_peak()
+    }
+    fn zero_grads(&mut self) -> Result<()> {
+        gpu::GpuEngine::zero_grads(self)
+    }
+    fn to_host(&self, b: &gpu::DBuf<f32>) -> Result<Vec<f32>> {
+        self.download(b)
+    }
+    fn reserved(&self) -> Result<Option<usize>> {
+        self.synchronize()?;
+        self.device_used().map(Some)
+    }
+}
+
+/// One invocation's settings, shared by the CPU and CUDA drivers.
+struct Run<'a> {
+    a: &'a Args,
+    sh: Shape,
+    dy: &'a [f32],
+    forced: Option<&'a [Vec<u32>]>,
+    device: Device,
+}
+
+impl Run<'_> {
+    fn drive_gpu<T: gpu::Act>(
+        &self,
+        ordinal: usize,
+        layers: &[LayerW],
+        x: &[f32],
+        grads: &mut [LayerW],
+    ) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let mut eng = gpu::GpuEngine::<T>::new(ordinal, &self.sh, layers, self.forced)?;
+        let xd = eng.upload(x)?;
+        let dyd = eng.upload(self.dy)?;
+        let last = self.drive(&mut eng, &xd, &dyd)?;
+        for (l, gw) in grads.iter_mut().enumerate() {
+            eng.grads_into(l, gw)?;
+        }
+        Ok(last)
+    }
+
+    /// Every (mode, step): zero the gradients, run the step, print its record.
+    /// Returns the last step's y and input gradient.
+    fn drive<E: Measured>(
+        &self,
+        eng: &mut E,
+        x: &E::Buf,
+        dy: &E::Buf,
+    ) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let (a, sh) = (self.a, &self.sh);
+        let dims = BlockDims {
+            t: sh.tokens as f64,
+            h: sh.hidden as f64,
+            f: sh.ffn as f64,
+            e: sh.experts as f64,
+            k: sh.topk as f64,
+            layers: a.layers as f64,
+            elem: if a.dtype == "bf16" { 2.0 } else { 4.0 },
+        };
+        let mut out = Stdout::new();
+        let mut table = a.table.then(|| {
+            Table::new([
+                "step",
+                "recompute",
+                "chunks",
+                "peak_act",
+                "predicted",
+                "peak",
+                "fwd_ms",
+                "bwd_ms",
+                "tokens/s",
+            ])
+        });
+        let reserved0 = eng.reserved()?;
+        let mut last = None;
+        for (mode, step) in a
+            .recompute
+            .iter()
+            .flat_map(|&m| (0..a.steps).map(move |s| (m, s)))
+        {
+            eng.zero_grads()?;
+            let base = eng.live();
+            let auto = a.device_mem.map(|m| AutoCfg {
+                s_max: block_s_prime_max(&dims, m as f64 * a.alpha, base as f64),
+                bins: a.chunk_bins.clone(),
+            });
+            eng.sync()?;
+            eng.reset_peak();
+            let t0 = std::time::Instant::now();
+            let cfg = StepCfg {
+                mode,
+                forced: self.forced,
+                auto: auto.as_ref(),
+            };
+            let r = stack::step(eng, sh, a.layers, x, dy, &cfg)?;
+            let step_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let peak = eng.peak();
+            let reserved = match (reserved0, eng.reserved()?) {
+                (Some(b), Some(n)) => Some(n.saturating_sub(b) as u64),
+                _ => None,
+            };
+            let c_max = r.chunks.iter().copied().max().unwrap_or(1);
+            let bmode = match mode {
+                Recompute::None => BlockMode::None,
+                Recompute::Full => BlockMode::Full,
+                _ => BlockMode::Chunked(c_max as f64),
+            };
+            let y = eng.to_host(&r.y)?;
+            let loss: f64 = y
+                .iter()
+                .zip(self.dy)
+                .map(|(p, q)| f64::from(*p) * f64::from(*q))
+                .sum();
+            if !loss.is_finite() {
+                ftk::bail!("the step produced a non-finite loss ({loss}); check the inputs and weights for huge values");
+            }
+            let rec = Record {
+                kind: "chunk_run",
+                step,
+                recompute: mode_name(mode),
+                chunks: c_max,
+                chunks_per_layer: r.chunks.clone(),
+                layers: a.layers,
+                tokens: sh.tokens,
+                max_expert_tokens: r.max_expert_tokens,
+                peak_act_bytes: peak.saturating_sub(base) as u64,
+                predicted_act_bytes: block_peak_act(&dims, bmode).round() as u64,
+                peak_bytes: peak as u64,
+                device: self.device.to_string(),
+                dtype: a.dtype.clone(),
+                device_reserved_bytes: reserved,
+                fwd_ms: r.fwd_ms,
+                bwd_ms: r.bwd_ms,
+                step_ms,
+                tokens_per_s: sh.tokens as f64 / (step_ms / 1e3),
+                loss,
+            };
+            match &mut table {
+                Some(t) => {
+                    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+                    t.row(vec![
+                        step.to_string(),
+                        if let Recompute::Chunked(c) = mode {
+                            format!("chunked:{c}")
+                        } else {
+                            rec.recompute.to_string()
+                        },
+                        format!("{:?}", rec.chunks_per_layer),
+                        mib(rec.peak_act_bytes),
+                        mib(rec.predicted_act_bytes),
+                        mib(rec.peak_bytes),
+                        format!("{:.1}", rec.fwd_ms),
+                        format!("{:.1}", rec.bwd_ms),
+                        format!("{:.0}", rec.tokens_per_s),
+                    ]);
+                }
+                None => {
+                    ftk::jsonl::write_record(&mut out, &rec)?;
+                    out.flush()?;
+                }
+            }
+            let dx = eng.to_host(&r.dx)?;
+            last = Some((y, dx));
+        }
+        if let Some(t) = &table {
+            t.print(&mut out)?;
+        }
+        out.flush()?;
+        Ok(last)
+    }
 }

@@ -173,16 +173,16 @@ impl Dispatch {
         self.rows.len()
     }
 
-    fn group(&self, e: usize) -> (usize, usize) {
+    pub fn group(&self, e: usize) -> (usize, usize) {
         (self.offsets[e], self.offsets[e + 1])
     }
 }
 
 /// Counting sort of the token copies of [t0, t1) by expert (stable in token order).
-pub fn dispatch(sh: &Shape, r: &Routing, t0: usize, t1: usize) -> Dispatch {
+pub fn dispatch(sh: &Shape, idx: &[u32], t0: usize, t1: usize) -> Dispatch {
     let (e, k) = (sh.experts, sh.topk);
     let mut offsets = vec![0usize; e + 1];
-    for &x in &r.idx[t0 * k..t1 * k] {
+    for &x in &idx[t0 * k..t1 * k] {
         offsets[x as usize + 1] += 1;
     }
     for i in 0..e {
@@ -194,7 +194,7 @@ pub fn dispatch(sh: &Shape, r: &Routing, t0: usize, t1: usize) -> Dispatch {
     let mut slot = vec![0u32; n];
     let mut inv = vec![0u32; n];
     for s in t0 * k..t1 * k {
-        let ex = r.idx[s] as usize;
+        let ex = idx[s] as usize;
         let row = next[ex];
         next[ex] += 1;
         rows[row] = (s / k) as u32;

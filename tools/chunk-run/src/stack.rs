@@ -5,6 +5,7 @@
 //! backward) and auto (MACT: C per layer from the tokens that arrive).
 
 use crate::moe::{self, Acts, Dispatch, LayerT, LayerW, Routing, Shape};
+use ftk::Result;
 use std::time::Instant;
 
 /// How activations are kept.
@@ -26,19 +27,139 @@ pub struct AutoCfg {
 }
 
 /// What a block keeps between its forward and backward.
-enum Saved {
+enum Saved<E: Engine> {
     /// Everything (no recompute).
-    All(Routing, Dispatch, Acts),
+    All(E::Route, E::Disp, E::Acts),
     /// Only the block input (full recompute).
     Input,
     /// The routing of the whole batch; experts recomputed per chunk.
-    Routing(Routing, usize),
+    Routing(E::Route, usize),
+}
+
+/// The operations of one MoE block on a device. The step below is written
+/// once against this; the CPU ([`CpuEngine`]) and CUDA (`gpu::GpuEngine`)
+/// implementations keep the same buffers alive in the same order, so both
+/// follow mem-plan's itemised `block_*` terms. Weights and weight gradients
+/// live inside the engine; `l` names the layer.
+pub trait Engine {
+    /// A residual-stream tensor [T,h] (f32).
+    type Buf;
+    /// One layer's routing of the whole batch.
+    type Route;
+    /// The token copies of one chunk grouped by expert.
+    type Disp;
+    /// Expert activations kept for backward.
+    type Acts;
+    /// Combine-weight gradients [T·k].
+    type Dw;
+    fn copy(&mut self, x: &Self::Buf) -> Result<Self::Buf>;
+    fn route(&mut self, l: usize, x: &Self::Buf, forced: Option<&[u32]>) -> Result<Self::Route>;
+    /// The chosen expert ids [T·k], on the host.
+    fn ids<'a>(&self, r: &'a Self::Route) -> &'a [u32];
+    fn dispatch(&mut self, r: &Self::Route, t0: usize, t1: usize) -> Result<Self::Disp>;
+    fn experts_forward(&mut self, l: usize, x: &Self::Buf, d: &Self::Disp) -> Result<Self::Acts>;
+    fn combine(
+        &mut self,
+        y: &mut Self::Buf,
+        a: &Self::Acts,
+        d: &Self::Disp,
+        r: &Self::Route,
+    ) -> Result<()>;
+    fn new_dw(&mut self) -> Result<Self::Dw>;
+    #[allow(clippy::too_many_arguments)]
+    fn experts_backward(
+        &mut self,
+        l: usize,
+        g: &Self::Buf,
+        a: Self::Acts,
+        d: &Self::Disp,
+        r: &Self::Route,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Dw,
+    ) -> Result<()>;
+    fn router_backward(
+        &mut self,
+        l: usize,
+        x: &Self::Buf,
+        r: &Self::Route,
+        dw: &Self::Dw,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Wait for queued work (so that timings are real).
+    fn sync(&mut self) -> Result<()>;
+}
+
+/// The CPU engine: moe.rs on host vectors.
+pub struct CpuEngine<'a> {
+    pub sh: Shape,
+    pub layers: &'a [LayerW],
+    pub lts: &'a [LayerT],
+    pub grads: &'a mut [LayerW],
+}
+
+impl Engine for CpuEngine<'_> {
+    type Buf = Vec<f32>;
+    type Route = Routing;
+    type Disp = Dispatch;
+    type Acts = Acts;
+    type Dw = Vec<f32>;
+    fn copy(&mut self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+    fn route(&mut self, l: usize, x: &Vec<f32>, forced: Option<&[u32]>) -> Result<Routing> {
+        Ok(moe::route(&self.sh, x, &self.layers[l], forced))
+    }
+    fn ids<'a>(&self, r: &'a Routing) -> &'a [u32] {
+        &r.idx
+    }
+    fn dispatch(&mut self, r: &Routing, t0: usize, t1: usize) -> Result<Dispatch> {
+        Ok(moe::dispatch(&self.sh, &r.idx, t0, t1))
+    }
+    fn experts_forward(&mut self, l: usize, x: &Vec<f32>, d: &Dispatch) -> Result<Acts> {
+        Ok(moe::experts_forward(&self.sh, &self.lts[l], x, d))
+    }
+    fn combine(&mut self, y: &mut Vec<f32>, a: &Acts, d: &Dispatch, r: &Routing) -> Result<()> {
+        moe::combine(&self.sh, y, &a.o, d, r);
+        Ok(())
+    }
+    fn new_dw(&mut self) -> Result<Vec<f32>> {
+        Ok(vec![0f32; self.sh.tokens * self.sh.topk])
+    }
+    fn experts_backward(
+        &mut self,
+        l: usize,
+        g: &Vec<f32>,
+        a: Acts,
+        d: &Dispatch,
+        r: &Routing,
+        dx: &mut Vec<f32>,
+        dw: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (lw, gw) = (&self.layers[l], &mut self.grads[l]);
+        moe::experts_backward(&self.sh, lw, gw, g, a, d, r, dx, dw);
+        Ok(())
+    }
+    fn router_backward(
+        &mut self,
+        l: usize,
+        x: &Vec<f32>,
+        r: &Routing,
+        dw: &Vec<f32>,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (lw, gw) = (&self.layers[l], &mut self.grads[l]);
+        moe::router_backward(&self.sh, lw, gw, x, r, dw, dx);
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One step's outputs.
-pub struct StepOut {
-    pub y: Vec<f32>,
-    pub dx: Vec<f32>,
+pub struct StepOut<B> {
+    pub y: B,
+    pub dx: B,
     pub chunks: Vec<usize>,
     pub max_expert_tokens: usize,
     pub fwd_ms: f64,
@@ -66,31 +187,30 @@ pub struct StepCfg<'a> {
     pub auto: Option<&'a AutoCfg>,
 }
 
-/// Forward and backward of the whole stack with loss = Σ y·dy. Weight
-/// gradients accumulate into `grads` (zero them first).
-pub fn step(
+/// Forward and backward of a stack of `layers` blocks with loss = Σ y·dy.
+/// Weight gradients accumulate into the engine's gradients (zero them first).
+pub fn step<E: Engine>(
+    eng: &mut E,
     sh: &Shape,
-    layers: &[LayerW],
-    lts: &[LayerT],
-    grads: &mut [LayerW],
-    x: &[f32],
-    dy: &[f32],
+    layers: usize,
+    x: &E::Buf,
+    dy: &E::Buf,
     cfg: &StepCfg,
-) -> StepOut {
+) -> Result<StepOut<E::Buf>> {
     let StepCfg { mode, forced, auto } = *cfg;
     let t = sh.tokens;
     let forced_of = |l: usize| forced.map(|f| f[l].as_slice());
     let t_fwd = Instant::now();
-    // inputs[l] is block l's input for l >= 1; block 0 reads `x`.
-    let mut inputs: Vec<Vec<f32>> = Vec::with_capacity(layers.len());
-    let mut saved = Vec::with_capacity(layers.len());
-    let mut chunks = Vec::with_capacity(layers.len());
+    // inputs[l] is block l's output, the input of block l + 1; block 0 reads `x`.
+    let mut inputs: Vec<E::Buf> = Vec::with_capacity(layers);
+    let mut saved: Vec<Saved<E>> = Vec::with_capacity(layers);
+    let mut chunks = Vec::with_capacity(layers);
     let mut max_expert_tokens = 0;
-    for (l, lw) in layers.iter().enumerate() {
-        let xin: &[f32] = if l == 0 { x } else { &inputs[l - 1] };
-        let r = moe::route(sh, xin, lw, forced_of(l));
+    for l in 0..layers {
+        let xin: &E::Buf = if l == 0 { x } else { &inputs[l - 1] };
+        let r = eng.route(l, xin, forced_of(l))?;
         let mut counts = vec![0usize; sh.experts];
-        r.idx.iter().for_each(|&e| counts[e as usize] += 1);
+        eng.ids(&r).iter().for_each(|&e| counts[e as usize] += 1);
         max_expert_tokens = max_expert_tokens.max(counts.into_iter().max().unwrap_or(0));
         let c = match mode {
             Recompute::None | Recompute::Full => 1,
@@ -98,19 +218,19 @@ pub fn step(
             Recompute::Auto => choose_chunks(sh, auto.expect("auto mode needs its settings")),
         };
         chunks.push(c);
-        let mut y = xin.to_vec();
+        let mut y = eng.copy(xin)?;
         let keep = if mode == Recompute::None {
-            let d = moe::dispatch(sh, &r, 0, t);
-            let acts = moe::experts_forward(sh, &lts[l], xin, &d);
-            moe::combine(sh, &mut y, &acts.o, &d, &r);
+            let d = eng.dispatch(&r, 0, t)?;
+            let acts = eng.experts_forward(l, xin, &d)?;
+            eng.combine(&mut y, &acts, &d, &r)?;
             Saved::All(r, d, acts)
         } else {
             // Full recompute is the one-chunk case; its expert buffers die here too.
             for i in 0..c {
                 let (t0, t1) = chunk_bounds(t, c, i);
-                let d = moe::dispatch(sh, &r, t0, t1);
-                let acts = moe::experts_forward(sh, &lts[l], xin, &d);
-                moe::combine(sh, &mut y, &acts.o, &d, &r);
+                let d = eng.dispatch(&r, t0, t1)?;
+                let acts = eng.experts_forward(l, xin, &d)?;
+                eng.combine(&mut y, &acts, &d, &r)?;
             }
             if mode == Recompute::Full {
                 Saved::Input
@@ -121,19 +241,19 @@ pub fn step(
         saved.push(keep);
         inputs.push(y);
     }
+    eng.sync()?;
     let fwd_ms = t_fwd.elapsed().as_secs_f64() * 1e3;
     let y = inputs.pop().expect("at least one layer");
     let t_bwd = Instant::now();
-    let mut g: Option<Vec<f32>> = None;
-    for l in (0..layers.len()).rev() {
-        let (lw, gw) = (&layers[l], &mut grads[l]);
-        let gin: &[f32] = g.as_deref().unwrap_or(dy);
-        let xin: &[f32] = if l == 0 { x } else { &inputs[l - 1] };
-        let mut dx = gin.to_vec(); // the residual path
-        let mut dw = vec![0f32; t * sh.topk];
+    let mut g: Option<E::Buf> = None;
+    for l in (0..layers).rev() {
+        let gin: &E::Buf = g.as_ref().unwrap_or(dy);
+        let xin: &E::Buf = if l == 0 { x } else { &inputs[l - 1] };
+        let mut dx = eng.copy(gin)?; // the residual path
+        let mut dw = eng.new_dw()?;
         let routing = match saved.pop().expect("one saved state per layer") {
             Saved::All(r, d, acts) => {
-                moe::experts_backward(sh, lw, gw, gin, acts, &d, &r, &mut dx, &mut dw);
+                eng.experts_backward(l, gin, acts, &d, &r, &mut dx, &mut dw)?;
                 r
             }
             kept => {
@@ -141,18 +261,18 @@ pub fn step(
                 // chunked recompute kept its routing.
                 let (r, c) = match kept {
                     Saved::Routing(r, c) => (r, c),
-                    _ => (moe::route(sh, xin, lw, forced_of(l)), 1),
+                    _ => (eng.route(l, xin, forced_of(l))?, 1),
                 };
                 for i in 0..c {
                     let (t0, t1) = chunk_bounds(t, c, i);
-                    let d = moe::dispatch(sh, &r, t0, t1);
-                    let acts = moe::experts_forward(sh, &lts[l], xin, &d);
-                    moe::experts_backward(sh, lw, gw, gin, acts, &d, &r, &mut dx, &mut dw);
+                    let d = eng.dispatch(&r, t0, t1)?;
+                    let acts = eng.experts_forward(l, xin, &d)?;
+                    eng.experts_backward(l, gin, acts, &d, &r, &mut dx, &mut dw)?;
                 }
                 r
             }
         };
-        moe::router_backward(sh, lw, gw, xin, &routing, &dw, &mut dx);
+        eng.router_backward(l, xin, &routing, &dw, &mut dx)?;
         drop(routing);
         drop(dw);
         if l >= 1 {
@@ -160,13 +280,14 @@ pub fn step(
         }
         g = Some(dx);
     }
+    eng.sync()?;
     let bwd_ms = t_bwd.elapsed().as_secs_f64() * 1e3;
-    StepOut {
+    Ok(StepOut {
         y,
-        dx: g.unwrap_or_default(),
+        dx: g.expect("at least one layer"),
         chunks,
         max_expert_tokens,
         fwd_ms,
         bwd_ms,
-    }
+    })
 }

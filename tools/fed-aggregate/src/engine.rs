@@ -53,13 +53,15 @@ pub struct Job<'a> {
     pub bar: indicatif::ProgressBar,
     /// Data ranges of every memory map, sorted (see [`kernel::release`]).
     pub spans: Vec<(usize, usize)>,
+    /// Specs the CPU passes cover (None: all); the CUDA pass did the rest.
+    pub cpu_only: Option<Vec<bool>>,
 }
 
 #[derive(Clone, Copy)]
-struct Unit {
-    spec: usize,
-    start: usize,
-    len: usize,
+pub(crate) struct Unit {
+    pub spec: usize,
+    pub start: usize,
+    pub len: usize,
 }
 
 #[derive(Default)]
@@ -90,6 +92,9 @@ impl<'a> Job<'a> {
     fn units(&self) -> Vec<Unit> {
         let mut u = Vec::new();
         for (i, s) in self.specs.iter().enumerate() {
+            if self.cpu_only.as_ref().is_some_and(|m| !m[i]) {
+                continue;
+            }
             let mut start = 0;
             while start < s.numel {
                 let len = CHUNK.min(s.numel - start);
@@ -117,7 +122,7 @@ impl<'a> Job<'a> {
     }
 
     /// Give consumed mapped pages back (clamped to their file's mapping).
-    fn release(&self, bytes: &[u8]) {
+    pub(crate) fn release(&self, bytes: &[u8]) {
         let p = bytes.as_ptr() as usize;
         let i = self.spans.partition_point(|s| s.0 <= p);
         if i > 0 {
@@ -355,7 +360,7 @@ impl<'a> Job<'a> {
     }
 
     /// acc = sum of weight * value over the selected sources of one unit.
-    fn accumulate(
+    pub(crate) fn accumulate(
         &self,
         spec: &Spec,
         u: Unit,
@@ -397,6 +402,26 @@ impl<'a> Job<'a> {
                 "tensor '{}': the weighted sum overflowed (weights too large?)",
                 spec.name
             ))));
+        }
+        Ok(())
+    }
+
+    /// Write a plain weighted mean from its weighted sum `acc` (which
+    /// becomes the mean): the partial sum, then the mean in the spec's dtype.
+    /// The CUDA pass's tail, with no server optimiser, DP or selection.
+    pub(crate) fn emit_mean(&self, spec: &Spec, u: Unit, acc: &mut [f64], sinks: &Sinks) -> R<()> {
+        let mut bytes = Vec::new();
+        if let Some(p) = sinks.partial {
+            kernel::encode(Dtype::F64, acc, &mut bytes);
+            p.write_at(u.spec, (u.start * 8) as u64, &bytes)?;
+        }
+        if let Some(out) = sinks.out {
+            let w: f64 = spec.sources.iter().map(|x| x.weight).sum();
+            acc.iter_mut().for_each(|a| *a /= w);
+            bytes.clear();
+            kernel::encode(spec.dtype, acc, &mut bytes);
+            let wb = dtype_bytes(spec.dtype).unwrap_or(0);
+            out.write_at(u.spec, (u.start * wb) as u64, &bytes)?;
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! personalised (local-only) tensors; mergeable partial sums for trees of
 //! scheduler jobs; server-side DP with fixed clipping.
 
+pub mod cuda;
 pub mod dp;
 pub mod engine;
 pub mod fedra;
@@ -180,6 +181,11 @@ pub struct Common {
     /// Seed for the DP noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Where weighted means run: cpu, cuda[:N] (client tensors streamed to the
+    /// GPU through pinned buffers; robust strategies, DP and server optimisers
+    /// stay on the CPU) or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: ftk::device::DeviceArg,
     /// Print the summary as an aligned table instead of a JSON line.
     #[arg(long)]
     pub table: bool,
@@ -664,6 +670,7 @@ fn attempt(inp: &Inputs, c: &Common, active: &[usize]) -> std::result::Result<Do
             v.sort_unstable();
             v
         },
+        cpu_only: None,
     };
     // DP clipping scales.
     let mut clipped = None;
@@ -811,7 +818,10 @@ fn attempt(inp: &Inputs, c: &Common, active: &[usize]) -> std::result::Result<Do
         state: state_w.as_ref(),
         state_base,
     };
-    job.finish(&sinks)?;
+    match c.device.resolve()? {
+        ftk::device::Device::Cuda(n) => cuda::finish(&mut job, &sinks, n)?,
+        ftk::device::Device::Cpu => job.finish(&sinks)?,
+    }
     job.bar.finish_and_clear();
     let mut finished = Vec::new();
     for w in [out_w, part_w, state_w].into_iter().flatten() {

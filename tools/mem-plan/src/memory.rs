@@ -220,9 +220,11 @@ pub fn korthikanti_layer_act(
 }
 
 /// chunk-run's network: a stack of MoE-only blocks (router + SwiGLU experts,
-/// residual, no attention) in f32, with every buffer chunk-run allocates
-/// itemised, so its measured peaks can be predicted term by term. `s`
-/// counts token copies (tokens × top-k) in the chunk being processed.
+/// residual, no attention), residual stream and router in f32 and expert
+/// activations in `elem` bytes per element (4: f32, 2: bf16), with every
+/// buffer chunk-run allocates itemised, so its measured peaks can be
+/// predicted term by term. `s` counts token copies (tokens × top-k) in the
+/// chunk being processed.
 #[derive(Clone, Copy, Debug)]
 pub struct BlockDims {
     pub t: f64,
@@ -231,6 +233,7 @@ pub struct BlockDims {
     pub e: f64,
     pub k: f64,
     pub layers: f64,
+    pub elem: f64,
 }
 
 /// Recompute mode of chunk-run.
@@ -255,19 +258,20 @@ pub fn block_dispatch_bytes(d: &BlockDims, s: f64) -> f64 {
 
 /// Expert activations kept per token copy for backward: the gathered input
 /// X (h), w1 and w3 outputs A, B (2f) and the expert output O (h) that the
-/// combine weight's gradient needs: 4(2h + 2f) bytes.
+/// combine weight's gradient needs: elem·(2h + 2f) bytes.
 pub fn block_stored_per_copy(d: &BlockDims) -> f64 {
-    4.0 * (2.0 * d.h + 2.0 * d.f)
+    d.elem * (2.0 * d.h + 2.0 * d.f)
 }
 
 /// The expert working set per token copy at its largest, over the phases of
 /// chunk-run's forward and backward: forward holds X, A, B, H, O (2h + 3f);
 /// backward X, A, B, G, H (2h + 3f), then X, A, B, dA, dB (h + 4f), then X,
-/// dA, dB, dX (2h + 2f). Four bytes per element.
+/// dA, dB, dX (2h + 2f), `elem` bytes per element.
 pub fn block_working_per_copy(d: &BlockDims) -> f64 {
-    4.0 * (2.0 * d.h + 3.0 * d.f)
-        .max(d.h + 4.0 * d.f)
-        .max(2.0 * d.h + 2.0 * d.f)
+    d.elem
+        * (2.0 * d.h + 3.0 * d.f)
+            .max(d.h + 4.0 * d.f)
+            .max(2.0 * d.h + 2.0 * d.f)
 }
 
 /// Layer inputs 1..L−1 and the output (4·T·h each), plus the input-gradient
