@@ -7,11 +7,14 @@
 //! - [`png`]: a dependency-free PNG writer for `--png-dir`.
 //!
 //! - [`classifier`], [`guidance`]: FedCADO classifier + BN-statistics guidance
-//!   and noise editing (JSON-described conv nets; gradients checked against PyTorch).
+//!   and noise editing (gradients checked against PyTorch); [`tvresnet`]: torchvision
+//!   ResNet-18/34/50 client classifiers (checked against torchvision).
 //! - [`describe`]: FedDEO description learning (`diffuse-synth describe`).
+//! - [`unclip`]: FedDISC conditioning: Stable-unCLIP image embeddings with noise
+//!   augmentation as the UNet's class labels, and FedDISC's three-branch guidance.
 //!
-//! Not implemented yet: `--prompt` (text encoder), torchvision ResNet
-//! classifiers, FedDEO `describe`, FedDISC image-embedding conditioning.
+//! Not implemented yet: `--prompt` (text encoder); CLIP image encoding (image
+//! embeddings come from files, e.g. fed-embed's).
 
 pub mod classifier;
 pub mod describe;
@@ -60,12 +63,29 @@ Output (-o): safetensors with `latents` (final latents, before decoding) and `im
 ([B,3,H,W] in [0,1]); --png-dir writes index-numbered PNGs. One JSON line per sample on
 stdout: {\"kind\":\"sample\",\"index\",\"seed\",\"class\",\"client\",\"path\"}.
 
-FedCADO (--classifier C.safetensors --classifier-arch net.json --class K): at every step but
+FedCADO (--classifier C.safetensors --classifier-arch resnet18|resnet34|resnet50|json:FILE --class K):
+torchvision ResNets are read from their state_dict names (conv1, bn1, layer1.0.conv1, ...,
+downsample, fc; a prefix such as module.encoder. and a separate Linear head when fc is absent are
+found), widths from the shapes; json:FILE (or a .json path) is a small layer list. At every step but
 the last, z <- z - classifier-scale * grad_z [CE(f(x), K) + bn-weight * L_BN], where x is the
 predicted x0 decoded by the VAE, clamped to [0,1], resized bicubically to --classifier-size and
 CLIP-normalised, and L_BN sums ||running_var - var||_2 + ||running_mean - mean||_2 over the BN
 layers' inputs; then the ordinary step at the edited z. --noise-edit-steps N first applies N such
 updates with the BN term only at the first timestep (the authors' defaults: scale 1, 0.1, 10).
+
+FedDISC (a Stable-unCLIP folder: UNet class_embed_type \"projection\", image_normalizer/,
+image_noising_scheduler/): --image-embeds E.safetensors holds [rows, E] image embeddings or
+FedDISC uploads [rows, 2E] (tensor --image-embeds-key, default image_embeds, else centroids, else
+features; with --class, rows whose `labels` differ are dropped). Each sample's class label is
+the embedding normalised, noised to --noise-level (DDPM add_noise, noise drawn from the sample's
+seed or --image-embeds-noise FILE `noise` [samples, E]), unnormalised, then [x, emb(level)] for
+a raw embedding (diffusers' StableUnCLIPImg2ImgPipeline) or [x, (emb(level) + old)/2] for an
+upload (FedDISC's re-noising); rows are used for samples/rows consecutive samples. Guidance
+labels the unconditional branch with zeros; each --global-embeds FILE (a client's uploads, their
+mean used as given) adds FedDISC's third branch, sample j using file j mod n:
+e = e_u + s (e_img - e_u) + s (e_glo - e_u). Defaults in this mode are FedDISC's: --steps 20,
+--guidance-scale 2, --noise-level 200; the folder's scheduler config is used as the unCLIP
+pipeline does (without StableDiffusionPipeline's steps_offset/clip_sample rewrite).
 
 FedDEO: `diffuse-synth describe --model DIR --images X.safetensors --init E.safetensors -o D.safetensors`
 learns a description [1,L,D] (SGD on the denoising loss, one image per step); pass it as a
@@ -77,7 +97,12 @@ Examples:
   diffuse-synth --model tiny-sd --scheduler dpmpp-2m --karras --steps 10 \\
       --prompt-embeds emb.safetensors --seed 7 --batch 64 --shard 3/8 -o part3.safetensors
   diffuse-synth --model tiny-sd --prompt-embeds cls.safetensors --prompt-embeds desc.safetensors \\
-      --guidance-scale 3,3 --seed 1 --batch 4 -o feddeo.safetensors";
+      --guidance-scale 3,3 --seed 1 --batch 4 -o feddeo.safetensors
+  diffuse-synth --model sd-folder --prompt-embeds cls.safetensors --classifier client.safetensors \\
+      --classifier-arch resnet18 --class 4 --seed 1 --batch 8 -o fedcado.safetensors
+  diffuse-synth --model sd21-unclip --prompt-embeds cls3.safetensors --image-embeds upload0.safetensors \\
+      --class 3 --global-embeds upload0.safetensors --global-embeds upload1.safetensors \\
+      --seed 1 --batch 50 -o feddisc.safetensors";
 
 /// Stable Diffusion sampling with diffusers' schedulers, from diffusers weights.
 #[derive(Parser, Debug)]
