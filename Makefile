@@ -89,6 +89,16 @@ demo: build
 	  --prompt-embeds testdata/diffuse-synth/pipeline.safetensors --seed 7 --batch 2 \
 	  --classifier testdata/diffuse-synth/classifier.safetensors --classifier-arch testdata/diffuse-synth/classifier.json \
 	  --class 1 --classifier-size 12 -o target/demo/fedcado.safetensors --png-dir target/demo/fedcado-png
+	@echo "== diffuse-synth: FedCADO guidance from a torchvision ResNet-18 state_dict (narrow, torchvision-checked) =="
+	$(BIN)/diffuse-synth --model testdata/diffuse-synth/tiny-sd --scheduler ddpm --steps 10 --guidance-scale 3 \
+	  --prompt-embeds testdata/diffuse-synth/pipeline.safetensors --seed 7 --batch 2 --noise-edit-steps 2 \
+	  --classifier testdata/diffuse-synth/resnet18-narrow.safetensors --classifier-arch resnet18 --class 3 \
+	  --classifier-size 36 -o target/demo/fedcado-resnet.safetensors --png-dir target/demo/fedcado-resnet-png
+	@echo "== diffuse-synth: FedDISC on a tiny Stable-unCLIP: uploads re-noised to 200, 3-branch guidance at 2, PNDM v-pred =="
+	$(BIN)/diffuse-synth --model testdata/diffuse-synth/tiny-unclip --prompt-embeds testdata/diffuse-synth/unclip.safetensors \
+	  --image-embeds testdata/diffuse-synth/feddisc.safetensors --class 1 --global-embeds testdata/diffuse-synth/feddisc.safetensors \
+	  --global-embeds testdata/diffuse-synth/feddisc-client1.safetensors --seed 7 --batch 2 --client c0 \
+	  -o target/demo/feddisc.safetensors --png-dir target/demo/feddisc-png
 	@echo "== diffuse-synth: FedDEO description learning, then u + 3(text-u) + 3(desc-u) =="
 	$(BIN)/diffuse-synth describe --model testdata/diffuse-synth/tiny-sd --images testdata/diffuse-synth/describe.safetensors \
 	  --init testdata/diffuse-synth/describe.safetensors --lr 10 --seed 0 -o target/demo/desc.safetensors
@@ -133,6 +143,8 @@ gen: $(VENV)/.installed
 	$(PY) testdata/gen/fed_aggregate_ref.py gen --check
 	$(PY) testdata/gen/fed_embed_ref.py gen --check
 	$(PY) testdata/gen/diffuse_synth_ref.py gen --check
+	$(PY) testdata/gen/diffuse_synth_unclip_ref.py gen --check
+	$(PY) testdata/gen/diffuse_synth_resnet_ref.py gen --check
 
 clean:
 	$(CARGO) clean

@@ -3,8 +3,10 @@
 //! align_corners=False)`, no antialias, as torchvision's Resize(antialias=False)),
 //! CLIP normalisation, cross-entropy and the DeepInversion BN-statistics loss.
 //!
-//! Architecture: a small JSON description (tests, small clients), weights in a
-//! safetensors file with PyTorch's state_dict names, BN layers in eval mode:
+//! Architectures (`--classifier-arch`): `resnet18`, `resnet34`, `resnet50` (torchvision's,
+//! see [`crate::tvresnet`]), or a small JSON description (`json:FILE`, or a path to a
+//! `.json` file), weights in a safetensors file with PyTorch's state_dict names, BN layers
+//! in eval mode:
 //! ```json
 //! {"layers": [
 //!   {"type": "conv", "name": "conv1", "in": 3, "out": 8, "kernel": 3, "stride": 1, "padding": 1, "bias": false},
@@ -14,7 +16,6 @@
 //!   {"type": "linear", "name": "fc", "in": 8, "out": 10}
 //! ]}
 //! ```
-//! torchvision ResNets are not implemented yet.
 
 use crate::model::ce;
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -72,27 +73,100 @@ struct ArchSpec {
     layers: Vec<LayerSpec>,
 }
 
+/// An eval-mode BatchNorm2d whose input also feeds the BN-statistics loss.
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: f64,
+}
+
+impl BatchNorm {
+    /// `name.{weight,bias,running_mean,running_var}` from `vb` (weights file `src`).
+    pub fn load(vb: &VarBuilder, name: &str, eps: f64, src: &Path) -> Result<BatchNorm> {
+        let get = |n: &str| -> Result<Tensor> {
+            let t = vb
+                .get_unchecked_dtype(&format!("{name}.{n}"), DType::F32)
+                .map_err(ce(format!("{}: layer `{name}`", src.display())))?;
+            if t.rank() != 1 {
+                bail!("{}: `{name}.{n}` must be 1-D", src.display());
+            }
+            Ok(t)
+        };
+        Ok(BatchNorm {
+            weight: get("weight")?,
+            bias: get("bias")?,
+            mean: get("running_mean")?,
+            var: get("running_var")?,
+            eps,
+        })
+    }
+
+    /// Eval-mode BN of x [N,C,H,W]; adds the DeepInversion term of its input to `loss`:
+    /// ||running_var - var||_2 + ||running_mean - mean||_2 (biased variance over N,H,W).
+    pub fn forward(&self, x: &Tensor, loss: &mut Tensor) -> candle_core::Result<Tensor> {
+        let mu = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+        let centered = x.broadcast_sub(&mu)?;
+        let v = centered
+            .sqr()?
+            .mean_keepdim(0)?
+            .mean_keepdim(2)?
+            .mean_keepdim(3)?;
+        let (mu, v) = (mu.flatten_all()?, v.flatten_all()?);
+        let r = ((&self.var - &v)?.sqr()?.sum_all()?.sqrt()?
+            + (&self.mean - &mu)?.sqr()?.sum_all()?.sqrt()?)?;
+        *loss = (&*loss + r)?;
+        let shape = (1, self.weight.dim(0)?, 1, 1);
+        let inv = (&self.weight / (&self.var + self.eps)?.sqrt()?)?;
+        let scale = inv.reshape(shape)?;
+        let shift = (&self.bias - (&self.mean * &inv)?)?.reshape(shape)?;
+        x.broadcast_mul(&scale)?.broadcast_add(&shift)
+    }
+}
+
 enum Layer {
     Conv(candle_nn::Conv2d),
-    Bn {
-        weight: Tensor,
-        bias: Tensor,
-        mean: Tensor,
-        var: Tensor,
-        eps: f64,
-    },
+    Bn(BatchNorm),
     Relu,
     Avgpool,
     Linear(candle_nn::Linear),
 }
 
+enum Net {
+    Layers(Vec<Layer>),
+    ResNet(Box<crate::tvresnet::ResNet>),
+}
+
 /// A classifier in eval mode.
 pub struct Classifier {
-    layers: Vec<Layer>,
+    net: Net,
     pub num_classes: usize,
 }
 
 impl Classifier {
+    /// `--classifier-arch`: resnet18 | resnet34 | resnet50 | json:FILE | FILE (JSON).
+    pub fn from_arch(arch: &str, weights: &Path) -> Result<Classifier> {
+        if let Some(a) = crate::tvresnet::Arch::parse(arch) {
+            let net = crate::tvresnet::ResNet::load(weights, a)?;
+            let num_classes = net.plan.num_classes;
+            return Ok(Classifier {
+                net: Net::ResNet(Box::new(net)),
+                num_classes,
+            });
+        }
+        let file = arch.strip_prefix("json:").unwrap_or(arch);
+        let p = Path::new(file);
+        if !arch.starts_with("json:") && !p.is_file() {
+            bail!(
+                "--classifier-arch {arch:?}: expected resnet18, resnet34, resnet50, or json:FILE \
+                 (a JSON layer list)"
+            );
+        }
+        Classifier::load(p, weights)
+    }
+
+    /// A JSON-described net (see the module docs).
     pub fn load(arch: &Path, weights: &Path) -> Result<Classifier> {
         let text = ftk::io::read_text(arch)?;
         let spec: ArchSpec = serde_json::from_str(&text)
@@ -129,23 +203,7 @@ impl Classifier {
                     Layer::Conv(c.map_err(ce(what(&name)))?)
                 }
                 LayerSpec::Bn { name, eps } => {
-                    let v = vb.pp(&name);
-                    let get = |n: &str| -> Result<Tensor> {
-                        let t = v
-                            .get_unchecked_dtype(n, DType::F32)
-                            .map_err(ce(what(&name)))?;
-                        if t.rank() != 1 {
-                            bail!("{}: `{name}.{n}` must be 1-D", weights.display());
-                        }
-                        Ok(t)
-                    };
-                    Layer::Bn {
-                        weight: get("weight")?,
-                        bias: get("bias")?,
-                        mean: get("running_mean")?,
-                        var: get("running_var")?,
-                        eps,
-                    }
+                    Layer::Bn(BatchNorm::load(&vb, &name, eps, weights)?)
                 }
                 LayerSpec::Relu => Layer::Relu,
                 LayerSpec::Avgpool => Layer::Avgpool,
@@ -164,7 +222,7 @@ impl Classifier {
             );
         }
         Ok(Classifier {
-            layers,
+            net: Net::Layers(layers),
             num_classes,
         })
     }
@@ -172,37 +230,16 @@ impl Classifier {
     /// Logits and, per BN layer, its input's batch statistics loss
     /// ||running_var - var||_2 + ||running_mean - mean||_2 (biased variance over N,H,W).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let layers = match &self.net {
+            Net::ResNet(r) => return r.forward(x),
+            Net::Layers(l) => l,
+        };
         let mut x = x.clone();
         let mut bn_loss = Tensor::zeros((), DType::F32, x.device())?;
-        for l in &self.layers {
+        for l in layers {
             x = match l {
                 Layer::Conv(c) => c.forward(&x)?,
-                Layer::Bn {
-                    weight,
-                    bias,
-                    mean,
-                    var,
-                    eps,
-                } => {
-                    // DeepInversion hook on the BN input
-                    let mu = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-                    let centered = x.broadcast_sub(&mu)?;
-                    let v = centered
-                        .sqr()?
-                        .mean_keepdim(0)?
-                        .mean_keepdim(2)?
-                        .mean_keepdim(3)?;
-                    let (mu, v) = (mu.flatten_all()?, v.flatten_all()?);
-                    let r = ((var - &v)?.sqr()?.sum_all()?.sqrt()?
-                        + (mean - &mu)?.sqr()?.sum_all()?.sqrt()?)?;
-                    bn_loss = (bn_loss + r)?;
-                    // eval-mode BatchNorm
-                    let shape = (1, weight.dim(0)?, 1, 1);
-                    let scale = (weight / (var + *eps)?.sqrt()?)?.reshape(shape)?;
-                    let shift =
-                        (bias - (mean * (weight / (var + *eps)?.sqrt()?)?)?)?.reshape(shape)?;
-                    x.broadcast_mul(&scale)?.broadcast_add(&shift)?
-                }
+                Layer::Bn(bn) => bn.forward(&x, &mut bn_loss)?,
                 Layer::Relu => x.relu()?,
                 Layer::Avgpool => x.mean_keepdim(2)?.mean_keepdim(3)?.flatten_from(1)?,
                 Layer::Linear(lin) => lin.forward(&x)?,

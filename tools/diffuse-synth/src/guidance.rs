@@ -18,6 +18,8 @@ pub struct Denoiser<'a> {
     pub unet: &'a Unet,
     /// [copies, L, D]: negative first when guided, then one row per condition.
     pub ctx: Tensor,
+    /// [copies, P]: the class labels of a Stable-unCLIP UNet, one row per pass.
+    pub class_labels: Option<Tensor>,
     pub weights: Vec<f64>,
     pub guided: bool,
 }
@@ -28,7 +30,10 @@ impl Denoiser<'_> {
     pub fn eps(&self, xin: &Tensor, t: f64) -> candle_core::Result<Tensor> {
         let copies = self.ctx.dim(0)?;
         let inp = Tensor::cat(&vec![xin; copies], 0)?;
-        let e = self.unet.model.forward(&inp, t, &self.ctx)?;
+        let e =
+            self.unet
+                .model
+                .forward_with_class(&inp, t, &self.ctx, self.class_labels.as_ref())?;
         if !self.guided {
             return e.narrow(0, 0, 1);
         }

@@ -7,11 +7,14 @@
 //! - [`png`]: a dependency-free PNG writer for `--png-dir`.
 //!
 //! - [`classifier`], [`guidance`]: FedCADO classifier + BN-statistics guidance
-//!   and noise editing (JSON-described conv nets; gradients checked against PyTorch).
+//!   and noise editing (gradients checked against PyTorch); [`tvresnet`]: torchvision
+//!   ResNet-18/34/50 client classifiers (checked against torchvision).
 //! - [`describe`]: FedDEO description learning (`diffuse-synth describe`).
+//! - [`unclip`]: FedDISC conditioning: Stable-unCLIP image embeddings with noise
+//!   augmentation as the UNet's class labels, and FedDISC's three-branch guidance.
 //!
-//! Not implemented yet: `--prompt` (text encoder), torchvision ResNet
-//! classifiers, FedDEO `describe`, FedDISC image-embedding conditioning.
+//! Not implemented yet: `--prompt` (text encoder); CLIP image encoding (image
+//! embeddings come from files, e.g. fed-embed's).
 
 pub mod classifier;
 pub mod describe;
@@ -20,6 +23,8 @@ pub mod model;
 pub mod png;
 pub mod scheduler;
 pub mod sd;
+pub mod tvresnet;
+pub mod unclip;
 
 use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
@@ -58,12 +63,29 @@ Output (-o): safetensors with `latents` (final latents, before decoding) and `im
 ([B,3,H,W] in [0,1]); --png-dir writes index-numbered PNGs. One JSON line per sample on
 stdout: {\"kind\":\"sample\",\"index\",\"seed\",\"class\",\"client\",\"path\"}.
 
-FedCADO (--classifier C.safetensors --classifier-arch net.json --class K): at every step but
+FedCADO (--classifier C.safetensors --classifier-arch resnet18|resnet34|resnet50|json:FILE --class K):
+torchvision ResNets are read from their state_dict names (conv1, bn1, layer1.0.conv1, ...,
+downsample, fc; a prefix such as module.encoder. and a separate Linear head when fc is absent are
+found), widths from the shapes; json:FILE (or a .json path) is a small layer list. At every step but
 the last, z <- z - classifier-scale * grad_z [CE(f(x), K) + bn-weight * L_BN], where x is the
 predicted x0 decoded by the VAE, clamped to [0,1], resized bicubically to --classifier-size and
 CLIP-normalised, and L_BN sums ||running_var - var||_2 + ||running_mean - mean||_2 over the BN
 layers' inputs; then the ordinary step at the edited z. --noise-edit-steps N first applies N such
 updates with the BN term only at the first timestep (the authors' defaults: scale 1, 0.1, 10).
+
+FedDISC (a Stable-unCLIP folder: UNet class_embed_type \"projection\", image_normalizer/,
+image_noising_scheduler/): --image-embeds E.safetensors holds [rows, E] image embeddings or
+FedDISC uploads [rows, 2E] (tensor --image-embeds-key, default image_embeds, else centroids, else
+features; with --class, rows whose `labels` differ are dropped). Each sample's class label is
+the embedding normalised, noised to --noise-level (DDPM add_noise, noise drawn from the sample's
+seed or --image-embeds-noise FILE `noise` [samples, E]), unnormalised, then [x, emb(level)] for
+a raw embedding (diffusers' StableUnCLIPImg2ImgPipeline) or [x, (emb(level) + old)/2] for an
+upload (FedDISC's re-noising); rows are used for samples/rows consecutive samples. Guidance
+labels the unconditional branch with zeros; each --global-embeds FILE (a client's uploads, their
+mean used as given) adds FedDISC's third branch, sample j using file j mod n:
+e = e_u + s (e_img - e_u) + s (e_glo - e_u). Defaults in this mode are FedDISC's: --steps 20,
+--guidance-scale 2, --noise-level 200; the folder's scheduler config is used as the unCLIP
+pipeline does (without StableDiffusionPipeline's steps_offset/clip_sample rewrite).
 
 FedDEO: `diffuse-synth describe --model DIR --images X.safetensors --init E.safetensors -o D.safetensors`
 learns a description [1,L,D] (SGD on the denoising loss, one image per step); pass it as a
@@ -75,7 +97,12 @@ Examples:
   diffuse-synth --model tiny-sd --scheduler dpmpp-2m --karras --steps 10 \\
       --prompt-embeds emb.safetensors --seed 7 --batch 64 --shard 3/8 -o part3.safetensors
   diffuse-synth --model tiny-sd --prompt-embeds cls.safetensors --prompt-embeds desc.safetensors \\
-      --guidance-scale 3,3 --seed 1 --batch 4 -o feddeo.safetensors";
+      --guidance-scale 3,3 --seed 1 --batch 4 -o feddeo.safetensors
+  diffuse-synth --model sd-folder --prompt-embeds cls.safetensors --classifier client.safetensors \\
+      --classifier-arch resnet18 --class 4 --seed 1 --batch 8 -o fedcado.safetensors
+  diffuse-synth --model sd21-unclip --prompt-embeds cls3.safetensors --image-embeds upload0.safetensors \\
+      --class 3 --global-embeds upload0.safetensors --global-embeds upload1.safetensors \\
+      --seed 1 --batch 50 -o feddisc.safetensors";
 
 /// Stable Diffusion sampling with diffusers' schedulers, from diffusers weights.
 #[derive(Parser, Debug)]
@@ -95,9 +122,9 @@ pub struct Args {
     /// ddpm | ddim | pndm | euler | euler-ancestral | dpmpp-2m (default: the folder's)
     #[arg(long)]
     pub scheduler: Option<String>,
-    /// number of inference steps
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
+    /// number of inference steps [default: 50; 20 with --image-embeds (FedDISC)]
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// DDIM's eta (0 = deterministic)
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
@@ -113,9 +140,10 @@ pub struct Args {
     /// Karras sigmas (euler, dpmpp-2m)
     #[arg(long)]
     pub karras: bool,
-    /// guidance scale(s), one per --prompt-embeds (one value applies to all)
-    #[arg(long, default_value = "7.5", value_delimiter = ',')]
-    pub guidance_scale: Vec<f64>,
+    /// guidance scale(s), one per condition (one value applies to all)
+    /// [default: 7.5; 2 with --image-embeds (FedDISC)]
+    #[arg(long, value_delimiter = ',')]
+    pub guidance_scale: Option<Vec<f64>>,
     /// safetensors with `prompt_embeds` (and `negative_prompt_embeds`); repeatable
     #[arg(long, value_name = "FILE", required = true)]
     pub prompt_embeds: Vec<PathBuf>,
@@ -156,9 +184,10 @@ pub struct Args {
     /// FedCADO: client classifier weights (safetensors, PyTorch state_dict names)
     #[arg(long, value_name = "FILE", requires_all = ["classifier_arch", "class"])]
     pub classifier: Option<PathBuf>,
-    /// FedCADO: classifier architecture (JSON; see the crate docs)
-    #[arg(long, value_name = "FILE", requires = "classifier")]
-    pub classifier_arch: Option<PathBuf>,
+    /// FedCADO: classifier architecture: resnet18 | resnet34 | resnet50 (torchvision
+    /// state_dict names) | json:FILE (a JSON layer list; a plain .json path works too)
+    #[arg(long, value_name = "ARCH", requires = "classifier")]
+    pub classifier_arch: Option<String>,
     /// FedCADO: step size of the gradient update on the latents
     #[arg(long, default_value_t = 1.0)]
     pub classifier_scale: f64,
@@ -171,6 +200,24 @@ pub struct Args {
     /// FedCADO: classifier input size in pixels
     #[arg(long, default_value_t = 224)]
     pub classifier_size: usize,
+    /// FedDISC / Stable unCLIP: image embeddings [rows, E] or uploads [rows, 2E] (the UNet's
+    /// class labels; needs a UNet with class_embed_type "projection")
+    #[arg(long, value_name = "FILE")]
+    pub image_embeds: Option<PathBuf>,
+    /// tensor to read from --image-embeds and --global-embeds
+    /// [default: image_embeds, else centroids, else features, else the only tensor]
+    #[arg(long, value_name = "NAME", requires = "image_embeds")]
+    pub image_embeds_key: Option<String>,
+    /// FedDISC: a client's uploads; their mean is a third guidance branch (repeatable:
+    /// sample j uses file j mod n)
+    #[arg(long, value_name = "FILE", requires = "image_embeds")]
+    pub global_embeds: Vec<PathBuf>,
+    /// noise level of the image-embedding augmentation (FedDISC: 200; diffusers' default: 0)
+    #[arg(long, default_value_t = 200, requires = "image_embeds")]
+    pub noise_level: usize,
+    /// the augmentation noise from a file (`noise` [samples, E]) instead of the seed
+    #[arg(long, value_name = "FILE", requires = "image_embeds")]
+    pub image_embeds_noise: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -225,7 +272,7 @@ pub fn sample_seed(seed: u64, index: usize) -> u64 {
     ftk::rng::stream_id(&[seed, index as u64]) >> 11
 }
 
-fn normals(seed: u64, stream: u64, n: usize) -> Vec<f32> {
+pub(crate) fn normals(seed: u64, stream: u64, n: usize) -> Vec<f32> {
     let mut r = ftk::rng::stream(seed, stream);
     (0..n).map(|_| r.sample::<f32, _>(StandardNormal)).collect()
 }
@@ -299,18 +346,36 @@ pub fn run(a: Args) -> Result<()> {
     if a.karras {
         over("use_karras_sigmas", json!(true), "--karras")?;
     }
-    cfg.apply_pipeline_fixes();
+    let unclip_mode = a.image_embeds.is_some();
+    // StableDiffusionPipeline's constructor rewrites the scheduler config;
+    // StableUnCLIPImg2ImgPipeline's (and FedDISC's generator) does not.
+    if !unclip_mode {
+        cfg.apply_pipeline_fixes();
+    }
+    let steps = a.steps.unwrap_or(if unclip_mode { 20 } else { 50 });
     if a.eta.is_nan() || a.eta < 0.0 {
         bail!("--eta must be >= 0");
     }
-    let sched = Scheduler::new(&cfg, a.steps, a.eta)?;
+    let sched = Scheduler::new(&cfg, steps, a.eta)?;
 
     // ---- conditions
-    let k = a.prompt_embeds.len();
-    let weights: Vec<f64> = match a.guidance_scale.len() {
-        1 => vec![a.guidance_scale[0]; k],
-        n if n == k => a.guidance_scale.clone(),
-        n => bail!("--guidance-scale has {n} values for {k} --prompt-embeds files"),
+    if unclip_mode && a.prompt_embeds.len() != 1 {
+        bail!("--image-embeds takes one --prompt-embeds file (the text of every branch)");
+    }
+    // with --image-embeds: the image branch, and FedDISC's global branch
+    let k = if unclip_mode {
+        1 + usize::from(!a.global_embeds.is_empty())
+    } else {
+        a.prompt_embeds.len()
+    };
+    let scales = a
+        .guidance_scale
+        .clone()
+        .unwrap_or_else(|| vec![if unclip_mode { 2.0 } else { 7.5 }]);
+    let weights: Vec<f64> = match scales.len() {
+        1 => vec![scales[0]; k],
+        n if n == k => scales,
+        n => bail!("--guidance-scale has {n} values for {k} conditions"),
     };
     if weights.iter().any(|w| !w.is_finite()) {
         bail!("--guidance-scale must be finite");
@@ -359,9 +424,34 @@ pub fn run(a: Args) -> Result<()> {
     // ---- models
     let unet = model::load_unet(&model_dir)?;
     let vae = model::load_vae(&model_dir)?;
+    let unclip = match (&a.image_embeds, unet.class_dim) {
+        (Some(p), Some(cd)) => Some(unclip::Conditioning::new(
+            &model_dir,
+            cd,
+            &unclip::Flags {
+                image_embeds: p,
+                key: a.image_embeds_key.as_deref(),
+                global_embeds: &a.global_embeds,
+                noise_level: a.noise_level,
+                noise_file: a.image_embeds_noise.as_deref(),
+                class: a.class,
+            },
+            total,
+        )?),
+        (None, None) => None,
+        (Some(_), None) => bail!(
+            "--image-embeds: the UNet in {} has no class embedding (class_embed_type \"projection\", \
+             as Stable unCLIP)",
+            model_dir.display()
+        ),
+        (None, Some(_)) => bail!(
+            "{}: the UNet is a Stable-unCLIP one (class_embed_type \"projection\"): give --image-embeds",
+            model_dir.display()
+        ),
+    };
     let clf = match (&a.classifier, &a.classifier_arch) {
         (Some(wf), Some(arch)) => {
-            let c = classifier::Classifier::load(arch, wf)?;
+            let c = classifier::Classifier::from_arch(arch, wf)?;
             let k = a.class.unwrap_or(-1);
             if k < 0 || k as usize >= c.num_classes {
                 bail!(
@@ -444,6 +534,10 @@ pub fn run(a: Args) -> Result<()> {
     for (d, p) in conds.iter().zip(&a.prompt_embeds) {
         ctx_parts.push(embed_rows(d, total, start, end, p, "prompt_embeds")?);
     }
+    if unclip.as_ref().is_some_and(|u| u.conditions() == 2) {
+        // FedDISC's global branch has the same text as the image branch
+        ctx_parts.push(ctx_parts[ctx_parts.len() - 1].clone());
+    }
     let copies = ctx_parts.len();
 
     // initial latents
@@ -480,10 +574,15 @@ pub fn run(a: Args) -> Result<()> {
             .collect::<candle_core::Result<_>>()
             .map_err(ce("prompt embeddings"))?;
         let ctx = Tensor::cat(&parts, 0).map_err(ce("prompt embeddings"))?;
-        let mut sched = Scheduler::new(&cfg, a.steps, a.eta)?;
+        let mut sched = Scheduler::new(&cfg, steps, a.eta)?;
+        let class_labels = match &unclip {
+            Some(u) => Some(u.labels(g, sample_seed(a.seed.unwrap_or(0), g), guided)?),
+            None => None,
+        };
         let den = guidance::Denoiser {
             unet: &unet,
             ctx: ctx.clone(),
+            class_labels: class_labels.clone(),
             weights: weights.clone(),
             guided,
         };
@@ -527,7 +626,7 @@ pub fn run(a: Args) -> Result<()> {
             let inp = Tensor::cat(&vec![&xt; copies], 0).map_err(ce("latents"))?;
             let eps_all = unet
                 .model
-                .forward(&inp, t, &ctx)
+                .forward_with_class(&inp, t, &ctx, class_labels.as_ref())
                 .and_then(|e| e.flatten_all())
                 .and_then(|e| e.to_vec1::<f32>())
                 .map_err(ce(format!("UNet at step {i}")))?;
@@ -592,7 +691,7 @@ pub fn run(a: Args) -> Result<()> {
         .map_err(ce("images"))?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("scheduler".to_string(), kind.name().to_string());
-    meta.insert("steps".to_string(), a.steps.to_string());
+    meta.insert("steps".to_string(), steps.to_string());
     meta.insert("shard".to_string(), format!("{si}/{sn}"));
     meta.insert("first_index".to_string(), start.to_string());
     write_safetensors(

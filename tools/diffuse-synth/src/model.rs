@@ -135,6 +135,8 @@ pub struct Unet {
     pub in_channels: usize,
     pub cross_attention_dim: usize,
     pub sample_size: usize,
+    /// `projection_class_embeddings_input_dim` of a Stable-unCLIP UNet (class labels width).
+    pub class_dim: Option<usize>,
 }
 
 pub fn load_unet(model_dir: &Path) -> Result<Unet> {
@@ -185,8 +187,25 @@ pub fn load_unet(model_dir: &Path) -> Result<Unet> {
     f.only("only_cross_attention", &[Value::from(false)])?;
     f.only("dual_cross_attention", &[Value::from(false)])?;
     f.only("attention_type", &[Value::from("default")])?;
+    // Stable unCLIP: a projection class embedding of the (noised) image embedding.
+    f.only("class_embed_type", &[Value::from("projection")])?;
+    f.only("class_embeddings_concat", &[Value::from(false)])?;
+    let class_dim = match f.get("class_embed_type") {
+        Some(_) => match f.get("projection_class_embeddings_input_dim") {
+            Some(v) if v.as_u64().is_some_and(|d| d > 0) => v.as_u64().map(|d| d as usize),
+            _ => {
+                return Err(f.err(
+                    "projection_class_embeddings_input_dim",
+                    "class_embed_type \"projection\" needs a positive integer here",
+                ))
+            }
+        },
+        None => {
+            f.only("projection_class_embeddings_input_dim", &[])?;
+            None
+        }
+    };
     for k in [
-        "class_embed_type",
         "num_class_embeds",
         "addition_embed_type",
         "time_cond_proj_dim",
@@ -194,7 +213,6 @@ pub fn load_unet(model_dir: &Path) -> Result<Unet> {
         "time_embedding_dim",
         "timestep_post_act",
         "time_embedding_act_fn",
-        "projection_class_embeddings_input_dim",
         "reverse_transformer_layers_per_block",
     ] {
         f.only(k, &[])?;
@@ -240,6 +258,7 @@ pub fn load_unet(model_dir: &Path) -> Result<Unet> {
         cross_attention_dim: cross,
         sliced_attention_size: None,
         use_linear_projection: f.bool_or("use_linear_projection", false)?,
+        projection_class_embeddings_input_dim: class_dim,
     };
     for &c in &chans {
         if c % cfg.norm_num_groups != 0 {
@@ -263,6 +282,7 @@ pub fn load_unet(model_dir: &Path) -> Result<Unet> {
         in_channels,
         cross_attention_dim: cross,
         sample_size,
+        class_dim,
     })
 }
 

@@ -51,6 +51,7 @@ fn gradients_match_pytorch() {
     let den = Denoiser {
         unet: &unet,
         ctx,
+        class_labels: None,
         weights: vec![3.0],
         guided: true,
     };

@@ -32,6 +32,9 @@ pub struct UNet2DConditionModelConfig {
     pub cross_attention_dim: usize,
     pub sliced_attention_size: Option<usize>,
     pub use_linear_projection: bool,
+    /// ftk: `class_embed_type: "projection"` with this `projection_class_embeddings_input_dim`
+    /// (Stable unCLIP: the noised image embedding and its noise-level embedding).
+    pub projection_class_embeddings_input_dim: Option<usize>,
 }
 
 impl Default for UNet2DConditionModelConfig {
@@ -70,6 +73,7 @@ impl Default for UNet2DConditionModelConfig {
             cross_attention_dim: 1280,
             sliced_attention_size: None,
             use_linear_projection: false,
+            projection_class_embeddings_input_dim: None,
         }
     }
 }
@@ -91,6 +95,7 @@ pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    class_embedding: Option<TimestepEmbedding>,
     down_blocks: Vec<UNetDownBlock>,
     mid_block: UNetMidBlock2DCrossAttn,
     up_blocks: Vec<UNetUpBlock>,
@@ -122,6 +127,16 @@ impl UNet2DConditionModel {
         let time_proj = Timesteps::new(b_channels, config.flip_sin_to_cos, config.freq_shift);
         let time_embedding =
             TimestepEmbedding::new(vs.pp("time_embedding"), b_channels, time_embed_dim)?;
+        // ftk: diffusers' "projection" class embedding: a TimestepEmbedding (linear, SiLU,
+        // linear) on the class labels as given, added to the time embedding.
+        let class_embedding = match config.projection_class_embeddings_input_dim {
+            Some(d) => Some(TimestepEmbedding::new(
+                vs.pp("class_embedding"),
+                d,
+                time_embed_dim,
+            )?),
+            None => None,
+        };
 
         let vs_db = vs.pp("down_blocks");
         let down_blocks = (0..n_blocks)
@@ -286,6 +301,7 @@ impl UNet2DConditionModel {
             conv_in,
             time_proj,
             time_embedding,
+            class_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -303,7 +319,34 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
-        self.forward_with_additional_residuals(xs, timestep, encoder_hidden_states, None, None)
+        self.forward_with_additional_residuals(
+            xs,
+            timestep,
+            encoder_hidden_states,
+            None,
+            None,
+            None,
+        )
+    }
+
+    /// ftk: the forward pass with `class_labels` [B, projection dim] for a UNet with a
+    /// projection class embedding (required there, refused elsewhere, as diffusers).
+    pub fn forward_with_class(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        class_labels: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        self.forward_with_additional_residuals(
+            xs,
+            timestep,
+            encoder_hidden_states,
+            class_labels,
+            None,
+            None,
+        )
     }
 
     pub fn forward_with_additional_residuals(
@@ -311,6 +354,7 @@ impl UNet2DConditionModel {
         xs: &Tensor,
         timestep: f64,
         encoder_hidden_states: &Tensor,
+        class_labels: Option<&Tensor>,
         down_block_additional_residuals: Option<&[Tensor]>,
         mid_block_additional_residual: Option<&Tensor>,
     ) -> Result<Tensor> {
@@ -331,6 +375,17 @@ impl UNet2DConditionModel {
         let emb = (Tensor::ones(bsize, xs.dtype(), device)? * timestep)?;
         let emb = self.time_proj.forward(&emb)?;
         let emb = self.time_embedding.forward(&emb)?;
+        let emb = match (&self.class_embedding, class_labels) {
+            (Some(ce), Some(cl)) => (emb + ce.forward(cl)?)?,
+            (None, None) => emb,
+            (Some(_), None) => candle_core::bail!(
+                "the UNet has a class embedding (class_embed_type \"projection\"): \
+                 it needs class labels (image embeddings)"
+            ),
+            (None, Some(_)) => candle_core::bail!(
+                "class labels given, but the UNet has no class embedding (class_embed_type)"
+            ),
+        };
         // 2. pre-process
         let xs = self.conv_in.forward(&xs)?;
         // 3. down
