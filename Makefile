@@ -136,6 +136,7 @@ bench: build $(VENV)/.installed
 	$(PY) bench/fed_embed_bench.py
 	$(PY) bench/diffuse_synth_bench.py
 	$(PY) bench/mofa_bench.py
+	$(PY) bench/gpu_bench.py
 
 # Regenerate the reference fixtures to a temp dir and byte-compare with testdata/.
 gen: $(VENV)/.installed
