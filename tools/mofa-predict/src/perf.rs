@@ -933,6 +933,38 @@ mod tests {
     }
 
     #[test]
+    fn zero3_schedule_is_bound_by_traffic_or_by_compute() {
+        let mk = |inter: f64| {
+            let v = serde_json::json!({"model":{"arch":"gpt","layers":24,"hidden":4096,"heads":32,"vocab":51200,"seq":2048},
+                "cluster":{"gpu":"A100-80GB","gpus":64,"inter_node_gbps":inter},"strategy":{"tp":1,"mbs":1,"gbs":128,"zero":3,
+                "recompute":"full","overlap_grad_reduce":true}});
+            let j = job_from_value(&v, &Fallback::default(), "t").unwrap();
+            (predict_time(&j, &CALIB), j)
+        };
+        // A 0.25 GB/s link: the link never rests, so a micro-batch lasts its
+        // traffic. Per micro-batch (tp 1, 2-byte weights): the forward gathers
+        // the embedding E, 24 layers of 12h² (QKV 3h², proj h², fc1 4h²,
+        // fc2 4h²) and the tied head V·h; the backward the head, the 24
+        // layers (once for recompute + backward) and the embedding; gradients
+        // of the layers and the embedding are reduce-scattered once.
+        let (t, j) = mk(0.25);
+        let (h, v) = (4096.0, 51200.0);
+        let layers = 24.0 * 12.0 * h * h;
+        let e = j.model.embedding_params() as f64;
+        let elems = 2.0 * (e + layers + v * h) + (layers + e);
+        let link = 63.0 / 64.0 * elems * 2.0 / (0.25e9 * CALIB.comm_eff);
+        let b = &t.breakdown;
+        let per_mb = (b.compute_s + b.recompute_s + b.dp_comm_exposed_s) / 2.0;
+        assert!(per_mb >= link * (1.0 - 1e-12), "{per_mb} vs {link}");
+        assert!(per_mb < link * 1.002, "{per_mb} vs {link}");
+        // A fast link: only the first gather and the last reduce-scatter
+        // (the embedding's, tiny here) are left in the open.
+        let (f, _) = mk(1e6);
+        let busy = f.breakdown.compute_s + f.breakdown.recompute_s;
+        assert!(f.breakdown.dp_comm_exposed_s < 1e-3 * busy);
+    }
+
+    #[test]
     fn allgather_context_parallelism_is_exposed() {
         let mk = |cp_comm: &str| {
             let v = serde_json::json!({"model":{"arch":"llama","layers":8,"hidden":8192,"heads":64,"kv_heads":8,
