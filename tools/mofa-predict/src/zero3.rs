@@ -7,7 +7,9 @@
 //! 3Ψ of traffic per step against data parallelism's 2Ψ). How much of that
 //! traffic hides under compute depends on *when* each gather may start. The
 //! model follows DeepSpeed's stage-3 engine (`deepspeed/runtime/zero/stage3.py`,
-//! v0.3.13, March 2021, the ZeRO-3 of Narayanan et al. 2021 Table 2):
+//! read at v0.3.13; v0.3.12-v0.3.16, March-April 2021, the ZeRO-3 releases
+//! out when Narayanan et al. 2021 measured the ZeRO-3 rows of their Table 2,
+//! behave the same here; which one they ran is not stated):
 //!
 //! - hooks on every sub-module fetch its parameters in its pre-forward (and
 //!   pre-backward) hook; when any of them is missing or still in flight the
