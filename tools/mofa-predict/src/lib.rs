@@ -12,6 +12,7 @@ pub mod mem;
 pub mod perf;
 pub mod predict;
 pub mod tune;
+pub mod zero3;
 
 use clap::{Parser, Subcommand};
 use ftk::cli::Stdout;

@@ -12,6 +12,7 @@
 //! a group stays on NVLink when `stride · size <= gpus_per_node`.
 
 use crate::input::{CpComm, Job};
+use crate::zero3;
 use ftk::model::{Attention, Mlp, ModelConfig};
 use mem_plan::layout::Layout;
 use mem_plan::memory::Recompute;
@@ -289,6 +290,102 @@ fn rc_passes_of(r: Recompute) -> f64 {
     }
 }
 
+/// Forward and backward seconds of the attention core (scores, softmax,
+/// values) of one layer and micro-batch on one GPU.
+fn attn_core(job: &Job, hw: &Hw, c: &Calib) -> (f64, f64) {
+    let st = &job.strategy;
+    let (t, cp) = (st.tp as f64, st.cp as f64);
+    let s = job.seq as f64;
+    let (a, _, hd) = attn_dims(&job.model);
+    // Causal flash attention computes half the s×s work; the unfused path
+    // (Megatron 2021-22) multiplies the full masked matrix as batched GEMMs
+    // of inner size h_d and streams the scores through HBM.
+    let heads_local = st.mbs as f64 * a / t;
+    if st.flash_attn {
+        let flops = 4.0 * heads_local * (s / cp) * s * hd * 0.5;
+        let f = flops / hw.attn;
+        (f, 2.5 * f)
+    } else {
+        let g = 2.0 * heads_local * gemm_s(s / cp, s, hd, hw, c);
+        let sm = heads_local * (s / cp) * s * 2.0 * c.softmax_passes / hw.hbm;
+        (g + sm / 3.0, 2.0 * g + 2.0 * sm / 3.0)
+    }
+}
+
+/// A weight-holding module of a layer (what ZeRO-3 gathers as one piece):
+/// its forward GEMMs as (m, n, k, count) and its parameters per GPU.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightModule {
+    pub gemms: Vec<(f64, f64, f64, f64)>,
+    pub params: f64,
+    /// Expert weights (sharded over the expert-data-parallel group).
+    pub expert: bool,
+}
+
+impl WeightModule {
+    fn gemm_s(&self, hw: &Hw, c: &Calib) -> f64 {
+        self.gemms
+            .iter()
+            .map(|&(x, y, z, n)| n * gemm_s(x, y, z, hw, c))
+            .sum()
+    }
+}
+
+/// The weight modules of layer `i` in forward order, and how many of them
+/// belong to attention (the last of those is the output projection).
+/// Megatron's fused layout: QKV (or MLA's projections), output projection,
+/// then fc1 (gate and up fused under SwiGLU) and fc2, or router, routed
+/// experts (the local ones, as one module) and shared experts.
+pub fn weight_modules(job: &Job, i: usize) -> (Vec<WeightModule>, usize) {
+    let m = &job.model;
+    let st = &job.strategy;
+    let t = st.tp as f64;
+    let tok = st.mbs as f64 * job.seq as f64 / st.cp as f64;
+    let h = m.hidden as f64;
+    let dense = |gemms: Vec<(f64, f64, f64, f64)>| WeightModule {
+        params: gemms.iter().map(|&(_, n, k, c)| n * k * c).sum(),
+        gemms,
+        expert: false,
+    };
+    let mut mods: Vec<WeightModule> = attn_gemms(m, tok, t)
+        .into_iter()
+        .map(|(x, y, z)| dense(vec![(x, y, z, 1.0)]))
+        .collect();
+    let n_attn = mods.len();
+    let moe = m
+        .moe
+        .as_ref()
+        .filter(|_| m.is_moe.get(i).copied().unwrap_or(false));
+    match moe {
+        Some(e) => {
+            let (ne, k, fe) = (e.experts as f64, e.topk as f64, e.expert_ffn as f64);
+            let local = ne / st.ep as f64;
+            let per_expert = tok * k * st.ep as f64 / ne * (1.0 + st.moe_imbalance);
+            mods.push(dense(vec![(tok, ne, h, 1.0)]));
+            mods.push(WeightModule {
+                gemms: vec![
+                    (per_expert, 2.0 * fe / t, h, local),
+                    (per_expert, h, fe / t, local),
+                ],
+                params: local * 3.0 * h * fe / t,
+                expert: true,
+            });
+            if e.shared_experts > 0 {
+                let fs = (e.shared_experts * e.shared_ffn) as f64;
+                mods.push(dense(vec![(tok, 2.0 * fs / t, h, 1.0)]));
+                mods.push(dense(vec![(tok, h, fs / t, 1.0)]));
+            }
+        }
+        None => {
+            let f = m.ffn as f64;
+            let up = if m.mlp == Mlp::SwiGlu { 2.0 * f } else { f };
+            mods.push(dense(vec![(tok, up / t, h, 1.0)]));
+            mods.push(dense(vec![(tok, h, f / t, 1.0)]));
+        }
+    }
+    (mods, n_attn)
+}
+
 /// Cost of layer `i` for one micro-batch on one GPU.
 pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     let m = &job.model;
@@ -298,7 +395,7 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     let s = job.seq as f64;
     let h = m.hidden as f64;
     let tok = b * s / cp;
-    let (a, ka, hd) = attn_dims(m);
+    let (_, ka, hd) = attn_dims(m);
     let moe = m
         .moe
         .as_ref()
@@ -306,51 +403,22 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     let imb = 1.0 + st.moe_imbalance;
 
     // GEMMs.
-    let mut gemm: f64 = attn_gemms(m, tok, t)
-        .iter()
-        .map(|&(x, y, z)| gemm_s(x, y, z, hw, c))
-        .sum();
+    let (mods, _) = weight_modules(job, i);
+    let gemm: f64 = mods.iter().map(|w| w.gemm_s(hw, c)).sum();
     let mut elem_ffn = 0.0; // elementwise elements per token on the MLP side
     match moe {
         Some(e) => {
-            let (ne, k, fe) = (e.experts as f64, e.topk as f64, e.expert_ffn as f64);
-            let local = ne / st.ep as f64;
-            let per_expert = tok * k * st.ep as f64 / ne * imb;
-            gemm += gemm_s(tok, ne, h, hw, c);
-            gemm += local
-                * (gemm_s(per_expert, 2.0 * fe / t, h, hw, c)
-                    + gemm_s(per_expert, h, fe / t, hw, c));
+            let (k, fe) = (e.topk as f64, e.expert_ffn as f64);
             if e.shared_experts > 0 {
-                let fs = (e.shared_experts * e.shared_ffn) as f64;
-                gemm += gemm_s(tok, 2.0 * fs / t, h, hw, c) + gemm_s(tok, h, fs / t, hw, c);
-                elem_ffn += fs / t;
+                elem_ffn += (e.shared_experts * e.shared_ffn) as f64 / t;
             }
             // activation on k·g_e per token copy, plus permute/unpermute copies
             elem_ffn += k * imb * fe / t + k * imb * 4.0 * h / 6.0;
         }
-        None => {
-            let f = m.ffn as f64;
-            gemm += match m.mlp {
-                Mlp::SwiGlu => gemm_s(tok, 2.0 * f / t, h, hw, c) + gemm_s(tok, h, f / t, hw, c),
-                Mlp::Gelu => gemm_s(tok, f / t, h, hw, c) + gemm_s(tok, h, f / t, hw, c),
-            };
-            elem_ffn += f / t;
-        }
+        None => elem_ffn += m.ffn as f64 / t,
     }
 
-    // Attention core: causal flash attention computes half the s×s work;
-    // the unfused path (Megatron 2021-22) multiplies the full masked matrix
-    // as batched GEMMs of inner size h_d and streams the scores through HBM.
-    let heads_local = b * a / t;
-    let (attn_fwd, attn_bwd) = if st.flash_attn {
-        let flops = 4.0 * heads_local * (s / cp) * s * hd * 0.5;
-        let f = flops / hw.attn;
-        (f, 2.5 * f)
-    } else {
-        let g = 2.0 * heads_local * gemm_s(s / cp, s, hd, hw, c);
-        let sm = heads_local * (s / cp) * s * 2.0 * c.softmax_passes / hw.hbm;
-        (g + sm / 3.0, 2.0 * g + 2.0 * sm / 3.0)
-    };
+    let (attn_fwd, attn_bwd) = attn_core(job, hw, c);
 
     // Memory-bound elementwise work: hidden-sized tensors are sharded by t
     // only under sequence parallelism; the MLP activation (3 tensors of
@@ -419,6 +487,151 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     }
 }
 
+/// The data-parallel groups ZeRO-3 gathers over: dense weights over
+/// DP × CP, expert weights over DP × CP / EP.
+pub struct Z3Groups {
+    pub dgrp: u64,
+    pub egrp: u64,
+    pub bw_d: f64,
+    pub bw_e: f64,
+}
+
+/// What the ZeRO-3 schedule needs of the pipeline stage that sets the pace.
+pub struct Z3Stage<'a> {
+    pub stage: u64,
+    pub dense: &'a LayerCost,
+    pub moe: Option<&'a LayerCost>,
+    /// LM head + cross-entropy seconds, forward and backward.
+    pub head: (f64, f64),
+    /// Embedding TP collectives (forward + backward).
+    pub emb_tp: f64,
+}
+
+/// One layer as ZeRO-3 modules: each weight module's compute is its GEMMs
+/// plus a share of the layer's elementwise time in proportion to them; the
+/// attention core runs between the module before the output projection and
+/// the output projection; TP collectives follow the output projection and
+/// the last MLP module, CP ones the attention core, EP ones the experts.
+pub fn zero3_layer(
+    job: &Job,
+    i: usize,
+    lc: &LayerCost,
+    g: &Z3Groups,
+    hw: &Hw,
+    c: &Calib,
+) -> zero3::Block {
+    let st = &job.strategy;
+    let (mods, n_attn) = weight_modules(job, i);
+    let gs: Vec<f64> = mods.iter().map(|w| w.gemm_s(hw, c)).collect();
+    let sum_g: f64 = gs.iter().sum();
+    let (af, ab) = attn_core(job, hw, c);
+    let full = st.recompute == Recompute::Full;
+    let phases = 2.0 + rc_passes_of(st.recompute);
+    let elem_f = lc.fwd - sum_g - af;
+    let elem_b = lc.bwd - 2.0 * sum_g - ab;
+    let core = n_attn.saturating_sub(2);
+    let oproj = n_attn - 1;
+    let last = mods.len() - 1;
+    let experts = mods.iter().position(|w| w.expert).unwrap_or(last);
+    let mut out = Vec::with_capacity(mods.len());
+    for (k, w) in mods.iter().enumerate() {
+        let share = gs[k] / sum_g;
+        let mut fwd = gs[k] + elem_f * share;
+        let mut bwd = 2.0 * gs[k] + elem_b * share;
+        let mut comm = 0.0;
+        if k == core {
+            fwd += af;
+            bwd += ab;
+            comm += lc.cp;
+            if !full {
+                bwd += lc.recompute; // selective: the attention core re-runs
+            }
+        }
+        if k == oproj {
+            comm += lc.tp / 2.0;
+        }
+        if k == last {
+            comm += lc.tp / 2.0;
+        }
+        if k == experts {
+            comm += lc.ep;
+        }
+        let comm = comm / phases;
+        let (grp, bw) = if w.expert {
+            (g.egrp, g.bw_e)
+        } else {
+            (g.dgrp, g.bw_d)
+        };
+        let xfer = gather_s(w.params * 2.0, grp, bw, c);
+        out.push(zero3::Module {
+            params: w.params,
+            gather_s: xfer,
+            rs_s: xfer,
+            fwd_s: fwd + comm,
+            rc_s: if full { fwd + comm } else { 0.0 },
+            bwd_s: bwd + comm,
+        });
+    }
+    zero3::Block {
+        modules: out,
+        recomputed: full,
+    }
+}
+
+/// The blocks one micro-batch runs on stage `ctx.stage` under ZeRO-3:
+/// the embedding on the first stage, the layers, the LM head on the last.
+/// A tied head gathers the embedding's weights again; their gradients are
+/// reduce-scattered once, with the embedding's.
+pub fn zero3_blocks(
+    job: &Job,
+    ctx: &Z3Stage,
+    g: &Z3Groups,
+    hw: &Hw,
+    c: &Calib,
+) -> Vec<zero3::Block> {
+    let m = &job.model;
+    let l = layout(job);
+    let t = job.strategy.tp as f64;
+    let mut blocks = vec![];
+    let embed = |params: f64, fwd: f64, bwd: f64, rs: bool| {
+        let xfer = gather_s(params * 2.0, g.dgrp, g.bw_d, c);
+        zero3::Block {
+            modules: vec![zero3::Module {
+                params,
+                gather_s: xfer,
+                rs_s: if rs { xfer } else { 0.0 },
+                fwd_s: fwd,
+                rc_s: 0.0,
+                bwd_s: bwd,
+            }],
+            recomputed: false,
+        }
+    };
+    if ctx.stage == 0 {
+        let p = m.embedding_params() as f64 / t;
+        blocks.push(embed(p, ctx.emb_tp / 2.0, ctx.emb_tp / 2.0, true));
+    }
+    let dense_i = m.is_moe.iter().position(|x| !x).unwrap_or(0);
+    let moe_i = m.is_moe.iter().position(|x| *x);
+    let dense = zero3_layer(job, dense_i, ctx.dense, g, hw, c);
+    let moe = match (moe_i, ctx.moe) {
+        (Some(i), Some(lc)) => Some(zero3_layer(job, i, lc, g, hw, c)),
+        _ => None,
+    };
+    for i in (0..m.layers).filter(|&i| l.stage_of(m.layers, i) == ctx.stage) {
+        let b = match (&moe, m.is_moe[i as usize]) {
+            (Some(b), true) => b,
+            _ => &dense,
+        };
+        blocks.push(b.clone());
+    }
+    if ctx.stage == l.pp - 1 {
+        let p = (m.vocab * m.hidden) as f64 / t;
+        blocks.push(embed(p, ctx.head.0, ctx.head.1, !m.tie_embeddings));
+    }
+    blocks
+}
+
 /// What [`predict_time`] returns.
 #[derive(Clone, Debug)]
 pub struct Timing {
@@ -478,11 +691,10 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
     let last = stages.len() - 1;
     stages[last].fwd += head_g + head_elem;
     stages[last].bwd += 2.0 * head_g + head_elem;
-    if st.tp > 1 {
-        // vocab-parallel cross entropy: 3 tiny all-reduces; the embedding's
-        // forward all-reduce (or reduce-scatter) on stage 0 and its backward.
-        stages[0].tp += 2.0 * allreduce_s(tok * h * 2.0, st.tp, hw.link(1, st.tp), c);
-    }
+    // vocab-parallel cross entropy: 3 tiny all-reduces; the embedding's
+    // forward all-reduce (or reduce-scatter) on stage 0 and its backward.
+    let emb_tp = 2.0 * allreduce_s(tok * h * 2.0, st.tp, hw.link(1, st.tp), c);
+    stages[0].tp += emb_tp;
     // Pipeline point-to-point per micro-batch: activations forward, grads
     // backward, once per model chunk, split across the TP ranks
     // (scatter/gather, Narayanan et al. 2021 §4.1).
@@ -520,16 +732,37 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
         // gradients are reduce-scattered as each layer's backward ends.
         // Prefetch overlaps each phase's traffic with that phase's compute
         // and tensor-parallel time, so a phase lasts the longer of the two.
+        // ZeRO-3 (DeepSpeed stage 3 / FSDP full shard): per micro-batch the
+        // weights are all-gathered for the forward and again for the
+        // backward (once for a checkpointed layer's recompute forward and
+        // backward) and the 16-bit gradients are reduce-scattered, module by
+        // module; with prefetch the schedule of `zero3` decides what hides.
         3 => {
-            let tp_share = |n: f64| sc.tp * n / (4.0 + 2.0 * rc_passes_of(st.recompute));
-            let c_f = sc.fwd + tp_share(2.0);
-            let c_b = sc.bwd + sc.recompute + tp_share(2.0 + 2.0 * rc_passes_of(st.recompute));
-            let per_mb = if st.overlap_grad_reduce {
-                (p16 - c_f).max(0.0) + (2.0 * p16 - c_b).max(0.0)
+            if st.overlap_grad_reduce {
+                let g = Z3Groups {
+                    dgrp,
+                    egrp,
+                    bw_d,
+                    bw_e,
+                };
+                let ctx = Z3Stage {
+                    stage: stage as u64,
+                    dense: &dense_cost,
+                    moe: moe_cost.as_ref(),
+                    head: (head_g + head_elem, 2.0 * head_g + head_elem),
+                    emb_tp,
+                };
+                let blocks = zero3_blocks(job, &ctx, &g, &hw, c);
+                let busy = zero3::busy_s(&blocks);
+                debug_assert!(
+                    (busy - (sc.fwd + sc.bwd + sc.recompute + sc.tp + sc.cp + sc.ep)).abs()
+                        < 1e-9 * busy.max(1e-30),
+                    "{busy} vs {sc:?}"
+                );
+                mf * (zero3::micro_batch_s(&blocks, zero3::PREFETCH_BUCKET) - busy).max(0.0)
             } else {
-                3.0 * p16
-            };
-            mf * per_mb
+                mf * 3.0 * p16
+            }
         }
         z => {
             let (grad, param) = if z == 0 {
@@ -697,6 +930,38 @@ mod tests {
         let b = &o.breakdown;
         let c = (b.compute_s + b.recompute_s) / 2.0;
         assert!(b.dp_comm_exposed_s >= 2.0 * (3.0 * p16 - c) - 1e-9);
+    }
+
+    #[test]
+    fn zero3_schedule_is_bound_by_traffic_or_by_compute() {
+        let mk = |inter: f64| {
+            let v = serde_json::json!({"model":{"arch":"gpt","layers":24,"hidden":4096,"heads":32,"vocab":51200,"seq":2048},
+                "cluster":{"gpu":"A100-80GB","gpus":64,"inter_node_gbps":inter},"strategy":{"tp":1,"mbs":1,"gbs":128,"zero":3,
+                "recompute":"full","overlap_grad_reduce":true}});
+            let j = job_from_value(&v, &Fallback::default(), "t").unwrap();
+            (predict_time(&j, &CALIB), j)
+        };
+        // A 0.25 GB/s link: the link never rests, so a micro-batch lasts its
+        // traffic. Per micro-batch (tp 1, 2-byte weights): the forward gathers
+        // the embedding E, 24 layers of 12h² (QKV 3h², proj h², fc1 4h²,
+        // fc2 4h²) and the tied head V·h; the backward the head, the 24
+        // layers (once for recompute + backward) and the embedding; gradients
+        // of the layers and the embedding are reduce-scattered once.
+        let (t, j) = mk(0.25);
+        let (h, v) = (4096.0, 51200.0);
+        let layers = 24.0 * 12.0 * h * h;
+        let e = j.model.embedding_params() as f64;
+        let elems = 2.0 * (e + layers + v * h) + (layers + e);
+        let link = 63.0 / 64.0 * elems * 2.0 / (0.25e9 * CALIB.comm_eff);
+        let b = &t.breakdown;
+        let per_mb = (b.compute_s + b.recompute_s + b.dp_comm_exposed_s) / 2.0;
+        assert!(per_mb >= link * (1.0 - 1e-12), "{per_mb} vs {link}");
+        assert!(per_mb < link * 1.002, "{per_mb} vs {link}");
+        // A fast link: only the first gather and the last reduce-scatter
+        // (the embedding's, tiny here) are left in the open.
+        let (f, _) = mk(1e6);
+        let busy = f.breakdown.compute_s + f.breakdown.recompute_s;
+        assert!(f.breakdown.dp_comm_exposed_s < 1e-3 * busy);
     }
 
     #[test]
