@@ -47,9 +47,10 @@ extern "C" __global__ void axpy_f16(double* acc, const unsigned short* x, double
         acc[i] = __dadd_rn(acc[i], __dmul_rn(w, (double)f16_to_f32(x[i])));
 }
 
-// out[i] = acc[i] * scale, back to f32 (the weighted mean).
-extern "C" __global__ void scale_to_f32(float* out, const double* acc, double scale, unsigned long long n) {
+// out[i] = acc[i] / w rounded to f32 (the weighted mean), rounded as the CPU
+// pass rounds it: an IEEE division, then round to nearest even.
+extern "C" __global__ void mean_to_f32(float* out, const double* acc, double w, unsigned long long n) {
     unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        out[i] = (float)(acc[i] * scale);
+        out[i] = __double2float_rn(__ddiv_rn(acc[i], w));
 }

@@ -23,7 +23,7 @@ fn every_kernel_compiles_with_nvrtc() {
         ),
         (
             "fed_aggregate",
-            &["axpy_f32", "axpy_bf16", "axpy_f16", "scale_to_f32"][..],
+            &["axpy_f32", "axpy_bf16", "axpy_f16", "mean_to_f32"][..],
         ),
         (
             "moe",

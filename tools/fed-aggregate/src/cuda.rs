@@ -91,6 +91,7 @@ pub fn finish(job: &mut Job, sinks: &Sinks, ordinal: usize) -> R<()> {
     let gpu: Vec<bool> = job.specs.iter().map(|s| job.gpu_eligible(s)).collect();
     let (stage, seg_max) = sizes();
     let trace = std::env::var_os("FTK_CUDA_TRACE").is_some();
+    let t_init = std::time::Instant::now();
     if gpu.iter().any(|&g| g) {
         let ctx = CudaContext::new(ordinal).map_err(cuda("context"))?;
         // The events below order every reuse; cudarc's per-access tracking would
@@ -127,7 +128,33 @@ pub fn finish(job: &mut Job, sinks: &Sinks, ordinal: usize) -> R<()> {
             .max()
             .unwrap_or(1);
         let mut acc = comp.alloc_zeros::<f64>(max_seg).map_err(cuda("alloc"))?;
-        let mut host = vec![0f64; max_seg];
+        let direct = |s: &Spec| s.dtype == Dtype::F32 && sinks.partial.is_none();
+        let (n_direct, n_host) =
+            job.specs
+                .iter()
+                .zip(&gpu)
+                .filter(|(_, &g)| g)
+                .fold((0, 0), |(d, h), (s, _)| {
+                    let n = s.numel.min(seg_max);
+                    if direct(s) {
+                        (d.max(n), h)
+                    } else {
+                        (d, h.max(n))
+                    }
+                });
+        let mut means = if n_direct > 0 {
+            Some(comp.alloc_zeros::<f32>(n_direct).map_err(cuda("alloc"))?)
+        } else {
+            None
+        };
+        let mut host_f32 = vec![0f32; n_direct];
+        let mut host = vec![0f64; n_host];
+        let mean_fn = module
+            .load_function("mean_to_f32")
+            .map_err(cuda("kernel"))?;
+        if trace {
+            eprintln!("cuda: init {:.1} ms", t_init.elapsed().as_secs_f64() * 1e3);
+        }
         for (i, spec) in job.specs.iter().enumerate().filter(|(i, _)| gpu[*i]) {
             let mut start = 0;
             while start < spec.numel {
@@ -140,31 +167,64 @@ pub fn finish(job: &mut Job, sinks: &Sinks, ordinal: usize) -> R<()> {
                 let t0 = std::time::Instant::now();
                 segment(job, &module, &copy, &comp, &mut st, &mut acc, spec, u)?;
                 let t1 = std::time::Instant::now();
-                let host = &mut host[..len];
-                comp.memcpy_dtoh(&acc.slice(0..len), host)
-                    .map_err(cuda("download"))?;
-                comp.synchronize().map_err(cuda("synchronize"))?;
-                let t2 = std::time::Instant::now();
-                let bad = host
-                    .par_chunks(kernel::CHUNK)
-                    .any(|c| kernel::first_non_finite(c).is_some());
-                if bad {
-                    // Rare path: the CPU pass names the client (or overflow).
-                    let mut buf = Vec::new();
-                    let mut a = vec![0f64; len];
-                    job.accumulate(spec, u, &[], &mut a, &mut buf)?;
-                    host.copy_from_slice(&a);
+                let t2;
+                if spec.dtype == Dtype::F32 && sinks.partial.is_none() {
+                    // The mean is all that is written: divide and round on the
+                    // device, bring back 4 bytes per element instead of 8.
+                    let out = means.as_mut().expect("allocated for f32 outputs");
+                    let w: f64 = spec.sources.iter().map(|x| x.weight).sum();
+                    mean_f32(&comp, &mean_fn, out, &acc, w, len)?;
+                    let hf = &mut host_f32[..len];
+                    comp.memcpy_dtoh(&out.slice(0..len), hf)
+                        .map_err(cuda("download"))?;
+                    comp.synchronize().map_err(cuda("synchronize"))?;
+                    t2 = std::time::Instant::now();
+                    if hf.par_iter().any(|v| !v.is_finite()) {
+                        // Rare path: the CPU pass names the client (or overflow).
+                        let (mut buf, mut a) = (Vec::new(), vec![0f64; len]);
+                        job.accumulate(spec, u, &[], &mut a, &mut buf)?;
+                        return Err(Fault::Fatal(Error::input(format!(
+                            "tensor '{}': the weighted mean is not finite",
+                            spec.name
+                        ))));
+                    }
+                    if let Some(o) = sinks.out {
+                        hf.par_chunks(kernel::CHUNK)
+                            .enumerate()
+                            .try_for_each(|(j, c)| {
+                                let bytes: Vec<u8> =
+                                    c.iter().flat_map(|v| v.to_le_bytes()).collect();
+                                o.write_at(i, ((start + j * kernel::CHUNK) * 4) as u64, &bytes)
+                                    .map_err(Fault::from)
+                            })?;
+                    }
+                } else {
+                    let host = &mut host[..len];
+                    comp.memcpy_dtoh(&acc.slice(0..len), host)
+                        .map_err(cuda("download"))?;
+                    comp.synchronize().map_err(cuda("synchronize"))?;
+                    t2 = std::time::Instant::now();
+                    let bad = host
+                        .par_chunks(kernel::CHUNK)
+                        .any(|c| kernel::first_non_finite(c).is_some());
+                    if bad {
+                        // Rare path: the CPU pass names the client (or overflow).
+                        let mut buf = Vec::new();
+                        let mut a = vec![0f64; len];
+                        job.accumulate(spec, u, &[], &mut a, &mut buf)?;
+                        host.copy_from_slice(&a);
+                    }
+                    host.par_chunks_mut(kernel::CHUNK)
+                        .enumerate()
+                        .try_for_each(|(j, a)| {
+                            let sub = Unit {
+                                spec: i,
+                                start: start + j * kernel::CHUNK,
+                                len: a.len(),
+                            };
+                            job.emit_mean(spec, sub, a, sinks)
+                        })?;
                 }
-                host.par_chunks_mut(kernel::CHUNK)
-                    .enumerate()
-                    .try_for_each(|(j, a)| {
-                        let sub = Unit {
-                            spec: i,
-                            start: start + j * kernel::CHUNK,
-                            len: a.len(),
-                        };
-                        job.emit_mean(spec, sub, a, sinks)
-                    })?;
                 if trace {
                     let ms =
                         |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
@@ -256,4 +316,25 @@ fn segment(
         }
     }
     Ok(())
+}
+
+/// out[..n] = acc[..n] / w as f32, on `comp`.
+fn mean_f32(
+    comp: &Arc<CudaStream>,
+    func: &cudarc::driver::CudaFunction,
+    out: &mut CudaSlice<f32>,
+    acc: &CudaSlice<f64>,
+    w: f64,
+    n: usize,
+) -> R<()> {
+    let n = n as u64;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 8192) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = comp.launch_builder(func);
+    b.arg(out).arg(acc).arg(&w).arg(&n);
+    // SAFETY: both buffers hold at least n elements.
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda("launch"))
 }

@@ -68,7 +68,15 @@ fn clients(dir: &Path, nan: Option<usize>) -> std::path::PathBuf {
     m
 }
 
-fn aggregate(m: &Path, dir: &Path, device: &str, env: &[(&str, &str)]) -> (Vec<u8>, Vec<u8>) {
+/// The output and (with `partial`) the partial-sum file's bytes. Without a
+/// partial the f32 means are divided and rounded on the device.
+fn aggregate(
+    m: &Path,
+    dir: &Path,
+    device: &str,
+    env: &[(&str, &str)],
+    partial: bool,
+) -> (Vec<u8>, Vec<u8>) {
     let (o, p) = (
         dir.join(format!("{device}.safetensors")),
         dir.join(format!("{device}.partial.safetensors")),
@@ -77,20 +85,23 @@ fn aggregate(m: &Path, dir: &Path, device: &str, env: &[(&str, &str)]) -> (Vec<u
     for (k, v) in env {
         c.env(k, v);
     }
-    let out = c
-        .args(["--strategy", "fedavg", "--device", device, "-o"])
-        .arg(&o)
-        .arg("--partial-out")
-        .arg(&p)
-        .arg(m)
-        .output()
-        .unwrap();
+    c.args(["--strategy", "fedavg", "--device", device, "-o"])
+        .arg(&o);
+    if partial {
+        c.arg("--partial-out").arg(&p);
+    }
+    let out = c.arg(m).output().unwrap();
     assert!(
         out.status.success(),
         "{device}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    (std::fs::read(&o).unwrap(), std::fs::read(&p).unwrap())
+    let part = if partial {
+        std::fs::read(&p).unwrap()
+    } else {
+        Vec::new()
+    };
+    (std::fs::read(&o).unwrap(), part)
 }
 
 #[test]
@@ -110,19 +121,27 @@ fn cuda_mean_equals_cpu_mean() {
         assert!(!dir.path().join("x.safetensors").exists());
         return;
     }
-    let cpu = aggregate(&m, dir.path(), "cpu", &[]);
-    let gpu = aggregate(&m, dir.path(), "cuda", &[]);
+    let cpu = aggregate(&m, dir.path(), "cpu", &[], true);
+    let gpu = aggregate(&m, dir.path(), "cuda", &[], true);
     assert!(cpu.0 == gpu.0, "outputs differ");
     assert!(cpu.1 == gpu.1, "partial sums differ");
+    // Output only: the f32 mean is computed on the device.
+    let gpu = aggregate(&m, dir.path(), "cuda", &[], false);
+    assert!(cpu.0 == gpu.0, "device-side means differ");
     // Small staging buffers and segments: many chunks per tensor, several
     // segments, chunks that end mid-segment.
     let small = [
         ("FTK_CUDA_STAGE_BYTES", "40000"),
         ("FTK_CUDA_SEGMENT", "70001"),
     ];
-    let gpu = aggregate(&m, dir.path(), "cuda", &small);
+    let gpu = aggregate(&m, dir.path(), "cuda", &small, true);
     assert!(cpu.0 == gpu.0, "outputs differ with small staging");
     assert!(cpu.1 == gpu.1, "partial sums differ with small staging");
+    let gpu = aggregate(&m, dir.path(), "cuda", &small, false);
+    assert!(
+        cpu.0 == gpu.0,
+        "device-side means differ with small staging"
+    );
 }
 
 #[test]
