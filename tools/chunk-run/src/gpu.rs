@@ -384,20 +384,82 @@ impl<T: Act> GpuEngine<T> {
             .map_err(cuda("launch"))
     }
 
-    /// Per-expert GEMM over the dispatched groups: for expert e with rows
-    /// r0..r1, `f(e, r0, n_e)`.
-    fn each_group(
+    /// One GEMM per expert group of `d`: C_e = op(A_e)·op(B_e) + beta·C_e
+    /// with (m, n, k) = `dims(rows of e)`.
+    #[allow(clippy::too_many_arguments)]
+    fn expert_gemm(
         &self,
         d: &GpuDisp,
-        mut f: impl FnMut(usize, usize, usize) -> Result<()>,
+        c: Opnd,
+        a: Opnd,
+        b: Opnd,
+        dims: impl Fn(usize) -> (usize, usize, usize),
+        ta: bool,
+        tb: bool,
+        beta: f32,
     ) -> Result<()> {
         for e in 0..self.sh.experts {
             let (r0, r1) = (d.offsets[e], d.offsets[e + 1]);
             if r1 > r0 {
-                f(e, r0, r1 - r0)?;
+                self.gemm(
+                    c.at(e, r0),
+                    a.at(e, r0),
+                    b.at(e, r0),
+                    dims(r1 - r0),
+                    ta,
+                    tb,
+                    beta,
+                )?;
             }
         }
         Ok(())
+    }
+
+    /// Rows of an expert-grouped buffer, `width` elements each.
+    fn rows<U: Act>(&self, buf: &DBuf<U>, width: usize) -> Opnd {
+        Opnd::Rows {
+            base: self.ptr(buf),
+            row_bytes: (width * U::BYTES) as u64,
+            ty: U::CUDA,
+        }
+    }
+
+    /// A stack of per-expert [f,h] or [h,f] matrices.
+    fn experts<U: Act>(&self, buf: &DBuf<U>) -> Opnd {
+        Opnd::Expert {
+            base: self.ptr(buf),
+            bytes: (self.sh.ffn * self.sh.hidden * U::BYTES) as u64,
+            ty: U::CUDA,
+        }
+    }
+}
+
+/// A GEMM operand of one expert group: the group's first row in an
+/// expert-grouped buffer, or the expert's matrix in a per-expert stack.
+#[derive(Clone, Copy)]
+enum Opnd {
+    Rows {
+        base: u64,
+        row_bytes: u64,
+        ty: cudaDataType,
+    },
+    Expert {
+        base: u64,
+        bytes: u64,
+        ty: cudaDataType,
+    },
+}
+
+impl Opnd {
+    fn at(self, e: usize, r0: usize) -> (u64, cudaDataType) {
+        match self {
+            Opnd::Rows {
+                base,
+                row_bytes,
+                ty,
+            } => (base + r0 as u64 * row_bytes, ty),
+            Opnd::Expert { base, bytes, ty } => (base + e as u64 * bytes, ty),
+        }
     }
 }
 
@@ -508,7 +570,6 @@ impl<T: Act> Engine for GpuEngine<T> {
     fn experts_forward(&mut self, l: usize, x_in: &DBuf<f32>, d: &GpuDisp) -> Result<GpuActs<T>> {
         let (h, f) = (self.sh.hidden, self.sh.ffn);
         let s = d.copies();
-        let tb = T::BYTES as u64;
         let x = self.alloc::<T>(s * h)?;
         self.launch(
             &self.f.gather,
@@ -527,54 +588,54 @@ impl<T: Act> Engine for GpuEngine<T> {
         let a = self.alloc::<T>(s * f)?;
         let b = self.alloc::<T>(s * f)?;
         let lay = &self.layers[l];
-        let (px, pa, pb) = (self.ptr(&x), self.ptr(&a), self.ptr(&b));
-        let (pw1, pw3, pw2) = (self.ptr(&lay.w1), self.ptr(&lay.w3), self.ptr(&lay.w2));
-        let ty = T::CUDA;
-        let wsz = (f * h) as u64 * tb;
-        self.each_group(d, |e, r0, n| {
-            let r0 = r0 as u64;
-            let xe = (px + r0 * h as u64 * tb, ty);
-            self.gemm(
-                (pa + r0 * f as u64 * tb, ty),
-                xe,
-                (pw1 + e as u64 * wsz, ty),
-                (n, f, h),
-                false,
-                true,
-                0.0,
-            )?;
-            self.gemm(
-                (pb + r0 * f as u64 * tb, ty),
-                xe,
-                (pw3 + e as u64 * wsz, ty),
-                (n, f, h),
-                false,
-                true,
-                0.0,
-            )
-        })?;
+        let xr = self.rows(&x, h);
+        // A_e = X_e w1_eᵀ, B_e = X_e w3_eᵀ
+        let (ar, br) = (self.rows(&a, f), self.rows(&b, f));
+        self.expert_gemm(
+            d,
+            ar,
+            xr,
+            self.experts(&lay.w1),
+            |n| (n, f, h),
+            false,
+            true,
+            0.0,
+        )?;
+        self.expert_gemm(
+            d,
+            br,
+            xr,
+            self.experts(&lay.w3),
+            |n| (n, f, h),
+            false,
+            true,
+            0.0,
+        )?;
         let hid = self.alloc::<T>(s * f)?;
-        let ph = self.ptr(&hid);
         self.launch(
             &self.f.swiglu_fwd,
             s * f,
             256,
-            &[&ph, &pa, &pb, &((s * f) as u64)],
+            &[
+                &self.ptr(&hid),
+                &self.ptr(&a),
+                &self.ptr(&b),
+                &((s * f) as u64),
+            ],
         )?;
+        // O_e = H_e w2_eᵀ
         let o = self.alloc::<T>(s * h)?;
-        let po = self.ptr(&o);
-        self.each_group(d, |e, r0, n| {
-            let r0 = r0 as u64;
-            self.gemm(
-                (po + r0 * h as u64 * tb, ty),
-                (ph + r0 * f as u64 * tb, ty),
-                (pw2 + e as u64 * wsz, ty),
-                (n, h, f),
-                false,
-                true,
-                0.0,
-            )
-        })?;
+        let (or, hr) = (self.rows(&o, h), self.rows(&hid, f));
+        self.expert_gemm(
+            d,
+            or,
+            hr,
+            self.experts(&lay.w2),
+            |n| (n, h, f),
+            false,
+            true,
+            0.0,
+        )?;
         drop(hid);
         Ok(GpuActs { x, a, b, o })
     }
@@ -621,8 +682,6 @@ impl<T: Act> Engine for GpuEngine<T> {
     ) -> Result<()> {
         let (h, f, k) = (self.sh.hidden, self.sh.ffn, self.sh.topk);
         let s = d.copies();
-        let (ty, f32t) = (T::CUDA, cudaDataType::CUDA_R_32F);
-        let tb = T::BYTES as u64;
         let GpuActs { x, a, b, o } = acts;
         let (pg, prows, pslot) = (self.ptr(g), self.ptr(&d.rows), self.ptr(&d.slot));
         // dL/dw for each copy: <g[token], O[row]>, one warp per row
@@ -658,111 +717,96 @@ impl<T: Act> Engine for GpuEngine<T> {
                 &(h as u32),
             ],
         )?;
-        let (pa, pb, px) = (self.ptr(&a), self.ptr(&b), self.ptr(&x));
+        let (pa, pb) = (self.ptr(&a), self.ptr(&b));
         let hid = self.alloc::<T>(s * f)?;
-        let ph = self.ptr(&hid);
         self.launch(
             &self.f.swiglu_fwd,
             s * f,
             256,
-            &[&ph, &pa, &pb, &((s * f) as u64)],
+            &[&self.ptr(&hid), &pa, &pb, &((s * f) as u64)],
         )?;
         let lay = &self.layers[l];
-        let wsz = (f * h) as u64;
-        let (gw1, gw2, gw3) = (
-            self.ptr(&lay.g_w1),
-            self.ptr(&lay.g_w2),
-            self.ptr(&lay.g_w3),
-        );
-        let (pw1, pw2, pw3) = (self.ptr(&lay.w1), self.ptr(&lay.w2), self.ptr(&lay.w3));
+        let (xr, gr, hr) = (self.rows(&x, h), self.rows(&gp, h), self.rows(&hid, f));
         // ∂w2_e += G_eᵀ H_e
-        self.each_group(d, |e, r0, n| {
-            let r0 = r0 as u64;
-            self.gemm(
-                (gw2 + e as u64 * wsz * 4, f32t),
-                (pgp + r0 * h as u64 * tb, ty),
-                (ph + r0 * f as u64 * tb, ty),
-                (h, f, n),
-                true,
-                false,
-                1.0,
-            )
-        })?;
+        self.expert_gemm(
+            d,
+            self.experts(&lay.g_w2),
+            gr,
+            hr,
+            |n| (h, f, n),
+            true,
+            false,
+            1.0,
+        )?;
         drop(hid);
         // dH_e = G_e w2_e
         let da = self.alloc::<T>(s * f)?;
-        let pda = self.ptr(&da);
-        self.each_group(d, |e, r0, n| {
-            let r0 = r0 as u64;
-            self.gemm(
-                (pda + r0 * f as u64 * tb, ty),
-                (pgp + r0 * h as u64 * tb, ty),
-                (pw2 + e as u64 * wsz * tb, ty),
-                (n, f, h),
-                false,
-                false,
-                0.0,
-            )
-        })?;
+        let dar = self.rows(&da, f);
+        self.expert_gemm(
+            d,
+            dar,
+            gr,
+            self.experts(&lay.w2),
+            |n| (n, f, h),
+            false,
+            false,
+            0.0,
+        )?;
         drop(gp);
         let db = self.alloc::<T>(s * f)?;
-        let pdb = self.ptr(&db);
+        let dbr = self.rows(&db, f);
         self.launch(
             &self.f.swiglu_bwd,
             s * f,
             256,
-            &[&pda, &pdb, &pa, &pb, &((s * f) as u64)],
+            &[&self.ptr(&da), &self.ptr(&db), &pa, &pb, &((s * f) as u64)],
         )?;
         drop(a);
         drop(b);
         // ∂w1_e += dA_eᵀ X_e, ∂w3_e += dB_eᵀ X_e
-        self.each_group(d, |e, r0, n| {
-            let r0 = r0 as u64;
-            let xe = (px + r0 * h as u64 * tb, ty);
-            self.gemm(
-                (gw1 + e as u64 * wsz * 4, f32t),
-                (pda + r0 * f as u64 * tb, ty),
-                xe,
-                (f, h, n),
-                true,
-                false,
-                1.0,
-            )?;
-            self.gemm(
-                (gw3 + e as u64 * wsz * 4, f32t),
-                (pdb + r0 * f as u64 * tb, ty),
-                xe,
-                (f, h, n),
-                true,
-                false,
-                1.0,
-            )
-        })?;
+        self.expert_gemm(
+            d,
+            self.experts(&lay.g_w1),
+            dar,
+            xr,
+            |n| (f, h, n),
+            true,
+            false,
+            1.0,
+        )?;
+        self.expert_gemm(
+            d,
+            self.experts(&lay.g_w3),
+            dbr,
+            xr,
+            |n| (f, h, n),
+            true,
+            false,
+            1.0,
+        )?;
         // dX_e = dA_e w1_e + dB_e w3_e
         let dxp = self.alloc::<T>(s * h)?;
-        let pdxp = self.ptr(&dxp);
-        self.each_group(d, |e, r0, n| {
-            let r0 = r0 as u64;
-            let out = (pdxp + r0 * h as u64 * tb, ty);
-            self.gemm(
-                out,
-                (pda + r0 * f as u64 * tb, ty),
-                (pw1 + e as u64 * wsz * tb, ty),
-                (n, h, f),
-                false,
-                false,
-                0.0,
-            )?;
-            self.gemm(
-                out,
-                (pdb + r0 * f as u64 * tb, ty),
-                (pw3 + e as u64 * wsz * tb, ty),
-                (n, h, f),
-                false,
-                false,
-                1.0,
-            )
-        })?;
+        let (dxr, pdxp) = (self.rows(&dxp, h), self.ptr(&dxp));
+        self.expert_gemm(
+            d,
+            dxr,
+            dar,
+            self.experts(&lay.w1),
+            |n| (n, h, f),
+            false,
+            false,
+            0.0,
+        )?;
+        self.expert_gemm(
+            d,
+            dxr,
+            dbr,
+            self.experts(&lay.w3),
+            |n| (n, h, f),
+            false,
+            false,
+            1.0,
+        )?;
         drop(da);
         drop(db);
         drop(x);

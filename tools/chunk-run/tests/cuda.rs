@@ -5,8 +5,9 @@
 //! model. Run when a GPU exists, skipped with the reason otherwise; without
 //! one, `--device cuda` and `--dtype bf16` on the CPU are usage errors.
 
+mod common;
+
 use assert_cmd::Command;
-use ftk::tensors::TensorFile;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -48,30 +49,11 @@ fn run(device: &str, dtype: &str, extra: &[&str]) -> (Vec<Value>, BTreeMap<Strin
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let f = TensorFile::open(&path).unwrap();
-    let t = f
-        .names()
-        .into_iter()
-        .map(|n| {
-            let v = f.require(&n).unwrap().to_f32_vec().unwrap();
-            (n, v)
-        })
-        .collect();
-    (recs, t)
+    (recs, common::load(&path))
 }
 
-/// max |a − b| / max |b|, the scale floored at 1e-3.
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let scale = b
-        .iter()
-        .map(|x| f64::from(x.abs()))
-        .fold(0.0, f64::max)
-        .max(1e-3);
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| f64::from((x - y).abs()))
-        .fold(0.0, f64::max)
-        / scale
+    common::rel_err(a, b, 1e-3)
 }
 
 #[test]

@@ -2,8 +2,10 @@
 //! transformers' own MixtralSparseMoeBlock / Qwen3MoeSparseMoeBlock
 //! (testdata/gen/chunk_run_ref.py), for every recompute mode.
 
+mod common;
+
 use assert_cmd::Command;
-use ftk::tensors::TensorFile;
+use common::load;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,31 +14,11 @@ fn data() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/chunk-run")
 }
 
-fn load(p: &std::path::Path) -> BTreeMap<String, Vec<f32>> {
-    let f = TensorFile::open(p).unwrap();
-    f.names()
-        .into_iter()
-        .map(|n| {
-            let v = f.require(&n).unwrap().to_f32_vec().unwrap();
-            (n, v)
-        })
-        .collect()
-}
-
 /// max |a − b| / max |b| over one tensor. The scale is floored at 1e-2: with
 /// top-1 and renormalisation the combine weight is exactly 1, so the gate's
 /// true gradient is 0 and PyTorch's is rounding noise (~3e-7).
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let scale = b
-        .iter()
-        .map(|x| f64::from(x.abs()))
-        .fold(0.0, f64::max)
-        .max(1e-2);
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| f64::from((x - y).abs()))
-        .fold(0.0, f64::max)
-        / scale
+    common::rel_err(a, b, 1e-2)
 }
 
 fn run_case(case: &Value, mode: &str, extra: &[&str]) -> BTreeMap<String, Vec<f32>> {
