@@ -9,9 +9,10 @@
 //! - [`classifier`], [`guidance`]: FedCADO classifier + BN-statistics guidance
 //!   and noise editing (JSON-described conv nets; gradients checked against PyTorch).
 //! - [`describe`]: FedDEO description learning (`diffuse-synth describe`).
+//! - [`text`]: `--prompt` through the folder's CLIP tokenizer and text encoder.
 //!
-//! Not implemented yet: `--prompt` (text encoder), torchvision ResNet
-//! classifiers, FedDEO `describe`, FedDISC image-embedding conditioning.
+//! Not implemented yet: torchvision ResNet classifiers, FedDISC image-embedding
+//! conditioning.
 
 pub mod classifier;
 pub mod describe;
@@ -20,6 +21,7 @@ pub mod model;
 pub mod png;
 pub mod scheduler;
 pub mod sd;
+pub mod text;
 
 use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
@@ -48,6 +50,11 @@ guidance, `negative_prompt_embeds` (same shape). One file with --guidance-scale 
 classifier-free guidance exactly as diffusers: e = e_u + G (e_c - e_u). Several files give
 several weighted conditions, e = e_u + sum_i w_i (e_i - e_u), with --guidance-scale w1,w2,...
 (the unconditional embedding is the first file's negative_prompt_embeds).
+--prompt TEXT (once, or once per sample) needs tokenizer/ and text_encoder/ in the folder and
+encodes as diffusers' encode_prompt: transformers' CLIPTokenizer padded/truncated to
+model_max_length, CLIPTextModel's last hidden state (--clip-skip k: layer n-k's, through the
+final layer norm). It is the first condition (--prompt-embeds files follow) and its
+--negative-prompt (default \"\", once or once per --prompt) is the unconditional embedding.
 
 Initial noise: --latents L.safetensors (`latents` [B,4,h,w], scaled by the scheduler's init
 sigma as diffusers does) or --seed S --batch B: sample j's seed is derived from (S, j) and
@@ -72,6 +79,8 @@ second --prompt-embeds to generate with it (u + 3(text - u) + 3(description - u)
 Examples:
   diffuse-synth --model tiny-sd --prompt-embeds emb.safetensors --seed 7 --batch 8 \\
       --steps 20 --guidance-scale 3 -o out.safetensors --png-dir pngs > manifest.jsonl
+  diffuse-synth --model sd15 --prompt \"a photo of a dog\" --negative-prompt blurry --seed 1 \\
+      --batch 4 --steps 25 --guidance-scale 7.5 -o dogs.safetensors --png-dir dogs
   diffuse-synth --model tiny-sd --scheduler dpmpp-2m --karras --steps 10 \\
       --prompt-embeds emb.safetensors --seed 7 --batch 64 --shard 3/8 -o part3.safetensors
   diffuse-synth --model tiny-sd --prompt-embeds cls.safetensors --prompt-embeds desc.safetensors \\
@@ -117,8 +126,19 @@ pub struct Args {
     #[arg(long, default_value = "7.5", value_delimiter = ',')]
     pub guidance_scale: Vec<f64>,
     /// safetensors with `prompt_embeds` (and `negative_prompt_embeds`); repeatable
-    #[arg(long, value_name = "FILE", required = true)]
+    #[arg(long, value_name = "FILE", required_unless_present = "prompt")]
     pub prompt_embeds: Vec<PathBuf>,
+    /// text prompt, encoded by the folder's tokenizer/ + text_encoder/: once for every
+    /// sample, or once per sample (the first condition; --prompt-embeds files follow it)
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Vec<String>,
+    /// negative prompt for guidance (default ""): once, or once per --prompt
+    #[arg(long, value_name = "TEXT", requires = "prompt")]
+    pub negative_prompt: Vec<String>,
+    /// with --prompt: embed with the layer this many before the last (diffusers' clip_skip;
+    /// as there, the negative prompt keeps the last layer)
+    #[arg(long, default_value_t = 0, requires = "prompt")]
+    pub clip_skip: usize,
     /// initial latents (`latents` [B,C,h,w]) instead of --seed/--batch
     #[arg(long, value_name = "FILE", conflicts_with_all = ["seed", "batch"])]
     pub latents: Option<PathBuf>,
@@ -305,12 +325,15 @@ pub fn run(a: Args) -> Result<()> {
     }
     let sched = Scheduler::new(&cfg, a.steps, a.eta)?;
 
-    // ---- conditions
-    let k = a.prompt_embeds.len();
+    // ---- conditions: the --prompt text (if any), then the --prompt-embeds files
+    let n_text = usize::from(!a.prompt.is_empty());
+    let k = n_text + a.prompt_embeds.len();
     let weights: Vec<f64> = match a.guidance_scale.len() {
         1 => vec![a.guidance_scale[0]; k],
         n if n == k => a.guidance_scale.clone(),
-        n => bail!("--guidance-scale has {n} values for {k} --prompt-embeds files"),
+        n => {
+            bail!("--guidance-scale has {n} values for {k} conditions (--prompt, --prompt-embeds)")
+        }
     };
     if weights.iter().any(|w| !w.is_finite()) {
         bail!("--guidance-scale must be finite");
@@ -321,7 +344,7 @@ pub fn run(a: Args) -> Result<()> {
     for p in &a.prompt_embeds {
         conds.push(read_tensor(p, "prompt_embeds", 3, "[batch, tokens, dim]")?);
     }
-    let neg = if guided {
+    let neg = if guided && n_text == 0 {
         let p = &a.prompt_embeds[0];
         Some(
             read_optional(p, "negative_prompt_embeds", 3, "[batch, tokens, dim]")?.ok_or_else(
@@ -431,6 +454,23 @@ pub fn run(a: Args) -> Result<()> {
 
     // context: [neg; cond_1; ...; cond_k] each [rows, L, D]
     let mut ctx_parts = vec![];
+    let text_parts = match n_text {
+        0 => None,
+        _ => Some(text::prompt_rows(
+            &model_dir,
+            &a.prompt,
+            &a.negative_prompt,
+            a.clip_skip,
+            guided,
+            (total, start, end),
+            unet.cross_attention_dim,
+            conds.first().map(|d| d.shape[1]),
+        )?),
+    };
+    if let Some((cond, neg)) = text_parts {
+        ctx_parts.extend(neg);
+        ctx_parts.push(cond);
+    }
     if let Some(n) = &neg {
         ctx_parts.push(embed_rows(
             n,
