@@ -16,6 +16,7 @@
 
 pub mod classifier;
 pub mod describe;
+pub mod fast;
 pub mod guidance;
 pub mod model;
 pub mod png;

@@ -23,7 +23,7 @@ impl LayerNormSlow {
 
 impl Module for LayerNormSlow {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        nn::ops::layer_norm_slow(xs, &self.weight, &self.bias, self.eps)
+        crate::fast::layer_norm(xs, &self.weight, &self.bias, self.eps) // ftk: fused unless tracked
     }
 }
 
@@ -45,7 +45,8 @@ impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
         let hidden_states_and_gate = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
-        &hidden_states_and_gate[0] * hidden_states_and_gate[1].gelu_erf()? // ftk: diffusers uses the exact (erf) GELU
+        // ftk: diffusers uses the exact (erf) GELU
+        crate::fast::geglu(&hidden_states_and_gate[0], &hidden_states_and_gate[1])
     }
 }
 
@@ -210,7 +211,7 @@ impl CrossAttention {
             let xs = query.matmul(&(key.t()? * self.scale)?)?;
             let xs = {
                 let _enter = self.span_softmax.enter();
-                nn::ops::softmax(&xs, D::Minus1)? // ftk: softmax_last_dim has no backward
+                crate::fast::softmax_last_dim(&xs)? // ftk: fused unless tracked (then candle's softmax, which has a backward)
             };
             xs.matmul(&value)?.to_dtype(in_dtype)?
         };
@@ -223,6 +224,11 @@ impl CrossAttention {
         let context = context.unwrap_or(xs).contiguous()?;
         let key = self.to_k.forward(&context)?;
         let value = self.to_v.forward(&context)?;
+        if self.slice_size.is_none() && crate::fast::attention_ok(&query, &key, &value) {
+            // ftk: fused per-head attention when no gradient is tracked
+            let xs = crate::fast::attention(&query, &key, &value, self.heads, self.scale)?;
+            return self.to_out.forward(&xs);
+        }
         let query = self.reshape_heads_to_batch_dim(&query)?;
         let key = self.reshape_heads_to_batch_dim(&key)?;
         let value = self.reshape_heads_to_batch_dim(&value)?;
@@ -323,14 +329,14 @@ impl Default for SpatialTransformerConfig {
 
 #[derive(Debug)]
 enum Proj {
-    Conv2d(nn::Conv2d),
+    Conv2d(crate::fast::Conv2d),
     Linear(nn::Linear),
 }
 
 // Aka Transformer2DModel
 #[derive(Debug)]
 pub struct SpatialTransformer {
-    norm: nn::GroupNorm,
+    norm: crate::fast::GroupNorm,
     proj_in: Proj,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Proj,
@@ -348,11 +354,11 @@ impl SpatialTransformer {
         config: SpatialTransformerConfig,
     ) -> Result<Self> {
         let inner_dim = n_heads * d_head;
-        let norm = nn::group_norm(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
+        let norm = crate::fast::group_norm(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
         let proj_in = if config.use_linear_projection {
             Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_in"))?)
         } else {
-            Proj::Conv2d(nn::conv2d(
+            Proj::Conv2d(crate::fast::conv2d(
                 in_channels,
                 inner_dim,
                 1,
@@ -377,7 +383,7 @@ impl SpatialTransformer {
         let proj_out = if config.use_linear_projection {
             Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_out"))?)
         } else {
-            Proj::Conv2d(nn::conv2d(
+            Proj::Conv2d(crate::fast::conv2d(
                 inner_dim,
                 in_channels,
                 1,
@@ -462,7 +468,7 @@ impl Default for AttentionBlockConfig {
 
 #[derive(Debug)]
 pub struct AttentionBlock {
-    group_norm: nn::GroupNorm,
+    group_norm: crate::fast::GroupNorm,
     query: nn::Linear,
     key: nn::Linear,
     value: nn::Linear,
@@ -496,7 +502,7 @@ impl AttentionBlock {
         let num_head_channels = config.num_head_channels.unwrap_or(channels);
         let num_heads = channels / num_head_channels;
         let group_norm =
-            nn::group_norm(config.num_groups, channels, config.eps, vs.pp("group_norm"))?;
+            crate::fast::group_norm(config.num_groups, channels, config.eps, vs.pp("group_norm"))?;
         let (q_path, k_path, v_path, out_path) = if vs.contains_tensor("to_q.weight") {
             ("to_q", "to_k", "to_v", "to_out.0")
         } else {
@@ -558,7 +564,7 @@ impl Module for AttentionBlock {
         // https://github.com/huggingface/diffusers/blob/d3d22ce5a894becb951eec03e663951b28d45135/src/diffusers/models/attention.py#L87
         let scale = f64::powf(self.channels as f64 / self.num_heads as f64, -0.25);
         let attention_scores = (query_states * scale)?.matmul(&(key_states.t()? * scale)?)?;
-        let attention_probs = nn::ops::softmax(&attention_scores, D::Minus1)?;
+        let attention_probs = crate::fast::softmax_last_dim(&attention_scores)?;
 
         // TODO: revert the call to force_contiguous once the three matmul kernels have been
         // adapted to handle layout with some dims set to 1.
