@@ -32,8 +32,8 @@ fn with_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     }
 }
 
-/// Defines `fn $name` that runs its body compiled for AVX2+FMA when the CPU has them
-/// (elementwise loops vectorise 8 wide), else for the baseline target.
+/// Defines `fn $name` that runs its body compiled for AVX-512 or AVX2 (+FMA) when the CPU
+/// has them (elementwise loops vectorise 16 or 8 wide), else for the baseline target.
 macro_rules! multiversion {
     ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
@@ -42,9 +42,20 @@ macro_rules! multiversion {
             fn generic($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn avx512($($a: $t),*) $(-> $r)? {
+                    generic($($a),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($a: $t),*) $(-> $r)? {
                     generic($($a),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `avx512` was compiled for.
+                    return unsafe { avx512($($a),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
@@ -250,6 +261,63 @@ fn im2col(
                 }
             }
         });
+}
+
+// ---------------------------------------------------------------- linear
+
+/// candle_nn's Linear whose fast forward runs one GEMM per leading-dim row (M = the
+/// tokens of one sample), so a row's result never depends on the batch it is in (candle
+/// folds the batch into M, and the GEMM's kernel choice depends on M).
+#[derive(Debug, Clone)]
+pub struct Linear(pub nn::Linear);
+
+pub fn linear(i: usize, o: usize, vb: nn::VarBuilder) -> Result<Linear> {
+    nn::linear(i, o, vb).map(Linear)
+}
+
+pub fn linear_no_bias(i: usize, o: usize, vb: nn::VarBuilder) -> Result<Linear> {
+    nn::linear_no_bias(i, o, vb).map(Linear)
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let l = &self.0;
+        let w = l.weight();
+        let mut ts = vec![x, w];
+        ts.extend(l.bias());
+        if !fast(&ts) || x.rank() < 2 || x.rank() > 3 || w.rank() != 2 {
+            return l.forward(x);
+        }
+        let (o, i) = w.dims2()?;
+        let dims = x.dims().to_vec();
+        if dims[dims.len() - 1] != i {
+            return l.forward(x);
+        }
+        // rows per GEMM: a sample's tokens ([B, L, in]) or one vector ([B, in])
+        let m = if dims.len() == 3 { dims[1] } else { 1 };
+        let total: usize = dims[..dims.len() - 1].iter().product();
+        let bias = match l.bias() {
+            Some(b) => Some(b.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut out = vec![0f32; total * o];
+        with_slice(w, |wv| {
+            with_slice(x, |xv| {
+                for (yo, xi) in out.chunks_mut(m * o).zip(xv.chunks(m * i)) {
+                    if let Some(bv) = &bias {
+                        for row in yo.chunks_mut(o) {
+                            row.copy_from_slice(bv);
+                        }
+                    }
+                    ftk::linalg::matmul_bt(yo, xi, wv, m, o, i, bias.is_some());
+                }
+                Ok(())
+            })
+        })?;
+        let mut od = dims;
+        *od.last_mut().unwrap_or(&mut 0) = o;
+        Tensor::from_vec(out, od, &Device::Cpu)
+    }
 }
 
 // ---------------------------------------------------------------- group norm
@@ -625,6 +693,19 @@ mod tests {
             let got = Conv2d(c).forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
             close(&got, &want, 1e-5);
+        }
+        // linear, 3-D and 2-D, with and without bias
+        for bias in [true, false] {
+            let w = randn(&[7, 5], 12);
+            let bt = bias.then(|| randn(&[7], 13));
+            let l = nn::Linear::new(w, bt);
+            for x in [randn(&[3, 4, 5], 14), randn(&[6, 5], 15)] {
+                close(
+                    &Linear(l.clone()).forward(&x).unwrap(),
+                    &l.forward(&x).unwrap(),
+                    1e-5,
+                );
+            }
         }
         // group norm (+ silu)
         let x = ((randn(&[2, 8, 5, 3], 4) * 3.0).unwrap() + 1.0).unwrap();

@@ -200,6 +200,9 @@ pub enum Command {
     Describe(describe::DescribeArgs),
 }
 
+/// Samples denoised together in one UNet call (times their condition rows).
+const UNET_SAMPLES: usize = 8;
+
 /// One dense f32 tensor read from a safetensors file.
 struct Dense {
     shape: Vec<usize>,
@@ -508,117 +511,160 @@ pub fn run(a: Args) -> Result<()> {
         None => None,
     };
 
-    // One sample at a time (its unconditional and conditional passes batched
-    // together), so a sample's numbers never depend on which other samples share
-    // the job: `--shard i/n` reproduces the rows of one run bit for bit.
+    // Up to UNET_SAMPLES samples per UNet call, each sample's unconditional and
+    // conditional rows side by side (sample-major), as diffusers batches them. Every kernel
+    // computes a row independently of the others in its batch, so `--shard i/n` still
+    // reproduces the rows of one run bit for bit (tests/pipeline.rs checks it).
     let bar = ftk::cli::progress((rows * sched.timesteps().len()) as u64, "denoising");
     let mut lat_all: Vec<f32> = Vec::with_capacity(rows * per);
-    for (r, seed) in seeds.iter().enumerate() {
-        let g = start + r; // global sample index
-        let parts: Vec<Tensor> = ctx_parts
-            .iter()
-            .map(|p| p.narrow(0, r, 1))
-            .collect::<candle_core::Result<_>>()
-            .map_err(ce("prompt embeddings"))?;
-        let ctx = Tensor::cat(&parts, 0).map_err(ce("prompt embeddings"))?;
-        let mut sched = Scheduler::new(&cfg, a.steps, a.eta)?;
-        let den = guidance::Denoiser {
-            unet: &unet,
-            ctx: ctx.clone(),
-            weights: weights.clone(),
-            guided,
+    let ts: Vec<f64> = sched.timesteps().to_vec();
+    let fedcado = clf.as_ref().map(|cl| guidance::FedCado {
+        classifier: cl,
+        class: a.class.unwrap_or(0) as usize,
+        size: a.classifier_size,
+        bn_weight: a.bn_weight,
+    });
+    let zshape = (1, c, h, w);
+    for c0 in (0..rows).step_by(UNET_SAMPLES) {
+        let chunk: Vec<usize> = (c0..rows.min(c0 + UNET_SAMPLES)).collect();
+        let n = chunk.len();
+        // one sample's context rows [copies, L, D], and the chunk's [n * copies, L, D]
+        let ctx_of = |r: usize| -> Result<Tensor> {
+            let parts: Vec<Tensor> = ctx_parts
+                .iter()
+                .map(|p| p.narrow(0, r, 1))
+                .collect::<candle_core::Result<_>>()
+                .map_err(ce("prompt embeddings"))?;
+            Tensor::cat(&parts, 0).map_err(ce("prompt embeddings"))
         };
-        let fedcado = clf.as_ref().map(|cl| guidance::FedCado {
-            classifier: cl,
-            class: a.class.unwrap_or(0) as usize,
-            size: a.classifier_size,
-            bn_weight: a.bn_weight,
-        });
-        let init: Vec<f32> = match &given {
-            Some(d) => d.data[g * per..(g + 1) * per].to_vec(),
-            None => normals(seed.unwrap_or(0), 0, per),
-        };
-        let ins = sched.init_noise_sigma();
-        let mut lat: Vec<f32> = init.iter().map(|x| x * ins).collect();
-        let mut draws = 0usize;
-        let mut draw_err: Option<Error> = None;
-        let ts: Vec<f64> = sched.timesteps().to_vec();
-        let zshape = (1, c, h, w);
-        if let Some(fc) = &fedcado {
-            // noise editing: BN term only, at the first timestep
-            for _ in 0..a.noise_edit_steps {
-                let (_, g) = guidance::loss_and_grad(
-                    &den, &vae, fc, &mut sched, 0, ts[0], &lat, zshape, false,
-                )?;
-                lat.iter_mut().zip(&g).for_each(|(z, g)| *z -= g);
+        let ctxs: Vec<Tensor> = chunk.iter().map(|&r| ctx_of(r)).collect::<Result<_>>()?;
+        let ctx = Tensor::cat(&ctxs, 0).map_err(ce("prompt embeddings"))?;
+        let mut scheds = Vec::with_capacity(n);
+        let mut lats = Vec::with_capacity(n);
+        for (j, &r) in chunk.iter().enumerate() {
+            let g = start + r; // global sample index
+            let mut sch = Scheduler::new(&cfg, a.steps, a.eta)?;
+            let init: Vec<f32> = match &given {
+                Some(d) => d.data[g * per..(g + 1) * per].to_vec(),
+                None => normals(seeds[r].unwrap_or(0), 0, per),
+            };
+            let ins = sch.init_noise_sigma();
+            let mut lat: Vec<f32> = init.iter().map(|x| x * ins).collect();
+            if let Some(fc) = &fedcado {
+                // noise editing: BN term only, at the first timestep
+                let den = guidance::Denoiser {
+                    unet: &unet,
+                    ctx: ctxs[j].clone(),
+                    weights: weights.clone(),
+                    guided,
+                };
+                for _ in 0..a.noise_edit_steps {
+                    let (_, gr) = guidance::loss_and_grad(
+                        &den, &vae, fc, &mut sch, 0, ts[0], &lat, zshape, false,
+                    )?;
+                    lat.iter_mut().zip(&gr).for_each(|(z, g)| *z -= g);
+                }
             }
+            scheds.push(sch);
+            lats.push(lat);
         }
+        let mut draws = vec![0usize; n];
         for (i, &t) in ts.iter().enumerate() {
             if let Some(fc) = &fedcado {
                 if i + 1 < ts.len() {
-                    let (_, g) = guidance::loss_and_grad(
-                        &den, &vae, fc, &mut sched, i, t, &lat, zshape, true,
-                    )?;
-                    let s = a.classifier_scale as f32;
-                    lat.iter_mut().zip(&g).for_each(|(z, g)| *z -= s * g);
+                    for j in 0..n {
+                        let den = guidance::Denoiser {
+                            unet: &unet,
+                            ctx: ctxs[j].clone(),
+                            weights: weights.clone(),
+                            guided,
+                        };
+                        let (_, gr) = guidance::loss_and_grad(
+                            &den,
+                            &vae,
+                            fc,
+                            &mut scheds[j],
+                            i,
+                            t,
+                            &lats[j],
+                            zshape,
+                            true,
+                        )?;
+                        let sc = a.classifier_scale as f32;
+                        lats[j].iter_mut().zip(&gr).for_each(|(z, g)| *z -= sc * g);
+                    }
                 }
             }
-            let x = sched.scale_model_input(i, &lat)?;
-            let xt = Tensor::from_vec(x, (1, c, h, w), &dev).map_err(ce("latents"))?;
-            let inp = Tensor::cat(&vec![&xt; copies], 0).map_err(ce("latents"))?;
+            let mut x = Vec::with_capacity(n * copies * per);
+            for j in 0..n {
+                let xj = scheds[j].scale_model_input(i, &lats[j])?;
+                for _ in 0..copies {
+                    x.extend_from_slice(&xj);
+                }
+            }
+            let inp = Tensor::from_vec(x, (n * copies, c, h, w), &dev).map_err(ce("latents"))?;
             let eps_all = unet
                 .model
                 .forward(&inp, t, &ctx)
                 .and_then(|e| e.flatten_all())
                 .and_then(|e| e.to_vec1::<f32>())
                 .map_err(ce(format!("UNet at step {i}")))?;
-            let eps: Vec<f32> = if guided {
-                // diffusers: e_u + w (e_c - e_u), one term per condition
-                let u = &eps_all[..per];
-                let mut acc = u.to_vec();
-                for (ci, &wgt) in weights.iter().enumerate() {
-                    let e = &eps_all[(ci + 1) * per..(ci + 2) * per];
-                    let wgt = wgt as f32;
-                    acc.iter_mut()
-                        .zip(e.iter().zip(u))
-                        .for_each(|(a, (&e, &u))| *a += wgt * (e - u));
-                }
-                acc
-            } else {
-                eps_all[..per].to_vec()
-            };
-            let mut noise_fn = || -> Vec<f32> {
-                let k = draws;
-                draws += 1;
-                match &step_noise {
-                    Some(d) => {
-                        if k >= d.shape[0] {
-                            draw_err = Some(Error::input(format!(
-                                "--step-noise: the scheduler drew noise {} times but the file has {}",
-                                k + 1,
-                                d.shape[0]
-                            )));
-                            return vec![0.0; per];
-                        }
-                        let base = (k * total + g) * per;
-                        d.data[base..base + per].to_vec()
+            for (j, &r) in chunk.iter().enumerate() {
+                let g = start + r;
+                let rows_j = &eps_all[j * copies * per..(j + 1) * copies * per];
+                let eps: Vec<f32> = if guided {
+                    // diffusers: e_u + w (e_c - e_u), one term per condition
+                    let u = &rows_j[..per];
+                    let mut acc = u.to_vec();
+                    for (ci, &wgt) in weights.iter().enumerate() {
+                        let e = &rows_j[(ci + 1) * per..(ci + 2) * per];
+                        let wgt = wgt as f32;
+                        acc.iter_mut()
+                            .zip(e.iter().zip(u))
+                            .for_each(|(a, (&e, &u))| *a += wgt * (e - u));
                     }
-                    None => normals(seed.unwrap_or(0), 1 + k as u64, per),
+                    acc
+                } else {
+                    rows_j[..per].to_vec()
+                };
+                let mut draw_err: Option<Error> = None;
+                let seed = seeds[r];
+                let dj = &mut draws[j];
+                let mut noise_fn = || -> Vec<f32> {
+                    let k = *dj;
+                    *dj += 1;
+                    match &step_noise {
+                        Some(d) => {
+                            if k >= d.shape[0] {
+                                draw_err = Some(Error::input(format!(
+                                    "--step-noise: the scheduler drew noise {} times but the file has {}",
+                                    k + 1,
+                                    d.shape[0]
+                                )));
+                                return vec![0.0; per];
+                            }
+                            let base = (k * total + g) * per;
+                            d.data[base..base + per].to_vec()
+                        }
+                        None => normals(seed.unwrap_or(0), 1 + k as u64, per),
+                    }
+                };
+                lats[j] = scheds[j].step(i, &eps, &lats[j], &mut noise_fn)?;
+                if let Some(e) = draw_err.take() {
+                    return Err(e);
                 }
-            };
-            lat = sched.step(i, &eps, &lat, &mut noise_fn)?;
-            if let Some(e) = draw_err.take() {
-                return Err(e);
+                if lats[j].iter().any(|v| !v.is_finite()) {
+                    bail!(
+                        "latents of sample {g} became non-finite at step {i} (t={t}); \
+                         check the model weights and config"
+                    );
+                }
             }
-            if lat.iter().any(|v| !v.is_finite()) {
-                bail!(
-                    "latents of sample {g} became non-finite at step {i} (t={t}); \
-                     check the model weights and config"
-                );
-            }
-            bar.inc(1);
+            bar.inc(n as u64);
         }
-        lat_all.extend_from_slice(&lat);
+        for l in &lats {
+            lat_all.extend_from_slice(l);
+        }
     }
     bar.finish_and_clear();
     let lat = lat_all;

@@ -29,13 +29,13 @@ impl Module for LayerNormSlow {
 
 #[derive(Debug)]
 struct GeGlu {
-    proj: nn::Linear,
+    proj: crate::fast::Linear,
     span: tracing::Span,
 }
 
 impl GeGlu {
     fn new(vs: nn::VarBuilder, dim_in: usize, dim_out: usize) -> Result<Self> {
-        let proj = nn::linear(dim_in, dim_out * 2, vs.pp("proj"))?;
+        let proj = crate::fast::linear(dim_in, dim_out * 2, vs.pp("proj"))?;
         let span = tracing::span!(tracing::Level::TRACE, "geglu");
         Ok(Self { proj, span })
     }
@@ -54,7 +54,7 @@ impl Module for GeGlu {
 #[derive(Debug)]
 struct FeedForward {
     project_in: GeGlu,
-    linear: nn::Linear,
+    linear: crate::fast::Linear,
     span: tracing::Span,
 }
 
@@ -68,7 +68,7 @@ impl FeedForward {
         let dim_out = dim_out.unwrap_or(dim);
         let vs = vs.pp("net");
         let project_in = GeGlu::new(vs.pp("0"), dim, inner_dim)?;
-        let linear = nn::linear(inner_dim, dim_out, vs.pp("2"))?;
+        let linear = crate::fast::linear(inner_dim, dim_out, vs.pp("2"))?;
         let span = tracing::span!(tracing::Level::TRACE, "ff");
         Ok(Self {
             project_in,
@@ -92,10 +92,10 @@ fn flash_attn(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: bool) -> Result<Ten
 
 #[derive(Debug)]
 pub struct CrossAttention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: crate::fast::Linear,
+    to_k: crate::fast::Linear,
+    to_v: crate::fast::Linear,
+    to_out: crate::fast::Linear,
     heads: usize,
     scale: f64,
     slice_size: Option<usize>,
@@ -119,10 +119,10 @@ impl CrossAttention {
         let inner_dim = dim_head * heads;
         let context_dim = context_dim.unwrap_or(query_dim);
         let scale = 1.0 / f64::sqrt(dim_head as f64);
-        let to_q = nn::linear_no_bias(query_dim, inner_dim, vs.pp("to_q"))?;
-        let to_k = nn::linear_no_bias(context_dim, inner_dim, vs.pp("to_k"))?;
-        let to_v = nn::linear_no_bias(context_dim, inner_dim, vs.pp("to_v"))?;
-        let to_out = nn::linear(inner_dim, query_dim, vs.pp("to_out.0"))?;
+        let to_q = crate::fast::linear_no_bias(query_dim, inner_dim, vs.pp("to_q"))?;
+        let to_k = crate::fast::linear_no_bias(context_dim, inner_dim, vs.pp("to_k"))?;
+        let to_v = crate::fast::linear_no_bias(context_dim, inner_dim, vs.pp("to_v"))?;
+        let to_out = crate::fast::linear(inner_dim, query_dim, vs.pp("to_out.0"))?;
         let span = tracing::span!(tracing::Level::TRACE, "xa");
         let span_attn = tracing::span!(tracing::Level::TRACE, "xa-attn");
         let span_softmax = tracing::span!(tracing::Level::TRACE, "xa-softmax");
@@ -330,7 +330,7 @@ impl Default for SpatialTransformerConfig {
 #[derive(Debug)]
 enum Proj {
     Conv2d(crate::fast::Conv2d),
-    Linear(nn::Linear),
+    Linear(crate::fast::Linear),
 }
 
 // Aka Transformer2DModel
@@ -356,7 +356,11 @@ impl SpatialTransformer {
         let inner_dim = n_heads * d_head;
         let norm = crate::fast::group_norm(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
         let proj_in = if config.use_linear_projection {
-            Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_in"))?)
+            Proj::Linear(crate::fast::linear(
+                in_channels,
+                inner_dim,
+                vs.pp("proj_in"),
+            )?)
         } else {
             Proj::Conv2d(crate::fast::conv2d(
                 in_channels,
@@ -381,7 +385,11 @@ impl SpatialTransformer {
             transformer_blocks.push(tb)
         }
         let proj_out = if config.use_linear_projection {
-            Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_out"))?)
+            Proj::Linear(crate::fast::linear(
+                in_channels,
+                inner_dim,
+                vs.pp("proj_out"),
+            )?)
         } else {
             Proj::Conv2d(crate::fast::conv2d(
                 inner_dim,
@@ -469,10 +477,10 @@ impl Default for AttentionBlockConfig {
 #[derive(Debug)]
 pub struct AttentionBlock {
     group_norm: crate::fast::GroupNorm,
-    query: nn::Linear,
-    key: nn::Linear,
-    value: nn::Linear,
-    proj_attn: nn::Linear,
+    query: crate::fast::Linear,
+    key: crate::fast::Linear,
+    value: crate::fast::Linear,
+    proj_attn: crate::fast::Linear,
     channels: usize,
     num_heads: usize,
     span: tracing::Span,
@@ -484,15 +492,15 @@ pub struct AttentionBlock {
 // Linear layer may use a different dimension for the weight in the linear, which is
 // incompatible with the current implementation of the nn::linear constructor.
 // This is a workaround to handle the different dimensions.
-fn get_qkv_linear(channels: usize, vs: nn::VarBuilder) -> Result<nn::Linear> {
+fn get_qkv_linear(channels: usize, vs: nn::VarBuilder) -> Result<crate::fast::Linear> {
     match vs.get((channels, channels), "weight") {
-        Ok(_) => nn::linear(channels, channels, vs),
+        Ok(_) => crate::fast::linear(channels, channels, vs),
         Err(_) => {
             let weight = vs
                 .get((channels, channels, 1, 1), "weight")?
                 .reshape((channels, channels))?;
             let bias = vs.get((channels,), "bias")?;
-            Ok(nn::Linear::new(weight, Some(bias)))
+            Ok(crate::fast::Linear(nn::Linear::new(weight, Some(bias))))
         }
     }
 }

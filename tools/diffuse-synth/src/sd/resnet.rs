@@ -50,7 +50,7 @@ pub struct ResnetBlock2D {
     conv1: Conv2d,
     norm2: crate::fast::GroupNorm,
     conv2: Conv2d,
-    time_emb_proj: Option<nn::Linear>,
+    time_emb_proj: Option<crate::fast::Linear>,
     conv_shortcut: Option<Conv2d>,
     span: tracing::Span,
     config: ResnetBlock2DConfig,
@@ -99,7 +99,7 @@ impl ResnetBlock2D {
         };
         let time_emb_proj = match config.temb_channels {
             None => None,
-            Some(temb_channels) => Some(nn::linear(
+            Some(temb_channels) => Some(crate::fast::linear(
                 temb_channels,
                 out_channels,
                 vs.pp("time_emb_proj"),
