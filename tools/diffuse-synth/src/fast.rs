@@ -106,24 +106,41 @@ fn max_lanes(x: &[f32]) -> f32 {
 /// over slices vectorise (no calls, no branches beyond selects).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    exp_g::<false>(x)
+}
+
+/// a * b + c, fused when `FMA` (only inside functions compiled with the `fma` feature).
+#[inline(always)]
+fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// [`exp`], with fused multiply-adds when `FMA`.
+#[inline(always)]
+fn exp_g<const FMA: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     #[allow(clippy::manual_clamp)] // plain max/min: vmaxps/vminps, no NaN branches
     let xc = x.max(-87.3).min(88.7);
-    let t = xc * LOG2E + ROUND;
+    let t = fma::<FMA>(xc, LOG2E, ROUND);
     let n = t - ROUND;
     // the integer n sits in t's low mantissa bits: no float->int conversion (which
     // would not vectorise with Rust's saturating `as`)
     let ni = t.to_bits().wrapping_sub(0x4B40_0000);
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let r = fma::<FMA>(-n, LN2_LO, fma::<FMA>(-n, LN2_HI, xc));
     // exp(r) on |r| <= ln2/2: degree-6 Taylor/minimax coefficients
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (0.166_666_67
-                    + r * (0.041_666_668 + r * (0.008_333_452 + r * 0.001_388_989_5)))));
+    let mut p = fma::<FMA>(r, 0.001_388_989_5, 0.008_333_452);
+    p = fma::<FMA>(r, p, 0.041_666_668);
+    p = fma::<FMA>(r, p, 0.166_666_67);
+    p = fma::<FMA>(r, p, 0.5);
+    p = fma::<FMA>(r, p, 1.0);
+    p = fma::<FMA>(r, p, 1.0);
     let bits = ni.wrapping_add(127) << 23;
     let y = p * f32::from_bits(bits);
     if x < -87.3 {
@@ -188,21 +205,26 @@ impl Module for Conv2d {
         with_slice(w, |wv| {
             with_slice(x, |xv| {
                 let direct = kh == 1 && kw == 1 && s == 1 && p == 0;
-                let mut col = if direct { vec![] } else { vec![0f32; kk * np] };
-                for (n, o) in out.chunks_mut(co * np).enumerate() {
-                    let xs = &xv[n * ci * h * wd..(n + 1) * ci * h * wd];
-                    if !direct {
-                        im2col(xs, &mut col, (ci, h, wd), (kh, kw), (ho, wo), (p, s, d));
+                COLS.with_borrow_mut(|col| {
+                    if !direct && col.len() < kk * np {
+                        col.resize(kk * np, 0.0);
                     }
-                    if let Some(bv) = &bias {
-                        for (row, &bb) in o.chunks_mut(np).zip(bv) {
-                            row.fill(bb);
+                    let col = &mut col[..if direct { 0 } else { kk * np }];
+                    for (n, o) in out.chunks_mut(co * np).enumerate() {
+                        let xs = &xv[n * ci * h * wd..(n + 1) * ci * h * wd];
+                        if !direct {
+                            im2col(xs, col, (ci, h, wd), (kh, kw), (ho, wo), (p, s, d));
                         }
+                        if let Some(bv) = &bias {
+                            for (row, &bb) in o.chunks_mut(np).zip(bv) {
+                                row.fill(bb);
+                            }
+                        }
+                        let rhs = if direct { xs } else { &col[..] };
+                        // out[co, np] (+)= W[co, kk] · col[kk, np]
+                        ftk::linalg::matmul(o, wv, rhs, co, np, kk, bias.is_some());
                     }
-                    let rhs = if direct { xs } else { &col[..] };
-                    // out[co, np] (+)= W[co, kk] · col[kk, np]
-                    ftk::linalg::matmul(o, wv, rhs, co, np, kk, bias.is_some());
-                }
+                });
                 Ok(())
             })
         })?;
@@ -459,18 +481,60 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
-multiversion! {
-    fn softmax_rows(rows: &mut [f32], n: usize) {
-        for r in rows.chunks_mut(n) {
-            let m = max_lanes(r);
-            for v in r.iter_mut() {
-                *v = exp(*v - m);
-            }
-            let inv = 1.0 / sum_lanes(r);
-            for v in r.iter_mut() {
-                *v *= inv;
+/// Each row of `rows` (rows of `n`) becomes exp(x - max); `inv` gets 1 / its sum.
+#[inline(always)]
+fn softmax_unnorm_body<const FMA: bool>(rows: &mut [f32], n: usize, inv: &mut [f32]) {
+    for (r, iv) in rows.chunks_mut(n).zip(inv.iter_mut()) {
+        let m = max_lanes(r);
+        let mut acc = [0f32; 16];
+        let mut ch = r.chunks_exact_mut(16);
+        for c in &mut ch {
+            for i in 0..16 {
+                let e = exp_g::<FMA>(c[i] - m);
+                c[i] = e;
+                acc[i] += e;
             }
         }
+        let mut sum = acc.iter().sum::<f32>();
+        for v in ch.into_remainder() {
+            *v = exp_g::<FMA>(*v - m);
+            sum += *v;
+        }
+        *iv = 1.0 / sum;
+    }
+}
+
+/// [`softmax_unnorm_body`] compiled for AVX-512 or AVX2 with FMA when the CPU has them.
+fn softmax_unnorm(rows: &mut [f32], n: usize, inv: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        unsafe fn avx512(rows: &mut [f32], n: usize, inv: &mut [f32]) {
+            softmax_unnorm_body::<true>(rows, n, inv)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(rows: &mut [f32], n: usize, inv: &mut [f32]) {
+            softmax_unnorm_body::<true>(rows, n, inv)
+        }
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512vl") && has!("fma") {
+            // SAFETY: the CPU has the features `avx512` was compiled for.
+            return unsafe { avx512(rows, n, inv) };
+        }
+        if has!("avx2") && has!("fma") {
+            // SAFETY: as above, for `avx2`.
+            return unsafe { avx2(rows, n, inv) };
+        }
+    }
+    softmax_unnorm_body::<false>(rows, n, inv)
+}
+
+/// Softmax of each row of `n`.
+fn softmax_rows(rows: &mut [f32], n: usize) {
+    let mut inv = vec![0f32; rows.len() / n];
+    softmax_unnorm(rows, n, &mut inv);
+    for (r, &iv) in rows.chunks_mut(n).zip(&inv) {
+        r.iter_mut().for_each(|v| *v *= iv);
     }
 }
 
@@ -497,6 +561,12 @@ pub fn geglu(a: &Tensor, g: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------- attention
+
+thread_local! {
+    /// Per-thread scratch: attention scores, im2col columns (grown, never shrunk).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Query rows per attention task: their scores [QB, Lk] stay in L2.
 const QB: usize = 64;
@@ -532,60 +602,71 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
                     let (bi, h) = (bh / heads, bh % heads);
                     let q0 = qb * QB;
                     let m = QB.min(lq - q0);
-                    let mut s = vec![0f32; m * lk];
-                    let qoff = (bi * lq + q0) * hd + h * d;
-                    let kvoff = bi * lk * hd + h * d;
-                    // SAFETY: every operand range lies inside its slice (offsets and
-                    // strides above, m <= lq - q0); tasks write disjoint (row, head)
-                    // blocks of `out`, which outlives the parallel loop.
-                    unsafe {
-                        // s[m, lk] = scale · q[m, d] · k[lk, d]ᵀ
-                        gemm::gemm(
-                            m,
-                            lk,
-                            d,
-                            s.as_mut_ptr(),
-                            1,
-                            lk as isize,
-                            false,
-                            qv[qoff..].as_ptr(),
-                            1,
-                            hd as isize,
-                            kv[kvoff..].as_ptr(),
-                            hd as isize,
-                            1,
-                            0.0,
-                            scale as f32,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                        softmax_rows(&mut s, lk);
-                        // out[m, d] = s[m, lk] · v[lk, d]
-                        let dst = (optr as *mut f32).add(qoff);
-                        gemm::gemm(
-                            m,
-                            d,
-                            lk,
-                            dst,
-                            1,
-                            hd as isize,
-                            false,
-                            s.as_ptr(),
-                            1,
-                            lk as isize,
-                            vv[kvoff..].as_ptr(),
-                            1,
-                            hd as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
+                    SCORES.with_borrow_mut(|s| {
+                        if s.len() < m * lk {
+                            s.resize(m * lk, 0.0);
+                        }
+                        let s = &mut s[..m * lk];
+                        let mut inv = [0f32; QB];
+                        let qoff = (bi * lq + q0) * hd + h * d;
+                        let kvoff = bi * lk * hd + h * d;
+                        // SAFETY: every operand range lies inside its slice (offsets and
+                        // strides above, m <= lq - q0); tasks write disjoint (row, head)
+                        // blocks of `out`, which outlives the parallel loop.
+                        unsafe {
+                            // s[m, lk] = scale · q[m, d] · k[lk, d]ᵀ
+                            gemm::gemm(
+                                m,
+                                lk,
+                                d,
+                                s.as_mut_ptr(),
+                                1,
+                                lk as isize,
+                                false,
+                                qv[qoff..].as_ptr(),
+                                1,
+                                hd as isize,
+                                kv[kvoff..].as_ptr(),
+                                hd as isize,
+                                1,
+                                0.0,
+                                scale as f32,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                            softmax_unnorm(s, lk, &mut inv[..m]);
+                            // out[m, d] = s[m, lk] · v[lk, d]
+                            let dst = (optr as *mut f32).add(qoff);
+                            gemm::gemm(
+                                m,
+                                d,
+                                lk,
+                                dst,
+                                1,
+                                hd as isize,
+                                false,
+                                s.as_ptr(),
+                                1,
+                                lk as isize,
+                                vv[kvoff..].as_ptr(),
+                                1,
+                                hd as isize,
+                                0.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                            // the softmax's normalisation, on the [m, d] output
+                            for (r, &iv) in inv[..m].iter().enumerate() {
+                                let row = std::slice::from_raw_parts_mut(dst.add(r * hd), d);
+                                row.iter_mut().for_each(|v| *v *= iv);
+                            }
+                        }
+                    });
                 });
                 Ok(())
             })
@@ -608,6 +689,14 @@ mod tests {
             x += 0.001_37;
         }
         assert!(worst < 4e-7, "exp relative error {worst}");
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let r = (exp_g::<true>(x) as f64 - (x as f64).exp()).abs() / (x as f64).exp();
+            worst = worst.max(r);
+            x += 0.0137;
+        }
+        assert!(worst < 4e-7, "exp (fma) relative error {worst}");
         assert_eq!(exp(-200.0), 0.0);
         let mut worst = 0f64;
         let mut x = -6.0f32;
