@@ -105,6 +105,10 @@ demo: build
 	$(BIN)/diffuse-synth --model testdata/diffuse-synth/tiny-sd --scheduler ddpm --steps 10 --guidance-scale 3,3 \
 	  --prompt-embeds testdata/diffuse-synth/pipeline.safetensors --prompt-embeds target/demo/desc.safetensors \
 	  --seed 7 --batch 2 -o target/demo/feddeo.safetensors --png-dir target/demo/feddeo-png
+	@echo "== diffuse-synth: --prompt through the tiny CLIP text encoder (transformers-checked), CFG 3 =="
+	$(BIN)/diffuse-synth --model testdata/diffuse-synth/tiny-sd --scheduler ddim --steps 10 --guidance-scale 3 \
+	  --prompt "a photo of a cat" --negative-prompt "blurry" --seed 7 --batch 2 \
+	  -o target/demo/prompt.safetensors --png-dir target/demo/prompt-png
 
 # libnvrtc from PyPI (no GPU, no CUDA toolkit): every kernel in kernels/ must compile.
 NVRTC_VENV := .venv-nvrtc

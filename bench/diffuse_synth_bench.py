@@ -168,7 +168,7 @@ def ftk_argv(model, emb, lat, a, steps, out) -> list[str]:
 def peer_argv(model, emb, lat, a, steps, out) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--peer", "--model", str(model), "--emb", str(emb),
             "--lat", str(lat), "--scheduler", a.scheduler, "--steps", str(steps), "--cfg", str(a.cfg),
-            "--out", str(out)]
+            "--out", str(out), "--threads", str(a.threads)]
 
 
 PEER_CLASSES = {
@@ -195,7 +195,7 @@ def peer(a) -> None:
     from safetensors.torch import load_file, save_file
 
     dlogging.set_verbosity_error()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
     cls = getattr(diffusers, PEER_CLASSES[a.scheduler])
     sch = cls.from_pretrained(a.model, subfolder="scheduler")
     p = StableDiffusionPipeline.from_pretrained(
@@ -233,6 +233,9 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--reps", type=int, default=1, help="runs of each (interleaved); the median is reported")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for both sides (default: all cores); 1 compares single-core speed, "
+                         "which other load on the machine disturbs least")
     ap.add_argument("--ftk-env", action="append", default=[], metavar="K=V",
                     help="extra environment for diffuse-synth only (diagnosis, e.g. CANDLE_NUM_THREADS=1)")
     # internal: the diffusers side, run in its own process so its RSS is its own
@@ -250,8 +253,8 @@ def main() -> None:
         sys.exit(f"{BIN} missing: run `cargo build --release -p diffuse-synth` first")
     model, inputs = build()
     emb, lat = slice_inputs(inputs, a.batch)
-    threads = os.cpu_count() or 1
-    fenv = dict(os.environ, **dict(kv.split("=", 1) for kv in a.ftk_env))
+    threads = a.threads or os.cpu_count() or 1
+    fenv = dict(os.environ, RAYON_NUM_THREADS=str(threads), **dict(kv.split("=", 1) for kv in a.ftk_env))
     f_out, p_out = OUT / "ftk_out.safetensors", OUT / "peer_out.safetensors"
 
     # ftk has no per-step timer: its per-step time is (T(steps) - T(1)) / (steps - 1),

@@ -19,6 +19,16 @@ schedulers took (`noise`, in draw order); multi.safetensors: two weighted condit
 plain diffusers UNet + DDIM loop; classifier.{json,safetensors} + fedcado.safetensors: FedCADO's
 loss and gradient w.r.t. the latents in PyTorch; describe.safetensors: three FedDEO SGD steps.
 
+Text (`--prompt`): tiny-sd/ also gets a tiny random CLIPTextModel (quick_gelu) and a CLIPTokenizer
+as transformers 5 saves them (tokenizer.json); tiny-clip-sd2/ is an SD 2.x-style pair (gelu,
+`text_model.`-prefixed weights, legacy vocab.json + merges.txt with pad "!" in
+special_tokens_map.json, use_attention_mask); clip-vocab/{sd15,sd2}/ are the real CLIP BPE
+(openai's bpe_simple_vocab_16e6, shipped by the open-clip-torch wheel) cut down to the
+tokens and merges the test prompts can reach, keeping the real ids. text.safetensors: the
+token ids transformers' CLIPTokenizer gives for PROMPTS (with the FULL real vocab for
+clip-vocab/) and CLIPTextModel's embeddings; prompt.safetensors: final latents of
+StableDiffusionPipeline(prompt=..., negative_prompt=...) on tiny-sd.
+
 Needs torch and diffusers (testdata/gen/requirements.txt).
 """
 
@@ -261,7 +271,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("cmd", choices=["gen"])
     ap.add_argument("--check", action="store_true")
-    ap.add_argument("--only", choices=["schedulers", "pipeline"], default=None)
+    ap.add_argument("--only", choices=["schedulers", "pipeline", "text"], default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
     out = Path(tempfile.mkdtemp()) if a.check else OUT
@@ -272,6 +282,8 @@ def main():
         gen_pipeline(out)
         gen_fedcado(out)
         gen_describe(out)
+    if a.only in (None, "pipeline", "text"):
+        gen_text(out)
     if a.check:
         bad = compare(out)
         shutil.rmtree(out)
@@ -594,6 +606,257 @@ def gen_describe(out: Path):
         str(out / "describe.safetensors"),
         metadata={"lr": str(lr), "steps": str(steps)},
     )
+
+
+# ---------------------------------------------------------------- text encoder (--prompt)
+
+PROMPTS = [
+    "a photo of a cat",
+    "A Photo OF a CAT!!!",
+    "  leading and   trailing\twhitespace\n ",
+    "don't you're we've I'm they'll he'd it's DON'T",
+    "Rock'n'roll isn't dead, it\u2019s ALIVE",
+    "numbers: 3.14159, 2024-09-01, 1000000 and 42nd",
+    "caf\u00e9 na\u00efve Z\u00fcrich \u2014 \u6771\u4eac \U0001F600 \u00f1",
+    "decomposed e\u0301 and \u0130stanbul, \u03a3\u038a\u03a3\u03a5\u03a6\u039f\u03a3",
+    "hello<|endoftext|>world <|startoftext|> and <|ENDOFTEXT|>",
+    "a_b-c/d\\e @#$%^&*() [x]{y} <z> ~`+=|",
+    "spaces:\u00a0nbsp\u3000ideo\u2003em\u0085nel\u200bzwsp\ufeffbom\u180emvs\u2028ls",
+    "",
+    "wow!! hi! ! !!",
+    " ".join(f"word{i}" for i in range(40)),
+    "supercalifragilisticexpialidocious " * 3,
+]
+TEXT_MAX = 77
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character table (the byte-level BPE alphabet), in CLIP's
+    vocab order: the printable bytes first, then the rest."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def real_clip_bpe():
+    """The real CLIP vocab (openai/clip-vit-large-patch14's vocab.json ids) and merges, from
+    the bpe_simple_vocab_16e6.txt.gz that the open-clip-torch wheel ships (located, not imported)."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        sys.exit("needs open-clip-torch (pip install --no-deps open-clip-torch): its CLIP BPE file")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    alpha = bytes_to_unicode()
+    vocab = alpha + [c + "</w>" for c in alpha] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
+def added(c):
+    return {"__type": "AddedToken", "content": c, "lstrip": False, "normalized": True, "rstrip": False,
+            "single_word": False}
+
+
+def write_legacy_tokenizer(d: Path, vocab: dict, merges: list, pad: str):
+    """The files of an SD 1.x/2.x `tokenizer/` folder as published (vocab.json, merges.txt,
+    tokenizer_config.json with AddedToken dicts, special_tokens_map.json naming the pad)."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    cfg = {"add_prefix_space": False, "bos_token": added("<|startoftext|>"), "do_lower_case": True,
+           "eos_token": added("<|endoftext|>"), "errors": "replace", "model_max_length": TEXT_MAX,
+           "pad_token": "<|endoftext|>", "special_tokens_map_file": "./special_tokens_map.json",
+           "tokenizer_class": "CLIPTokenizer", "unk_token": added("<|endoftext|>")}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    sm = {"bos_token": added("<|startoftext|>"), "eos_token": added("<|endoftext|>"), "pad_token": pad,
+          "unk_token": added("<|endoftext|>")}
+    (d / "special_tokens_map.json").write_text(json.dumps(sm, indent=2) + "\n")
+
+
+def token_ids(tok, prompts):
+    enc = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    return enc.input_ids, enc.attention_mask
+
+
+def reachable(tok, vocab, merges):
+    """Tokens and merges BPE can touch on PROMPTS: every symbol BPE forms is a substring of a
+    pre-tokenised word (the last one with `</w>`), so keeping those tokens and the merges among
+    them, in their order and with their ids, gives the same ids on these prompts."""
+    bt = tok.backend_tokenizer
+    cand = set()
+    for p in PROMPTS:
+        for w, _ in bt.pre_tokenizer.pre_tokenize_str(bt.normalizer.normalize_str(p)):
+            n = len(w)
+            for i in range(n):
+                for j in range(i + 1, n + 1):
+                    cand.add(w[i:j] + ("</w>" if j == n else ""))
+    keep = {t for t in vocab if t in cand} | {"<|startoftext|>", "<|endoftext|>", "!"}
+    kept_merges = [m for m in merges if m[0] in keep and m[1] in keep and m[0] + m[1] in keep]
+    return keep, kept_merges
+
+
+def reinit_text(model, gen):
+    """As reinit(), embeddings included (N(0, 1/dim) so the first layer norm sees O(1) inputs)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+            assert (p != 0).all(), name
+
+
+def encode(te, ids, mask, clip_skip=None):
+    """diffusers' encode_prompt: last_hidden_state, or hidden_states[-(clip_skip+1)] through the
+    final layer norm; the attention mask only when the config asks for it."""
+    m = mask if getattr(te.config, "use_attention_mask", False) else None
+    with torch.no_grad():
+        if clip_skip is None:
+            return te(ids, attention_mask=m)[0]
+        o = te(ids, attention_mask=m, output_hidden_states=True)
+        hs = o.hidden_states  # the embeddings, then each layer's output
+        assert len(hs) == te.config.num_hidden_layers + 1
+        assert torch.equal(te.final_layer_norm(hs[-1]), o.last_hidden_state)
+        return te.final_layer_norm(hs[-(clip_skip + 1)])
+
+
+def gen_text(out: Path):
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as tlogging
+
+    tlogging.set_verbosity_error()
+    gen = torch.Generator().manual_seed(4242)
+    vocab, merges = real_clip_bpe()
+    t = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # ---- the real vocab: ids with the full files, then the cut-down copy checked in
+        full = {}
+        for name, pad in (("sd15", "<|endoftext|>"), ("sd2", "!")):
+            write_legacy_tokenizer(tmp / name, vocab, merges, pad)
+            full[name] = CLIPTokenizer.from_pretrained(str(tmp / name))
+            assert full[name]("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+        keep, kmerges = reachable(full["sd15"], vocab, merges)
+        small = {k: v for k, v in vocab.items() if k in keep}
+        for name, pad in (("sd15", "<|endoftext|>"), ("sd2", "!")):
+            d = out / "clip-vocab" / name
+            if d.exists():
+                shutil.rmtree(d)
+            write_legacy_tokenizer(d, small, kmerges, pad)
+            ids, mask = token_ids(full[name], PROMPTS)
+            cut, _ = token_ids(CLIPTokenizer.from_pretrained(str(d)), PROMPTS)
+            assert torch.equal(ids, cut), f"cut-down {name} vocab changes the ids"
+            t[f"real.{name}.ids"] = ids
+            t[f"real.{name}.mask"] = mask
+        # ---- a dense tiny vocab (the reachable real tokens plus the whole byte alphabet)
+        alpha = bytes_to_unicode()
+        tiny_tokens = sorted(keep | set(alpha) | {c + "</w>" for c in alpha}, key=vocab.__getitem__)
+        tiny = {tk: i for i, tk in enumerate(tiny_tokens)}
+        assert tiny["!"] == 0
+        write_legacy_tokenizer(tmp / "tiny", tiny, kmerges, "<|endoftext|>")
+        (tmp / "tiny" / "special_tokens_map.json").unlink()
+        (tmp / "tiny" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": TEXT_MAX}))
+        tok1 = CLIPTokenizer.from_pretrained(str(tmp / "tiny"))
+
+    # ---- tiny-sd: SD 1.x-style text encoder + a tokenizer as transformers 5 saves it
+    d = out / "tiny-sd"
+    base = dict(vocab_size=len(tiny), max_position_embeddings=TEXT_MAX, bos_token_id=tiny["<|startoftext|>"],
+                eos_token_id=tiny["<|endoftext|>"], pad_token_id=tiny["<|endoftext|>"])
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                                       num_attention_heads=3, hidden_act="quick_gelu", **base))
+    reinit_text(te1, gen)
+    te1.eval()
+    te1.save_pretrained(str(d / "text_encoder"), safe_serialization=True)
+    tok1.save_pretrained(str(d / "tokenizer"))
+    index = json.loads((d / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", "CLIPTextModel"]
+    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    (d / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    tok1 = CLIPTokenizer.from_pretrained(str(d / "tokenizer"))
+    ids, mask = token_ids(tok1, PROMPTS)
+    t["sd.ids"] = ids
+    sel = [0, 3, 6, 9, 11, 13]
+    t["sd.embeds"] = encode(te1, ids[sel], mask[sel])
+    t["sd.embeds_skip1"] = encode(te1, ids[:2], mask[:2], clip_skip=1)
+
+    # ---- tiny-clip-sd2: SD 2.x-style (gelu, text_model.-prefixed weights, pad "!", legacy files)
+    d2 = out / "tiny-clip-sd2"
+    if d2.exists():
+        shutil.rmtree(d2)
+    te2 = CLIPTextModel(CLIPTextConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=3,
+                                       num_attention_heads=2, hidden_act="gelu", **base))
+    te2.config.use_attention_mask = True
+    reinit_text(te2, gen)
+    te2.eval()
+    te2.save_pretrained(str(d2 / "text_encoder"), safe_serialization=True)
+    w = load_file(str(d2 / "text_encoder" / "model.safetensors"))
+    save_file({f"text_model.{k}": v.contiguous() for k, v in w.items()}, str(d2 / "text_encoder" / "model.safetensors"),
+              metadata={"format": "pt"})
+    write_legacy_tokenizer(d2 / "tokenizer", tiny, kmerges, "!")
+    te2b = CLIPTextModel.from_pretrained(str(d2 / "text_encoder"))
+    assert all(torch.equal(a, b) for a, b in zip(te2.state_dict().values(), te2b.state_dict().values()))
+    tok2 = CLIPTokenizer.from_pretrained(str(d2 / "tokenizer"))
+    ids2, mask2 = token_ids(tok2, PROMPTS)
+    t["sd2.ids"] = ids2
+    sel2 = [0, 1, 12, 13]
+    t["sd2.embeds"] = encode(te2b, ids2[sel2], mask2[sel2])
+    save_file({k: v.contiguous() for k, v in t.items()}, str(out / "text.safetensors"),
+              metadata={"prompts": json.dumps(PROMPTS), "sd.embeds": json.dumps(sel), "sd2.embeds": json.dumps(sel2)})
+
+    # ---- StableDiffusionPipeline(prompt=...) on tiny-sd
+    from diffusers import StableDiffusionPipeline
+
+    lat = load_file(str(out / "pipeline.safetensors"))["latents"]
+    runs = [
+        {"key": "ddim_cfg", "scheduler": "ddim", "guidance": 3.0,
+         "prompt": ["a photo of a cat", "Z\u00fcrich at night, 42 lanterns!"],
+         "negative": ["blurry, low quality", ""], "clip_skip": None},
+        {"key": "pndm_one_prompt", "scheduler": "pndm", "guidance": 4.0, "prompt": "A Photo OF a CAT!!!",
+         "negative": None, "clip_skip": None},
+        {"key": "euler_skip1", "scheduler": "euler", "guidance": 2.5, "prompt": ["don't panic", "it's fine"],
+         "negative": ["no", "yes"], "clip_skip": 1},
+        {"key": "dpm_noguide", "scheduler": "dpmpp-2m", "guidance": 1.0, "prompt": ["a photo of a cat", "caf\u00e9"],
+         "negative": None, "clip_skip": None},
+    ]
+    res = {}
+    for r in runs:
+        sch = CLASSES[r["scheduler"]].from_pretrained(str(d), subfolder="scheduler")
+        p = StableDiffusionPipeline.from_pretrained(str(d), scheduler=sch, safety_checker=None,
+                                                    feature_extractor=None, image_encoder=None,
+                                                    requires_safety_checker=False)
+        p.set_progress_bar_config(disable=True)
+        n = 2 if isinstance(r["prompt"], str) else 1
+        with torch.no_grad():
+            if r["clip_skip"] is None:
+                out_lat = p(prompt=r["prompt"], negative_prompt=r["negative"], latents=lat.clone(),
+                            num_images_per_prompt=n, num_inference_steps=PIPE_STEPS,
+                            guidance_scale=r["guidance"], output_type="latent").images
+            else:
+                # diffusers 0.42's clip_skip path reads text_encoder.text_model, which transformers 5's
+                # CLIPTextModel no longer has: encode as that path means to, then pass the embeddings.
+                pe, ne = p.encode_prompt(r["prompt"], "cpu", 1, r["guidance"] > 1, r["negative"], clip_skip=None)
+                ids_p, m_p = token_ids(p.tokenizer, r["prompt"])
+                ids_n, m_n = token_ids(p.tokenizer, r["negative"])
+                pe = encode(p.text_encoder, ids_p, m_p, clip_skip=r["clip_skip"])
+                out_lat = p(prompt_embeds=pe, negative_prompt_embeds=ne, latents=lat.clone(),
+                            num_inference_steps=PIPE_STEPS, guidance_scale=r["guidance"],
+                            output_type="latent").images
+        res[f"final.{r['key']}"] = out_lat
+    save_file({k: v.contiguous() for k, v in res.items()}, str(out / "prompt.safetensors"),
+              metadata={"runs": json.dumps(runs), "steps": str(PIPE_STEPS)})
+    print(f"text: {len(PROMPTS)} prompts, tiny vocab {len(tiny)}, real cut-down {len(small)} tokens / {len(kmerges)} merges")
 
 
 if __name__ == "__main__":

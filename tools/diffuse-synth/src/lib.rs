@@ -12,17 +12,20 @@
 //! - [`describe`]: FedDEO description learning (`diffuse-synth describe`).
 //! - [`unclip`]: FedDISC conditioning: Stable-unCLIP image embeddings with noise
 //!   augmentation as the UNet's class labels, and FedDISC's three-branch guidance.
+//! - [`text`]: `--prompt` through the folder's CLIP tokenizer and text encoder.
 //!
-//! Not implemented yet: `--prompt` (text encoder); CLIP image encoding (image
-//! embeddings come from files, e.g. fed-embed's).
+//! Not implemented yet: CLIP image encoding (image embeddings come from files,
+//! e.g. fed-embed's).
 
 pub mod classifier;
 pub mod describe;
+pub mod fast;
 pub mod guidance;
 pub mod model;
 pub mod png;
 pub mod scheduler;
 pub mod sd;
+pub mod text;
 pub mod tvresnet;
 pub mod unclip;
 
@@ -53,6 +56,11 @@ guidance, `negative_prompt_embeds` (same shape). One file with --guidance-scale 
 classifier-free guidance exactly as diffusers: e = e_u + G (e_c - e_u). Several files give
 several weighted conditions, e = e_u + sum_i w_i (e_i - e_u), with --guidance-scale w1,w2,...
 (the unconditional embedding is the first file's negative_prompt_embeds).
+--prompt TEXT (once, or once per sample) needs tokenizer/ and text_encoder/ in the folder and
+encodes as diffusers' encode_prompt: transformers' CLIPTokenizer padded/truncated to
+model_max_length, CLIPTextModel's last hidden state (--clip-skip k: layer n-k's, through the
+final layer norm). It is the first condition (--prompt-embeds files follow) and its
+--negative-prompt (default \"\", once or once per --prompt) is the unconditional embedding.
 
 Initial noise: --latents L.safetensors (`latents` [B,4,h,w], scaled by the scheduler's init
 sigma as diffusers does) or --seed S --batch B: sample j's seed is derived from (S, j) and
@@ -94,6 +102,8 @@ second --prompt-embeds to generate with it (u + 3(text - u) + 3(description - u)
 Examples:
   diffuse-synth --model tiny-sd --prompt-embeds emb.safetensors --seed 7 --batch 8 \\
       --steps 20 --guidance-scale 3 -o out.safetensors --png-dir pngs > manifest.jsonl
+  diffuse-synth --model sd15 --prompt \"a photo of a dog\" --negative-prompt blurry --seed 1 \\
+      --batch 4 --steps 25 --guidance-scale 7.5 -o dogs.safetensors --png-dir dogs
   diffuse-synth --model tiny-sd --scheduler dpmpp-2m --karras --steps 10 \\
       --prompt-embeds emb.safetensors --seed 7 --batch 64 --shard 3/8 -o part3.safetensors
   diffuse-synth --model tiny-sd --prompt-embeds cls.safetensors --prompt-embeds desc.safetensors \\
@@ -145,8 +155,19 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     pub guidance_scale: Option<Vec<f64>>,
     /// safetensors with `prompt_embeds` (and `negative_prompt_embeds`); repeatable
-    #[arg(long, value_name = "FILE", required = true)]
+    #[arg(long, value_name = "FILE", required_unless_present = "prompt")]
     pub prompt_embeds: Vec<PathBuf>,
+    /// text prompt, encoded by the folder's tokenizer/ + text_encoder/: once for every
+    /// sample, or once per sample (the first condition; --prompt-embeds files follow it)
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Vec<String>,
+    /// negative prompt for guidance (default ""): once, or once per --prompt
+    #[arg(long, value_name = "TEXT", requires = "prompt")]
+    pub negative_prompt: Vec<String>,
+    /// with --prompt: embed with the layer this many before the last (diffusers' clip_skip;
+    /// as there, the negative prompt keeps the last layer)
+    #[arg(long, default_value_t = 0, requires = "prompt")]
+    pub clip_skip: usize,
     /// initial latents (`latents` [B,C,h,w]) instead of --seed/--batch
     #[arg(long, value_name = "FILE", conflicts_with_all = ["seed", "batch"])]
     pub latents: Option<PathBuf>,
@@ -225,6 +246,9 @@ pub enum Command {
     /// FedDEO: learn a description embedding on a client's images (denoising loss, SGD)
     Describe(describe::DescribeArgs),
 }
+
+/// Samples denoised together in one UNet call (times their condition rows).
+const UNET_SAMPLES: usize = 8;
 
 /// One dense f32 tensor read from a safetensors file.
 struct Dense {
@@ -358,15 +382,17 @@ pub fn run(a: Args) -> Result<()> {
     }
     let sched = Scheduler::new(&cfg, steps, a.eta)?;
 
-    // ---- conditions
-    if unclip_mode && a.prompt_embeds.len() != 1 {
-        bail!("--image-embeds takes one --prompt-embeds file (the text of every branch)");
+    // ---- conditions: the --prompt text (if any), then the --prompt-embeds files;
+    // with --image-embeds, one text condition serves the image branch and
+    // FedDISC's global branch
+    let n_text = usize::from(!a.prompt.is_empty());
+    if unclip_mode && n_text + a.prompt_embeds.len() != 1 {
+        bail!("--image-embeds takes one text condition (--prompt, or one --prompt-embeds file) for every branch");
     }
-    // with --image-embeds: the image branch, and FedDISC's global branch
     let k = if unclip_mode {
         1 + usize::from(!a.global_embeds.is_empty())
     } else {
-        a.prompt_embeds.len()
+        n_text + a.prompt_embeds.len()
     };
     let scales = a
         .guidance_scale
@@ -375,7 +401,9 @@ pub fn run(a: Args) -> Result<()> {
     let weights: Vec<f64> = match scales.len() {
         1 => vec![scales[0]; k],
         n if n == k => scales,
-        n => bail!("--guidance-scale has {n} values for {k} conditions"),
+        n => {
+            bail!("--guidance-scale has {n} values for {k} conditions (--prompt, --prompt-embeds)")
+        }
     };
     if weights.iter().any(|w| !w.is_finite()) {
         bail!("--guidance-scale must be finite");
@@ -386,7 +414,7 @@ pub fn run(a: Args) -> Result<()> {
     for p in &a.prompt_embeds {
         conds.push(read_tensor(p, "prompt_embeds", 3, "[batch, tokens, dim]")?);
     }
-    let neg = if guided {
+    let neg = if guided && n_text == 0 {
         let p = &a.prompt_embeds[0];
         Some(
             read_optional(p, "negative_prompt_embeds", 3, "[batch, tokens, dim]")?.ok_or_else(
@@ -521,6 +549,23 @@ pub fn run(a: Args) -> Result<()> {
 
     // context: [neg; cond_1; ...; cond_k] each [rows, L, D]
     let mut ctx_parts = vec![];
+    let text_parts = match n_text {
+        0 => None,
+        _ => Some(text::prompt_rows(
+            &model_dir,
+            &a.prompt,
+            &a.negative_prompt,
+            a.clip_skip,
+            guided,
+            (total, start, end),
+            unet.cross_attention_dim,
+            conds.first().map(|d| d.shape[1]),
+        )?),
+    };
+    if let Some((cond, neg)) = text_parts {
+        ctx_parts.extend(neg);
+        ctx_parts.push(cond);
+    }
     if let Some(n) = &neg {
         ctx_parts.push(embed_rows(
             n,
@@ -561,122 +606,180 @@ pub fn run(a: Args) -> Result<()> {
         None => None,
     };
 
-    // One sample at a time (its unconditional and conditional passes batched
-    // together), so a sample's numbers never depend on which other samples share
-    // the job: `--shard i/n` reproduces the rows of one run bit for bit.
+    // Up to UNET_SAMPLES samples per UNet call, each sample's unconditional and
+    // conditional rows side by side (sample-major), as diffusers batches them. Every kernel
+    // computes a row independently of the others in its batch, so `--shard i/n` still
+    // reproduces the rows of one run bit for bit (tests/pipeline.rs checks it).
     let bar = ftk::cli::progress((rows * sched.timesteps().len()) as u64, "denoising");
     let mut lat_all: Vec<f32> = Vec::with_capacity(rows * per);
-    for (r, seed) in seeds.iter().enumerate() {
-        let g = start + r; // global sample index
-        let parts: Vec<Tensor> = ctx_parts
+    let ts: Vec<f64> = sched.timesteps().to_vec();
+    let fedcado = clf.as_ref().map(|cl| guidance::FedCado {
+        classifier: cl,
+        class: a.class.unwrap_or(0) as usize,
+        size: a.classifier_size,
+        bn_weight: a.bn_weight,
+    });
+    let zshape = (1, c, h, w);
+    for c0 in (0..rows).step_by(UNET_SAMPLES) {
+        let chunk: Vec<usize> = (c0..rows.min(c0 + UNET_SAMPLES)).collect();
+        let n = chunk.len();
+        // one sample's context rows [copies, L, D], and the chunk's [n * copies, L, D]
+        let ctx_of = |r: usize| -> Result<Tensor> {
+            let parts: Vec<Tensor> = ctx_parts
+                .iter()
+                .map(|p| p.narrow(0, r, 1))
+                .collect::<candle_core::Result<_>>()
+                .map_err(ce("prompt embeddings"))?;
+            Tensor::cat(&parts, 0).map_err(ce("prompt embeddings"))
+        };
+        let ctxs: Vec<Tensor> = chunk.iter().map(|&r| ctx_of(r)).collect::<Result<_>>()?;
+        let ctx = Tensor::cat(&ctxs, 0).map_err(ce("prompt embeddings"))?;
+        // unCLIP: each sample's noised image embeddings, one row per context row
+        let labels: Vec<Option<Tensor>> = chunk
             .iter()
-            .map(|p| p.narrow(0, r, 1))
-            .collect::<candle_core::Result<_>>()
-            .map_err(ce("prompt embeddings"))?;
-        let ctx = Tensor::cat(&parts, 0).map_err(ce("prompt embeddings"))?;
-        let mut sched = Scheduler::new(&cfg, steps, a.eta)?;
-        let class_labels = match &unclip {
-            Some(u) => Some(u.labels(g, sample_seed(a.seed.unwrap_or(0), g), guided)?),
+            .map(|&r| {
+                let g = start + r;
+                unclip
+                    .as_ref()
+                    .map(|u| u.labels(g, sample_seed(a.seed.unwrap_or(0), g), guided))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        let chunk_labels = match unclip {
+            Some(_) => {
+                let ls: Vec<Tensor> = labels.iter().flatten().cloned().collect();
+                Some(Tensor::cat(&ls, 0).map_err(ce("image embeddings"))?)
+            }
             None => None,
         };
-        let den = guidance::Denoiser {
-            unet: &unet,
-            ctx: ctx.clone(),
-            class_labels: class_labels.clone(),
-            weights: weights.clone(),
-            guided,
-        };
-        let fedcado = clf.as_ref().map(|cl| guidance::FedCado {
-            classifier: cl,
-            class: a.class.unwrap_or(0) as usize,
-            size: a.classifier_size,
-            bn_weight: a.bn_weight,
-        });
-        let init: Vec<f32> = match &given {
-            Some(d) => d.data[g * per..(g + 1) * per].to_vec(),
-            None => normals(seed.unwrap_or(0), 0, per),
-        };
-        let ins = sched.init_noise_sigma();
-        let mut lat: Vec<f32> = init.iter().map(|x| x * ins).collect();
-        let mut draws = 0usize;
-        let mut draw_err: Option<Error> = None;
-        let ts: Vec<f64> = sched.timesteps().to_vec();
-        let zshape = (1, c, h, w);
-        if let Some(fc) = &fedcado {
-            // noise editing: BN term only, at the first timestep
-            for _ in 0..a.noise_edit_steps {
-                let (_, g) = guidance::loss_and_grad(
-                    &den, &vae, fc, &mut sched, 0, ts[0], &lat, zshape, false,
-                )?;
-                lat.iter_mut().zip(&g).for_each(|(z, g)| *z -= g);
+        let mut scheds = Vec::with_capacity(n);
+        let mut lats = Vec::with_capacity(n);
+        for (j, &r) in chunk.iter().enumerate() {
+            let g = start + r; // global sample index
+            let mut sch = Scheduler::new(&cfg, steps, a.eta)?;
+            let init: Vec<f32> = match &given {
+                Some(d) => d.data[g * per..(g + 1) * per].to_vec(),
+                None => normals(seeds[r].unwrap_or(0), 0, per),
+            };
+            let ins = sch.init_noise_sigma();
+            let mut lat: Vec<f32> = init.iter().map(|x| x * ins).collect();
+            if let Some(fc) = &fedcado {
+                // noise editing: BN term only, at the first timestep
+                let den = guidance::Denoiser {
+                    unet: &unet,
+                    ctx: ctxs[j].clone(),
+                    class_labels: labels[j].clone(),
+                    weights: weights.clone(),
+                    guided,
+                };
+                for _ in 0..a.noise_edit_steps {
+                    let (_, gr) = guidance::loss_and_grad(
+                        &den, &vae, fc, &mut sch, 0, ts[0], &lat, zshape, false,
+                    )?;
+                    lat.iter_mut().zip(&gr).for_each(|(z, g)| *z -= g);
+                }
             }
+            scheds.push(sch);
+            lats.push(lat);
         }
+        let mut draws = vec![0usize; n];
         for (i, &t) in ts.iter().enumerate() {
             if let Some(fc) = &fedcado {
                 if i + 1 < ts.len() {
-                    let (_, g) = guidance::loss_and_grad(
-                        &den, &vae, fc, &mut sched, i, t, &lat, zshape, true,
-                    )?;
-                    let s = a.classifier_scale as f32;
-                    lat.iter_mut().zip(&g).for_each(|(z, g)| *z -= s * g);
+                    for j in 0..n {
+                        let den = guidance::Denoiser {
+                            unet: &unet,
+                            ctx: ctxs[j].clone(),
+                            class_labels: labels[j].clone(),
+                            weights: weights.clone(),
+                            guided,
+                        };
+                        let (_, gr) = guidance::loss_and_grad(
+                            &den,
+                            &vae,
+                            fc,
+                            &mut scheds[j],
+                            i,
+                            t,
+                            &lats[j],
+                            zshape,
+                            true,
+                        )?;
+                        let sc = a.classifier_scale as f32;
+                        lats[j].iter_mut().zip(&gr).for_each(|(z, g)| *z -= sc * g);
+                    }
                 }
             }
-            let x = sched.scale_model_input(i, &lat)?;
-            let xt = Tensor::from_vec(x, (1, c, h, w), &dev).map_err(ce("latents"))?;
-            let inp = Tensor::cat(&vec![&xt; copies], 0).map_err(ce("latents"))?;
+            let mut x = Vec::with_capacity(n * copies * per);
+            for j in 0..n {
+                let xj = scheds[j].scale_model_input(i, &lats[j])?;
+                for _ in 0..copies {
+                    x.extend_from_slice(&xj);
+                }
+            }
+            let inp = Tensor::from_vec(x, (n * copies, c, h, w), &dev).map_err(ce("latents"))?;
             let eps_all = unet
                 .model
-                .forward_with_class(&inp, t, &ctx, class_labels.as_ref())
+                .forward_with_class(&inp, t, &ctx, chunk_labels.as_ref())
                 .and_then(|e| e.flatten_all())
                 .and_then(|e| e.to_vec1::<f32>())
                 .map_err(ce(format!("UNet at step {i}")))?;
-            let eps: Vec<f32> = if guided {
-                // diffusers: e_u + w (e_c - e_u), one term per condition
-                let u = &eps_all[..per];
-                let mut acc = u.to_vec();
-                for (ci, &wgt) in weights.iter().enumerate() {
-                    let e = &eps_all[(ci + 1) * per..(ci + 2) * per];
-                    let wgt = wgt as f32;
-                    acc.iter_mut()
-                        .zip(e.iter().zip(u))
-                        .for_each(|(a, (&e, &u))| *a += wgt * (e - u));
-                }
-                acc
-            } else {
-                eps_all[..per].to_vec()
-            };
-            let mut noise_fn = || -> Vec<f32> {
-                let k = draws;
-                draws += 1;
-                match &step_noise {
-                    Some(d) => {
-                        if k >= d.shape[0] {
-                            draw_err = Some(Error::input(format!(
-                                "--step-noise: the scheduler drew noise {} times but the file has {}",
-                                k + 1,
-                                d.shape[0]
-                            )));
-                            return vec![0.0; per];
-                        }
-                        let base = (k * total + g) * per;
-                        d.data[base..base + per].to_vec()
+            for (j, &r) in chunk.iter().enumerate() {
+                let g = start + r;
+                let rows_j = &eps_all[j * copies * per..(j + 1) * copies * per];
+                let eps: Vec<f32> = if guided {
+                    // diffusers: e_u + w (e_c - e_u), one term per condition
+                    let u = &rows_j[..per];
+                    let mut acc = u.to_vec();
+                    for (ci, &wgt) in weights.iter().enumerate() {
+                        let e = &rows_j[(ci + 1) * per..(ci + 2) * per];
+                        let wgt = wgt as f32;
+                        acc.iter_mut()
+                            .zip(e.iter().zip(u))
+                            .for_each(|(a, (&e, &u))| *a += wgt * (e - u));
                     }
-                    None => normals(seed.unwrap_or(0), 1 + k as u64, per),
+                    acc
+                } else {
+                    rows_j[..per].to_vec()
+                };
+                let mut draw_err: Option<Error> = None;
+                let seed = seeds[r];
+                let dj = &mut draws[j];
+                let mut noise_fn = || -> Vec<f32> {
+                    let k = *dj;
+                    *dj += 1;
+                    match &step_noise {
+                        Some(d) => {
+                            if k >= d.shape[0] {
+                                draw_err = Some(Error::input(format!(
+                                    "--step-noise: the scheduler drew noise {} times but the file has {}",
+                                    k + 1,
+                                    d.shape[0]
+                                )));
+                                return vec![0.0; per];
+                            }
+                            let base = (k * total + g) * per;
+                            d.data[base..base + per].to_vec()
+                        }
+                        None => normals(seed.unwrap_or(0), 1 + k as u64, per),
+                    }
+                };
+                lats[j] = scheds[j].step(i, &eps, &lats[j], &mut noise_fn)?;
+                if let Some(e) = draw_err.take() {
+                    return Err(e);
                 }
-            };
-            lat = sched.step(i, &eps, &lat, &mut noise_fn)?;
-            if let Some(e) = draw_err.take() {
-                return Err(e);
+                if lats[j].iter().any(|v| !v.is_finite()) {
+                    bail!(
+                        "latents of sample {g} became non-finite at step {i} (t={t}); \
+                         check the model weights and config"
+                    );
+                }
             }
-            if lat.iter().any(|v| !v.is_finite()) {
-                bail!(
-                    "latents of sample {g} became non-finite at step {i} (t={t}); \
-                     check the model weights and config"
-                );
-            }
-            bar.inc(1);
+            bar.inc(n as u64);
         }
-        lat_all.extend_from_slice(&lat);
+        for l in &lats {
+            lat_all.extend_from_slice(l);
+        }
     }
     bar.finish_and_clear();
     let lat = lat_all;

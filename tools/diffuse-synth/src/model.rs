@@ -23,25 +23,25 @@ pub fn ce(what: impl std::fmt::Display) -> impl FnOnce(candle_core::Error) -> Er
     }
 }
 
-fn read_json(p: &Path) -> Result<Value> {
+pub(crate) fn read_json(p: &Path) -> Result<Value> {
     let text = ftk::io::read_text(p)?;
     serde_json::from_str(&text)
         .map_err(|e| Error::input(format!("{}: not valid JSON: {e}", p.display())))
 }
 
-struct Fields<'a> {
-    v: &'a Value,
-    src: String,
+pub(crate) struct Fields<'a> {
+    pub(crate) v: &'a Value,
+    pub(crate) src: String,
 }
 
 impl<'a> Fields<'a> {
-    fn get(&self, k: &str) -> Option<&'a Value> {
+    pub(crate) fn get(&self, k: &str) -> Option<&'a Value> {
         self.v.get(k).filter(|v| !v.is_null())
     }
-    fn err(&self, k: &str, m: impl std::fmt::Display) -> Error {
+    pub(crate) fn err(&self, k: &str, m: impl std::fmt::Display) -> Error {
         Error::input(format!("{}: field `{k}`: {m}", self.src))
     }
-    fn usize_or(&self, k: &str, d: usize) -> Result<usize> {
+    pub(crate) fn usize_or(&self, k: &str, d: usize) -> Result<usize> {
         match self.get(k) {
             None => Ok(d),
             Some(v) => v
@@ -50,7 +50,7 @@ impl<'a> Fields<'a> {
                 .ok_or_else(|| self.err(k, format!("expected a non-negative integer, got {v}"))),
         }
     }
-    fn f64_or(&self, k: &str, d: f64) -> Result<f64> {
+    pub(crate) fn f64_or(&self, k: &str, d: f64) -> Result<f64> {
         match self.get(k) {
             None => Ok(d),
             Some(v) => v
@@ -58,7 +58,7 @@ impl<'a> Fields<'a> {
                 .ok_or_else(|| self.err(k, format!("expected a number, got {v}"))),
         }
     }
-    fn bool_or(&self, k: &str, d: bool) -> Result<bool> {
+    pub(crate) fn bool_or(&self, k: &str, d: bool) -> Result<bool> {
         match self.get(k) {
             None => Ok(d),
             Some(v) => v
@@ -66,20 +66,25 @@ impl<'a> Fields<'a> {
                 .ok_or_else(|| self.err(k, format!("expected true or false, got {v}"))),
         }
     }
-    fn strs(&self, k: &str) -> Result<Vec<String>> {
+    pub(crate) fn strs(&self, k: &str) -> Result<Vec<String>> {
         let v = self.get(k).ok_or_else(|| self.err(k, "missing"))?;
         v.as_array()
             .and_then(|a| a.iter().map(|x| x.as_str().map(String::from)).collect())
             .ok_or_else(|| self.err(k, format!("expected a list of strings, got {v}")))
     }
-    fn usizes(&self, k: &str) -> Result<Vec<usize>> {
+    pub(crate) fn usizes(&self, k: &str) -> Result<Vec<usize>> {
         let v = self.get(k).ok_or_else(|| self.err(k, "missing"))?;
         v.as_array()
             .and_then(|a| a.iter().map(|x| x.as_u64().map(|u| u as usize)).collect())
             .ok_or_else(|| self.err(k, format!("expected a list of integers, got {v}")))
     }
     /// An int or a per-block list (diffusers accepts both).
-    fn per_block(&self, k: &str, n: usize, d: Option<usize>) -> Result<Option<Vec<usize>>> {
+    pub(crate) fn per_block(
+        &self,
+        k: &str,
+        n: usize,
+        d: Option<usize>,
+    ) -> Result<Option<Vec<usize>>> {
         match self.get(k) {
             None => Ok(d.map(|d| vec![d; n])),
             Some(v) if v.is_u64() => Ok(Some(vec![v.as_u64().unwrap_or(0) as usize; n])),
@@ -93,7 +98,7 @@ impl<'a> Fields<'a> {
         }
     }
     /// Refuse a key unless it has its default (null/absent or `ok`).
-    fn only(&self, k: &str, ok: &[Value]) -> Result<()> {
+    pub(crate) fn only(&self, k: &str, ok: &[Value]) -> Result<()> {
         match self.get(k) {
             None => Ok(()),
             Some(v) if ok.contains(v) => Ok(()),

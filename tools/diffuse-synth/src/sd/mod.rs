@@ -11,7 +11,10 @@
 //! - the VAE attention block copies its transposed activations before the q/k/v
 //!   projections: candle 0.11.1's batched matmul returns wrong values for that
 //!   non-contiguous left operand (found by the VAE check against diffusers);
-//! - flash attention is not built; conv layers are plain candle_nn ones.
+//! - flash attention is not built;
+//! - conv, linear, group norm (+ SiLU), layer norm, attention softmax and GEGLU go through
+//!   `crate::fast`, which runs CPU inference kernels when no gradient is tracked and the
+//!   candle ops above otherwise.
 #![allow(clippy::all)]
 
 pub mod attention;

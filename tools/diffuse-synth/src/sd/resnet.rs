@@ -5,10 +5,10 @@
 //! Denoising Diffusion Implicit Models, K. He and al, 2015.
 //! - [Paper](https://arxiv.org/abs/1512.03385)
 //!
+use crate::fast::{conv2d, Conv2d};
 use candle_core::{Result, Tensor, D};
 use candle_nn as nn;
-use candle_nn::Module;
-use candle_nn::{conv2d, Conv2d};
+use candle_nn::Module; // ftk: fast inference conv
 
 /// Configuration for a ResNet block.
 #[derive(Debug, Clone, Copy)]
@@ -46,11 +46,11 @@ impl Default for ResnetBlock2DConfig {
 
 #[derive(Debug)]
 pub struct ResnetBlock2D {
-    norm1: nn::GroupNorm,
+    norm1: crate::fast::GroupNorm,
     conv1: Conv2d,
-    norm2: nn::GroupNorm,
+    norm2: crate::fast::GroupNorm,
     conv2: Conv2d,
-    time_emb_proj: Option<nn::Linear>,
+    time_emb_proj: Option<crate::fast::Linear>,
     conv_shortcut: Option<Conv2d>,
     span: tracing::Span,
     config: ResnetBlock2DConfig,
@@ -70,10 +70,11 @@ impl ResnetBlock2D {
             dilation: 1,
             cudnn_fwd_algo: None,
         };
-        let norm1 = nn::group_norm(config.groups, in_channels, config.eps, vs.pp("norm1"))?;
+        let norm1 =
+            crate::fast::group_norm(config.groups, in_channels, config.eps, vs.pp("norm1"))?;
         let conv1 = conv2d(in_channels, out_channels, 3, conv_cfg, vs.pp("conv1"))?;
         let groups_out = config.groups_out.unwrap_or(config.groups);
-        let norm2 = nn::group_norm(groups_out, out_channels, config.eps, vs.pp("norm2"))?;
+        let norm2 = crate::fast::group_norm(groups_out, out_channels, config.eps, vs.pp("norm2"))?;
         let conv2 = conv2d(out_channels, out_channels, 3, conv_cfg, vs.pp("conv2"))?;
         let use_in_shortcut = config
             .use_in_shortcut
@@ -98,7 +99,7 @@ impl ResnetBlock2D {
         };
         let time_emb_proj = match config.temb_channels {
             None => None,
-            Some(temb_channels) => Some(nn::linear(
+            Some(temb_channels) => Some(crate::fast::linear(
                 temb_channels,
                 out_channels,
                 vs.pp("time_emb_proj"),
@@ -123,8 +124,8 @@ impl ResnetBlock2D {
             Some(conv_shortcut) => conv_shortcut.forward(xs)?,
             None => xs.clone(),
         };
-        let xs = self.norm1.forward(xs)?;
-        let xs = self.conv1.forward(&nn::ops::silu(&xs)?)?;
+        let xs = self.norm1.forward_act(xs, true)?; // ftk: fused group norm + silu
+        let xs = self.conv1.forward(&xs)?;
         let xs = match (temb, &self.time_emb_proj) {
             (Some(temb), Some(time_emb_proj)) => time_emb_proj
                 .forward(&nn::ops::silu(temb)?)?
@@ -133,9 +134,7 @@ impl ResnetBlock2D {
                 .broadcast_add(&xs)?,
             _ => xs,
         };
-        let xs = self
-            .conv2
-            .forward(&nn::ops::silu(&self.norm2.forward(&xs)?)?)?;
+        let xs = self.conv2.forward(&self.norm2.forward_act(&xs, true)?)?;
         (shortcut_xs + xs)? / self.config.output_scale_factor
     }
 }

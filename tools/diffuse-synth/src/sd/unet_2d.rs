@@ -4,10 +4,10 @@
 //! timestep and return a denoised version of the input.
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::unet_2d_blocks::*;
+use crate::fast::{conv2d, Conv2d};
 use candle_core::{Result, Tensor};
 use candle_nn as nn;
-use candle_nn::Module;
-use candle_nn::{conv2d, Conv2d};
+use candle_nn::Module; // ftk: fast inference conv
 
 #[derive(Debug, Clone, Copy)]
 pub struct BlockConfig {
@@ -99,7 +99,7 @@ pub struct UNet2DConditionModel {
     down_blocks: Vec<UNetDownBlock>,
     mid_block: UNetMidBlock2DCrossAttn,
     up_blocks: Vec<UNetUpBlock>,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: crate::fast::GroupNorm,
     conv_out: Conv2d,
     span: tracing::Span,
     config: UNet2DConditionModelConfig,
@@ -289,7 +289,7 @@ impl UNet2DConditionModel {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        let conv_norm_out = nn::group_norm(
+        let conv_norm_out = crate::fast::group_norm(
             config.norm_num_groups,
             b_channels,
             config.norm_eps,
@@ -449,8 +449,7 @@ impl UNet2DConditionModel {
             };
         }
         // 6. post-process
-        let xs = self.conv_norm_out.forward(&xs)?;
-        let xs = nn::ops::silu(&xs)?;
+        let xs = self.conv_norm_out.forward_act(&xs, true)?;
         self.conv_out.forward(&xs)
     }
 }
