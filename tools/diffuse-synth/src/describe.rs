@@ -28,8 +28,9 @@ pub struct DescribeArgs {
     /// diffusers model folder (unet/, vae/, scheduler/)
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// client images: safetensors with `images` [N,3,H,W] in [0,1]
-    #[arg(long, value_name = "FILE")]
+    /// client images: a directory of PNGs (sorted by name, one size), or
+    /// safetensors with `images` [N,3,H,W] in [0,1]
+    #[arg(long, value_name = "DIR|FILE")]
     pub images: PathBuf,
     /// initial description: safetensors with `prompt_embeds` [1,L,D]
     #[arg(long, value_name = "FILE")]
@@ -68,7 +69,11 @@ pub fn describe(a: DescribeArgs) -> Result<()> {
     if !(a.lr.is_finite() && a.lr > 0.0) {
         bail!("--lr must be a positive number");
     }
-    let (ishape, images) = f32s(&a.images, "images", 4, "[N, 3, H, W]")?;
+    let (ishape, images) = if a.images.is_dir() {
+        crate::png::read_dir_rgb(&a.images)?
+    } else {
+        f32s(&a.images, "images", 4, "[N, 3, H, W]")?
+    };
     let (n, ch, ih, iw) = (ishape[0], ishape[1], ishape[2], ishape[3]);
     if n == 0 || ch != 3 {
         bail!(

@@ -104,3 +104,74 @@ fn describe_rejects_bad_input() {
     assert_eq!(err.lines().count(), 1);
     assert!(!out.exists());
 }
+
+/// `--images DIR` reads PNGs (8-bit, sorted by name) as the same [N,3,H,W]
+/// tensor a safetensors file of those 8-bit values gives: the learned
+/// descriptions are identical.
+#[test]
+fn png_directory_equals_the_same_pixels_as_safetensors() {
+    use ftk::tensors::{write_safetensors, OutTensor};
+    let td = td();
+    let fx = td.join("describe.safetensors");
+    let f = TensorFile::open(&fx).unwrap();
+    let t = f.require("images").unwrap();
+    let shape = t.shape.to_vec();
+    let px = t.to_f32_vec().unwrap();
+    let (n, per) = (shape[0], shape[1] * shape[2] * shape[3]);
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    for i in 0..n {
+        // reversed names: the directory order, not the creation order, counts
+        let p = imgs.join(format!("img{}.png", n - 1 - i));
+        let chw = &px[(n - 1 - i) * per..(n - i) * per];
+        diffuse_synth::png::write_png_chw(&p, chw, shape[1], shape[2], shape[3]).unwrap();
+    }
+    let q: Vec<f32> = px
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() / 255.0)
+        .collect();
+    let qf = dir.path().join("q.safetensors");
+    write_safetensors(&qf, &[OutTensor::f32("images", shape.clone(), &q)], None).unwrap();
+    let run = |images: &Path, out: &Path| {
+        let o = Command::cargo_bin("diffuse-synth")
+            .unwrap()
+            .env("FTK_NO_PROGRESS", "1")
+            .arg("describe")
+            .arg("--model")
+            .arg(td.join("tiny-sd"))
+            .arg("--images")
+            .arg(images)
+            .arg("--init")
+            .arg(&fx)
+            .arg("--train-noise")
+            .arg(&fx)
+            .arg("-o")
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        f32s(out, "prompt_embeds")
+    };
+    let a = run(&imgs, &dir.path().join("a.safetensors"));
+    let b = run(&qf, &dir.path().join("b.safetensors"));
+    assert_eq!(a, b);
+    // a directory without PNGs is a usage error
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = Command::cargo_bin("diffuse-synth")
+        .unwrap()
+        .arg("describe")
+        .arg("--model")
+        .arg(td.join("tiny-sd"))
+        .arg("--images")
+        .arg(&empty)
+        .arg("--init")
+        .arg(&fx)
+        .arg("-o")
+        .arg(dir.path().join("x.safetensors"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no .png images"));
+}
