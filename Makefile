@@ -104,7 +104,7 @@ demo: build
 	  --init testdata/diffuse-synth/describe.safetensors --lr 10 --seed 0 -o target/demo/desc.safetensors
 	$(BIN)/diffuse-synth --model testdata/diffuse-synth/tiny-sd --scheduler ddpm --steps 10 --guidance-scale 3,3 \
 	  --prompt-embeds testdata/diffuse-synth/pipeline.safetensors --prompt-embeds target/demo/desc.safetensors \
-	  --seed 7 --batch 2 -o target/demo/feddeo.safetensors --png-dir target/demo/feddeo-png
+	  --seed 7 --batch 2 --final x0 -o target/demo/feddeo.safetensors --png-dir target/demo/feddeo-png
 	@echo "== diffuse-synth: --prompt through the tiny CLIP text encoder (transformers-checked), CFG 3 =="
 	$(BIN)/diffuse-synth --model testdata/diffuse-synth/tiny-sd --scheduler ddim --steps 10 --guidance-scale 3 \
 	  --prompt "a photo of a cat" --negative-prompt "blurry" --seed 7 --batch 2 \
@@ -150,6 +150,7 @@ gen: $(VENV)/.installed
 	$(PY) testdata/gen/diffuse_synth_ref.py gen --check
 	$(PY) testdata/gen/diffuse_synth_unclip_ref.py gen --check
 	$(PY) testdata/gen/diffuse_synth_resnet_ref.py gen --check
+	$(PY) testdata/gen/diffuse_synth_final_ref.py gen --check
 
 clean:
 	$(CARGO) clean

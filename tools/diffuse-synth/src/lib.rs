@@ -218,6 +218,12 @@ pub struct Args {
     /// FedCADO: noise-editing iterations before sampling
     #[arg(long, default_value_t = 10)]
     pub noise_edit_steps: usize,
+    /// What a sample ends as: `sample` runs every timestep (diffusers' pipelines);
+    /// `x0` stops before the last timestep and keeps the last step's predicted x0
+    /// (FedCADO's and FedDEO's generate_images.py). Default: x0 with --classifier
+    /// (FedCADO), else sample.
+    #[arg(long = "final", value_name = "WHAT", value_parser = ["sample", "x0"])]
+    pub final_mode: Option<String>,
     /// FedCADO: classifier input size in pixels
     #[arg(long, default_value_t = 224)]
     pub classifier_size: usize,
@@ -610,7 +616,15 @@ pub fn run(a: Args) -> Result<()> {
     // conditional rows side by side (sample-major), as diffusers batches them. Every kernel
     // computes a row independently of the others in its batch, so `--shard i/n` still
     // reproduces the rows of one run bit for bit (tests/pipeline.rs checks it).
-    let bar = ftk::cli::progress((rows * sched.timesteps().len()) as u64, "denoising");
+    let final_x0 = match a.final_mode.as_deref() {
+        Some(m) => m == "x0",
+        None => clf.is_some(),
+    };
+    let run_steps = sched.timesteps().len() - usize::from(final_x0);
+    if run_steps == 0 {
+        bail!("--final x0 stops before the last timestep: it needs --steps 2 or more");
+    }
+    let bar = ftk::cli::progress((rows * run_steps) as u64, "denoising");
     let mut lat_all: Vec<f32> = Vec::with_capacity(rows * per);
     let ts: Vec<f64> = sched.timesteps().to_vec();
     let fedcado = clf.as_ref().map(|cl| guidance::FedCado {
@@ -683,7 +697,8 @@ pub fn run(a: Args) -> Result<()> {
             lats.push(lat);
         }
         let mut draws = vec![0usize; n];
-        for (i, &t) in ts.iter().enumerate() {
+        let mut x0s: Vec<Vec<f32>> = vec![Vec::new(); n];
+        for (i, &t) in ts.iter().enumerate().take(run_steps) {
             if let Some(fc) = &fedcado {
                 if i + 1 < ts.len() {
                     for j in 0..n {
@@ -764,6 +779,15 @@ pub fn run(a: Args) -> Result<()> {
                         None => normals(seed.unwrap_or(0), 1 + k as u64, per),
                     }
                 };
+                if final_x0 && i + 1 == run_steps {
+                    // the scheduler's pred_original_sample at the last step taken
+                    let (_, ca, cb) = scheds[j].x0_coeffs(i)?;
+                    x0s[j] = lats[j]
+                        .iter()
+                        .zip(&eps)
+                        .map(|(z, e)| ca * z + cb * e)
+                        .collect();
+                }
                 lats[j] = scheds[j].step(i, &eps, &lats[j], &mut noise_fn)?;
                 if let Some(e) = draw_err.take() {
                     return Err(e);
@@ -777,7 +801,7 @@ pub fn run(a: Args) -> Result<()> {
             }
             bar.inc(n as u64);
         }
-        for l in &lats {
+        for l in if final_x0 { &x0s } else { &lats } {
             lat_all.extend_from_slice(l);
         }
     }

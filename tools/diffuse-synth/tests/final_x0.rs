@@ -1,0 +1,70 @@
+//! `--final x0`: FedCADO's and FedDEO's generators stop before the last
+//! timestep and keep the last step's pred_original_sample. Checked against
+//! that loop over diffusers' DDPM on the tiny pipeline
+//! (testdata/gen/diffuse_synth_final_ref.py).
+
+use assert_cmd::Command;
+use ftk::tensors::TensorFile;
+use std::path::{Path, PathBuf};
+
+fn td() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/diffuse-synth")
+}
+
+fn latents(final_mode: Option<&str>) -> Vec<f32> {
+    let td = td();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let mut c = Command::cargo_bin("diffuse-synth").unwrap();
+    c.env("FTK_NO_PROGRESS", "1")
+        .arg("--model")
+        .arg(td.join("tiny-sd"))
+        .args([
+            "--scheduler",
+            "ddpm",
+            "--steps",
+            "4",
+            "--guidance-scale",
+            "3",
+        ])
+        .arg("--prompt-embeds")
+        .arg(td.join("pipeline.safetensors"))
+        .arg("--latents")
+        .arg(td.join("pipeline.safetensors"))
+        .arg("--step-noise")
+        .arg(td.join("final-x0.safetensors"))
+        .arg("-o")
+        .arg(&out);
+    if let Some(m) = final_mode {
+        c.args(["--final", m]);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    TensorFile::open(&out)
+        .unwrap()
+        .require("latents")
+        .unwrap()
+        .to_f32_vec()
+        .unwrap()
+}
+
+#[test]
+fn final_x0_matches_the_authors_loop() {
+    let want = TensorFile::open(&td().join("final-x0.safetensors"))
+        .unwrap()
+        .require("x0")
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
+    let got = latents(Some("x0"));
+    let d = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d <= 1e-4, "max abs diff {d}");
+    // Without a classifier the default is diffusers' behaviour: every step.
+    let plain = latents(None);
+    assert_eq!(plain, latents(Some("sample")));
+    assert!(plain.iter().zip(&got).any(|(a, b)| (a - b).abs() > 1e-3));
+}
