@@ -12,9 +12,7 @@ Run: .venv/bin/python testdata/gen/diffuse_synth_final_ref.py gen [--check]
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -62,19 +60,5 @@ def gen(out: Path):
               metadata={"scheduler": "ddpm", "steps": str(base.PIPE_STEPS), "guidance": "3"})
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["gen"])
-    ap.add_argument("--check", action="store_true")
-    a = ap.parse_args()
-    out = Path(tempfile.mkdtemp()) if a.check else base.OUT
-    gen(out)
-    if a.check:
-        new, old = load_file(str(out / "final-x0.safetensors")), load_file(str(base.OUT / "final-x0.safetensors"))
-        bad = any(not torch.equal(new[k], old[k]) for k in old)
-        print("differs" if bad else "ok")
-        sys.exit(1 if bad else 0)
-
-
 if __name__ == "__main__":
-    main()
+    base.cli([gen])

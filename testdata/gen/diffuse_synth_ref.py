@@ -290,6 +290,25 @@ def main():
         sys.exit(1 if bad else 0)
 
 
+def cli(gens):
+    """The command line every diffuse-synth generator shares: `gen` writes
+    testdata/diffuse-synth/ with each of `gens`; `gen --check` writes to a temp dir and
+    compares with what is checked in (exit 1 on a difference)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["gen"])
+    ap.add_argument("--check", action="store_true")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    out = Path(tempfile.mkdtemp()) if a.check else OUT
+    out.mkdir(parents=True, exist_ok=True)
+    for g in gens:
+        g(out)
+    if a.check:
+        bad = compare(out)
+        shutil.rmtree(out)
+        sys.exit(1 if bad else 0)
+
+
 def compare(tmp: Path) -> int:
     from safetensors.torch import load_file
 

@@ -27,11 +27,8 @@ Needs torch and torchvision (testdata/gen/requirements.txt).
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -40,7 +37,10 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import diffuse_synth_ref as base  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "testdata" / "diffuse-synth"
@@ -140,40 +140,5 @@ def gen_keys(out: Path):
     (out / "resnet-keys.json").write_text(json.dumps(keys, separators=(",", ":")) + "\n")
 
 
-def compare(tmp: Path) -> int:
-    bad = 0
-    for p in sorted(tmp.rglob("*")):
-        q = OUT / p.relative_to(tmp)
-        if not q.exists():
-            print(f"missing: {q}")
-            bad += 1
-        elif p.suffix == ".safetensors":
-            a, b = load_file(str(p)), load_file(str(q))
-            if a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
-                print(f"differs: {q}")
-                bad += 1
-        elif p.read_bytes() != q.read_bytes():
-            print(f"differs: {q}")
-            bad += 1
-    print("ok" if not bad else f"{bad} files differ")
-    return bad
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["gen"])
-    ap.add_argument("--check", action="store_true")
-    a = ap.parse_args()
-    torch.manual_seed(0)
-    out = Path(tempfile.mkdtemp()) if a.check else OUT
-    out.mkdir(parents=True, exist_ok=True)
-    gen_narrow(out)
-    gen_keys(out)
-    if a.check:
-        bad = compare(out)
-        shutil.rmtree(out)
-        sys.exit(1 if bad else 0)
-
-
 if __name__ == "__main__":
-    main()
+    base.cli([gen_narrow, gen_keys])

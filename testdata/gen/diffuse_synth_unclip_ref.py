@@ -34,11 +34,9 @@ Needs torch, diffusers and transformers (testdata/gen/requirements.txt).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -47,6 +45,7 @@ import torch
 warnings.filterwarnings("ignore")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import diffuse_synth_ref as base  # noqa: E402
 from diffuse_synth_ref import NoiseFeed, reinit, restore  # noqa: E402
 
 from diffusers import (  # noqa: E402
@@ -268,42 +267,5 @@ def gen_feddisc(out: Path):
     )
 
 
-def compare(tmp: Path) -> int:
-    bad = 0
-    for p in sorted(tmp.rglob("*")):
-        if p.is_dir():
-            continue
-        q = OUT / p.relative_to(tmp)
-        if not q.exists():
-            print(f"missing: {q}")
-            bad += 1
-        elif p.suffix == ".safetensors":
-            a, b = load_file(str(p)), load_file(str(q))
-            if a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
-                print(f"differs: {q}")
-                bad += 1
-        elif p.read_bytes() != q.read_bytes():
-            print(f"differs: {q}")
-            bad += 1
-    print("ok" if not bad else f"{bad} files differ")
-    return bad
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["gen"])
-    ap.add_argument("--check", action="store_true")
-    a = ap.parse_args()
-    torch.manual_seed(0)
-    out = Path(tempfile.mkdtemp()) if a.check else OUT
-    out.mkdir(parents=True, exist_ok=True)
-    gen_unclip(out)
-    gen_feddisc(out)
-    if a.check:
-        bad = compare(out)
-        shutil.rmtree(out)
-        sys.exit(1 if bad else 0)
-
-
 if __name__ == "__main__":
-    main()
+    base.cli([gen_unclip, gen_feddisc])
