@@ -1,22 +1,13 @@
 //! `diffuse-synth describe` (FedDEO) against the same three SGD steps in PyTorch
 //! (testdata/gen: diffusers VAE encode + DDPM add_noise + UNet, lr 10, fixed draws).
 
+mod common;
+
+use common::*;
+
 use assert_cmd::Command;
 use ftk::tensors::TensorFile;
-use std::path::{Path, PathBuf};
-
-fn td() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/diffuse-synth")
-}
-
-fn f32s(p: &Path, n: &str) -> Vec<f32> {
-    TensorFile::open(p)
-        .unwrap()
-        .require(n)
-        .unwrap()
-        .to_f32_vec()
-        .unwrap()
-}
+use std::path::Path;
 
 #[test]
 fn description_matches_pytorch_sgd() {

@@ -2,17 +2,17 @@
 //! diffusers UNet + DDPM x0 + VAE decode + torch bicubic + a BN conv net), rel 1e-3;
 //! and a guided run through the CLI.
 
+mod common;
+
+use common::*;
+
 use candle_core::{Device, Tensor};
 use diffuse_synth::classifier::{bicubic_matrix, Classifier};
 use diffuse_synth::guidance::{loss_and_grad, Denoiser, FedCado};
 use diffuse_synth::scheduler::{Config, Kind, Scheduler};
 use diffuse_synth::{model, sd};
 use ftk::tensors::TensorFile;
-use std::path::{Path, PathBuf};
-
-fn td() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/diffuse-synth")
-}
+use std::path::Path;
 
 fn row0(f: &TensorFile, name: &str) -> Tensor {
     let t = f.require(name).unwrap();

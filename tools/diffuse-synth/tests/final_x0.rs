@@ -3,13 +3,12 @@
 //! that loop over diffusers' DDPM on the tiny pipeline
 //! (testdata/gen/diffuse_synth_final_ref.py).
 
+mod common;
+
+use common::*;
+
 use assert_cmd::Command;
 use ftk::tensors::TensorFile;
-use std::path::{Path, PathBuf};
-
-fn td() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/diffuse-synth")
-}
 
 fn latents(final_mode: Option<&str>) -> Vec<f32> {
     let td = td();

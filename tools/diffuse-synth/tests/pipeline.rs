@@ -3,23 +3,14 @@
 //! final latents within 1e-4 (max abs, float32) for every scheduler, with and without
 //! classifier-free guidance, and the VAE decode of diffusers' own latents.
 
-use assert_cmd::Command;
+mod common;
+
+use common::*;
+
 use candle_core::{Device, Tensor};
 use ftk::tensors::TensorFile;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-
-fn td() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/diffuse-synth")
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 #[test]
 fn vae_decode_matches_diffusers() {
@@ -33,12 +24,6 @@ fn vae_decode_matches_diffusers() {
     let want = f.require("images.pndm.g3").unwrap().to_f32_vec().unwrap();
     let d = max_abs_diff(&got, &want);
     assert!(d <= 1e-4, "VAE decode differs from diffusers by {d}");
-}
-
-fn bin() -> Command {
-    let mut c = Command::cargo_bin("diffuse-synth").unwrap();
-    c.env("FTK_NO_PROGRESS", "1").env_remove("RUST_BACKTRACE");
-    c
 }
 
 fn read(p: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {

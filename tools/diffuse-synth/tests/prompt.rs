@@ -4,25 +4,13 @@
 //! per sample with per-sample negatives, one prompt for every sample, clip_skip, no CFG;
 //! then a text condition next to a --prompt-embeds file, and bad input.
 
-use assert_cmd::Command;
+mod common;
+
+use common::*;
+
 use ftk::tensors::TensorFile;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-fn td() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/diffuse-synth")
-}
-
-fn bin() -> Command {
-    let mut c = Command::cargo_bin("diffuse-synth").unwrap();
-    c.env("FTK_NO_PROGRESS", "1").env_remove("RUST_BACKTRACE");
-    c
-}
-
-fn latents(p: &Path) -> Vec<f32> {
-    let f = TensorFile::open(p).unwrap();
-    f.require("latents").unwrap().to_f32_vec().unwrap()
-}
+use std::path::Path;
 
 fn texts(v: &Value) -> Vec<String> {
     match v {

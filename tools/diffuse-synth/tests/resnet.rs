@@ -4,28 +4,20 @@
 //! gradient of CE + 0.1 x BN loss (rel 1e-3); the full-size resnet18/34/50 state_dict
 //! name and shape sets are recognised; and a ResNet-guided run through the CLI.
 
+mod common;
+
+use common::*;
+
 use candle_core::{Device, Tensor, Var};
 use diffuse_synth::classifier::{cross_entropy, Classifier};
 use diffuse_synth::tvresnet::{plan, Arch};
 use ftk::tensors::TensorFile;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-
-fn td() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/diffuse-synth")
-}
+use std::path::Path;
 
 fn vec_of(f: &TensorFile, name: &str) -> Vec<f32> {
     f.require(name).unwrap().to_f32_vec().unwrap()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
 }
 
 #[test]
@@ -43,7 +35,7 @@ fn narrow_resnets_match_torchvision() {
         let (logits, bn) = clf.forward(x.as_tensor()).unwrap();
         let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let want = vec_of(&r, &format!("{net}.logits"));
-        let dl = max_abs(&got, &want);
+        let dl = max_abs_diff(&got, &want);
         assert!(dl <= 1e-4, "{net}: logits differ from torchvision by {dl}");
         let bn_got = bn.to_scalar::<f32>().unwrap();
         let bn_want = vec_of(&r, &format!("{net}.bn_loss"))[0];
@@ -69,7 +61,7 @@ fn narrow_resnets_match_torchvision() {
         let want = vec_of(&r, &format!("{net}.grad"));
         let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
         assert!(scale > 0.0);
-        let d = max_abs(&g, &want);
+        let d = max_abs_diff(&g, &want);
         eprintln!(
             "{net}: logits max diff {dl:e}, loss {l} (torch {l_want}), grad rel diff {:e}",
             d / scale
@@ -169,12 +161,6 @@ fn full_size_torchvision_names_are_recognised() {
     assert!(e.contains("layer3.1.bn2.running_var"), "{e}");
 }
 
-fn bin() -> assert_cmd::Command {
-    let mut c = assert_cmd::Command::cargo_bin("diffuse-synth").unwrap();
-    c.env("FTK_NO_PROGRESS", "1").env_remove("RUST_BACKTRACE");
-    c
-}
-
 #[test]
 fn resnet_guided_run_through_the_cli() {
     let td = td();
@@ -212,7 +198,7 @@ fn resnet_guided_run_through_the_cli() {
     assert!(run(&p, None).status.success());
     let a = vec_of(&TensorFile::open(&g).unwrap(), "latents");
     let b = vec_of(&TensorFile::open(&p).unwrap(), "latents");
-    let d = max_abs(&a, &b);
+    let d = max_abs_diff(&a, &b);
     assert!(d > 1e-3, "ResNet guidance must change the samples ({d})");
     // the wrong depth: exit 2, one line naming the file and the reason, no output
     let bad = dir.path().join("bad.safetensors");

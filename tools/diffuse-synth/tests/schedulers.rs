@@ -2,6 +2,10 @@
 //! (made by testdata/gen/diffuse_synth_ref.py with diffusers 0.42) replayed:
 //! timesteps, sigmas, init_noise_sigma, scale_model_input and every step() output.
 
+mod common;
+
+use common::*;
+
 use diffuse_synth::scheduler::{Config, Kind, Scheduler};
 use ftk::tensors::TensorFile;
 use serde_json::Value;
@@ -13,14 +17,6 @@ fn fixture() -> TensorFile {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../testdata/diffuse-synth/schedulers.safetensors");
     TensorFile::open(&p).expect("fixture")
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -107,7 +103,7 @@ fn schedulers_match_diffusers() {
         }
         if let Some(sig) = f.get(&format!("c{k}.sigmas")) {
             let r = sig.to_f32_vec().unwrap();
-            let d = max_diff(s.sigmas(), &r);
+            let d = max_abs_diff(s.sigmas(), &r);
             if d > TOL * r.iter().fold(1f32, |a, &b| a.max(b.abs())) {
                 failures.push(format!(
                     "{label}: sigmas differ by {d}: {:?} vs {:?}",
@@ -150,7 +146,7 @@ fn schedulers_match_diffusers() {
             let xi = s.scale_model_input(i, &x).unwrap();
             let r = &scaled[i * m..(i + 1) * m];
             let scale = r.iter().fold(1f32, |a, &b| a.max(b.abs()));
-            let d = max_diff(&xi, r);
+            let d = max_abs_diff(&xi, r);
             if d > tol * scale {
                 failures.push(format!(
                     "{label}: scale_model_input at step {i} differs by {d}"
@@ -181,7 +177,7 @@ fn schedulers_match_diffusers() {
             );
             let r = &outs[i * m..(i + 1) * m];
             let scale = r.iter().fold(1f32, |a, &b| a.max(b.abs()));
-            let d = max_diff(&x, r);
+            let d = max_abs_diff(&x, r);
             if !ill {
                 worst = worst.max(d / scale);
             }

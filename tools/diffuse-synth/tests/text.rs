@@ -5,13 +5,13 @@
 //! ids), SD 1.x and SD 2.x special-token layouts, and the tokenizer.json layout transformers 5
 //! saves — and CLIPTextModel's embeddings (quick_gelu and gelu, clip_skip, attention mask).
 
+mod common;
+
+use common::*;
+
 use diffuse_synth::text::{TextEncoder, Tokenizer};
 use ftk::tensors::TensorFile;
-use std::path::{Path, PathBuf};
-
-fn td() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/diffuse-synth")
-}
+use std::path::Path;
 
 fn prompts(f: &TensorFile) -> Vec<String> {
     serde_json::from_str(&f.metadata().unwrap()["prompts"]).unwrap()
@@ -65,14 +65,6 @@ fn token_ids_match_transformers_tiny_vocabs() {
         &f,
         "sd2.ids",
     );
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn check_embeds(dir: &Path, f: &TensorFile, sel_key: &str, key: &str, rows: &[usize], skip: usize) {

@@ -5,38 +5,15 @@
 //! uploads and per-client global embeddings against a diffusers-UNet loop; and the seeded
 //! augmentation's properties (shards, per-sample draws, the noise level matters).
 
+mod common;
+
+use common::*;
+
 use assert_cmd::Command;
 use diffuse_synth::unclip::timestep_embedding;
 use ftk::tensors::TensorFile;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-fn td() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/diffuse-synth")
-}
-
-fn bin() -> Command {
-    let mut c = Command::cargo_bin("diffuse-synth").unwrap();
-    c.env("FTK_NO_PROGRESS", "1").env_remove("RUST_BACKTRACE");
-    c
-}
-
-fn latents(p: &Path) -> Vec<f32> {
-    TensorFile::open(p)
-        .unwrap()
-        .require("latents")
-        .unwrap()
-        .to_f32_vec()
-        .unwrap()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-}
+use std::path::Path;
 
 /// The tiny unCLIP model with the reference's text embeddings.
 fn base(td: &Path) -> Command {
@@ -85,7 +62,7 @@ fn stable_unclip_pipeline_runs_match_diffusers() {
             .unwrap()
             .to_f32_vec()
             .unwrap();
-        let d = max_abs(&latents(&out), &want);
+        let d = max_abs_diff(&latents(&out), &want);
         eprintln!("{key}: max |diff| {d:e}");
         assert!(
             d <= 1e-4,
@@ -127,7 +104,7 @@ fn feddisc_three_branch_guidance_matches_pytorch() {
     assert_eq!(meta["noise_level"], "200");
     assert_eq!(meta["guidance"], "2.0");
     let want = f.require("final").unwrap().to_f32_vec().unwrap();
-    let d = max_abs(&latents(&out), &want);
+    let d = max_abs_diff(&latents(&out), &want);
     eprintln!("feddisc: max |diff| {d:e}");
     assert!(d <= 1e-4, "FedDISC final latents differ by {d}");
     // the global branch matters: without it the result moves
@@ -145,7 +122,7 @@ fn feddisc_three_branch_guidance_matches_pytorch() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(max_abs(&latents(&two), &want) > 1e-2);
+    assert!(max_abs_diff(&latents(&two), &want) > 1e-2);
 }
 
 #[test]
@@ -180,7 +157,7 @@ fn seeded_augmentation_shards_and_levels() {
     // level 999 nearly replaces the embedding by noise; level 0 keeps it
     let (hi, _) = run("hi.safetensors", &["--noise-level", "999"]);
     let (lo, _) = run("lo.safetensors", &["--noise-level", "0"]);
-    assert!(max_abs(&hi, &lo) > 1e-2);
+    assert!(max_abs_diff(&hi, &lo) > 1e-2);
 }
 
 #[test]
@@ -206,7 +183,7 @@ fn augmentation_draws_are_per_sample() {
     assert_eq!(l0.len(), 16);
     assert_eq!(l0, lab(0, 11, false), "the same seed draws the same noise");
     assert!(
-        max_abs(&l0[..8], &l1[..8]) > 0.0,
+        max_abs_diff(&l0[..8], &l1[..8]) > 0.0,
         "each sample draws its own noise"
     );
     assert_ne!(l0, lab(0, 12, false));
@@ -217,7 +194,7 @@ fn augmentation_draws_are_per_sample() {
         .unwrap()
         .to_f32_vec()
         .unwrap();
-    assert!(max_abs(&l0[..8], &raw[..8]) < 0.05);
+    assert!(max_abs_diff(&l0[..8], &raw[..8]) < 0.05);
     assert_eq!(l0[8..], timestep_embedding(0.0, 8)[..]);
     // guided: the unconditional branch's label is zeros, then the image label
     let g = lab(0, 11, true);

@@ -1,0 +1,42 @@
+//! Helpers shared by diffuse-synth's integration tests.
+#![allow(dead_code)]
+
+use assert_cmd::Command;
+use ftk::tensors::TensorFile;
+use std::path::{Path, PathBuf};
+
+/// testdata/diffuse-synth
+pub fn td() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/diffuse-synth")
+}
+
+/// The diffuse-synth binary, quiet.
+pub fn bin() -> Command {
+    let mut c = Command::cargo_bin("diffuse-synth").unwrap();
+    c.env("FTK_NO_PROGRESS", "1").env_remove("RUST_BACKTRACE");
+    c
+}
+
+/// A tensor of a safetensors file as f32.
+pub fn f32s(p: &Path, name: &str) -> Vec<f32> {
+    TensorFile::open(p)
+        .unwrap()
+        .require(name)
+        .unwrap()
+        .to_f32_vec()
+        .unwrap()
+}
+
+/// The `latents` a run wrote.
+pub fn latents(p: &Path) -> Vec<f32> {
+    f32s(p, "latents")
+}
+
+/// max |a − b| over two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
