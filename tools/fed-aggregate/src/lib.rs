@@ -69,6 +69,9 @@ combines them; robust strategies refuse partials.
 DP (Flower's server-side fixed clipping): --clip-norm C [--noise-multiplier z --seed s]:
 each client's update against --global is clipped to L2 norm C, then noise of std z*C/n is
 added to the result; the summary reports the per-round (epsilon, delta).
+GPU (--device cuda): plain weighted means of f32/bf16/f16 tensors stream through pinned
+buffers to the GPU (same output bytes as the CPU); other strategies and tensors stay on the
+CPU. The pass is host-memory bound: it pays off for large aggregates.
 
 Examples:
   fed-aggregate --strategy fedavg -o global1.safetensors clients.jsonl
@@ -76,7 +79,8 @@ Examples:
   fed-aggregate fedra-alloc --clients 6 --layers 12 --capacity 12,10,8,6,4,3 --round 1 --seed 0 > alloc.jsonl
   fed-aggregate --strategy fedra --alloc alloc.jsonl --layer-pattern 'blocks\\.(\\d+)\\.' --global g.safetensors -o g2.safetensors clients.jsonl
   fed-aggregate --strategy fedavg --partial-out p0.safetensors part0.jsonl   # one per array task
-  fed-aggregate merge --strategy fedavg -o global.safetensors p*.safetensors";
+  fed-aggregate merge --strategy fedavg -o global.safetensors p*.safetensors
+  fed-aggregate --strategy fedavg --device cuda -o global1.safetensors clients.jsonl";
 
 /// Federated aggregation of client updates (Flower's strategies, FedRA,
 /// mergeable partials) in constant memory.
