@@ -205,12 +205,12 @@ impl Module for Conv2d {
         with_slice(w, |wv| {
             with_slice(x, |xv| {
                 let direct = kh == 1 && kw == 1 && s == 1 && p == 0;
-                COLS.with_borrow_mut(|col| {
-                    if !direct && col.len() < kk * np {
-                        col.resize(kk * np, 0.0);
-                    }
-                    let col = &mut col[..if direct { 0 } else { kk * np }];
-                    for (n, o) in out.chunks_mut(co * np).enumerate() {
+                let one = |n: usize, o: &mut [f32]| {
+                    COLS.with_borrow_mut(|col| {
+                        if !direct && col.len() < kk * np {
+                            col.resize(kk * np, 0.0);
+                        }
+                        let col = &mut col[..if direct { 0 } else { kk * np }];
                         let xs = &xv[n * ci * h * wd..(n + 1) * ci * h * wd];
                         if !direct {
                             im2col(xs, col, (ci, h, wd), (kh, kw), (ho, wo), (p, s, d));
@@ -223,8 +223,9 @@ impl Module for Conv2d {
                         let rhs = if direct { xs } else { &col[..] };
                         // out[co, np] (+)= W[co, kk] · col[kk, np]
                         ftk::linalg::matmul(o, wv, rhs, co, np, kk, bias.is_some());
-                    }
-                });
+                    })
+                };
+                per_sample(&mut out, co * np, one);
                 Ok(())
             })
         })?;
@@ -285,6 +286,24 @@ fn im2col(
         });
 }
 
+/// Run `f(n, out_n)` for each `chunk`-long output block: several blocks side by
+/// side with single-threaded GEMMs (fewer, larger tasks than one multi-threaded
+/// GEMM per block), or one block with every thread. A block's result is the
+/// same either way: the GEMM splits rows and columns across threads, never the
+/// sum.
+fn per_sample(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let blocks = out.len() / chunk.max(1);
+    if blocks >= 2 && rayon::current_num_threads() > 1 {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(n, o)| ftk::linalg::serial(|| f(n, o)));
+    } else {
+        out.chunks_mut(chunk.max(1))
+            .enumerate()
+            .for_each(|(n, o)| f(n, o));
+    }
+}
+
 // ---------------------------------------------------------------- linear
 
 /// candle_nn's Linear whose fast forward runs one GEMM per leading-dim row (M = the
@@ -325,14 +344,15 @@ impl Module for Linear {
         let mut out = vec![0f32; total * o];
         with_slice(w, |wv| {
             with_slice(x, |xv| {
-                for (yo, xi) in out.chunks_mut(m * o).zip(xv.chunks(m * i)) {
+                per_sample(&mut out, m * o, |n, yo| {
+                    let xi = &xv[n * m * i..(n + 1) * m * i];
                     if let Some(bv) = &bias {
                         for row in yo.chunks_mut(o) {
                             row.copy_from_slice(bv);
                         }
                     }
                     ftk::linalg::matmul_bt(yo, xi, wv, m, o, i, bias.is_some());
-                }
+                });
                 Ok(())
             })
         })?;
