@@ -80,12 +80,6 @@ pub struct DBuf<T> {
     mem: Arc<MemTrack>,
 }
 
-impl<T> DBuf<T> {
-    pub fn slice(&self) -> &CudaSlice<T> {
-        &self.s
-    }
-}
-
 impl<T> Drop for DBuf<T> {
     fn drop(&mut self) {
         self.mem.live.fetch_sub(self.bytes, Ordering::Relaxed);
@@ -384,32 +378,22 @@ impl<T: Act> GpuEngine<T> {
             .map_err(cuda("launch"))
     }
 
-    /// One GEMM per expert group of `d`: C_e = op(A_e)·op(B_e) + beta·C_e
-    /// with (m, n, k) = `dims(rows of e)`.
-    #[allow(clippy::too_many_arguments)]
+    /// One GEMM per expert group of `d`: C_e = A_e ∘ B_e + beta·C_e, the
+    /// product `prod` with the group's row count.
     fn expert_gemm(
         &self,
         d: &GpuDisp,
         c: Opnd,
         a: Opnd,
         b: Opnd,
-        dims: impl Fn(usize) -> (usize, usize, usize),
-        ta: bool,
-        tb: bool,
+        prod: Prod,
         beta: f32,
     ) -> Result<()> {
         for e in 0..self.sh.experts {
             let (r0, r1) = (d.offsets[e], d.offsets[e + 1]);
             if r1 > r0 {
-                self.gemm(
-                    c.at(e, r0),
-                    a.at(e, r0),
-                    b.at(e, r0),
-                    dims(r1 - r0),
-                    ta,
-                    tb,
-                    beta,
-                )?;
+                let (dims, ta, tb) = prod.shape(r1 - r0);
+                self.gemm(c.at(e, r0), a.at(e, r0), b.at(e, r0), dims, ta, tb, beta)?;
             }
         }
         Ok(())
@@ -463,6 +447,28 @@ impl Opnd {
     }
 }
 
+/// The three products of an expert group with `n` rows.
+#[derive(Clone, Copy)]
+enum Prod {
+    /// [n, out] = rows [n, inner] · Wᵀ, W stored [out, inner] (nn.Linear).
+    RowsWt(usize, usize),
+    /// [n, out] = rows [n, inner] · W, W stored [inner, out].
+    RowsW(usize, usize),
+    /// [m, k] = Aᵀ · B over the group's rows, A [n, m] and B [n, k].
+    Grad(usize, usize),
+}
+
+impl Prod {
+    /// (m, n, k) of the row-major GEMM, and whether A and B are transposed.
+    fn shape(self, rows: usize) -> ((usize, usize, usize), bool, bool) {
+        match self {
+            Prod::RowsWt(out, inner) => ((rows, out, inner), false, true),
+            Prod::RowsW(out, inner) => ((rows, out, inner), false, false),
+            Prod::Grad(m, k) => ((m, k, rows), true, false),
+        }
+    }
+}
+
 /// A kernel argument: device pointers and scalars, pushed by value.
 trait ArgPush {
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
@@ -494,7 +500,7 @@ impl<T: Act> Engine for GpuEngine<T> {
     type Dw = DBuf<f32>;
 
     fn copy(&mut self, x: &DBuf<f32>) -> Result<DBuf<f32>> {
-        let mut y = self.alloc::<f32>(x.bytes / 4)?;
+        let mut y = self.alloc::<f32>(x.s.len())?;
         self.stream
             .memcpy_dtod(&x.s, &mut y.s)
             .map_err(cuda("copy"))?;
@@ -591,26 +597,8 @@ impl<T: Act> Engine for GpuEngine<T> {
         let xr = self.rows(&x, h);
         // A_e = X_e w1_eᵀ, B_e = X_e w3_eᵀ
         let (ar, br) = (self.rows(&a, f), self.rows(&b, f));
-        self.expert_gemm(
-            d,
-            ar,
-            xr,
-            self.experts(&lay.w1),
-            |n| (n, f, h),
-            false,
-            true,
-            0.0,
-        )?;
-        self.expert_gemm(
-            d,
-            br,
-            xr,
-            self.experts(&lay.w3),
-            |n| (n, f, h),
-            false,
-            true,
-            0.0,
-        )?;
+        self.expert_gemm(d, ar, xr, self.experts(&lay.w1), Prod::RowsWt(f, h), 0.0)?;
+        self.expert_gemm(d, br, xr, self.experts(&lay.w3), Prod::RowsWt(f, h), 0.0)?;
         let hid = self.alloc::<T>(s * f)?;
         self.launch(
             &self.f.swiglu_fwd,
@@ -626,16 +614,7 @@ impl<T: Act> Engine for GpuEngine<T> {
         // O_e = H_e w2_eᵀ
         let o = self.alloc::<T>(s * h)?;
         let (or, hr) = (self.rows(&o, h), self.rows(&hid, f));
-        self.expert_gemm(
-            d,
-            or,
-            hr,
-            self.experts(&lay.w2),
-            |n| (n, h, f),
-            false,
-            true,
-            0.0,
-        )?;
+        self.expert_gemm(d, or, hr, self.experts(&lay.w2), Prod::RowsWt(h, f), 0.0)?;
         drop(hid);
         Ok(GpuActs { x, a, b, o })
     }
@@ -728,30 +707,12 @@ impl<T: Act> Engine for GpuEngine<T> {
         let lay = &self.layers[l];
         let (xr, gr, hr) = (self.rows(&x, h), self.rows(&gp, h), self.rows(&hid, f));
         // ∂w2_e += G_eᵀ H_e
-        self.expert_gemm(
-            d,
-            self.experts(&lay.g_w2),
-            gr,
-            hr,
-            |n| (h, f, n),
-            true,
-            false,
-            1.0,
-        )?;
+        self.expert_gemm(d, self.experts(&lay.g_w2), gr, hr, Prod::Grad(h, f), 1.0)?;
         drop(hid);
         // dH_e = G_e w2_e
         let da = self.alloc::<T>(s * f)?;
         let dar = self.rows(&da, f);
-        self.expert_gemm(
-            d,
-            dar,
-            gr,
-            self.experts(&lay.w2),
-            |n| (n, f, h),
-            false,
-            false,
-            0.0,
-        )?;
+        self.expert_gemm(d, dar, gr, self.experts(&lay.w2), Prod::RowsW(f, h), 0.0)?;
         drop(gp);
         let db = self.alloc::<T>(s * f)?;
         let dbr = self.rows(&db, f);
@@ -764,49 +725,13 @@ impl<T: Act> Engine for GpuEngine<T> {
         drop(a);
         drop(b);
         // ∂w1_e += dA_eᵀ X_e, ∂w3_e += dB_eᵀ X_e
-        self.expert_gemm(
-            d,
-            self.experts(&lay.g_w1),
-            dar,
-            xr,
-            |n| (f, h, n),
-            true,
-            false,
-            1.0,
-        )?;
-        self.expert_gemm(
-            d,
-            self.experts(&lay.g_w3),
-            dbr,
-            xr,
-            |n| (f, h, n),
-            true,
-            false,
-            1.0,
-        )?;
+        self.expert_gemm(d, self.experts(&lay.g_w1), dar, xr, Prod::Grad(f, h), 1.0)?;
+        self.expert_gemm(d, self.experts(&lay.g_w3), dbr, xr, Prod::Grad(f, h), 1.0)?;
         // dX_e = dA_e w1_e + dB_e w3_e
         let dxp = self.alloc::<T>(s * h)?;
         let (dxr, pdxp) = (self.rows(&dxp, h), self.ptr(&dxp));
-        self.expert_gemm(
-            d,
-            dxr,
-            dar,
-            self.experts(&lay.w1),
-            |n| (n, h, f),
-            false,
-            false,
-            0.0,
-        )?;
-        self.expert_gemm(
-            d,
-            dxr,
-            dbr,
-            self.experts(&lay.w3),
-            |n| (n, h, f),
-            false,
-            false,
-            1.0,
-        )?;
+        self.expert_gemm(d, dxr, dar, self.experts(&lay.w1), Prod::RowsW(h, f), 0.0)?;
+        self.expert_gemm(d, dxr, dbr, self.experts(&lay.w3), Prod::RowsW(h, f), 1.0)?;
         drop(da);
         drop(db);
         drop(x);
