@@ -16,8 +16,8 @@ use crate::kernel;
 use crate::plan::{Fault, Spec};
 use crate::strategy::Kind;
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-    PinnedHostSlice, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use ftk::tensors::{dtype_bytes, Dtype};
 use ftk::Error;
@@ -71,7 +71,7 @@ impl Job<'_> {
                 .sources
                 .iter()
                 .all(|s| !s.summed && kernel_for(s.t.dtype).is_some())
-            && spec.sources.iter().map(|s| s.weight).sum::<f64>() > 0.0
+            && spec.total_weight() > 0.0
     }
 }
 
@@ -149,9 +149,13 @@ pub fn finish(job: &mut Job, sinks: &Sinks, ordinal: usize) -> R<()> {
         };
         let mut host_f32 = vec![0f32; n_direct];
         let mut host = vec![0f64; n_host];
-        let mean_fn = module
-            .load_function("mean_to_f32")
-            .map_err(cuda("kernel"))?;
+        let load = |name| module.load_function(name).map_err(cuda("kernel"));
+        let mean_fn = load("mean_to_f32")?;
+        // One kernel per client dtype, looked up per source.
+        let axpy: Vec<(Dtype, CudaFunction)> = [Dtype::F32, Dtype::BF16, Dtype::F16]
+            .into_iter()
+            .map(|d| Ok((d, load(kernel_for(d).expect("float dtype"))?)))
+            .collect::<R<_>>()?;
         if trace {
             eprintln!("cuda: init {:.1} ms", t_init.elapsed().as_secs_f64() * 1e3);
         }
@@ -165,14 +169,14 @@ pub fn finish(job: &mut Job, sinks: &Sinks, ordinal: usize) -> R<()> {
                     len,
                 };
                 let t0 = std::time::Instant::now();
-                segment(job, &module, &copy, &comp, &mut st, &mut acc, spec, u)?;
+                segment(job, &axpy, &copy, &comp, &mut st, &mut acc, spec, u)?;
                 let t1 = std::time::Instant::now();
+                let w = spec.total_weight();
                 let t2;
                 if spec.dtype == Dtype::F32 && sinks.partial.is_none() {
                     // The mean is all that is written: divide and round on the
                     // device, bring back 4 bytes per element instead of 8.
                     let out = means.as_mut().expect("allocated for f32 outputs");
-                    let w: f64 = spec.sources.iter().map(|x| x.weight).sum();
                     mean_f32(&comp, &mean_fn, out, &acc, w, len)?;
                     let hf = &mut host_f32[..len];
                     comp.memcpy_dtoh(&out.slice(0..len), hf)
@@ -222,7 +226,7 @@ pub fn finish(job: &mut Job, sinks: &Sinks, ordinal: usize) -> R<()> {
                                 start: start + j * kernel::CHUNK,
                                 len: a.len(),
                             };
-                            job.emit_mean(spec, sub, a, sinks)
+                            job.emit_mean(spec, sub, a, w, sinks)
                         })?;
                 }
                 if trace {
@@ -248,7 +252,7 @@ pub fn finish(job: &mut Job, sinks: &Sinks, ordinal: usize) -> R<()> {
 #[allow(clippy::too_many_arguments)]
 fn segment(
     job: &Job,
-    module: &Arc<cudarc::driver::CudaModule>,
+    axpy: &[(Dtype, CudaFunction)],
     copy: &Arc<CudaStream>,
     comp: &Arc<CudaStream>,
     st: &mut Staging,
@@ -260,9 +264,11 @@ fn segment(
     let (acc_ptr, _) = acc.device_ptr_mut(comp);
     for src in &spec.sources {
         let w = dtype_bytes(src.t.dtype).expect("float dtypes are whole bytes");
-        let func = module
-            .load_function(kernel_for(src.t.dtype).expect("checked eligible"))
-            .map_err(cuda("kernel"))?;
+        let func = axpy
+            .iter()
+            .find(|(d, _)| *d == src.t.dtype)
+            .map(|(_, f)| f)
+            .expect("checked eligible");
         let bytes = &src.t.data[u.start * w..(u.start + u.len) * w];
         let per = st.stage / w * w;
         for (c, chunk) in bytes.chunks(per).enumerate() {
@@ -307,7 +313,7 @@ fn segment(
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = comp.launch_builder(&func);
+            let mut b = comp.launch_builder(func);
             b.arg(&off).arg(&dev_ptr).arg(&src.weight).arg(&n);
             // SAFETY: n elements of the source dtype were copied to dev_ptr and
             // the accumulator holds u.len >= offset + n f64s.
@@ -321,7 +327,7 @@ fn segment(
 /// out[..n] = acc[..n] / w as f32, on `comp`.
 fn mean_f32(
     comp: &Arc<CudaStream>,
-    func: &cudarc::driver::CudaFunction,
+    func: &CudaFunction,
     out: &mut CudaSlice<f32>,
     acc: &CudaSlice<f64>,
     w: f64,

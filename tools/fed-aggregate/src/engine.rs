@@ -407,16 +407,23 @@ impl<'a> Job<'a> {
     }
 
     /// Write a plain weighted mean from its weighted sum `acc` (which
-    /// becomes the mean): the partial sum, then the mean in the spec's dtype.
-    /// The CUDA pass's tail, with no server optimiser, DP or selection.
-    pub(crate) fn emit_mean(&self, spec: &Spec, u: Unit, acc: &mut [f64], sinks: &Sinks) -> R<()> {
+    /// becomes the mean, divided by the total weight `w`): the partial sum,
+    /// then the mean in the spec's dtype. The CUDA pass's tail, with no
+    /// server optimiser, DP or selection.
+    pub(crate) fn emit_mean(
+        &self,
+        spec: &Spec,
+        u: Unit,
+        acc: &mut [f64],
+        w: f64,
+        sinks: &Sinks,
+    ) -> R<()> {
         let mut bytes = Vec::new();
         if let Some(p) = sinks.partial {
             kernel::encode(Dtype::F64, acc, &mut bytes);
             p.write_at(u.spec, (u.start * 8) as u64, &bytes)?;
         }
         if let Some(out) = sinks.out {
-            let w: f64 = spec.sources.iter().map(|x| x.weight).sum();
             acc.iter_mut().for_each(|a| *a /= w);
             bytes.clear();
             kernel::encode(spec.dtype, acc, &mut bytes);

@@ -897,7 +897,7 @@ fn partial_writer(
     let mut dtypes = serde_json::Map::new();
     for s in specs {
         // Tensors nobody here holds (FedRA) get weight 0: the merge keeps the global.
-        let w: f64 = s.sources.iter().map(|x| x.weight).sum();
+        let w = s.total_weight();
         weights.insert(s.name.clone(), json!(w));
         dtypes.insert(s.name.clone(), json!(s.dtype));
     }

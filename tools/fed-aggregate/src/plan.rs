@@ -236,6 +236,14 @@ pub struct Spec<'a> {
     pub global: Option<Tensor<'a>>,
 }
 
+impl Spec<'_> {
+    /// The summed weight of every source (what a partial records and what a
+    /// plain weighted mean divides by).
+    pub fn total_weight(&self) -> f64 {
+        self.sources.iter().map(|x| x.weight).sum()
+    }
+}
+
 /// How to line up the inputs.
 pub struct Layout<'r> {
     pub keep_local: Option<&'r Regex>,
