@@ -311,24 +311,23 @@ fn keep_local_leaves_matching_tensors_out() {
     );
 }
 
+const ALLOC_ROUND2: &[&str] = &[
+    "fedra-alloc",
+    "--clients",
+    "6",
+    "--layers",
+    "12",
+    "--capacity",
+    "12,10,8,6,4,3",
+    "--round",
+    "2",
+    "--seed",
+    "0",
+];
+
 #[test]
 fn fedra_alloc_rows() {
-    let o = cmd()
-        .args([
-            "fedra-alloc",
-            "--clients",
-            "6",
-            "--layers",
-            "12",
-            "--capacity",
-            "12,10,8,6,4,3",
-            "--round",
-            "2",
-            "--seed",
-            "0",
-        ])
-        .output()
-        .unwrap();
+    let o = cmd().args(ALLOC_ROUND2).output().unwrap();
     assert!(o.status.success());
     let rows: Vec<Value> = std::str::from_utf8(&o.stdout)
         .unwrap()
@@ -347,22 +346,7 @@ fn fedra_alloc_rows() {
             .sum();
         assert_eq!(mask, cap as u64);
     }
-    let again = cmd()
-        .args([
-            "fedra-alloc",
-            "--clients",
-            "6",
-            "--layers",
-            "12",
-            "--capacity",
-            "12,10,8,6,4,3",
-            "--round",
-            "2",
-            "--seed",
-            "0",
-        ])
-        .output()
-        .unwrap();
+    let again = cmd().args(ALLOC_ROUND2).output().unwrap();
     assert_eq!(o.stdout, again.stdout);
     run_bad(
         &[

@@ -45,39 +45,18 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
         "--ep",
         "4",
     ];
-    let a = Command::cargo_bin("route-hist")
-        .unwrap()
-        .args(args)
-        .args(["--seed", "7"])
-        .output()
-        .unwrap()
-        .stdout;
-    let b = Command::cargo_bin("route-hist")
-        .unwrap()
-        .args(args)
-        .args(["--seed", "7"])
-        .output()
-        .unwrap()
-        .stdout;
-    let c = Command::cargo_bin("route-hist")
-        .unwrap()
-        .args(args)
-        .args(["--seed", "8"])
-        .output()
-        .unwrap()
-        .stdout;
-    assert_eq!(a, b);
-    assert_ne!(a, c);
+    let run = |seed: &str, threads: Option<&str>| {
+        let mut c = Command::cargo_bin("route-hist").unwrap();
+        if let Some(t) = threads {
+            c.env("RAYON_NUM_THREADS", t);
+        }
+        c.args(args).args(["--seed", seed]).output().unwrap().stdout
+    };
+    let a = run("7", None);
+    assert_eq!(a, run("7", None));
+    assert_ne!(a, run("8", None));
     // Thread count must not change the bytes.
-    let d = Command::cargo_bin("route-hist")
-        .unwrap()
-        .env("RAYON_NUM_THREADS", "1")
-        .args(args)
-        .args(["--seed", "7"])
-        .output()
-        .unwrap()
-        .stdout;
-    assert_eq!(a, d);
+    assert_eq!(a, run("7", Some("1")));
 }
 
 #[test]
