@@ -226,7 +226,7 @@ pub fn finish(job: &mut Job, sinks: &Sinks, ordinal: usize) -> R<()> {
                                 start: start + j * kernel::CHUNK,
                                 len: a.len(),
                             };
-                            job.emit_mean(spec, sub, a, w, sinks)
+                            sinks.write_mean(spec, sub, a, w)
                         })?;
                 }
                 if trace {

@@ -36,6 +36,43 @@ pub struct Sinks<'w> {
     pub state_base: Vec<Option<usize>>,
 }
 
+impl Sinks<'_> {
+    /// A unit's weighted sums into the partial file (f64), if one is written.
+    fn write_partial(&self, u: Unit, acc: &[f64], bytes: &mut Vec<u8>) -> R<()> {
+        if let Some(p) = self.partial {
+            bytes.clear();
+            kernel::encode(Dtype::F64, acc, bytes);
+            p.write_at(u.spec, (u.start * 8) as u64, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// A unit's results into the output file, in the spec's dtype, if one is written.
+    fn write_out(&self, spec: &Spec, u: Unit, acc: &[f64], bytes: &mut Vec<u8>) -> R<()> {
+        if let Some(out) = self.out {
+            bytes.clear();
+            kernel::encode(spec.dtype, acc, bytes);
+            let w = dtype_bytes(spec.dtype).unwrap_or(0);
+            out.write_at(u.spec, (u.start * w) as u64, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// A plain weighted mean from its weighted sum `acc` (which becomes the
+    /// mean, divided by the total weight `w`): the partial sum, then the mean
+    /// in the spec's dtype. The CUDA pass's tail, with no server optimiser,
+    /// DP or selection.
+    pub(crate) fn write_mean(&self, spec: &Spec, u: Unit, acc: &mut [f64], w: f64) -> R<()> {
+        let mut bytes = Vec::new();
+        self.write_partial(u, acc, &mut bytes)?;
+        if self.out.is_some() {
+            acc.iter_mut().for_each(|a| *a /= w);
+            self.write_out(spec, u, acc, &mut bytes)?;
+        }
+        Ok(())
+    }
+}
+
 /// Everything a pass needs.
 pub struct Job<'a> {
     pub origins: &'a [Origin],
@@ -285,11 +322,7 @@ impl<'a> Job<'a> {
             match self.kind {
                 Kind::Linear { .. } | Kind::Krum { .. } => {
                     self.accumulate(spec, u, g, &mut s.acc, &mut s.buf)?;
-                    if let Some(p) = sinks.partial {
-                        s.bytes.clear();
-                        kernel::encode(Dtype::F64, &s.acc, &mut s.bytes);
-                        p.write_at(u.spec, (u.start * 8) as u64, &s.bytes)?;
-                    }
+                    sinks.write_partial(u, &s.acc, &mut s.bytes)?;
                     if sinks.out.is_none() {
                         return Ok(());
                     }
@@ -348,12 +381,7 @@ impl<'a> Job<'a> {
                         .for_each(|v| *v += normal.sample(&mut rng));
                 }
             }
-            if let Some(out) = sinks.out {
-                s.bytes.clear();
-                kernel::encode(spec.dtype, &s.acc, &mut s.bytes);
-                let w = dtype_bytes(spec.dtype).unwrap_or(0);
-                out.write_at(u.spec, (u.start * w) as u64, &s.bytes)?;
-            }
+            sinks.write_out(spec, u, &s.acc, &mut s.bytes)?;
             Ok(())
         })?;
         Ok(())
@@ -402,33 +430,6 @@ impl<'a> Job<'a> {
                 "tensor '{}': the weighted sum overflowed (weights too large?)",
                 spec.name
             ))));
-        }
-        Ok(())
-    }
-
-    /// Write a plain weighted mean from its weighted sum `acc` (which
-    /// becomes the mean, divided by the total weight `w`): the partial sum,
-    /// then the mean in the spec's dtype. The CUDA pass's tail, with no
-    /// server optimiser, DP or selection.
-    pub(crate) fn emit_mean(
-        &self,
-        spec: &Spec,
-        u: Unit,
-        acc: &mut [f64],
-        w: f64,
-        sinks: &Sinks,
-    ) -> R<()> {
-        let mut bytes = Vec::new();
-        if let Some(p) = sinks.partial {
-            kernel::encode(Dtype::F64, acc, &mut bytes);
-            p.write_at(u.spec, (u.start * 8) as u64, &bytes)?;
-        }
-        if let Some(out) = sinks.out {
-            acc.iter_mut().for_each(|a| *a /= w);
-            bytes.clear();
-            kernel::encode(spec.dtype, acc, &mut bytes);
-            let wb = dtype_bytes(spec.dtype).unwrap_or(0);
-            out.write_at(u.spec, (u.start * wb) as u64, &bytes)?;
         }
         Ok(())
     }
