@@ -666,6 +666,16 @@ pub fn run(a: Args) -> Result<()> {
             }
             None => None,
         };
+        // FedCADO differentiates one sample at a time through this denoiser
+        let dens: Vec<guidance::Denoiser> = (0..if fedcado.is_some() { n } else { 0 })
+            .map(|j| guidance::Denoiser {
+                unet: &unet,
+                ctx: ctxs[j].clone(),
+                class_labels: labels[j].clone(),
+                weights: weights.clone(),
+                guided,
+            })
+            .collect();
         let mut scheds = Vec::with_capacity(n);
         let mut lats = Vec::with_capacity(n);
         for (j, &r) in chunk.iter().enumerate() {
@@ -679,16 +689,9 @@ pub fn run(a: Args) -> Result<()> {
             let mut lat: Vec<f32> = init.iter().map(|x| x * ins).collect();
             if let Some(fc) = &fedcado {
                 // noise editing: BN term only, at the first timestep
-                let den = guidance::Denoiser {
-                    unet: &unet,
-                    ctx: ctxs[j].clone(),
-                    class_labels: labels[j].clone(),
-                    weights: weights.clone(),
-                    guided,
-                };
                 for _ in 0..a.noise_edit_steps {
                     let (_, gr) = guidance::loss_and_grad(
-                        &den, &vae, fc, &mut sch, 0, ts[0], &lat, zshape, false,
+                        &dens[j], &vae, fc, &mut sch, 0, ts[0], &lat, zshape, false,
                     )?;
                     lat.iter_mut().zip(&gr).for_each(|(z, g)| *z -= g);
                 }
@@ -702,15 +705,8 @@ pub fn run(a: Args) -> Result<()> {
             if let Some(fc) = &fedcado {
                 if i + 1 < ts.len() {
                     for j in 0..n {
-                        let den = guidance::Denoiser {
-                            unet: &unet,
-                            ctx: ctxs[j].clone(),
-                            class_labels: labels[j].clone(),
-                            weights: weights.clone(),
-                            guided,
-                        };
                         let (_, gr) = guidance::loss_and_grad(
-                            &den,
+                            &dens[j],
                             &vae,
                             fc,
                             &mut scheds[j],
