@@ -11,7 +11,7 @@ MIXTRAL := testdata/configs/mixtral-8x7b/config.json
 MODEL2 := testdata/mem-plan/memfine-model2.json
 LLAMA70B := testdata/configs/llama-3-70b/config.json
 
-.PHONY: all build demo test lint bench gen clean
+.PHONY: all build demo test lint bench gen clean fuzz
 
 all: build
 
@@ -27,7 +27,7 @@ demo: build
 	@echo
 	@echo "== route-hist | mem-plan: MACT picks chunks per pipeline stage for a 24 GiB device =="
 	$(BIN)/route-hist --synthetic zipf:1.2 --model $(MIXTRAL) --tokens 32768 --ep 8 --seed 1 \
-	  | $(BIN)/mem-plan --model $(MIXTRAL) --tp 2 --pp 4 --ep 8 --dp 8 --zero 1 --seq 32768 --device-mem 24GiB --table
+	  | $(BIN)/mem-plan --model $(MIXTRAL) --hist - --tp 2 --pp 4 --ep 8 --dp 8 --zero 1 --seq 32768 --device-mem 24GiB --table
 	@echo
 	@echo "== mem-plan: MemFine Model II what-if (Table 4: 22.9 GB full recompute, 11.9 GB at C=2) =="
 	$(BIN)/mem-plan --model $(MODEL2) --ep 32 --dp 32 --tokens-received 597500 --chunks 2 --uniform \
@@ -52,7 +52,7 @@ demo: build
 	@mkdir -p target/demo && cp testdata/fed-aggregate/global0.safetensors target/demo/g.safetensors && rm -f target/demo/opt.safetensors
 	$(BIN)/fed-aggregate --strategy fedavg -o target/demo/fedavg.safetensors testdata/fed-aggregate/m_r1_9.jsonl
 	for r in 1 2 3; do $(BIN)/fed-aggregate --strategy fedadam --global target/demo/g.safetensors \
-	  --state target/demo/opt.safetensors -o target/demo/g.safetensors testdata/fed-aggregate/m_r$${r}_5.jsonl; done
+	  --state target/demo/opt.safetensors $$([ $$r = 1 ] && echo --init-state) -o target/demo/g.safetensors testdata/fed-aggregate/m_r$${r}_5.jsonl; done
 	@echo
 	@echo "== fed-aggregate: FedRA allocation, then layer-wise LoRA aggregation over the clients holding each layer =="
 	$(BIN)/fed-aggregate fedra-alloc --clients 6 --layers 12 --capacity 12,10,8,6,4,3 --round 1 --seed 0 | head -2
@@ -122,6 +122,15 @@ test: $(NVRTC_VENV)/.installed
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	LD_LIBRARY_PATH="$$(echo $(CURDIR)/$(NVRTC_VENV)/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib)" \
 	  FTK_REQUIRE_NVRTC=1 $(CARGO) test --workspace
+
+# Fuzzing on stable: FTK_FUZZ_COUNT inputs per parser target (seeded by
+# FTK_FUZZ_SEED); `make test` runs a short smoke of the same targets.
+FTK_FUZZ_COUNT ?= 1000000
+FTK_FUZZ_SEED ?= 0
+fuzz:
+	$(CARGO) build --release --workspace
+	FTK_FUZZ_COUNT=$(FTK_FUZZ_COUNT) FTK_FUZZ_SEED=$(FTK_FUZZ_SEED) \
+	  $(CARGO) test --release -p ftk-checks --test fuzz -- --ignored fuzz --nocapture
 
 lint:
 	$(CARGO) fmt --all --check

@@ -4,12 +4,58 @@
 use crate::error::{Error, Result};
 use std::io::{self, IsTerminal, Write};
 
+/// Parse the command line; a usage error becomes one line
+/// `name: error: <what>; see 'name --help'` and exit 2, like every other
+/// error (clap's own report spans several lines). --help and --version
+/// print as usual and exit 0.
+pub fn parse_args<T: clap::Parser>(name: &'static str) -> T {
+    match T::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit()
+            }
+            let _ = writeln!(io::stderr(), "{name}: error: {}", usage_line(&e.to_string(), name));
+            std::process::exit(2)
+        }
+    }
+}
+
+/// clap's report in one line: its `error:` sentence plus any `tip:`.
+pub fn usage_line(report: &str, name: &str) -> String {
+    let mut what = String::new();
+    let mut tips = Vec::new();
+    for line in report.lines().map(str::trim) {
+        if let Some(m) = line.strip_prefix("error: ") {
+            what = m.to_string();
+        } else if let Some(t) = line.strip_prefix("tip: ") {
+            tips.push(t.to_string());
+        }
+    }
+    if what.is_empty() {
+        what = report.lines().next().unwrap_or("bad usage").trim().to_string();
+    }
+    let mut out = what;
+    for t in tips {
+        out.push_str(&format!(" ({t})"));
+    }
+    out.push_str(&format!("; see '{name} --help'"));
+    out
+}
+
 /// Run a tool's body and turn its result into the process exit code.
 ///
 /// Prints `name: error: <message>` on stderr for errors. A broken pipe exits 0.
 /// A panic (a bug, never expected on bad input) prints one line, not a backtrace,
 /// and exits 101 so scripts see it is not an input problem.
 pub fn main_with(name: &'static str, body: impl FnOnce() -> Result<()>) -> ! {
+    crate::signals::set_tool_name(name);
     std::panic::set_hook(Box::new(move |info| {
         let msg = info
             .payload()
@@ -36,7 +82,7 @@ pub fn main_with(name: &'static str, body: impl FnOnce() -> Result<()>) -> ! {
                     let _ = writeln!(io::stderr(), "{name}: {m}");
                 }
                 _ => {
-                    let _ = writeln!(io::stderr(), "{name}: error: {e}");
+                    let _ = writeln!(io::stderr(), "{name}: {}: {e}", e.prefix());
                 }
             }
             e.exit_code()
@@ -45,10 +91,20 @@ pub fn main_with(name: &'static str, body: impl FnOnce() -> Result<()>) -> ! {
     std::process::exit(code)
 }
 
-/// A progress bar on stderr when stderr is a terminal; hidden otherwise, so
-/// logs and pipelines stay clean.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--quiet`: no progress bars for the rest of the process.
+pub fn set_quiet() {
+    QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A progress bar on stderr when stderr is a terminal; hidden otherwise (and
+/// under `--quiet`), so logs and pipelines stay clean.
 pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
-    if !io::stderr().is_terminal() || std::env::var_os("FTK_NO_PROGRESS").is_some() {
+    if !io::stderr().is_terminal()
+        || std::env::var_os("FTK_NO_PROGRESS").is_some()
+        || QUIET.load(std::sync::atomic::Ordering::Relaxed)
+    {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(len);

@@ -3,7 +3,8 @@
 use crate::error::{Error, Result};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::os::fd::AsFd;
+use std::path::Path;
 
 /// A readable input with the name used in error messages.
 pub struct Input {
@@ -15,12 +16,17 @@ impl Input {
     /// Open `path`, or stdin when `path` is `-`.
     pub fn open(path: &Path) -> Result<Input> {
         if path == Path::new("-") {
+            // stdin redirected from a file is an input like any other.
+            if let Ok(f) = io::stdin().as_fd().try_clone_to_owned() {
+                crate::output::register_input(&File::from(f), "<stdin>");
+            }
             return Ok(Input {
                 name: "<stdin>".into(),
                 reader: Box::new(BufReader::with_capacity(256 * 1024, io::stdin())),
             });
         }
         let f = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+        crate::output::register_input(&f, &path.display().to_string());
         Ok(Input {
             name: path.display().to_string(),
             reader: Box::new(BufReader::with_capacity(256 * 1024, f)),
@@ -42,35 +48,8 @@ pub fn read_text(path: &Path) -> Result<String> {
     Input::open(path)?.read_string()
 }
 
-/// A `.ftk-tmp*` file in `path`'s directory, so the final rename stays on
-/// one filesystem; removed when dropped unless persisted.
-pub fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
-    let dir: PathBuf = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    tempfile::Builder::new()
-        .prefix(".ftk-tmp")
-        .tempfile_in(&dir)
-        .map_err(|e| Error::io("cannot create a temporary file in", &dir, e))
-}
-
-/// Write `path` atomically: the content goes to a temporary file in the same
-/// directory, is flushed and fsynced, then renamed over `path`. If `fill`
-/// fails or the process dies, `path` is untouched and the temporary is removed
-/// (or, after a kill, left as an obviously named `.ftk-tmp*` file).
+/// Write `path` through [`crate::output::Output`]: complete or untouched,
+/// never a temporary left behind (see that module for the rules).
 pub fn write_atomic(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
-    let tmp = temp_beside(path)?;
-    let mut w = io::BufWriter::with_capacity(1 << 20, tmp);
-    fill(&mut w)?;
-    w.flush().map_err(|e| Error::io("writing", path, e))?;
-    let tmp = w
-        .into_inner()
-        .map_err(|e| Error::io("writing", path, e.into_error()))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io("syncing", path, e))?;
-    tmp.persist(path)
-        .map_err(|e| Error::io("renaming the output onto", path, e.error))?;
-    Ok(())
+    crate::output::write_file(path, fill)
 }

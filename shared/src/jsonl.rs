@@ -43,10 +43,17 @@ impl<R: BufRead> Reader<R> {
     pub fn next_line(&mut self) -> Result<Option<&str>> {
         loop {
             self.line.clear();
-            let n = self
-                .inner
-                .read_line(&mut self.line)
-                .map_err(|e| Error::io("reading", &self.src, e))?;
+            let n = self.inner.read_line(&mut self.line).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    Error::input(format!(
+                        "{}: line {}: not UTF-8 text (a binary file?); expected JSON lines",
+                        self.src,
+                        self.line_no + 1
+                    ))
+                } else {
+                    Error::io("reading", &self.src, e)
+                }
+            })?;
             if n == 0 {
                 return Ok(None);
             }

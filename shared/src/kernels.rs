@@ -26,11 +26,11 @@ pub fn nvrtc_available() -> bool {
 
 fn describe(name: &str, e: CompileError) -> Error {
     match e {
-        CompileError::CompileError { log, .. } => Error::input(format!(
+        CompileError::CompileError { log, .. } => Error::internal(format!(
             "kernel {name}.cu does not compile:\n{}",
             log.to_string_lossy()
         )),
-        other => Error::input(format!("kernel {name}.cu: NVRTC failed: {other:?}")),
+        other => Error::device(format!("kernel {name}.cu: NVRTC failed: {other:?}")),
     }
 }
 
@@ -45,9 +45,9 @@ pub fn ptx(name: &str) -> Result<Arc<Ptx>> {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, s)| *s)
-        .ok_or_else(|| Error::input(format!("no kernel module named '{name}'")))?;
+        .ok_or_else(|| Error::internal(format!("no kernel module named '{name}'")))?;
     if !nvrtc_available() {
-        return Err(Error::input(format!(
+        return Err(Error::device(format!(
             "kernel {name}: libnvrtc is not loadable (install the CUDA runtime or the nvidia-cuda-nvrtc-cu12 wheel and add its lib directory to LD_LIBRARY_PATH)"
         )));
     }

@@ -144,10 +144,69 @@ fn need(v: Option<u64>, key: &str, src: &str) -> Result<u64> {
     }
 }
 
+/// Sizes beyond these are corrupt configs, not models: refusing them keeps
+/// every parameter and memory count far inside 64-bit arithmetic.
+fn check_bounds(r: &Raw, src: &str) -> Result<()> {
+    let limits: [(Option<u64>, &str, u64); 12] = [
+        (r.hidden_size, "hidden_size", 1 << 20),
+        (r.num_hidden_layers, "num_hidden_layers", 1 << 16),
+        (r.num_attention_heads, "num_attention_heads", 1 << 16),
+        (r.num_key_value_heads, "num_key_value_heads", 1 << 16),
+        (r.head_dim, "head_dim", 1 << 16),
+        (r.intermediate_size, "intermediate_size", 1 << 22),
+        (r.vocab_size, "vocab_size", 1 << 32),
+        (r.num_experts, "num_experts", 1 << 20),
+        (r.moe_intermediate_size, "moe_intermediate_size", 1 << 22),
+        (r.shared_expert_intermediate_size, "shared_expert_intermediate_size", 1 << 22),
+        (r.n_shared_experts, "n_shared_experts", 1 << 16),
+        (r.kv_lora_rank, "kv_lora_rank", 1 << 20),
+    ];
+    for (v, name, max) in limits {
+        if let Some(v) = v {
+            if v > max {
+                return Err(Error::input(format!(
+                    "{src}: {name} is {v}, beyond the {max} ftk accepts (a corrupt config?)"
+                )));
+            }
+        }
+    }
+    // Every layer's dense and expert weights, in f64: far below 2^64 when it
+    // passes, so the exact u64 counts cannot overflow.
+    let f = |v: Option<u64>| v.unwrap_or(0) as f64;
+    let h = f(r.hidden_size);
+    let ffn = f(r.intermediate_size).max(4.0 * h);
+    let experts = f(r.num_experts) + f(r.n_shared_experts) + 1.0;
+    let per_layer = 4.0 * h * h + 3.0 * h * f(r.moe_intermediate_size).max(ffn) * experts;
+    let total = f(r.num_hidden_layers) * per_layer + 2.0 * f(r.vocab_size) * h;
+    if total > 1e16 {
+        return Err(Error::input(format!(
+            "{src}: the shape gives about {total:.1e} parameters, beyond the 1e16 ftk accepts (a corrupt config?)"
+        )));
+    }
+    Ok(())
+}
+
+/// The config file a `--model` argument names: the path itself, or
+/// `config.json` inside a Hugging Face model directory.
+pub fn config_path(path: &Path) -> Result<std::path::PathBuf> {
+    if path.is_dir() {
+        let p = path.join("config.json");
+        if !p.is_file() {
+            return Err(Error::input(format!(
+                "{}: a model directory needs a config.json (Hugging Face layout); give the directory that holds it or the file itself",
+                path.display()
+            )));
+        }
+        return Ok(p);
+    }
+    Ok(path.to_path_buf())
+}
+
 impl ModelConfig {
-    /// Read and normalise a config file.
+    /// Read and normalise a config file, or a model directory's config.json.
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
-        let text = crate::io::read_text(path)?;
+        let path = config_path(path)?;
+        let text = crate::io::read_text(&path)?;
         Self::from_json_str(&text, &path.display().to_string())
     }
 
@@ -159,6 +218,7 @@ impl ModelConfig {
     }
 
     fn from_raw(r: Raw, src: &str) -> Result<ModelConfig> {
+        check_bounds(&r, src)?;
         let arch = r.model_type.clone().unwrap_or_else(|| "custom".into());
         let hidden = need(r.hidden_size, "hidden_size", src)?;
         let layers = need(r.num_hidden_layers, "num_hidden_layers", src)?;

@@ -38,9 +38,51 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok(bytes.round() as u64)
 }
 
+/// The machine's memory in bytes (`MemTotal` from /proc/meminfo), read once;
+/// `None` where it cannot be read.
+pub fn machine_memory() -> Option<u64> {
+    static MEM: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *MEM.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    })
+}
+
+/// The product of `factors` (element counts and the element size), or `None`
+/// when it overflows 64 bits.
+pub fn product(factors: &[u64]) -> Option<u64> {
+    factors.iter().try_fold(1u64, |a, &b| a.checked_mul(b))
+}
+
+/// Refuse before allocating: `bytes` (`None`: beyond 64 bits) must fit in
+/// the machine's memory. `what` names the allocation and the flags behind it.
+pub fn check_memory(what: &str, bytes: Option<u64>) -> Result<()> {
+    let have = machine_memory();
+    let fits = match (bytes, have) {
+        (Some(b), Some(h)) => b <= h,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if fits {
+        return Ok(());
+    }
+    let need = match bytes {
+        Some(b) => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        None => "more than 16 EiB".to_string(),
+    };
+    let has = have.map_or("less".to_string(), |h| {
+        format!("{:.1} GiB", h as f64 / (1u64 << 30) as f64)
+    });
+    Err(Error::input(format!(
+        "{what} needs {need}, the machine has {has}; lower the sizes"
+    )))
+}
+
 /// Human form with a binary unit, e.g. `23.40 GiB`.
 pub fn format_bytes(b: f64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     let mut v = b;
     let mut i = 0;
     while v.abs() >= 1024.0 && i + 1 < UNITS.len() {
@@ -57,6 +99,18 @@ pub fn format_bytes(b: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_checks_refuse_overflow_and_oversize() {
+        assert!(machine_memory().unwrap() > 1 << 20);
+        assert!(check_memory("x", Some(1024)).is_ok());
+        let e = check_memory("--layers 1000000000", product(&[1 << 40, 1 << 30]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs more than 16 EiB, the machine has"), "{e}");
+        let e = check_memory("t", Some(u64::MAX)).unwrap_err().to_string();
+        assert!(e.contains("GiB, the machine has"), "{e}");
+    }
 
     #[test]
     fn units() {

@@ -4,16 +4,16 @@
 //! layout [`crate::tensors::write_safetensors`] produces: data ordered by
 //! descending dtype alignment, then name; header padded to 8 bytes). Tensor
 //! bytes are then written at their offsets, from any thread and in any order,
-//! into a temporary file in the destination directory. [`StreamWriter::finish`]
-//! checks that every byte was written and fsyncs; [`Finished::commit`] renames
-//! the file into place. Dropping either before the commit removes the
-//! temporary, so a failed run leaves the destination untouched. Finishing
+//! into an [`Output`] (an unnamed file beside the destination; see
+//! [`crate::output`]). [`StreamWriter::finish`] checks that every byte was
+//! written and fsyncs; [`Finished::commit`] puts the file in place. Dropping
+//! either before the commit leaves the destination untouched. Finishing
 //! several outputs first and committing them last keeps a set of files
 //! (e.g. parameters and optimiser state) consistent on any error before the
-//! renames.
+//! commits.
 
 use crate::error::{Error, Result};
-use crate::io::temp_beside;
+use crate::output::{Output, Ready};
 use crate::tensors::{layout, Layout};
 use safetensors::Dtype;
 use std::collections::HashMap;
@@ -33,7 +33,8 @@ pub struct TensorSpec {
 /// A safetensors file being written piecewise; see the module docs.
 pub struct StreamWriter {
     path: PathBuf,
-    tmp: tempfile::NamedTempFile,
+    out: Output,
+    header: Vec<u8>,
     /// Absolute file offset and byte length of each spec, in spec order.
     slots: Vec<(u64, u64)>,
     total: u64,
@@ -42,27 +43,36 @@ pub struct StreamWriter {
 
 /// A fully written and fsynced output waiting to be renamed into place.
 pub struct Finished {
-    path: PathBuf,
-    tmp: tempfile::NamedTempFile,
+    ready: Ready,
 }
 
 impl StreamWriter {
-    /// Lay out `specs` and create the temporary file next to `path`.
+    /// Lay out `specs` and open `path` for writing.
     pub fn create(
         path: &Path,
         specs: &[TensorSpec],
         metadata: Option<HashMap<String, String>>,
     ) -> Result<StreamWriter> {
+        Self::on(Output::create(path)?, specs, metadata)
+    }
+
+    /// Lay out `specs` in an output opened earlier.
+    pub fn on(
+        mut out: Output,
+        specs: &[TensorSpec],
+        metadata: Option<HashMap<String, String>>,
+    ) -> Result<StreamWriter> {
+        let path = out.path().to_path_buf();
+        let path = path.as_path();
         let shapes: Vec<(&str, Dtype, &[usize])> = specs
             .iter()
             .map(|s| (s.name.as_str(), s.dtype, s.shape.as_slice()))
             .collect();
         let Layout { header, slots: rel } = layout(&shapes, metadata)?;
-        let mut tmp = temp_beside(path)?;
         let data_start = 8 + header.len() as u64;
         let total = rel.iter().map(|&(_, n)| n as u64).sum();
         {
-            let f = tmp.as_file_mut();
+            let mut f = out.seekable()?;
             f.set_len(data_start + total)
                 .map_err(|e| Error::io("writing", path, e))?;
             f.write_all(&(header.len() as u64).to_le_bytes())
@@ -71,7 +81,8 @@ impl StreamWriter {
         }
         Ok(StreamWriter {
             path: path.to_path_buf(),
-            tmp,
+            out,
+            header,
             slots: rel
                 .into_iter()
                 .map(|(o, n)| (data_start + o as u64, n as u64))
@@ -92,13 +103,13 @@ impl StreamWriter {
     pub fn write_at(&self, spec: usize, byte_offset: u64, bytes: &[u8]) -> Result<()> {
         let (start, len) = self.slots[spec];
         if byte_offset + bytes.len() as u64 > len {
-            return Err(Error::input(format!(
-                "internal: write of {} bytes at {byte_offset} overruns a {len}-byte tensor",
+            return Err(Error::internal(format!(
+                "write of {} bytes at {byte_offset} overruns a {len}-byte tensor",
                 bytes.len()
             )));
         }
-        self.tmp
-            .as_file()
+        self.out
+            .file()
             .write_all_at(bytes, start + byte_offset)
             .map_err(|e| Error::io("writing", &self.path, e))?;
         self.written
@@ -106,35 +117,55 @@ impl StreamWriter {
         Ok(())
     }
 
+    /// Overwrite metadata `key`'s value `placeholder` with `value` of the
+    /// same length (for a value known only after other outputs are written).
+    pub fn patch_metadata(&self, key: &str, placeholder: &str, value: &str) -> Result<()> {
+        if placeholder.len() != value.len() {
+            return Err(Error::internal(format!(
+                "metadata {key}: value length {} differs from the placeholder's {}",
+                value.len(),
+                placeholder.len()
+            )));
+        }
+        let needle = format!("\"{key}\":\"{placeholder}\"");
+        let at = self
+            .header
+            .windows(needle.len())
+            .position(|w| w == needle.as_bytes())
+            .ok_or_else(|| Error::internal(format!("metadata {key}: placeholder not found")))?;
+        let off = 8 + at + key.len() + 4;
+        self.out
+            .file()
+            .write_all_at(value.as_bytes(), off as u64)
+            .map_err(|e| Error::io("writing", &self.path, e))
+    }
+
     /// Check every data byte was written once, then fsync.
     pub fn finish(self) -> Result<Finished> {
         let w = self.written.load(Ordering::Relaxed);
         if w != self.total {
-            return Err(Error::input(format!(
-                "internal: {} of {} data bytes written to {}",
+            return Err(Error::internal(format!(
+                "{} of {} data bytes written to {}",
                 w,
                 self.total,
                 self.path.display()
             )));
         }
-        self.tmp
-            .as_file()
-            .sync_all()
-            .map_err(|e| Error::io("syncing", &self.path, e))?;
         Ok(Finished {
-            path: self.path,
-            tmp: self.tmp,
+            ready: self.out.finish()?,
         })
     }
 }
 
 impl Finished {
-    /// Rename the finished file onto its destination.
+    /// Put the finished file in place.
     pub fn commit(self) -> Result<()> {
-        self.tmp
-            .persist(&self.path)
-            .map_err(|e| Error::io("renaming the output onto", &self.path, e.error))?;
-        Ok(())
+        self.ready.commit()
+    }
+
+    /// The finished file (e.g. to digest what was written).
+    pub fn file(&self) -> &std::fs::File {
+        self.ready.file()
     }
 }
 

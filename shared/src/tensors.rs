@@ -2,7 +2,7 @@
 //! F16/BF16 decoded with `half`) and atomic writing.
 
 use crate::error::{Error, Result};
-use crate::io::write_atomic;
+use crate::output::{Output, Ready};
 use memmap2::Mmap;
 use safetensors::tensor::{Metadata, TensorInfo};
 pub use safetensors::Dtype;
@@ -16,6 +16,10 @@ use std::path::Path;
 pub struct TensorFile {
     name: String,
     mmap: Option<Mmap>,
+    /// The bytes, when given in memory instead of mapped.
+    owned: Vec<u8>,
+    /// Entry in the SIGBUS table of mapped inputs.
+    bus_slot: usize,
     data_start: usize,
     meta: Metadata,
 }
@@ -59,6 +63,12 @@ fn describe(e: &SafeTensorError, len: usize) -> String {
     }
 }
 
+impl Drop for TensorFile {
+    fn drop(&mut self) {
+        crate::signals::release_mapping(self.bus_slot);
+    }
+}
+
 impl TensorFile {
     /// Map and validate `path` (header, offsets, total length).
     pub fn open(path: &Path) -> Result<TensorFile> {
@@ -78,18 +88,49 @@ impl TensorFile {
                 "{name}: file is {len} bytes, too short for the 8-byte safetensors header length"
             )));
         }
-        // SAFETY: the map is read-only; ftk never writes input files and the
-        // caller is told (DESIGN.md) that inputs must not change while a tool
-        // runs. A concurrent truncation could SIGBUS, as with any mmap reader.
+        crate::output::register_input(&f, &name);
+        // SAFETY: the map is read-only and ftk never writes input files (an
+        // output equal to an input is refused). A concurrent truncation
+        // raises SIGBUS on access: the handler registered below names the
+        // file and exits 2 instead of crashing.
         let mmap = unsafe { Mmap::map(&f) }.map_err(|e| Error::io("cannot map", path, e))?;
         let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap)
             .map_err(|e| Error::input(format!("{name}: {}", describe(&e, len))))?;
+        let bus_slot = crate::signals::register_mapping(mmap.as_ptr() as usize, mmap.len(), &name);
         Ok(TensorFile {
             name,
             mmap: Some(mmap),
+            owned: Vec::new(),
+            bus_slot,
             data_start: 8 + n,
             meta,
         })
+    }
+
+    /// Parse safetensors bytes held in memory (the same checks as
+    /// [`TensorFile::open`]); `name` is used in messages.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<TensorFile> {
+        let len = bytes.len();
+        if len < 8 {
+            return Err(Error::input(format!(
+                "{name}: file is {len} bytes, too short for the 8-byte safetensors header length"
+            )));
+        }
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::input(format!("{name}: {}", describe(&e, len))))?;
+        Ok(TensorFile {
+            name: name.to_string(),
+            mmap: None,
+            owned: bytes,
+            bus_slot: crate::signals::NO_SLOT,
+            data_start: 8 + n,
+            meta,
+        })
+    }
+
+    /// The whole file's bytes (header included).
+    pub fn bytes(&self) -> &[u8] {
+        self.mmap.as_deref().unwrap_or(&self.owned)
     }
 
     /// The file name, for messages.
@@ -110,7 +151,7 @@ impl TensorFile {
     /// The tensor named `name`, if present.
     pub fn get<'a>(&'a self, name: &'a str) -> Option<Tensor<'a>> {
         let info: &TensorInfo = self.meta.info(name)?;
-        let bytes = self.mmap.as_deref().unwrap_or(&[]);
+        let bytes = self.bytes();
         let (a, b) = info.data_offsets;
         Some(Tensor {
             name,
@@ -380,6 +421,30 @@ pub(crate) fn layout(
     Ok(Layout { header, slots })
 }
 
+/// A short digest of a whole file's bytes: CRC-32 and length, 24 hex digits.
+/// It tells two files apart (a state written for another global model), it
+/// is no defence against someone forging a file.
+pub fn digest(bytes: &[u8]) -> String {
+    let mut h = crc32fast::Hasher::new();
+    h.update(bytes);
+    format!("{:08x}{:016x}", h.finalize(), bytes.len() as u64)
+}
+
+/// [`digest`] of an open file's current content.
+pub fn digest_file(f: &File) -> Result<String> {
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io("cannot stat", "<output>", e))?
+        .len();
+    if len == 0 {
+        return Ok(digest(&[]));
+    }
+    // SAFETY: a file this process has just written and holds open; nothing
+    // else writes it.
+    let m = unsafe { Mmap::map(f) }.map_err(|e| Error::io("cannot map", "<output>", e))?;
+    Ok(digest(&m))
+}
+
 /// Write tensors to `path` atomically, in the safetensors crate's own
 /// layout (see [`layout`]), streaming each tensor's bytes once.
 pub fn write_safetensors(
@@ -387,6 +452,18 @@ pub fn write_safetensors(
     tensors: &[OutTensor<'_>],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    write_safetensors_on(Output::create(path)?, tensors, metadata)?.commit()
+}
+
+/// [`write_safetensors`] into an output opened earlier (before the work);
+/// the caller commits it, after any other outputs it must agree with.
+pub fn write_safetensors_on(
+    out: Output,
+    tensors: &[OutTensor<'_>],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Ready> {
+    let path = out.path().to_path_buf();
+    let path = path.as_path();
     let specs: Vec<(&str, Dtype, &[usize])> = tensors
         .iter()
         .map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice()))
@@ -404,7 +481,7 @@ pub fn write_safetensors(
     }
     let mut order: Vec<usize> = (0..tensors.len()).collect();
     order.sort_by_key(|&i| slots[i].0);
-    write_atomic(path, |w| {
+    out.fill(|w| {
         let io = |e| Error::io("writing", path, e);
         w.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io)?;

@@ -51,7 +51,7 @@ impl Act for half::bf16 {
 }
 
 fn cuda<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> Error + '_ {
-    move |e| Error::input(format!("CUDA {what}: {e:?}"))
+    move |e| Error::device(format!("CUDA {what}: {e:?}"))
 }
 
 /// Live and high-water bytes of the counted device buffers.

@@ -5,6 +5,7 @@
 pub use ftk::linalg;
 pub mod gpu;
 pub mod moe;
+pub mod sizes;
 pub mod stack;
 pub mod weights;
 
@@ -74,20 +75,27 @@ pub struct Args {
     /// Hugging Face config.json for the shape (hidden, expert FFN, experts, top-k).
     #[arg(long, value_name = "CONFIG")]
     pub model: Option<PathBuf>,
+    /// Hidden size h (default: --weights, else --model).
     #[arg(long)]
     pub hidden: Option<usize>,
     /// Expert FFN (intermediate) size.
     #[arg(long)]
     pub ffn: Option<usize>,
+    /// Number of experts E (default: --weights, else --model).
     #[arg(long)]
     pub experts: Option<usize>,
+    /// Experts per token k (default: --weights' metadata "topk", else --model).
     #[arg(long)]
     pub topk: Option<usize>,
     /// Tokens per step (ignored with --input).
     #[arg(long, default_value_t = 4096)]
     pub tokens: usize,
-    /// Stacked MoE blocks.
-    #[arg(long, default_value_t = 1)]
+    /// Stacked MoE blocks (default: with --weights, every block the prefix
+    /// '{l}' finds in the file; else 1).
+    #[arg(long = "layers", value_name = "N")]
+    pub layers_arg: Option<usize>,
+    /// The resolved layer count (set by [`run`]).
+    #[arg(skip)]
     pub layers: usize,
     /// Renormalise the top-k weights (Mixtral: true; Qwen2-MoE style: false).
     #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
@@ -104,10 +112,13 @@ pub struct Args {
     /// Device memory for auto (MACT), e.g. 2GiB.
     #[arg(long, value_name = "SIZE", value_parser = |s: &str| parse_size(s).map_err(|e| e.to_string()))]
     pub device_mem: Option<u64>,
+    /// MACT's safety factor: the budget is --device-mem × alpha.
     #[arg(long, default_value_t = 0.9)]
     pub alpha: f64,
+    /// Chunk counts MACT may choose (the smallest that fits is taken).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     pub chunk_bins: Vec<u64>,
+    /// Seed for random weights, inputs and --synthetic routing.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Steps to run (one record each).
@@ -129,6 +140,13 @@ pub struct Args {
     /// Print an aligned table instead of JSON lines.
     #[arg(long)]
     pub table: bool,
+    /// Leave the timing fields (fwd_ms, bwd_ms, step_ms, tokens_per_s) out
+    /// of the records, so that the same inputs give the same bytes.
+    #[arg(long)]
+    pub no_timing: bool,
+    /// No progress bar on stderr (it shows only when stderr is a terminal).
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 fn parse_recompute(s: &str) -> std::result::Result<Recompute, String> {
@@ -169,10 +187,14 @@ struct Record {
     dtype: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     device_reserved_bytes: Option<u64>,
-    fwd_ms: f64,
-    bwd_ms: f64,
-    step_ms: f64,
-    tokens_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fwd_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bwd_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens_per_s: Option<f64>,
     loss: f64,
 }
 
@@ -232,7 +254,15 @@ fn resolve_shape(a: &Args, wfile: Option<&TensorFile>, tokens: usize) -> Result<
         moe.as_ref().map(|x| x.experts as usize),
         "experts",
     )?;
-    let topk = pick(a.topk, None, moe.as_ref().map(|x| x.topk as usize), "topk")?;
+    // A weights file may say its top-k in the metadata (ftk's and some
+    // exporters' "topk" / transformers' "num_experts_per_tok").
+    let file_topk = wfile.and_then(|f| {
+        let m = f.metadata()?;
+        m.get("topk")
+            .or_else(|| m.get("num_experts_per_tok"))
+            .and_then(|v| v.parse::<usize>().ok())
+    });
+    let topk = pick(a.topk, file_topk, moe.as_ref().map(|x| x.topk as usize), "topk")?;
     if topk > experts {
         ftk::bail!("--topk {topk} exceeds the {experts} experts");
     }
@@ -310,22 +340,50 @@ fn forced_routing(a: &Args, sh: &Shape) -> Result<Option<Vec<Vec<u32>>>> {
     ))
 }
 
+/// Blocks in `f` under `prefix` ('{l}' = 0, 1, ... while a gate exists).
+fn layers_in_file(f: &TensorFile, prefix: &str) -> usize {
+    if !prefix.contains("{l}") {
+        return 1;
+    }
+    (0..)
+        .take_while(|&l| {
+            f.get(&format!("{}gate.weight", weights::layer_prefix(prefix, l)))
+                .is_some()
+        })
+        .count()
+        .max(1)
+}
+
 /// Run the tool.
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
+    if a.quiet {
+        ftk::cli::set_quiet();
+    }
     if let Some(n) = a.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
             .build_global()
             .map_err(|e| Error::input(format!("--threads: {e}")))?;
     }
-    if a.layers == 0 || a.steps == 0 {
-        ftk::bail!("--layers and --steps must be at least 1");
-    }
+    // Open --grads-out before the work: an unwritable path fails now.
+    let grads_out = a
+        .grads_out
+        .as_deref()
+        .map(ftk::output::Output::create)
+        .transpose()?;
     mem_plan::check_mact_flags(a.alpha, &a.chunk_bins)?;
     if a.recompute.contains(&Recompute::Auto) && a.device_mem.is_none() {
         ftk::bail!("--recompute auto needs --device-mem (MACT sizes chunks to a memory budget)");
     }
     let wfile = a.weights.as_deref().map(TensorFile::open).transpose()?;
+    a.layers = match (a.layers_arg, &wfile) {
+        (Some(n), _) => n,
+        (None, Some(f)) => layers_in_file(f, &a.prefix),
+        (None, None) => 1,
+    };
+    if a.layers == 0 || a.steps == 0 {
+        ftk::bail!("--layers and --steps must be at least 1");
+    }
     // Each layer needs its own names: '{l}' in the prefix, or one layer.
     let prefix = match (a.prefix.contains("{l}"), a.layers, &wfile) {
         (true, _, _) | (false, 1, _) => a.prefix.clone(),
@@ -338,9 +396,13 @@ pub fn run(a: Args) -> Result<()> {
         None => a.tokens,
     };
     if tokens == 0 {
-        ftk::bail!("--tokens must be at least 1");
+        match &a.input {
+            Some(p) => ftk::bail!("{}: tensor 'x' has no tokens (shape [0, h]); give at least one row", p.display()),
+            None => ftk::bail!("--tokens must be at least 1"),
+        }
     }
     let sh = resolve_shape(&a, wfile.as_ref(), tokens)?;
+    sizes::check(&sh, a.layers)?;
     let (x, dy) = match &infile {
         Some(f) => {
             let (_, x, dy) = weights::load_inputs(f, sh.hidden)?;
@@ -390,14 +452,32 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
     };
-    if let (Some(path), Some((y, dx))) = (&a.grads_out, &last) {
-        ftk::tensors::write_safetensors(
-            path,
+    if let (Some(out), Some((y, dx))) = (grads_out, &last) {
+        ftk::tensors::write_safetensors_on(
+            out,
             &weights::grad_tensors(&grads, &sh, &prefix, y, dx),
             None,
-        )?;
+        )?
+        .commit()?;
     }
     Ok(())
+}
+
+/// MACT finds no chunk count in --chunk-bins that fits: the answer is "no"
+/// (exit 1), as mem-plan says it, not a run at the largest count.
+fn nothing_fits(a: &Args, sh: &Shape, c: &AutoCfg) -> Result<()> {
+    let s = (sh.tokens * sh.topk) as f64;
+    if mem_plan::memory::mact_chunks(s, c.s_max, &c.bins).is_some() {
+        return Ok(());
+    }
+    Err(Error::Negative(format!(
+        "recompute auto: does not fit with any chunk count in {:?}: {} token copies arrive per layer and a chunk may hold at most {:.0} within --device-mem {} × --alpha {} (after weights, gradients and inputs)",
+        c.bins,
+        s,
+        c.s_max.max(0.0),
+        ftk::size::format_bytes(a.device_mem.unwrap_or(0) as f64),
+        a.alpha
+    )))
 }
 
 /// Memory accounting and host transfers an engine offers the driver loop.
@@ -516,6 +596,9 @@ impl Run<'_> {
             ])
         });
         let reserved0 = eng.reserved()?;
+        let timed = !a.no_timing;
+        let runs = a.recompute.len() as u64 * a.steps;
+        let bar = ftk::cli::progress(runs, "steps");
         let mut last = None;
         for (mode, step) in a
             .recompute
@@ -528,6 +611,9 @@ impl Run<'_> {
                 s_max: block_s_prime_max(&dims, m as f64 * a.alpha, base as f64),
                 bins: a.chunk_bins.clone(),
             });
+            if let (Recompute::Auto, Some(c)) = (mode, &auto) {
+                nothing_fits(a, sh, c)?;
+            }
             eng.sync()?;
             eng.reset_peak();
             let t0 = std::time::Instant::now();
@@ -573,10 +659,10 @@ impl Run<'_> {
                 device: self.device.to_string(),
                 dtype: a.dtype.clone(),
                 device_reserved_bytes: reserved,
-                fwd_ms: r.fwd_ms,
-                bwd_ms: r.bwd_ms,
-                step_ms,
-                tokens_per_s: sh.tokens as f64 / (step_ms / 1e3),
+                fwd_ms: timed.then_some(r.fwd_ms),
+                bwd_ms: timed.then_some(r.bwd_ms),
+                step_ms: timed.then_some(step_ms),
+                tokens_per_s: timed.then_some(sh.tokens as f64 / (step_ms / 1e3)),
                 loss,
             };
             match &mut table {
@@ -593,9 +679,9 @@ impl Run<'_> {
                         mib(rec.peak_act_bytes),
                         mib(rec.predicted_act_bytes),
                         mib(rec.peak_bytes),
-                        format!("{:.1}", rec.fwd_ms),
-                        format!("{:.1}", rec.bwd_ms),
-                        format!("{:.0}", rec.tokens_per_s),
+                        format!("{:.1}", r.fwd_ms),
+                        format!("{:.1}", r.bwd_ms),
+                        format!("{:.0}", sh.tokens as f64 / (step_ms / 1e3)),
                     ]);
                 }
                 None => {
@@ -605,7 +691,9 @@ impl Run<'_> {
             }
             let dx = eng.to_host(&r.dx)?;
             last = Some((y, dx));
+            bar.inc(1);
         }
+        bar.finish_and_clear();
         if let Some(t) = &table {
             t.print(&mut out)?;
         }

@@ -26,7 +26,7 @@ fn read(f: &TensorFile, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
     let v = t.to_f32_vec()?;
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         return Err(Error::input(format!(
-            "{}: element {i} is {} (weights must be finite)",
+            "{}: element {i} is {}; every value must be finite",
             t.here(),
             v[i]
         )));

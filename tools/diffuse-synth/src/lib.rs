@@ -32,7 +32,7 @@ pub mod unclip;
 use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use ftk::cli::Stdout;
-use ftk::tensors::{write_safetensors, OutTensor, TensorFile};
+use ftk::tensors::{write_safetensors_on, OutTensor, TensorFile};
 use ftk::{bail, Error, Result};
 use model::ce;
 use rand::RngExt;
@@ -196,6 +196,9 @@ pub struct Args {
     /// also write PNGs here (<index>.png)
     #[arg(long, value_name = "DIR")]
     pub png_dir: Option<PathBuf>,
+    /// no progress bar on stderr (shown only when stderr is a terminal)
+    #[arg(long)]
+    pub quiet: bool,
     /// class label recorded in the manifest
     #[arg(long)]
     pub class: Option<i64>,
@@ -266,9 +269,17 @@ fn read_tensor(path: &Path, name: &str, rank: usize, what: &str) -> Result<Dense
     let f = TensorFile::open(path)?;
     let t = f.require(name)?;
     t.expect_rank(rank, what)?;
+    let data = t.to_f32_vec()?;
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{}: element {i} is {}; every value must be finite",
+            t.here(),
+            data[i]
+        );
+    }
     Ok(Dense {
         shape: t.shape.to_vec(),
-        data: t.to_f32_vec()?,
+        data,
     })
 }
 
@@ -342,6 +353,15 @@ pub fn run(a: Args) -> Result<()> {
     let (Some(model_dir), Some(output)) = (a.model.clone(), a.output.clone()) else {
         bail!("--model and -o are required");
     };
+    if a.quiet {
+        ftk::cli::set_quiet();
+    }
+    // Every output is checked before the work; -o is committed last, after
+    // the PNGs, so a failure leaves no -o behind.
+    let out_file = ftk::output::Output::create(&output)?;
+    if let Some(dir) = &a.png_dir {
+        ftk::output::probe_dir(dir)?;
+    }
     // ---- scheduler
     let (file_kind, raw, src) = model::read_scheduler_config(&model_dir)?;
     let kind = match &a.scheduler {
@@ -513,6 +533,13 @@ pub fn run(a: Args) -> Result<()> {
             (unet.in_channels, hh / f, ww / f)
         }
     };
+    // Latents, decoded images and the UNet's widest activation (about
+    // 320 channels at latent size), f32, for each row of this shard.
+    ftk::size::check_memory(
+        &format!("{} samples of {h}x{w} latents (--height/--width)", end - start),
+        ftk::size::product(&[(end - start) as u64, h as u64, w as u64, 4])
+            .and_then(|b| b.checked_mul(c as u64 + 3 * (vae.factor * vae.factor) as u64 + 320)),
+    )?;
     if c != unet.in_channels {
         bail!(
             "{}: latents have {c} channels but the UNet takes {}",
@@ -817,8 +844,8 @@ pub fn run(a: Args) -> Result<()> {
     meta.insert("steps".to_string(), steps.to_string());
     meta.insert("shard".to_string(), format!("{si}/{sn}"));
     meta.insert("first_index".to_string(), start.to_string());
-    write_safetensors(
-        &output,
+    let ready = write_safetensors_on(
+        out_file,
         &[
             OutTensor::f32("latents", vec![rows, c, h, w], &lat),
             OutTensor::f32("images", ishape.clone(), &pixels),
@@ -827,7 +854,6 @@ pub fn run(a: Args) -> Result<()> {
     )?;
     let mut paths = vec![output.display().to_string(); rows];
     if let Some(dir) = &a.png_dir {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
         let (ch, ih, iw) = (ishape[1], ishape[2], ishape[3]);
         for (r, path) in paths.iter_mut().enumerate() {
             let p = dir.join(format!("{:06}.png", start + r));
@@ -836,6 +862,7 @@ pub fn run(a: Args) -> Result<()> {
             *path = p.display().to_string();
         }
     }
+    ready.commit()?;
     let mut out = Stdout::new();
     for (r, path) in paths.iter().enumerate() {
         let rec = json!({

@@ -1,5 +1,3 @@
-use clap::Parser;
-
 fn main() {
     // Attention and conv buffers are tens of MiB: reuse freed heap instead of
     // mapping fresh pages for each (it was ~40% of a step in system time).
@@ -10,6 +8,6 @@ fn main() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    let args = diffuse_synth::Args::parse();
+    let args = ftk::cli::parse_args::<diffuse_synth::Args>("diffuse-synth");
     ftk::cli::main_with("diffuse-synth", || diffuse_synth::run(args));
 }

@@ -14,13 +14,10 @@ use ftk::{bail, Error, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-/// A candle error on `what`, as an input error naming it.
+/// A candle error on `what`, classed by ftk's shared adapter (input,
+/// device or internal).
 pub fn ce(what: impl std::fmt::Display) -> impl FnOnce(candle_core::Error) -> Error {
-    // candle appends a backtrace when RUST_BACKTRACE is set: keep the message line.
-    move |e| {
-        let m = e.to_string();
-        Error::input(format!("{what}: {}", m.lines().next().unwrap_or("")))
-    }
+    ftk::error::candle(what)
 }
 
 pub(crate) fn read_json(p: &Path) -> Result<Value> {

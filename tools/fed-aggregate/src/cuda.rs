@@ -46,7 +46,7 @@ fn sizes() -> (usize, usize) {
 type R<T> = std::result::Result<T, Fault>;
 
 fn cuda<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> Fault {
-    move |e| Fault::Fatal(Error::input(format!("CUDA {what}: {e:?}")))
+    move |e| Fault::Fatal(Error::device(format!("CUDA {what}: {e:?}")))
 }
 
 fn kernel_for(d: Dtype) -> Option<&'static str> {

@@ -193,9 +193,9 @@ pub fn map_names(
     cid: &str,
     label: &str,
     names: Vec<(String, String)>,
-) -> std::result::Result<Vec<(String, String)>, String> {
+) -> Result<Vec<(String, String)>> {
     let held = alloc.held.get(cid).ok_or_else(|| {
-        format!("{label}: no allocation row for this cid in --alloc; the manifest's cids must match fedra-alloc's")
+        Error::input(format!("{label}: no allocation row for this cid in --alloc; the manifest's cids must match fedra-alloc's"))
     })?;
     let in_file: BTreeSet<usize> = names
         .iter()
@@ -208,10 +208,10 @@ pub fn map_names(
     } else if in_file == local {
         Box::new(|l| held[l])
     } else {
-        return Err(format!(
+        return Err(Error::input(format!(
             "{label}: holds layers {in_file:?}, but the allocation gives it {held:?}; expected those indices, or local indices 0..{}",
             held.len()
-        ));
+        )));
     };
     Ok(names
         .into_iter()

@@ -4,6 +4,7 @@
 //! personalised (local-only) tensors; mergeable partial sums for trees of
 //! scheduler jobs; server-side DP with fixed clipping.
 
+pub mod cli;
 pub mod cuda;
 pub mod dp;
 pub mod engine;
@@ -12,9 +13,10 @@ pub mod kernel;
 pub mod plan;
 pub mod strategy;
 
-use clap::{Parser, Subcommand};
+pub use cli::{AllocArgs, Args, Command, Common, MergeArgs};
 use engine::{Dp, Job, Sinks};
 use ftk::cli::Stdout;
+use ftk::output::Output;
 use ftk::tensor_writer::{Finished, StreamWriter, TensorSpec};
 use ftk::tensors::{Dtype, Tensor};
 use ftk::{bail, Error, Result};
@@ -25,175 +27,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
-use strategy::{Kind, Name, Strategy, StrategyFlags};
+use strategy::{Kind, Name, Strategy};
 
-const AFTER_HELP: &str = "\
-Input: JSON lines, one per client (other kinds are skipped; paths are relative to the
-manifest's directory, or the working directory for stdin):
-  {\"kind\":\"client_update\",\"cid\":\"7\",\"path\":\"c7.safetensors\",\"num_examples\":120}
-Every client file holds the same tensor names, shapes and dtypes (else exit 2 naming the
-client and tensor; --skip-bad drops such clients and lists them). Output keeps names and
-dtypes. Summary to stdout:
-  {\"kind\":\"aggregate\",\"strategy\",\"clients\",\"tensors\",\"params\",\"bytes_read\",\"ms\",...}
-
-Strategies (Flower 1.x server math and defaults, to float32 rounding):
-  fedavg, fedprox    weighted mean by num_examples (FedProx's server side is FedAvg)
-  fedavgm            --server-lr 1 --server-momentum 0; steps from --global when either differs
-  fedadam            --eta 0.1 --beta1 0.9 --beta2 0.99 --tau 1e-9, Flower's bias-corrected
-                     eta*sqrt(1-b2^(t+1))/(1-b1^(t+1)) with t the round (1 = first)
-  fedyogi            --eta 0.01 --beta1 0.9 --beta2 0.99 --tau 1e-3 (no bias correction)
-  fedadagrad         --eta 0.1 --tau 1e-9
-  fedmedian          coordinate-wise median (unweighted)
-  fedtrimmedavg      --trim-beta 0.2: drop int(beta*n) values at each end, mean of the rest
-  krum, multikrum    --num-malicious F --to-keep K: score = sum of the max(1,n-F-2) smallest
-                     squared distances; krum returns the best client, multikrum the
-                     num_examples-weighted mean of the K best
-  bulyan             --num-malicious F (n >= 4F+3): n-2F rounds of Krum, then per coordinate
-                     the mean of the n-4F selected values closest to their median
-  fedra              FedRA (leondada/FedRA): --alloc from `fed-aggregate fedra-alloc`; each
-                     layer (--layer-pattern) is the unweighted mean over the clients that held
-                     it, a layer nobody held keeps its --global value; client files may number
-                     their layers locally (0..L_i) or globally. Other tensors: mean over holders.
-fedavgm (with momentum) and fedadam/fedyogi/fedadagrad need --global (this round's model) and
---state (created if missing, rewritten atomically with the round counter).
-
-Numerics: accumulation in f64 (Flower: float32), one rounding to the output dtype.
-Integer tensors (step counters): the weighted mean (or the robust statistic) rounded to the
-nearest integer; no server optimiser and no DP noise is applied to them. Flower's in-place
-FedAvg turns them into zeros instead: a deliberate, documented difference.
-
-Personalised layers: --keep-local REGEX leaves matching tensors out (they stay on clients).
-Partial aggregates (linear strategies): --partial-out P writes f64 weighted sums and
-weights; `fed-aggregate merge P1 P2 ... -o OUT` (or --partial-out again, for deeper trees)
-combines them; robust strategies refuse partials.
-DP (Flower's server-side fixed clipping): --clip-norm C [--noise-multiplier z --seed s]:
-each client's update against --global is clipped to L2 norm C, then noise of std z*C/n is
-added to the result; the summary reports the per-round (epsilon, delta).
-GPU (--device cuda): plain weighted means of f32/bf16/f16 tensors stream through pinned
-buffers to the GPU (same output bytes as the CPU); other strategies and tensors stay on the
-CPU. The pass is host-memory bound: it pays off for large aggregates.
-
-Examples:
-  fed-aggregate --strategy fedavg -o global1.safetensors clients.jsonl
-  fed-aggregate --strategy fedadam --global g.safetensors --state opt.safetensors -o g.safetensors < clients.jsonl
-  fed-aggregate fedra-alloc --clients 6 --layers 12 --capacity 12,10,8,6,4,3 --round 1 --seed 0 > alloc.jsonl
-  fed-aggregate --strategy fedra --alloc alloc.jsonl --layer-pattern 'blocks\\.(\\d+)\\.' --global g.safetensors -o g2.safetensors clients.jsonl
-  fed-aggregate --strategy fedavg --partial-out p0.safetensors part0.jsonl   # one per array task
-  fed-aggregate merge --strategy fedavg -o global.safetensors p*.safetensors
-  fed-aggregate --strategy fedavg --device cuda -o global1.safetensors clients.jsonl";
-
-/// Federated aggregation of client updates (Flower's strategies, FedRA,
-/// mergeable partials) in constant memory.
-#[derive(Parser, Debug)]
-#[command(
-    name = "fed-aggregate",
-    version,
-    about,
-    after_help = AFTER_HELP,
-    args_conflicts_with_subcommands = true
-)]
-pub struct Args {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    /// Client manifest (JSON lines); '-' or nothing reads stdin.
-    #[arg(value_name = "MANIFEST")]
-    pub manifest: Option<PathBuf>,
-    #[command(flatten)]
-    pub common: Common,
-    /// FedRA allocation (JSON lines from `fed-aggregate fedra-alloc`).
-    #[arg(long, value_name = "ALLOC")]
-    pub alloc: Option<PathBuf>,
-    /// FedRA: regex whose first group is the layer index.
-    #[arg(long, value_name = "REGEX", default_value = r"layers\.(\d+)\.")]
-    pub layer_pattern: String,
-    /// Drop clients with unreadable files, mismatched tensors or NaN/Inf
-    /// values, and list them in the summary, instead of failing.
-    #[arg(long)]
-    pub skip_bad: bool,
-}
-
-#[derive(Subcommand, Debug)]
-// Parsed once per process; boxing would only complicate clap's derive.
-#[allow(clippy::large_enum_variant)]
-pub enum Command {
-    /// Draw FedRA's random layer allocation for one round (JSON lines).
-    FedraAlloc(AllocArgs),
-    /// Combine partial aggregates (from --partial-out) and finish them.
-    Merge(MergeArgs),
-}
-
-#[derive(clap::Args, Debug)]
-pub struct AllocArgs {
-    /// Number of clients.
-    #[arg(long)]
-    pub clients: usize,
-    /// Layers in the global model.
-    #[arg(long)]
-    pub layers: usize,
-    /// Layers each client holds: N values, one for all, or K values each
-    /// covering N/K consecutive clients.
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub capacity: Vec<usize>,
-    /// Round number (each round draws anew).
-    #[arg(long, default_value_t = 1)]
-    pub round: u64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct MergeArgs {
-    /// Partial aggregates written with --partial-out.
-    #[arg(required = true, value_name = "PARTIAL")]
-    pub partials: Vec<PathBuf>,
-    #[command(flatten)]
-    pub common: Common,
-}
-
-/// Flags shared by aggregation and merge.
-#[derive(clap::Args, Debug)]
-pub struct Common {
-    /// Aggregation strategy (merge: defaults to the partials' strategy).
-    #[arg(long, value_enum)]
-    pub strategy: Option<Name>,
-    #[command(flatten)]
-    pub flags: StrategyFlags,
-    /// Current global parameters (server optimisers, DP clipping, FedRA).
-    #[arg(long, value_name = "G")]
-    pub global: Option<PathBuf>,
-    /// Server optimiser state, read if present and rewritten atomically.
-    #[arg(long, value_name = "S")]
-    pub state: Option<PathBuf>,
-    /// Output parameters (safetensors, written atomically).
-    #[arg(short = 'o', long = "output", value_name = "OUT")]
-    pub output: Option<PathBuf>,
-    /// Write mergeable weighted sums instead of (or besides) -o.
-    #[arg(long, value_name = "P")]
-    pub partial_out: Option<PathBuf>,
-    /// Leave tensors whose names match out of the aggregate.
-    #[arg(long, value_name = "REGEX")]
-    pub keep_local: Option<String>,
-    /// DP: clip each client's update (against --global) to this L2 norm.
-    #[arg(long, value_name = "C")]
-    pub clip_norm: Option<f64>,
-    /// DP: Gaussian noise std = z * C / clients.
-    #[arg(long, value_name = "Z")]
-    pub noise_multiplier: Option<f64>,
-    /// DP: delta for the reported per-round epsilon.
-    #[arg(long, value_name = "D", default_value_t = 1e-5)]
-    pub dp_delta: f64,
-    /// Seed for the DP noise.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Where weighted means run: cpu, cuda[:N] (client tensors streamed to the
-    /// GPU through pinned buffers; robust strategies, DP and server optimisers
-    /// stay on the CPU) or auto.
-    #[arg(long, default_value = "cpu")]
-    pub device: ftk::device::DeviceArg,
-    /// Print the summary as an aligned table instead of a JSON line.
-    #[arg(long)]
-    pub table: bool,
-}
+/// Placeholder for the state's `global_digest` until the output is written;
+/// as long as [`ftk::tensors::digest`]'s result.
+const DIGEST_PENDING: &str = "------------------------";
 
 pub fn run(args: Args) -> Result<()> {
     let mut out = Stdout::new();
@@ -221,6 +59,15 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 fn alloc(a: &AllocArgs, out: &mut Stdout) -> Result<()> {
+    // Each client's record holds its layer list and mask (up to 9 bytes a
+    // layer) plus ~128 bytes; all are drawn before printing.
+    ftk::size::check_memory(
+        &format!("--clients {} x --layers {}", a.clients, a.layers),
+        (a.layers as u64)
+            .checked_mul(9)
+            .and_then(|b| b.checked_add(128))
+            .and_then(|b| b.checked_mul(a.clients as u64)),
+    )?;
     let cap = fedra::expand_capacity(&a.capacity, a.clients, a.layers)?;
     for rec in fedra::allocate(&cap, a.layers, a.round, a.seed) {
         ftk::jsonl::write_record(out, &rec)?;
@@ -308,13 +155,20 @@ fn open_global_state(c: &Common, s: &Strategy, need_global: bool) -> Result<(Ope
     let slots = s.opt().state_slots();
     if !slots.is_empty() && c.state.is_none() && c.output.is_some() {
         bail!(
-            "--strategy {} keeps server state between rounds: give --state S.safetensors (created if missing)",
+            "--strategy {} keeps server state between rounds: give --state S.safetensors (with --init-state in round 1)",
             s.name.as_str()
         );
     }
+    if c.init_state && c.state.is_none() {
+        bail!("--init-state needs --state S.safetensors (the file to create)");
+    }
     let mut round = 1;
     let state = match &c.state {
-        Some(p) if p.exists() && c.output.is_some() => {
+        Some(p) if !c.init_state && !p.exists() && c.output.is_some() => bail!(
+            "--state {}: no such file; a new optimiser state starts only with --init-state (round 1); check the path",
+            p.display()
+        ),
+        Some(p) if !c.init_state && c.output.is_some() => {
             let m = Mapped::open(p).map_err(|e| ctx("state", e))?;
             let name = p.display().to_string();
             let meta = m.metadata().cloned().unwrap_or_default();
@@ -335,6 +189,14 @@ fn open_global_state(c: &Common, s: &Strategy, need_global: bool) -> Result<(Ope
                     Error::input(format!("state {name}: bad or missing \"round\" metadata"))
                 })?;
             round = done + 1;
+            if let (Some(want), Some((g, gname))) = (meta.get("global_digest"), &global) {
+                let have = ftk::tensors::digest(g.bytes());
+                if *want != have {
+                    bail!(
+                        "state {name}: written with the global model of round {done} (digest {want}), but --global {gname} has digest {have}: not the model this state belongs to (another run's model, or a crash between writing the model and the state); give the matching pair, or start a new state with --init-state"
+                    );
+                }
+            }
             Some((m, name))
         }
         _ => None,
@@ -376,6 +238,9 @@ fn aggregate(args: &Args) -> Result<serde_json::Value> {
     };
     if c.noise_multiplier.is_some() && c.clip_norm.is_none() {
         bail!("--noise-multiplier needs --clip-norm C (noise std is z*C/clients)");
+    }
+    if c.clip_norm.is_some() && c.global.is_none() {
+        bail!("--clip-norm clips each client's update against the current model: give --global G.safetensors");
     }
     let need_global = strategy.opt().needs_global() && c.output.is_some() || c.clip_norm.is_some();
     let manifest = args.manifest.clone().unwrap_or_else(|| PathBuf::from("-"));
@@ -446,6 +311,27 @@ fn merge(m: &MergeArgs) -> Result<serde_json::Value> {
         .map(|o| o.partial.as_ref().expect("partial"))
         .collect();
     let recorded = metas[0].strategy.clone();
+    for (o, p) in origins.iter().zip(&metas) {
+        if p.strategy != recorded {
+            bail!(
+                "{}: written by --strategy {}, but {} by {recorded}; merge partials of one strategy",
+                o.label,
+                p.strategy,
+                origins[0].label
+            );
+        }
+    }
+    let mut owner: HashMap<&str, &str> = HashMap::new();
+    for (o, p) in origins.iter().zip(&metas) {
+        for cid in p.cids.iter().flatten() {
+            if let Some(prev) = owner.insert(cid, &o.label) {
+                bail!(
+                    "client '{cid}' is in both {prev} and {}; each client may be counted once (the same partial given twice, or overlapping manifests)",
+                    o.label
+                );
+            }
+        }
+    }
     let name = match c.strategy {
         Some(n) => n,
         None => <Name as clap::ValueEnum>::from_str(&recorded, false).map_err(|_| {
@@ -596,6 +482,11 @@ fn execute(inp: &Inputs, c: &Common) -> Result<serde_json::Value> {
         "ms": t0.elapsed().as_millis() as u64,
         "accumulator": "f64",
     });
+    if c.no_timing {
+        if let Some(m) = v.as_object_mut() {
+            m.remove("ms");
+        }
+    }
     if inp.strategy.opt().needs_global() || c.state.is_some() {
         v["round"] = json!(inp.round);
     }
@@ -635,6 +526,13 @@ fn attempt(inp: &Inputs, c: &Common, active: &[usize]) -> std::result::Result<Do
         inp.global.as_ref().map(|(m, n)| (m, n.as_str())),
         &inp.layout,
     )?;
+    if specs.is_empty() {
+        if let Some(k) = &c.keep_local {
+            return Err(Fault::Fatal(Error::input(format!(
+                "--keep-local '{k}' matches every tensor: nothing is left to aggregate; narrow the pattern"
+            ))));
+        }
+    }
     let s = &inp.strategy;
     let clients_in = inp.merged_clients.unwrap_or(active.len() as u64);
     // Weighted strategies need a positive total weight.
@@ -676,7 +574,42 @@ fn attempt(inp: &Inputs, c: &Common, active: &[usize]) -> std::result::Result<Do
         },
         cpu_only: None,
     };
-    // DP clipping scales.
+    let (clipped, noise_std) = dp_setup(inp, c, active, clients_in, &mut job)?;
+    let selected = select_robust(inp, active, &mut job)?;
+    let w = Writers::open(inp, c, &specs, clients_in, active, &job)?;
+    let sinks = Sinks {
+        out: w.out.as_ref(),
+        partial: w.part.as_ref(),
+        state: w.state.as_ref(),
+        state_base: w.state_base.clone(),
+    };
+    match c.device.resolve()? {
+        ftk::device::Device::Cuda(n) => cuda::finish(&mut job, &sinks, n)?,
+        ftk::device::Device::Cpu => job.finish(&sinks)?,
+    }
+    job.bar.finish_and_clear();
+    let finished = w.finish()?;
+    Ok(Done {
+        finished,
+        specs: specs.len(),
+        params: specs.iter().map(|s| s.numel as u64).sum(),
+        bytes_read: job.bytes_read.load(Ordering::Relaxed),
+        clients: active.len(),
+        selected,
+        clipped,
+        noise_std,
+    })
+}
+
+/// Server-side DP (Flower's fixed clipping): each client's scale, and the
+/// noise std for the result. Returns (clients clipped, noise std).
+fn dp_setup(
+    inp: &Inputs,
+    c: &Common,
+    active: &[usize],
+    clients_in: u64,
+    job: &mut Job,
+) -> std::result::Result<(Option<usize>, Option<f64>), Fault> {
     let mut clipped = None;
     if let Some(cn) = inp.clip {
         let sq = job.update_norms()?;
@@ -714,7 +647,17 @@ fn attempt(inp: &Inputs, c: &Common, active: &[usize]) -> std::result::Result<Do
             seed: c.seed,
         });
     }
-    // Krum / Bulyan selection.
+    Ok((clipped, noise_std))
+}
+
+/// Krum / MultiKrum / Bulyan: choose the clients the aggregate keeps, and
+/// return their ids (None for the other strategies).
+fn select_robust(
+    inp: &Inputs,
+    active: &[usize],
+    job: &mut Job,
+) -> std::result::Result<Option<Vec<String>>, Fault> {
+    let s = &inp.strategy;
     let mut selected = None;
     match s.kind {
         Kind::Krum { f, to_keep } => {
@@ -772,75 +715,108 @@ fn attempt(inp: &Inputs, c: &Common, active: &[usize]) -> std::result::Result<Do
         }
         _ => {}
     }
-    // Writers: main output, partial, state.
-    let out_specs: Vec<TensorSpec> = specs
-        .iter()
-        .map(|s| TensorSpec {
-            name: s.name.clone(),
-            dtype: s.dtype,
-            shape: s.shape.clone(),
-        })
-        .collect();
-    let out_w = match &c.output {
-        Some(p) => Some(StreamWriter::create(p, &out_specs, None)?),
-        None => None,
-    };
-    let part_w = match &c.partial_out {
-        Some(p) => Some(partial_writer(p, inp, &specs, clients_in, active)?),
-        None => None,
-    };
-    let slots = job.opt.state_slots();
-    let (state_w, state_base) = match (&c.state, &c.output) {
-        (Some(p), Some(_)) => {
-            let mut st_specs = Vec::new();
-            let mut base = Vec::new();
-            for s in &specs {
-                if kernel::is_int(s.dtype) || slots.is_empty() {
-                    base.push(None);
-                    continue;
+    Ok(selected)
+}
+
+/// The outputs of one attempt: main output, partial, state, opened before
+/// the pass and finished together after it.
+struct Writers {
+    out: Option<StreamWriter>,
+    part: Option<StreamWriter>,
+    state: Option<StreamWriter>,
+    state_base: Vec<Option<usize>>,
+}
+
+impl Writers {
+    fn open(
+        inp: &Inputs,
+        c: &Common,
+        specs: &[Spec],
+        clients_in: u64,
+        active: &[usize],
+        job: &Job,
+    ) -> std::result::Result<Writers, Fault> {
+        let s = &inp.strategy;
+        let out_specs: Vec<TensorSpec> = specs
+            .iter()
+            .map(|s| TensorSpec {
+                name: s.name.clone(),
+                dtype: s.dtype,
+                shape: s.shape.clone(),
+            })
+            .collect();
+        let out_w = match &c.output {
+            // -o may be --global itself: the documented in-place update.
+            Some(p) => Some(StreamWriter::on(
+                Output::create_in_place(p, c.global.as_deref())?,
+                &out_specs,
+                None,
+            )?),
+            None => None,
+        };
+        let part_w = match &c.partial_out {
+            Some(p) => Some(partial_writer(p, inp, specs, clients_in, active)?),
+            None => None,
+        };
+        let slots = job.opt.state_slots();
+        let (state_w, state_base) = match (&c.state, &c.output) {
+            (Some(p), Some(_)) => {
+                let mut st_specs = Vec::new();
+                let mut base = Vec::new();
+                for s in specs {
+                    if kernel::is_int(s.dtype) || slots.is_empty() {
+                        base.push(None);
+                        continue;
+                    }
+                    base.push(Some(st_specs.len()));
+                    for slot in slots {
+                        st_specs.push(TensorSpec {
+                            name: format!("{slot}/{}", s.name),
+                            dtype: Dtype::F32,
+                            shape: s.shape.clone(),
+                        });
+                    }
                 }
-                base.push(Some(st_specs.len()));
-                for slot in slots {
-                    st_specs.push(TensorSpec {
-                        name: format!("{slot}/{}", s.name),
-                        dtype: Dtype::F32,
-                        shape: s.shape.clone(),
-                    });
-                }
+                let mut meta = HashMap::new();
+                meta.insert("ftk_state".to_string(), "fed-aggregate".to_string());
+                meta.insert("strategy".to_string(), s.name.as_str().to_string());
+                meta.insert("round".to_string(), inp.round.to_string());
+                // Filled in once the output is complete (same length).
+                meta.insert("global_digest".to_string(), DIGEST_PENDING.to_string());
+                let out = Output::create_in_place(p, c.state.as_deref())?;
+                (Some(StreamWriter::on(out, &st_specs, Some(meta))?), base)
             }
-            let mut meta = HashMap::new();
-            meta.insert("ftk_state".to_string(), "fed-aggregate".to_string());
-            meta.insert("strategy".to_string(), s.name.as_str().to_string());
-            meta.insert("round".to_string(), inp.round.to_string());
-            (Some(StreamWriter::create(p, &st_specs, Some(meta))?), base)
+            _ => (None, vec![None; specs.len()]),
+        };
+    Ok(Writers {
+            out: out_w,
+            part: part_w,
+            state: state_w,
+            state_base,
+        })
+    }
+
+    /// Finish every output; the state records the digest of the output.
+    fn finish(self) -> Result<Vec<Finished>> {
+        // The output first: the state records its digest.
+        let mut finished = Vec::new();
+        let mut digest = None;
+        if let Some(w) = self.out {
+            let f = w.finish()?;
+            digest = Some(ftk::tensors::digest_file(f.file())?);
+            finished.push(f);
         }
-        _ => (None, vec![None; specs.len()]),
-    };
-    let sinks = Sinks {
-        out: out_w.as_ref(),
-        partial: part_w.as_ref(),
-        state: state_w.as_ref(),
-        state_base,
-    };
-    match c.device.resolve()? {
-        ftk::device::Device::Cuda(n) => cuda::finish(&mut job, &sinks, n)?,
-        ftk::device::Device::Cpu => job.finish(&sinks)?,
+        if let Some(w) = self.part {
+            finished.push(w.finish()?);
+        }
+        if let Some(w) = self.state {
+            if let Some(d) = &digest {
+                w.patch_metadata("global_digest", DIGEST_PENDING, d)?;
+            }
+            finished.push(w.finish()?);
+        }
+    Ok(finished)
     }
-    job.bar.finish_and_clear();
-    let mut finished = Vec::new();
-    for w in [out_w, part_w, state_w].into_iter().flatten() {
-        finished.push(w.finish()?);
-    }
-    Ok(Done {
-        finished,
-        specs: specs.len(),
-        params: specs.iter().map(|s| s.numel as u64).sum(),
-        bytes_read: job.bytes_read.load(Ordering::Relaxed),
-        clients: active.len(),
-        selected,
-        clipped,
-        noise_std,
-    })
 }
 
 fn names_of(inp: &Inputs, mask: &[bool]) -> Vec<String> {
@@ -891,7 +867,7 @@ fn partial_writer(
     inp: &Inputs,
     specs: &[Spec],
     clients: u64,
-    _active: &[usize],
+    active: &[usize],
 ) -> Result<StreamWriter> {
     let mut weights = serde_json::Map::new();
     let mut dtypes = serde_json::Map::new();
@@ -923,6 +899,16 @@ fn partial_writer(
     if let Some(cn) = inp.clip {
         meta.insert("clip_norm".to_string(), format!("{cn:?}"));
     }
+    // Who is in it, so a merge can refuse counting a client twice.
+    let mut cids: Vec<&str> = Vec::new();
+    for &i in active {
+        let o = &inp.origins[i];
+        match &o.partial {
+            Some(p) => cids.extend(p.cids.iter().flatten().map(String::as_str)),
+            None => cids.push(&o.cid),
+        }
+    }
+    meta.insert("cids".to_string(), json!(cids).to_string());
     let specs: Vec<TensorSpec> = specs
         .iter()
         .map(|s| TensorSpec {

@@ -1,6 +1,4 @@
-use clap::Parser;
-
 fn main() {
-    let args = fed_aggregate::Args::parse();
+    let args = ftk::cli::parse_args::<fed_aggregate::Args>("fed-aggregate");
     ftk::cli::main_with("fed-aggregate", || fed_aggregate::run(args));
 }

@@ -141,6 +141,8 @@ pub struct PartialMeta {
     pub weights: HashMap<String, f64>,
     pub dtypes: HashMap<String, Dtype>,
     pub clip_norm: Option<f64>,
+    /// The clients summed into it (absent in partials from older ftk).
+    pub cids: Option<Vec<String>>,
 }
 
 /// An opened input: a client file or a partial aggregate.
@@ -199,6 +201,13 @@ impl Origin {
                 })?),
                 None => None,
             };
+        let cids = match meta.get("cids") {
+            Some(s) => Some(
+                serde_json::from_str::<Vec<String>>(s)
+                    .map_err(|e| Error::input(format!("{name}: bad \"cids\" metadata: {e}")))?,
+            ),
+            None => None,
+        };
         Ok(Origin {
             cid: name.clone(),
             label: format!("partial {name}"),
@@ -211,6 +220,7 @@ impl Origin {
                 weights,
                 dtypes,
                 clip_norm,
+                cids,
             }),
         })
     }
@@ -282,7 +292,7 @@ pub fn build<'a>(
         if let Some((re, alloc)) = lay.fedra {
             if o.partial.is_none() {
                 names = crate::fedra::map_names(re, alloc, &o.cid, &o.label, names)
-                    .map_err(|m| Fault::Client(i, m))?;
+                    .map_err(|m| Fault::Client(i, m.to_string()))?;
                 names.retain(|(out, _)| !lay.keep_local.is_some_and(|r| r.is_match(out)));
             }
         }
@@ -507,5 +517,10 @@ impl Mapped {
 
     pub fn metadata(&self) -> Option<&HashMap<String, String>> {
         self.file.metadata()
+    }
+
+    /// The whole file's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.file.bytes()
     }
 }

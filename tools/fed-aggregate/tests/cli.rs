@@ -99,6 +99,7 @@ fn two_level_partial_merge_equals_one_shot() {
             a.extend(g.iter().map(|x| x.to_string()));
             if strategy == "fedadam" {
                 a.extend(["--state".to_string(), s(&st[k]).to_string()]);
+                a.push("--init-state".to_string());
             }
             a.extend(["-o".to_string(), s(&outs[k]).to_string()]);
             a.extend(extra.iter().map(|x| x.to_string()));
@@ -591,6 +592,7 @@ fn assert_untouched(b: &Bad, manifest: &Path, needles: &[&str]) {
         s(&g),
         "--state",
         s(&st),
+        "--init-state",
         "-o",
         s(&g),
         s(&data().join("m_r1_5.jsonl")),
@@ -863,6 +865,7 @@ fn usage_errors() {
         "global0.safetensors",
         "--state",
         s(&st),
+        "--init-state",
         "-o",
         s(&o),
         "m_r1_5.jsonl",

@@ -65,6 +65,9 @@ fn every_strategy_matches_flower() {
             }
             if c["state"].as_bool().unwrap() {
                 cmd.arg("--state").arg(&state);
+                if r == 0 {
+                    cmd.arg("--init-state");
+                }
             }
             cmd.arg("-o")
                 .arg(&out)

@@ -1,6 +1,4 @@
-use clap::Parser;
-
 fn main() {
-    let args = fed_embed::Args::parse();
+    let args = ftk::cli::parse_args::<fed_embed::Args>("fed-embed");
     ftk::cli::main_with("fed-embed", || fed_embed::run(args));
 }

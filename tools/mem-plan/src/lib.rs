@@ -18,12 +18,12 @@ use layout::{Layout, Precision};
 use memory::Dims;
 use plan::{DenseAct, Inputs};
 use serde::Serialize;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 const AFTER_HELP: &str = "\
-Reads route_hist records (from route-hist) on stdin when it is not a terminal, or from
---hist; without them routing is uniform (every EP rank receives b·s·topk token copies).
+Reads route_hist records (from route-hist) from --hist FILE, or stdin with --hist -; without
+them routing is uniform (every EP rank receives b·s·topk token copies). stdin is never read
+unless asked, so `while read cfg; do mem-plan ...; done < list` keeps its input.
 Histogram layer L is the model's L-th MoE layer; counts are re-placed on this plan's EP
 ranks and scaled to ep·b·s tokens; each rank keeps its worst step; MoE layers without a
 histogram take the worst measured layer.
@@ -48,7 +48,7 @@ peaks, s_max, the chosen chunks, the dominant term and why. Exit 1 when no chunk
 Examples:
   mem-plan --model mixtral/config.json --ep 8 --dp 8 --seq 4096 --device-mem 80GB
   route-hist --synthetic zipf:1.2 --model cfg.json --tokens 32768 --ep 8 \\
-    | mem-plan --model cfg.json --ep 8 --dp 8 --device-mem 24GiB --table
+    | mem-plan --model cfg.json --hist - --ep 8 --dp 8 --device-mem 24GiB --table
   mem-plan --model deepseek-v3/config.json --ep 32 --dp 32 --tokens-received 600000 --chunks 8";
 
 /// MemFine memory model: static + activation memory per MoE layer and EP rank; MACT chunk choice.
@@ -58,10 +58,10 @@ pub struct Args {
     /// Hugging Face config.json (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, Llama, GPT-2) or ftk model JSON.
     #[arg(long, value_name = "CONFIG")]
     pub model: PathBuf,
-    /// route_hist records ('-' for stdin; default: stdin when it is not a terminal).
+    /// route_hist records ('-' for stdin; default: none, uniform routing).
     #[arg(long, value_name = "FILE")]
     pub hist: Option<PathBuf>,
-    /// Ignore stdin and assume uniform routing.
+    /// Assume uniform routing (the default without --hist; kept for scripts).
     #[arg(long, conflicts_with = "hist")]
     pub uniform: bool,
     /// Tensor-parallel size t (also shards the experts: expert TP = TP).
@@ -94,6 +94,8 @@ pub struct Args {
     /// Keep gradients in fp32 (Megatron's --accumulate-allreduce-grads-in-fp32).
     #[arg(long)]
     pub grad_fp32: bool,
+    /// Optimizer state per parameter beside the fp32 master copy: adam (m and
+    /// v, 8 bytes) or sgd with momentum (one buffer, 4 bytes).
     #[arg(long, default_value = "adam", value_parser = ["adam", "sgd"])]
     pub optimizer: String,
     /// ZeRO stage: 1 shards optimizer states (Megatron's distributed optimizer), 2 also gradients, 3 also weights.
@@ -228,7 +230,6 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         let src = match &a.hist {
             Some(p) => Some(p.clone()),
-            None if !a.uniform && !std::io::stdin().is_terminal() => Some(PathBuf::from("-")),
             None => None,
         };
         let from = match (src, &moe) {

@@ -1,6 +1,4 @@
-use clap::Parser;
-
 fn main() {
-    let args = mem_plan::Args::parse();
+    let args = ftk::cli::parse_args::<mem_plan::Args>("mem-plan");
     ftk::cli::main_with("mem-plan", || mem_plan::run(args));
 }

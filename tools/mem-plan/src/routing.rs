@@ -78,11 +78,16 @@ pub fn from_hists(
                 r.here()
             ))
         })?;
-        if e != experts || counts.len() as u64 != experts {
+        if e != experts {
             ftk::bail!(
-                "{}: histogram has {} experts ({} counts) but the model has {experts}; route the trace with the same model",
+                "{}: histogram has {e} experts but the model has {experts}; route the trace with the same model",
+                r.here()
+            );
+        }
+        if counts.len() as u64 != e {
+            ftk::bail!(
+                "{}: 'counts' has {} values but the record says {e} experts; the record is corrupt",
                 r.here(),
-                e,
                 counts.len()
             );
         }
@@ -95,12 +100,14 @@ pub fn from_hists(
         if tokens == 0 {
             ftk::bail!("{}: histogram has 0 tokens", r.here());
         }
-        if counts.iter().sum::<u64>() != tokens * k {
+        let sum = counts.iter().try_fold(0u64, |a, &c| a.checked_add(c));
+        let want = tokens.checked_mul(k);
+        if sum.is_none() || sum != want {
             ftk::bail!(
                 "{}: counts sum to {} but tokens × topk is {}",
                 r.here(),
-                counts.iter().sum::<u64>(),
-                tokens * k
+                sum.map_or("more than 2^64".to_string(), |s| s.to_string()),
+                want.map_or("more than 2^64".to_string(), |s| s.to_string())
             );
         }
         if layer as usize >= moe_layers {

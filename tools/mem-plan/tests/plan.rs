@@ -314,7 +314,7 @@ fn histograms_set_tokens_received() {
     };
     let out = Command::cargo_bin("mem-plan")
         .unwrap()
-        .args(["--model", &mix, "--ep", "8", "--dp", "8", "--seq", "2048"])
+        .args(["--model", &mix, "--hist", "-", "--ep", "8", "--dp", "8", "--seq", "2048"])
         .write_stdin(text)
         .output()
         .unwrap();
@@ -449,7 +449,7 @@ fn bad_input_exits_2_with_one_line_and_no_output() {
         let mut c = Command::cargo_bin("mem-plan").unwrap();
         c.args(&args);
         match stdin {
-            Some(s) => c.write_stdin(s),
+            Some(s) => c.args(["--hist", "-"]).write_stdin(s),
             None => c.arg("--uniform"),
         };
         let out = c.output().unwrap();

@@ -1,6 +1,4 @@
-use clap::Parser;
-
 fn main() {
-    let args = mofa_predict::Args::parse();
+    let args = ftk::cli::parse_args::<mofa_predict::Args>("mofa-predict");
     ftk::cli::main_with("mofa-predict", || mofa_predict::run(args));
 }

@@ -24,13 +24,13 @@ pub fn count_topk(
     dtype: Dtype,
     bytes: &[u8],
     experts: usize,
-) -> Result<Option<Vec<u64>>, String> {
-    let kernel =
-        kernel_for(dtype).ok_or_else(|| format!("no CUDA histogram kernel for {dtype:?}"))?;
+) -> ftk::Result<Option<Vec<u64>>> {
+    let kernel = kernel_for(dtype)
+        .ok_or_else(|| ftk::Error::internal(format!("no CUDA histogram kernel for {dtype:?}")))?;
     let width = ftk::tensors::dtype_bytes(dtype).expect("integer dtypes are whole bytes");
     let n = (bytes.len() / width) as u64;
-    let ptx = ftk::kernels::ptx("route_hist").map_err(|e| e.to_string())?;
-    let e = |x: cudarc::driver::DriverError| format!("CUDA: {x}");
+    let ptx = ftk::kernels::ptx("route_hist")?;
+    let e = |x: cudarc::driver::DriverError| ftk::Error::device(format!("CUDA: {x}"));
     let ctx = CudaContext::new(ordinal).map_err(e)?;
     let stream = ctx.default_stream();
     let module = ctx.load_module((*ptx).clone()).map_err(e)?;

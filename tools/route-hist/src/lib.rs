@@ -248,6 +248,26 @@ fn synthetic(a: &Args, skew: Skew, sink: &mut Sink) -> Result<()> {
     }
     let p = Placement::new(experts, a.ep)?;
     let layers = a.layers.unwrap_or(1);
+    // Per layer: a popularity table and one accumulator per step (counts,
+    // rank counts, the all-to-all matrix), about 64 bytes of overhead each.
+    let per_layer = ftk::size::product(&[experts as u64, 8, 3]).and_then(|b| {
+        b.checked_add(ftk::size::product(&[a.ep as u64, a.ep as u64, 8])?)?
+            .checked_add(256)
+    });
+    ftk::size::check_memory(
+        &format!("--layers {layers} with --experts {experts}"),
+        per_layer.and_then(|b| b.checked_mul(layers)),
+    )?;
+    // Each token is drawn one by one; past 2^36 draws per run (minutes at
+    // ~1e8 draws/s) a run would look hung.
+    let draws = ftk::size::product(&[tokens, k as u64, layers, a.steps]);
+    if draws.is_none_or(|d| d > 1 << 36) {
+        ftk::bail!(
+            "--tokens {tokens} x --topk {k} x --layers {layers} x --steps {} is {} routing draws, more than the 2^36 a synthetic run takes (it samples every token); lower --tokens: the histogram's shape does not depend on it",
+            a.steps,
+            draws.map_or("over 2^64".to_string(), |d| d.to_string())
+        );
+    }
     let models: Vec<LayerModel> = (0..layers)
         .map(|l| LayerModel::new(skew, experts, a.seed, l))
         .collect();

@@ -1,6 +1,4 @@
-use clap::Parser;
-
 fn main() {
-    let args = route_hist::Args::parse();
+    let args = ftk::cli::parse_args::<route_hist::Args>("route-hist");
     ftk::cli::main_with("route-hist", || route_hist::run(args));
 }

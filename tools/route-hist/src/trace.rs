@@ -223,8 +223,10 @@ pub fn read_safetensors(
                     if let (ftk::device::Device::Cuda(ordinal), Some(_)) =
                         (s.device, crate::cuda::kernel_for(t.dtype))
                     {
-                        let counted = crate::cuda::count_topk(ordinal, t.dtype, bytes, experts)
-                            .map_err(|m| Error::input(format!("{}: {m}", t.here())))?;
+                        let counted = ftk::Context::context(
+                            crate::cuda::count_topk(ordinal, t.dtype, bytes, experts),
+                            t.here(),
+                        )?;
                         if let Some(unit) = counted {
                             acc.add_unit(p, r, (b - a) as u64, &unit, s.capacity_factor);
                             continue;
