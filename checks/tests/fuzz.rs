@@ -14,7 +14,7 @@
 
 use clap::Parser;
 use ftk::Error;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -490,12 +490,46 @@ fn run_all(count: u64, seed: u64) -> Vec<String> {
     // SAFETY: duplicating descriptors this process owns.
     let saved = unsafe { libc::dup(1) };
     unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1) };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::Builder::new().prefix("ftk-fuzz").tempdir().unwrap();
     let mut findings = Vec::new();
+    // A watchdog: an input that runs for more than FTK_FUZZ_HANG_S seconds
+    // is a finding too (a hang); it is reported and the process aborts,
+    // leaving the input in the work directory.
+    let watch = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let current: std::sync::Arc<Mutex<&'static str>> = std::sync::Arc::new(Mutex::new(""));
+    {
+        let (watch, current) = (watch.clone(), current.clone());
+        let keep = dir.path().to_path_buf();
+        let limit = env_u64("FTK_FUZZ_HANG_S", 20);
+        std::thread::spawn(move || {
+            let mut last = (0, std::time::Instant::now());
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let now = watch.load(std::sync::atomic::Ordering::Relaxed);
+                if now != last.0 {
+                    last = (now, std::time::Instant::now());
+                } else if now != u64::MAX && last.1.elapsed().as_secs() > limit {
+                    let name = *current.lock().unwrap();
+                    eprintln!(
+                        "fuzz {name}: input {} (seed {seed}) runs for over {limit} s (a hang); its files are in {}",
+                        now - 1,
+                        keep.display()
+                    );
+                    std::process::abort();
+                }
+            }
+        });
+    }
+    let only = std::env::var("FTK_FUZZ_TARGET").unwrap_or_default();
     for (k, mut t) in targets().into_iter().enumerate() {
+        if !t.name.contains(only.as_str()) {
+            continue;
+        }
         let mut r = Rng8::seed_from_u64(seed ^ (k as u64) << 32);
         let mut bad = 0u64;
         for i in 0..count {
+            watch.store(i + 1, std::sync::atomic::Ordering::Relaxed);
+            *current.lock().unwrap() = t.name;
             if let Verdict::Bad(m) = (t.run)(&mut r, dir.path()) {
                 bad += 1;
                 if findings.len() < 20 {
@@ -505,6 +539,7 @@ fn run_all(count: u64, seed: u64) -> Vec<String> {
         }
         eprintln!("fuzz {:<32} {count} inputs, {bad} findings", t.name);
     }
+    watch.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
     // SAFETY: restoring the saved descriptor.
     unsafe {
         libc::dup2(saved, 1);

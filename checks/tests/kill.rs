@@ -6,7 +6,7 @@
 
 use ftk::tensors::{write_safetensors, OutTensor};
 use ftk_checks::{bin_dir, temps_in, testdata};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -221,7 +221,7 @@ fn fed_aggregate_truncated_client_mid_read_names_it() {
     // either finishes first (exit 0) or ends in the one line naming it.
     let dir = tempfile::tempdir().unwrap();
     let m = clients(dir.path(), 2, 1 << 23);
-    let mut child = Command::new(bin_dir().join("fed-aggregate"))
+    let child = Command::new(bin_dir().join("fed-aggregate"))
         .args(["--strategy", "fedavg", "-o", "g.safetensors"])
         .arg(&m)
         .current_dir(dir.path())

@@ -31,11 +31,19 @@ pub fn parse_args<T: clap::Parser>(name: &'static str) -> T {
 pub fn usage_line(report: &str, name: &str) -> String {
     let mut what = String::new();
     let mut tips = Vec::new();
+    // "error: ...:" is followed by indented items (the missing arguments).
+    let mut items = false;
     for line in report.lines().map(str::trim) {
         if let Some(m) = line.strip_prefix("error: ") {
             what = m.to_string();
+            items = what.ends_with(':');
         } else if let Some(t) = line.strip_prefix("tip: ") {
             tips.push(t.to_string());
+        } else if items && !line.is_empty() {
+            what.push(' ');
+            what.push_str(line);
+        } else {
+            items = false;
         }
     }
     if what.is_empty() {

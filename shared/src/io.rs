@@ -18,7 +18,11 @@ impl Input {
         if path == Path::new("-") {
             // stdin redirected from a file is an input like any other.
             if let Ok(f) = io::stdin().as_fd().try_clone_to_owned() {
-                crate::output::register_input(&File::from(f), "<stdin>");
+                crate::output::register_input(
+                    &File::from(f),
+                    Path::new("/proc/self/fd/0"),
+                    "<stdin>",
+                );
             }
             return Ok(Input {
                 name: "<stdin>".into(),
@@ -26,7 +30,7 @@ impl Input {
             });
         }
         let f = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
-        crate::output::register_input(&f, &path.display().to_string());
+        crate::output::register_input(&f, path, &path.display().to_string());
         Ok(Input {
             name: path.display().to_string(),
             reader: Box::new(BufReader::with_capacity(256 * 1024, f)),

@@ -64,27 +64,32 @@ pub struct Ready {
     out: Output,
 }
 
-/// Files opened as inputs by this process: (device, inode) -> name.
-static INPUTS: Mutex<BTreeMap<(u64, u64), String>> = Mutex::new(BTreeMap::new());
+/// Files opened as inputs by this process: (device, inode) -> (name, a
+/// path that reaches it, to tell a deleted input's reused inode apart).
+static INPUTS: Mutex<BTreeMap<(u64, u64), (String, PathBuf)>> = Mutex::new(BTreeMap::new());
 /// Regular-file targets opened as outputs by this process.
 static OUTPUTS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 /// Directories already swept for stale temporaries.
 static SWEPT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// Remember an opened input so that no output may replace it.
-pub fn register_input(file: &File, name: &str) {
+/// Remember an opened input (`path` reaches it; `name` is for messages) so
+/// that no output may replace it.
+pub fn register_input(file: &File, path: &Path, name: &str) {
     if let Ok(m) = file.metadata() {
         if m.file_type().is_file() {
             if let Ok(mut v) = INPUTS.lock() {
-                v.insert((m.dev(), m.ino()), name.to_string());
+                v.insert((m.dev(), m.ino()), (name.to_string(), path.to_path_buf()));
             }
         }
     }
 }
 
 fn input_named(dev: u64, ino: u64) -> Option<String> {
-    INPUTS.lock().ok().and_then(|v| v.get(&(dev, ino)).cloned())
+    let (name, path) = INPUTS.lock().ok()?.get(&(dev, ino)).cloned()?;
+    // Still that file? (An input deleted since may have passed its inode on.)
+    let m = fs::metadata(&path).ok()?;
+    (m.dev() == dev && m.ino() == ino).then_some(name)
 }
 
 /// What `path` names, after following symlinks.
@@ -666,7 +671,7 @@ mod tests {
         let p = dir.path().join("in");
         fs::write(&p, b"input").unwrap();
         let f = File::open(&p).unwrap();
-        register_input(&f, "in");
+        register_input(&f, &p, "in");
         let link = dir.path().join("alias");
         symlink(&p, &link).unwrap();
         let e = Output::create(&link).err().unwrap().to_string();
@@ -691,12 +696,15 @@ mod tests {
         o.file().write_all_at_end(b"partial");
         drop(o);
         assert_eq!(count_entries(dir.path()), 0);
-        // A temp of a dead process on this host, and one of a live process.
-        let dead = dir.path().join(format!(".ftk-tmp.{}.{}.1", hostname(), i32::MAX - 1));
-        let live = dir.path().join(format!(".ftk-tmp.{}.{}.1", hostname(), std::process::id()));
+        // A temp of a dead process on this host, and one of a live process,
+        // in a directory this process has not written to (swept once).
+        let sub = dir.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        let dead = sub.join(format!(".ftk-tmp.{}.{}.1", hostname(), i32::MAX - 1));
+        let live = sub.join(format!(".ftk-tmp.{}.{}.1", hostname(), std::process::id()));
         fs::write(&dead, b"x").unwrap();
         fs::write(&live, b"x").unwrap();
-        write_file(&p, |_| Ok(())).unwrap();
+        write_file(&sub.join("o"), |_| Ok(())).unwrap();
         assert!(!dead.exists());
         assert!(live.exists());
     }

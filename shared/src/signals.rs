@@ -125,20 +125,24 @@ fn install_term() {
     });
 }
 
+/// The SIGBUS action before ours (Rust's runtime installs one for stack
+/// overflow detection): faults outside our mappings go back to it.
+static OLD_BUS: std::sync::OnceLock<libc::sigaction> = std::sync::OnceLock::new();
+
 fn install_bus() {
     BUS_ONCE.call_once(|| {
         // SAFETY: as for install_term; SA_SIGINFO gives the faulting address.
+        // The previous action is kept and restored for faults not ours.
         unsafe {
             let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old) != 0
-                || old.sa_sigaction != libc::SIG_DFL
-            {
+            if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old) != 0 {
                 return;
             }
+            let _ = OLD_BUS.set(old);
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_bus as *const () as usize;
             libc::sigemptyset(&mut sa.sa_mask);
-            sa.sa_flags = libc::SA_SIGINFO;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
             libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
         }
     });
@@ -195,10 +199,18 @@ extern "C" fn on_bus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut li
         // SAFETY: _exit is async-signal-safe.
         unsafe { libc::_exit(2) };
     }
-    // Not one of ours: die of SIGBUS as before.
-    // SAFETY: restoring the default action; returning re-runs the faulting
-    // access, which then kills the process.
+    // Not one of ours: hand the fault back to the previous action (or the
+    // default, which kills the process) by restoring it; returning re-runs
+    // the faulting access.
+    // SAFETY: sigaction/signal are async-signal-safe.
     unsafe {
-        libc::signal(sig, libc::SIG_DFL);
+        match OLD_BUS.get() {
+            Some(old) => {
+                libc::sigaction(sig, old, std::ptr::null_mut());
+            }
+            None => {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
     }
 }

@@ -88,7 +88,7 @@ impl TensorFile {
                 "{name}: file is {len} bytes, too short for the 8-byte safetensors header length"
             )));
         }
-        crate::output::register_input(&f, &name);
+        crate::output::register_input(&f, path, &name);
         // SAFETY: the map is read-only and ftk never writes input files (an
         // output equal to an input is refused). A concurrent truncation
         // raises SIGBUS on access: the handler registered below names the

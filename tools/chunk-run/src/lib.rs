@@ -365,12 +365,6 @@ pub fn run(mut a: Args) -> Result<()> {
             .build_global()
             .map_err(|e| Error::input(format!("--threads: {e}")))?;
     }
-    // Open --grads-out before the work: an unwritable path fails now.
-    let grads_out = a
-        .grads_out
-        .as_deref()
-        .map(ftk::output::Output::create)
-        .transpose()?;
     mem_plan::check_mact_flags(a.alpha, &a.chunk_bins)?;
     if a.recompute.contains(&Recompute::Auto) && a.device_mem.is_none() {
         ftk::bail!("--recompute auto needs --device-mem (MACT sizes chunks to a memory budget)");
@@ -391,6 +385,13 @@ pub fn run(mut a: Args) -> Result<()> {
         (false, n, Some(_)) => ftk::bail!("--layers {n} reads {n} blocks from --weights: put '{{l}}' in --prefix (e.g. 'layers.{{l}}.')"),
     };
     let infile = a.input.as_deref().map(TensorFile::open).transpose()?;
+    // Open --grads-out before the work (after the inputs, so one of them
+    // named as the output is refused now): an unwritable path fails here.
+    let grads_out = a
+        .grads_out
+        .as_deref()
+        .map(ftk::output::Output::create)
+        .transpose()?;
     let tokens = match &infile {
         Some(f) => f.require("x")?.shape.first().copied().unwrap_or(0),
         None => a.tokens,
