@@ -69,7 +69,11 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, u32, String)> {
                 let bytes = std::fs::read(&p).unwrap_or_default();
                 out.insert(
                     rel,
-                    (m.len(), m.permissions().mode(), ftk::tensors::digest(&bytes)),
+                    (
+                        m.len(),
+                        m.permissions().mode(),
+                        ftk::tensors::digest(&bytes),
+                    ),
                 );
             } else {
                 out.insert(rel, (0, m.permissions().mode(), "other".into()));

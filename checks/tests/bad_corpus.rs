@@ -124,7 +124,12 @@ fn every_bad_case_is_refused_cleanly() {
             why.push("a temporary file was left".into());
         }
         if !why.is_empty() {
-            failures.push(format!("{}: {}\n  stderr: {}", c.name, why.join("; "), err.trim()));
+            failures.push(format!(
+                "{}: {}\n  stderr: {}",
+                c.name,
+                why.join("; "),
+                err.trim()
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

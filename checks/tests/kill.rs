@@ -34,14 +34,23 @@ fn run_to_end(tool: &str, args: &[String], dir: &Path) -> Duration {
 }
 
 fn features(path: &Path, rows: usize, dim: usize) {
-    let v: Vec<f32> = (0..rows * dim).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
-    write_safetensors(path, &[OutTensor::f32("features", vec![rows, dim], &v)], None).unwrap();
+    let v: Vec<f32> = (0..rows * dim)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+        .collect();
+    write_safetensors(
+        path,
+        &[OutTensor::f32("features", vec![rows, dim], &v)],
+        None,
+    )
+    .unwrap();
 }
 
 fn clients(dir: &Path, n: usize, len: usize) -> PathBuf {
     let mut m = String::new();
     for c in 0..n {
-        let v: Vec<f32> = (0..len).map(|i| (i % 997) as f32 * 1e-3 + c as f32).collect();
+        let v: Vec<f32> = (0..len)
+            .map(|i| (i % 997) as f32 * 1e-3 + c as f32)
+            .collect();
         let p = dir.join(format!("c{c}.safetensors"));
         write_safetensors(&p, &[OutTensor::f32("w", vec![len], &v)], None).unwrap();
         m.push_str(&format!(
@@ -77,7 +86,11 @@ fn kill_at_random(tool: &str, w: &Writer, work: &Path, trials: usize, seed: u64)
             .unwrap();
         let at = t_ref.mul_f64(rng.random_range(0.0..1.2));
         std::thread::sleep(at);
-        let sig = if trial % 2 == 0 { libc::SIGKILL } else { libc::SIGTERM };
+        let sig = if trial % 2 == 0 {
+            libc::SIGKILL
+        } else {
+            libc::SIGTERM
+        };
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(child.id() as i32, sig) };
         child.wait().unwrap();
@@ -95,7 +108,11 @@ fn kill_at_random(tool: &str, w: &Writer, work: &Path, trials: usize, seed: u64)
             );
         }
         let left = temps_in(work);
-        assert!(left.is_empty(), "{} trial {trial}: temporaries left: {left:?}", w.name);
+        assert!(
+            left.is_empty(),
+            "{} trial {trial}: temporaries left: {left:?}",
+            w.name
+        );
     }
     eprintln!(
         "{}: {trials} kills, old output kept {saw_old}, new complete {saw_new} (run {t_ref:?})",
@@ -116,7 +133,13 @@ fn killed_writers_leave_old_or_complete_output_and_no_temporaries() {
             Writer {
                 name: "fedavg",
                 args: Box::new(|o| {
-                    vec!["--strategy".into(), "fedavg".into(), "-o".into(), o.display().to_string(), "m.jsonl".into()]
+                    vec![
+                        "--strategy".into(),
+                        "fedavg".into(),
+                        "-o".into(),
+                        o.display().to_string(),
+                        "m.jsonl".into(),
+                    ]
                 }),
             },
         ),
@@ -125,11 +148,22 @@ fn killed_writers_leave_old_or_complete_output_and_no_temporaries() {
             Writer {
                 name: "noise",
                 args: Box::new(|o| {
-                    ["noise", "--features", "f.safetensors", "--clip", "4", "--sigma", "1", "--seed", "0", "-o"]
-                        .iter()
-                        .map(|s| s.to_string())
-                        .chain([o.display().to_string()])
-                        .collect()
+                    [
+                        "noise",
+                        "--features",
+                        "f.safetensors",
+                        "--clip",
+                        "4",
+                        "--sigma",
+                        "1",
+                        "--seed",
+                        "0",
+                        "-o",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain([o.display().to_string()])
+                    .collect()
                 }),
             },
         ),
@@ -138,11 +172,23 @@ fn killed_writers_leave_old_or_complete_output_and_no_temporaries() {
             Writer {
                 name: "grads",
                 args: Box::new(|o| {
-                    ["--hidden", "128", "--ffn", "256", "--experts", "8", "--topk", "2", "--tokens", "256", "--grads-out"]
-                        .iter()
-                        .map(|s| s.to_string())
-                        .chain([o.display().to_string()])
-                        .collect()
+                    [
+                        "--hidden",
+                        "128",
+                        "--ffn",
+                        "256",
+                        "--experts",
+                        "8",
+                        "--topk",
+                        "2",
+                        "--tokens",
+                        "256",
+                        "--grads-out",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain([o.display().to_string()])
+                    .collect()
                 }),
             },
         ),
@@ -159,7 +205,9 @@ fn killed_writers_leave_old_or_complete_output_and_no_temporaries() {
                         "--steps".into(),
                         "3".into(),
                         "--prompt-embeds".into(),
-                        td.join("diffuse-synth/pipeline.safetensors").display().to_string(),
+                        td.join("diffuse-synth/pipeline.safetensors")
+                            .display()
+                            .to_string(),
                         "--seed".into(),
                         "1".into(),
                         "--batch".into(),
@@ -202,7 +250,12 @@ fn truncated_input_is_one_line_not_a_crash() {
     let v = vec![1.0f32; 1 << 20];
     write_safetensors(&p, &[OutTensor::f32("w", vec![v.len()], &v)], None).unwrap();
     let o = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "child_reads_a_file_truncated_under_it", "--nocapture"])
+        .args([
+            "--ignored",
+            "--exact",
+            "child_reads_a_file_truncated_under_it",
+            "--nocapture",
+        ])
         .env("FTK_SIGBUS_FILE", &p)
         .output()
         .unwrap();
@@ -212,7 +265,10 @@ fn truncated_input_is_one_line_not_a_crash() {
         .lines()
         .find(|l| l.contains("shrank"))
         .unwrap_or_else(|| panic!("no message: {err}"));
-    assert!(line.contains("c.safetensors") && line.contains("rename"), "{line}");
+    assert!(
+        line.contains("c.safetensors") && line.contains("rename"),
+        "{line}"
+    );
 }
 
 #[test]

@@ -21,7 +21,11 @@ pub fn parse_args<T: clap::Parser>(name: &'static str) -> T {
             ) {
                 e.exit()
             }
-            let _ = writeln!(io::stderr(), "{name}: error: {}", usage_line(&e.to_string(), name));
+            let _ = writeln!(
+                io::stderr(),
+                "{name}: error: {}",
+                usage_line(&e.to_string(), name)
+            );
             std::process::exit(2)
         }
     }
@@ -47,7 +51,12 @@ pub fn usage_line(report: &str, name: &str) -> String {
         }
     }
     if what.is_empty() {
-        what = report.lines().next().unwrap_or("bad usage").trim().to_string();
+        what = report
+            .lines()
+            .next()
+            .unwrap_or("bad usage")
+            .trim()
+            .to_string();
     }
     let mut out = what;
     for t in tips {

@@ -157,7 +157,11 @@ fn check_bounds(r: &Raw, src: &str) -> Result<()> {
         (r.vocab_size, "vocab_size", 1 << 32),
         (r.num_experts, "num_experts", 1 << 20),
         (r.moe_intermediate_size, "moe_intermediate_size", 1 << 22),
-        (r.shared_expert_intermediate_size, "shared_expert_intermediate_size", 1 << 22),
+        (
+            r.shared_expert_intermediate_size,
+            "shared_expert_intermediate_size",
+            1 << 22,
+        ),
         (r.n_shared_experts, "n_shared_experts", 1 << 16),
         (r.kv_lora_rank, "kv_lora_rank", 1 << 20),
     ];

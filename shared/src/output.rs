@@ -53,7 +53,11 @@ enum Sink {
     /// Unnamed file in the target's directory, linked in at commit.
     Unnamed { file: File },
     /// Named temporary beside the target (no `O_TMPFILE` here).
-    Named { file: File, tmp: PathBuf, slot: usize },
+    Named {
+        file: File,
+        tmp: PathBuf,
+        slot: usize,
+    },
     /// Written through: FIFO, character device, stdout. `spool` holds
     /// positional writes until [`Output::finish`] copies them out in order.
     Stream { file: File, spool: Option<File> },
@@ -294,9 +298,7 @@ impl Output {
     pub fn file(&self) -> &File {
         match &self.sink {
             Sink::Unnamed { file, .. } | Sink::Named { file, .. } => file,
-            Sink::Stream {
-                spool: Some(s), ..
-            } => s,
+            Sink::Stream { spool: Some(s), .. } => s,
             Sink::Stream { file, .. } => file,
         }
     }
@@ -307,10 +309,10 @@ impl Output {
     pub fn seekable(&mut self) -> Result<&File> {
         if let Sink::Stream { spool, .. } = &mut self.sink {
             if spool.is_none() {
-                *spool = Some(
-                    tempfile::tempfile()
-                        .map_err(|e| Error::io("cannot create a spool file for", &self.shown, e))?,
-                );
+                *spool =
+                    Some(tempfile::tempfile().map_err(|e| {
+                        Error::io("cannot create a spool file for", &self.shown, e)
+                    })?);
             }
         }
         Ok(self.file())
@@ -340,7 +342,8 @@ impl Output {
         {
             let mut w = io::BufWriter::with_capacity(1 << 20, self.file());
             fill(&mut w)?;
-            w.flush().map_err(|e| Error::io("writing", &self.shown, e))?;
+            w.flush()
+                .map_err(|e| Error::io("writing", &self.shown, e))?;
         }
         self.finish()
     }
@@ -456,7 +459,13 @@ fn hostname() -> String {
     let n = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..n])
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -602,7 +611,8 @@ mod tests {
         write_file(&p, |w| {
             w.write_all(b"one").unwrap();
             Ok(())
-        }).unwrap();
+        })
+        .unwrap();
         // SAFETY: reading the umask needs setting it; restored at once.
         let um = unsafe {
             let u = libc::umask(0o022);
@@ -617,8 +627,12 @@ mod tests {
         write_file(&p, |w| {
             w.write_all(b"two").unwrap();
             Ok(())
-        }).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o640);
+        })
+        .unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(count_entries(dir.path()), 1);
     }
@@ -633,8 +647,12 @@ mod tests {
         write_file(&link, |w| {
             w.write_all(b"new").unwrap();
             Ok(())
-        }).unwrap();
-        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        })
+        .unwrap();
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert_eq!(fs::read(&real).unwrap(), b"new");
     }
 
@@ -643,8 +661,12 @@ mod tests {
         write_file(Path::new("/dev/null"), |w| {
             w.write_all(b"x").unwrap();
             Ok(())
-        }).unwrap();
-        assert!(fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+        })
+        .unwrap();
+        assert!(fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device());
         let dir = tempfile::tempdir().unwrap();
         let e = Output::create(dir.path()).err().unwrap().to_string();
         assert!(e.contains("is a directory"), "{e}");
@@ -682,9 +704,9 @@ mod tests {
             w.write_all(b"new").unwrap();
             Ok(())
         })
-            .unwrap()
-            .commit()
-            .unwrap();
+        .unwrap()
+        .commit()
+        .unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"new");
     }
 

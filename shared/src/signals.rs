@@ -193,7 +193,9 @@ extern "C" fn on_bus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut li
         write_err(b"error: ");
         let name = MAP_NAME[i].load(Ordering::Relaxed);
         // SAFETY: leaked name bytes of the recorded length.
-        write_err(unsafe { std::slice::from_raw_parts(name, MAP_NAME_LEN[i].load(Ordering::Relaxed)) });
+        write_err(unsafe {
+            std::slice::from_raw_parts(name, MAP_NAME_LEN[i].load(Ordering::Relaxed))
+        });
         write_err(b": the file shrank while it was being read (truncated or overwritten in place); write uploads under a temporary name and rename them into place, then rerun\n");
         unlink_temps();
         // SAFETY: _exit is async-signal-safe.

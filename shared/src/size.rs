@@ -14,7 +14,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let num: String = num.chars().filter(|c| *c != '_').collect();
     let bad = || {
         Error::input(format!(
-            "invalid size '{s}': expected a number with an optional unit \
+            "invalid size {s:?}: expected a number with an optional unit \
              (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB; K/M/G/T mean KiB..TiB), e.g. 24GiB or 80GB"
         ))
     };

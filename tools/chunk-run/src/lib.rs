@@ -262,7 +262,12 @@ fn resolve_shape(a: &Args, wfile: Option<&TensorFile>, tokens: usize) -> Result<
             .or_else(|| m.get("num_experts_per_tok"))
             .and_then(|v| v.parse::<usize>().ok())
     });
-    let topk = pick(a.topk, file_topk, moe.as_ref().map(|x| x.topk as usize), "topk")?;
+    let topk = pick(
+        a.topk,
+        file_topk,
+        moe.as_ref().map(|x| x.topk as usize),
+        "topk",
+    )?;
     if topk > experts {
         ftk::bail!("--topk {topk} exceeds the {experts} experts");
     }
@@ -398,7 +403,10 @@ pub fn run(mut a: Args) -> Result<()> {
     };
     if tokens == 0 {
         match &a.input {
-            Some(p) => ftk::bail!("{}: tensor 'x' has no tokens (shape [0, h]); give at least one row", p.display()),
+            Some(p) => ftk::bail!(
+                "{}: tensor 'x' has no tokens (shape [0, h]); give at least one row",
+                p.display()
+            ),
             None => ftk::bail!("--tokens must be at least 1"),
         }
     }

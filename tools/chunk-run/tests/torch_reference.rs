@@ -77,9 +77,11 @@ fn every_mode_matches_pytorch_autograd() {
             ("full", vec![]),
             ("chunked:2", vec![]),
             ("chunked:7", vec![]),
+            // MACT with a budget that fits (a budget nothing fits is a "no",
+            // exit 1, tested in testdata/bad/cases.txt).
             (
                 "auto",
-                vec!["--device-mem", "1MiB", "--chunk-bins", "1,2,4,8,16"],
+                vec!["--device-mem", "1GiB", "--chunk-bins", "1,2,4,8,16"],
             ),
         ] {
             let got = run_case(case, mode, &extra);

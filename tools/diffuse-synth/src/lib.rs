@@ -536,7 +536,10 @@ pub fn run(a: Args) -> Result<()> {
     // Latents, decoded images and the UNet's widest activation (about
     // 320 channels at latent size), f32, for each row of this shard.
     ftk::size::check_memory(
-        &format!("{} samples of {h}x{w} latents (--height/--width)", end - start),
+        &format!(
+            "{} samples of {h}x{w} latents (--height/--width)",
+            end - start
+        ),
         ftk::size::product(&[(end - start) as u64, h as u64, w as u64, 4])
             .and_then(|b| b.checked_mul(c as u64 + 3 * (vae.factor * vae.factor) as u64 + 320)),
     )?;

@@ -788,7 +788,7 @@ impl Writers {
             }
             _ => (None, vec![None; specs.len()]),
         };
-    Ok(Writers {
+        Ok(Writers {
             out: out_w,
             part: part_w,
             state: state_w,
@@ -815,7 +815,7 @@ impl Writers {
             }
             finished.push(w.finish()?);
         }
-    Ok(finished)
+        Ok(finished)
     }
 }
 

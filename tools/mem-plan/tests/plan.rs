@@ -314,7 +314,9 @@ fn histograms_set_tokens_received() {
     };
     let out = Command::cargo_bin("mem-plan")
         .unwrap()
-        .args(["--model", &mix, "--hist", "-", "--ep", "8", "--dp", "8", "--seq", "2048"])
+        .args([
+            "--model", &mix, "--hist", "-", "--ep", "8", "--dp", "8", "--seq", "2048",
+        ])
         .write_stdin(text)
         .output()
         .unwrap();
