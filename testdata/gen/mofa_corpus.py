@@ -1,0 +1,593 @@
+#!/usr/bin/env python3
+"""Write and validate testdata/mofa-predict/corpus/: published LLM
+pre-training throughputs, one JSONL file per independent source, in
+mofa-predict's input schema plus `measured` and `source` (README.md in that
+folder documents every field and unit).
+
+Every number below is transcribed from the cited table; nothing is estimated.
+Where a configuration field is not published, the row takes the framework's
+documented default and says so in source.note; rows whose configuration cannot
+be determined are left out. Stdlib only.
+
+Usage (from the repository root):
+  python3 testdata/gen/mofa_corpus.py            # validate every corpus file, print per-source counts
+  python3 testdata/gen/mofa_corpus.py --write    # regenerate the files from the transcriptions below, then validate
+  python3 testdata/gen/mofa_corpus.py --check    # exit 1 if the files differ from what --write would produce
+Exit status: 0 valid, 1 invalid or (with --check) stale.
+"""
+import json
+import sys
+from pathlib import Path
+
+CORPUS = Path(__file__).resolve().parent.parent / "mofa-predict" / "corpus"
+
+# Preset-style GPU names used in cluster.gpu (README: "GPU names").
+GPUS = {
+    "A100-SXM4-80GB": 312.0,
+    "A100-40GB": 312.0,
+    "H100-SXM5-80GB": 989.0,
+    "H200": 989.0,
+}
+
+SOURCES = {}
+
+
+def source(slug):
+    def deco(fn):
+        SOURCES[slug] = fn
+        return fn
+    return deco
+
+
+def row(id_, model, cluster, strategy, measured, src, confidence, framework):
+    return {"id": id_, "model": model, "cluster": cluster, "strategy": strategy,
+            "measured": measured, "source": src, "confidence": confidence,
+            "framework": framework}
+
+
+# ---------------------------------------------------------------------------
+# 1. MosaicML llm-foundry: MPT training benchmarks (FSDP, 125M-70B, 512-65k
+#    tokens, A100-40GB / A100-80GB / H100). Columns kept from the README tables:
+#    table model seq gpus MFU% HFU% modelTFLOP mbs accum gbs tokens/s/GPU
+#    precision(amp=amp_bf16) mp_mode sharding(F=FULL_SHARD, G=SHARD_GRAD_OP)
+#    activation_checkpointing(1/0) NumParams. The FP8 table is left out (BF16 only).
+FOUNDRY_COMMIT = "8c8dd48f72168c5d51e2f7b151595892a8fba43d"
+FOUNDRY_TABLES = {
+    "h100L": ("H100-SXM5-80GB", "H100 80GB BF16 (Large Scale, >= 128 GPUs)", None),
+    "h100": ("H100-SXM5-80GB", "H100 80GB BF16", None),
+    "a100_80": ("A100-SXM4-80GB", "A100 80GB with 1600 Gbps node-node interconnect (RoCE)", 1600),
+    "a100_40": ("A100-40GB", "A100 40GB with 1600 Gbps node-node interconnect (RoCE)", 1600),
+}
+# scripts/train/yamls/pretrain/mpt-<size>.yaml: d_model, n_heads, n_layers (expansion_ratio 4, vocab 50368).
+MPT = {"125m": (768, 12, 12), "350m": (1024, 16, 24), "760m": (1536, 12, 24), "1b": (2048, 16, 24),
+       "3b": (2560, 20, 32), "7b": (4096, 32, 32), "13b": (5120, 40, 40), "30b": (7168, 56, 48),
+       "70b": (8192, 64, 80)}
+FOUNDRY_DATA = """
+h100L 70b 2048 512 41.25 55.0 408 8 1 4096 1007 amp DEFAULT F 1 64862437376
+h100L 70b 2048 256 42.42 56.56 419 8 1 2048 1035 amp DEFAULT F 1 64862437376
+h100L 70b 2048 128 43.36 57.81 428 8 1 1024 1058 amp DEFAULT F 1 64862437376
+h100L 30b 2048 512 40.27 53.69 398 8 1 4096 2115 amp DEFAULT F 1 29975214080
+h100L 30b 2048 256 40.89 54.52 404 8 1 2048 2148 amp DEFAULT F 1 29975214080
+h100L 30b 2048 128 41.85 55.8 414 8 1 1024 2199 amp DEFAULT F 1 29975214080
+h100L 13b 2048 512 41.12 54.83 406 16 1 8192 4952 amp DEFAULT F 1 12853954560
+h100L 13b 2048 256 41.42 55.23 409 16 1 4096 4989 amp DEFAULT F 1 12853954560
+h100L 13b 2048 128 42.18 56.24 417 16 1 2048 5080 amp DEFAULT F 1 12853954560
+h100L 7b 2048 512 42.2 42.2 417 6 1 3072 9670 amp DEFAULT F 0 6658859008
+h100L 7b 2048 256 44.15 44.15 436 6 1 1536 10119 amp DEFAULT F 0 6658859008
+h100L 7b 2048 128 45.71 45.71 452 6 1 768 10475 amp DEFAULT F 0 6658859008
+h100L 3b 2048 512 39.24 39.24 388 8 1 4096 21664 amp DEFAULT G 0 2651837440
+h100L 3b 2048 256 41.25 41.25 408 8 1 2048 22772 amp DEFAULT G 0 2651837440
+h100L 3b 2048 128 42.43 42.43 419 8 1 1024 23422 amp DEFAULT G 0 2651837440
+h100L 1b 2048 512 36.65 36.65 362 12 1 6144 39837 amp DEFAULT G 0 1315950592
+h100L 1b 2048 256 39.15 39.15 387 12 1 3072 42555 amp DEFAULT G 0 1315950592
+h100L 1b 2048 128 40.6 40.6 401 12 1 1536 44123 amp DEFAULT G 0 1315950592
+h100 70b 2048 64 42.57 56.76 421 8 4 2048 1039 amp DEFAULT F 1 64862437376
+h100 70b 2048 32 36.15 48.2 357 2 16 1024 882 amp DEFAULT F 1 64862437376
+h100 30b 8192 8 29.92 39.9 296 1 21 168 1384 amp DEFAULT F 1 30019254272
+h100 30b 4096 8 35.86 47.81 354 1 21 168 1802 amp DEFAULT F 1 29989894144
+h100 30b 2048 32 43.92 58.57 434 14 3 1344 2308 amp DEFAULT F 1 29975214080
+h100 30b 2048 16 43.07 57.42 426 10 3 480 2263 amp DEFAULT F 1 29975214080
+h100 30b 2048 8 38.11 50.82 377 3 21 504 2002 amp DEFAULT F 1 29975214080
+h100 30b 1024 8 38.76 51.68 383 6 21 1008 2084 amp DEFAULT F 1 29967874048
+h100 13b 32768 8 31.68 42.24 313 1 3 24 1976 amp DEFAULT F 1 13011240960
+h100 13b 16384 8 35.55 47.4 351 3 3 72 2985 amp DEFAULT F 1 12927354880
+h100 13b 4096 8 41.6 55.47 411 10 3 240 4717 amp DEFAULT F 1 12864440320
+h100 13b 2048 64 39.86 39.86 394 2 1 128 4800 amp DEFAULT F 0 12853954560
+h100 13b 2048 32 39.95 39.95 395 2 1 64 4811 amp DEFAULT F 0 12853954560
+h100 13b 2048 16 39.58 39.58 391 2 1 32 4767 amp DEFAULT F 0 12853954560
+h100 13b 2048 8 39.79 39.79 393 2 1 16 4792 amp DEFAULT F 0 12853954560
+h100 13b 1024 8 44.27 59.03 438 40 3 960 5502 amp DEFAULT F 1 12848711680
+h100 7b 65536 8 28.59 38.13 282 1 2 16 1956 amp DEFAULT F 1 6918905856
+h100 7b 32768 8 30.94 41.25 306 2 2 32 3318 amp DEFAULT F 1 6784688128
+h100 7b 8192 8 37.14 49.52 367 8 2 128 6935 amp DEFAULT F 1 6684024832
+h100 7b 4096 8 40.42 53.9 399 16 2 256 8611 amp DEFAULT F 1 6667247616
+h100 7b 2048 8 46.44 46.44 459 6 1 48 10643 amp DEFAULT F 0 6658859008
+h100 7b 1024 8 42.83 57.11 423 64 2 1024 10203 amp DEFAULT F 1 6654664704
+h100 3b 65536 8 26.81 35.74 265 1 2 16 3262 amp DEFAULT F 1 2814366720
+h100 3b 32768 8 28.84 38.46 285 3 6 144 5873 amp DEFAULT F 1 2730480640
+h100 3b 16384 8 36.34 36.34 359 1 6 48 11152 amp DEFAULT F 0 2688537600
+h100 3b 8192 8 40.31 40.31 398 3 6 144 16578 amp DEFAULT F 0 2667566080
+h100 3b 4096 8 42.31 42.31 418 5 6 240 20964 amp DEFAULT F 0 2657080320
+h100 3b 2048 64 40.8 40.8 403 6 3 1152 22525 amp DEFAULT F 0 2651837440
+h100 3b 2048 32 41.7 41.7 412 6 3 576 23021 amp DEFAULT F 0 2651837440
+h100 3b 2048 16 43.73 43.73 432 10 3 480 24142 amp DEFAULT F 0 2651837440
+h100 3b 1024 8 46.2 46.2 457 20 6 960 27046 amp DEFAULT F 0 2649216000
+h100 3b 512 8 46.32 46.32 458 40 6 1920 27965 amp DEFAULT F 0 2647905280
+h100 1b 65536 8 26.34 35.12 260 1 2 16 5506 amp DEFAULT F 1 1445974016
+h100 1b 32768 8 33.54 33.54 331 1 4 32 12025 amp DEFAULT F 0 1378865152
+h100 1b 16384 8 35.22 35.22 348 2 4 64 19649 amp DEFAULT F 0 1345310720
+h100 1b 8192 8 37.73 37.73 373 3 4 96 29157 amp DEFAULT F 0 1328533504
+h100 1b 4096 8 40.26 40.26 398 7 4 224 38535 amp DEFAULT F 0 1320144896
+h100 1b 2048 64 40.85 40.85 404 20 1 1280 44402 amp DEFAULT F 0 1315950592
+h100 1b 2048 32 41.52 41.52 410 20 1 640 45130 amp DEFAULT F 0 1315950592
+h100 1b 2048 16 42.36 42.36 419 20 1 320 46037 amp DEFAULT F 0 1315950592
+h100 1b 2048 8 41.82 41.82 413 14 1 112 45455 amp DEFAULT F 0 1315950592
+h100 1b 1024 8 41.95 41.95 415 18 4 576 48910 amp DEFAULT F 0 1313853440
+h100 1b 512 8 43.21 43.21 427 56 4 1792 52275 amp DEFAULT F 0 1312804864
+h100 760m 32768 8 31.84 31.84 315 1 2 16 16291 amp DEFAULT F 0 807656448
+h100 760m 16384 8 33.57 33.57 332 3 2 48 27815 amp DEFAULT F 0 782490624
+h100 760m 8192 8 34.84 34.84 344 6 2 96 41825 amp DEFAULT F 0 769907712
+h100 760m 4096 8 35.83 35.83 354 12 2 192 55459 amp DEFAULT F 0 763616256
+h100 760m 2048 32 37.57 37.57 371 24 1 768 67971 amp DEFAULT F 0 760470528
+h100 760m 2048 16 37.89 37.89 374 24 1 384 68551 amp DEFAULT F 0 760470528
+h100 760m 2048 8 34.9 34.9 345 24 2 384 63147 amp DEFAULT F 0 760470528
+h100 760m 1024 8 39.76 39.76 393 48 2 768 78581 amp DEFAULT F 0 758897664
+h100 760m 512 8 40.42 40.42 399 96 2 1536 83749 amp DEFAULT F 0 758111232
+a100_80 70b 2048 64 53.33 71.1 166 8 4 2048 410 bf16 PURE F 1 64862437376
+a100_80 70b 2048 32 48.56 64.75 151 2 16 1024 373 bf16 PURE F 1 64862437376
+a100_80 30b 8192 8 39.38 52.5 122 1 21 168 574 amp DEFAULT F 1 30019254272
+a100_80 30b 4096 8 51.37 68.49 160 1 21 168 814 amp DEFAULT F 1 29989894144
+a100_80 30b 2048 8 55.3 73.74 172 3 21 504 916 amp DEFAULT F 1 29975214080
+a100_80 30b 1024 8 55.82 74.43 174 6 21 1008 946 amp DEFAULT F 1 29967874048
+a100_80 30b 512 8 56.4 75.2 175 12 21 2016 967 amp DEFAULT F 1 29964204032
+a100_80 13b 32768 8 51.69 68.92 161 1 3 24 1016 amp DEFAULT F 1 13011240960
+a100_80 13b 16384 8 54.07 72.1 168 3 3 72 1431 amp DEFAULT F 1 12927354880
+a100_80 13b 8192 8 56.07 74.76 174 5 3 120 1795 amp DEFAULT F 1 12885411840
+a100_80 13b 4096 8 57.62 76.82 179 10 3 240 2060 amp DEFAULT F 1 12864440320
+a100_80 13b 2048 8 59.57 59.57 185 2 3 48 2262 amp DEFAULT F 0 12853954560
+a100_80 13b 1024 8 59.48 79.3 185 40 3 960 2330 amp DEFAULT F 1 12848711680
+a100_80 7b 65536 8 46.97 62.63 146 1 2 16 1013 amp DEFAULT F 1 6918905856
+a100_80 7b 32768 8 49.46 65.94 154 2 2 32 1672 amp DEFAULT F 1 6784688128
+a100_80 7b 16384 8 51.96 69.28 162 4 2 64 2453 amp DEFAULT F 1 6717579264
+a100_80 7b 8192 8 54.47 72.62 169 8 2 128 3206 amp DEFAULT F 1 6684024832
+a100_80 7b 4096 8 54.84 73.12 171 16 2 256 3684 amp DEFAULT F 1 6667247616
+a100_80 7b 2048 8 64.23 64.23 200 6 2 96 4641 amp DEFAULT F 0 6658859008
+a100_80 7b 1024 8 58.01 77.35 180 64 2 1024 4357 amp DEFAULT F 1 6654664704
+a100_80 3b 65536 8 46.05 61.41 143 1 2 16 1767 amp DEFAULT F 1 2814366720
+a100_80 3b 32768 8 47.18 62.91 147 3 6 144 3029 amp DEFAULT F 1 2730480640
+a100_80 3b 16384 8 57.13 57.13 178 1 6 48 5529 amp DEFAULT F 0 2688537600
+a100_80 3b 8192 8 59.34 59.34 185 3 6 144 7695 amp DEFAULT F 0 2667566080
+a100_80 3b 4096 8 60.53 60.53 188 5 6 240 9457 amp DEFAULT F 0 2657080320
+a100_80 3b 2048 8 62.11 62.11 193 10 2 160 10811 amp DEFAULT F 0 2651837440
+a100_80 3b 1024 8 62.73 62.73 195 20 6 960 11580 amp DEFAULT F 0 2649216000
+a100_80 3b 512 8 63.71 63.71 198 40 6 1920 12127 amp DEFAULT F 0 2647905280
+a100_80 1b 65536 8 46.18 61.57 144 1 2 16 3044 amp DEFAULT F 1 1445974016
+a100_80 1b 32768 8 55.52 55.52 173 1 4 32 6275 amp DEFAULT F 0 1378865152
+a100_80 1b 16384 8 56.6 56.6 176 2 4 64 9956 amp DEFAULT F 0 1345310720
+a100_80 1b 8192 8 56.69 56.69 176 3 4 96 13814 amp DEFAULT F 0 1328533504
+a100_80 1b 4096 8 59.0 59.0 184 7 4 224 17807 amp DEFAULT F 0 1320144896
+a100_80 1b 2048 8 59.86 59.86 186 14 4 448 20513 amp DEFAULT F 0 1315950592
+a100_80 1b 1024 8 60.15 60.15 187 18 4 576 22112 amp DEFAULT F 0 1313853440
+a100_80 1b 512 8 60.68 60.68 189 56 4 1792 23148 amp DEFAULT F 0 1312804864
+a100_80 760m 65536 8 45.34 60.45 141 1 2 16 4143 amp DEFAULT F 1 857988096
+a100_80 760m 32768 8 54.57 54.57 170 1 2 16 8802 amp DEFAULT F 0 807656448
+a100_80 760m 16384 8 54.64 54.64 170 3 2 48 14274 amp DEFAULT F 0 782490624
+a100_80 760m 8192 8 55.31 55.31 172 6 2 96 20933 amp DEFAULT F 0 769907712
+a100_80 760m 4096 8 56.05 56.05 174 12 2 192 27351 amp DEFAULT F 0 763616256
+a100_80 760m 2048 8 56.85 56.85 177 24 2 384 32434 amp DEFAULT F 0 760470528
+a100_80 760m 1024 8 47.76 47.76 149 48 2 768 29765 amp DEFAULT F 0 758897664
+a100_80 760m 512 8 45.07 45.07 140 96 2 1536 29446 amp DEFAULT F 0 758111232
+a100_80 350m 65536 8 52.7 52.7 164 1 2 16 7524 amp DEFAULT F 0 420997120
+a100_80 350m 32768 8 52.46 52.46 163 2 2 32 13652 amp DEFAULT F 0 387442688
+a100_80 350m 16384 8 53.28 53.28 166 4 2 64 23559 amp DEFAULT F 0 370665472
+a100_80 350m 8192 8 53.8 53.8 167 8 2 128 36569 amp DEFAULT F 0 362276864
+a100_80 350m 4096 8 53.31 53.31 166 16 2 256 49555 amp DEFAULT F 0 358082560
+a100_80 350m 2048 8 51.62 51.62 161 32 2 512 58782 amp DEFAULT F 0 355985408
+a100_80 350m 1024 8 50.51 50.51 157 64 2 1024 64813 amp DEFAULT F 0 354936832
+a100_80 350m 512 8 50.61 50.61 157 128 2 2048 69330 amp DEFAULT F 0 354412544
+a100_80 125m 65536 8 54.13 54.13 168 1 2 16 20368 amp DEFAULT F 0 174070272
+a100_80 125m 32768 8 52.71 52.71 164 2 2 32 36407 amp DEFAULT F 0 148904448
+a100_80 125m 16384 8 50.61 50.61 157 4 2 64 60040 amp DEFAULT F 0 136321536
+a100_80 125m 8192 8 48.85 48.85 152 8 2 128 90392 amp DEFAULT F 0 130030080
+a100_80 125m 4096 8 46.08 46.08 143 16 2 256 118396 amp DEFAULT F 0 126884352
+a100_80 125m 2048 8 44.79 44.79 139 40 2 640 142830 amp DEFAULT F 0 125311488
+a100_80 125m 2048 8 44.45 44.45 138 32 2 512 141737 amp DEFAULT F 0 125311488
+a100_80 125m 1024 8 43.15 43.15 134 64 2 1024 156468 amp DEFAULT F 0 124525056
+a100_80 125m 512 8 42.56 42.56 132 128 2 2048 165681 amp DEFAULT F 0 124131840
+a100_40 70b 2048 128 48.91 65.21 152 4 1 512 376 bf16 PURE F 1 64862437376
+a100_40 70b 2048 64 35.87 47.82 111 2 1 128 276 bf16 PURE F 1 64862437376
+a100_40 30b 2048 128 52.25 69.66 163 6 1 768 865 bf16 PURE F 1 29975214080
+a100_40 30b 2048 32 51.74 68.98 161 4 1 128 857 bf16 PURE F 1 29975214080
+a100_40 13b 8192 8 43.95 58.6 137 1 16 128 1407 bf16 PURE F 1 12885411840
+a100_40 13b 4096 8 44.85 59.8 139 2 16 256 1603 bf16 PURE F 1 12864440320
+a100_40 13b 2048 128 51.93 69.24 162 16 1 2048 1972 bf16 PURE F 1 12853954560
+a100_40 13b 2048 64 52.04 69.39 162 16 1 1024 1976 bf16 PURE F 1 12853954560
+a100_40 13b 2048 32 52.62 70.16 164 14 1 448 1998 bf16 PURE F 1 12853954560
+a100_40 13b 2048 16 52.5 70.0 163 10 1 160 1993 bf16 PURE F 1 12853954560
+a100_40 13b 2048 8 43.94 58.58 137 4 16 512 1668 bf16 PURE F 1 12853954560
+a100_40 13b 1024 8 44.07 58.76 137 8 16 1024 1727 bf16 PURE F 1 12848711680
+a100_40 13b 512 8 44.28 59.04 138 16 16 2048 1763 bf16 PURE F 1 12846090240
+a100_40 7b 16384 8 47.65 63.53 148 1 4 32 2249 bf16 PURE F 1 6717579264
+a100_40 7b 8192 8 49.04 65.38 153 3 4 96 2887 bf16 PURE F 1 6684024832
+a100_40 7b 4096 8 50.11 66.82 156 6 4 192 3366 bf16 PURE F 1 6667247616
+a100_40 7b 2048 128 50.14 66.85 156 18 1 2304 3623 bf16 PURE F 1 6658859008
+a100_40 7b 2048 64 50.73 67.64 158 18 1 1152 3665 bf16 PURE F 1 6658859008
+a100_40 7b 2048 32 51.55 68.73 160 18 1 576 3725 bf16 PURE F 1 6658859008
+a100_40 7b 2048 16 50.44 67.26 157 16 1 256 3645 bf16 PURE F 1 6658859008
+a100_40 7b 2048 8 50.92 67.89 158 12 4 384 3679 bf16 PURE F 1 6658859008
+a100_40 7b 1024 8 51.31 68.42 160 24 4 768 3854 bf16 PURE F 1 6654664704
+a100_40 7b 512 8 50.85 67.8 158 48 4 1536 3895 bf16 PURE F 1 6652567552
+a100_40 3b 32768 8 46.03 61.37 143 1 4 32 2955 bf16 PURE F 1 2730480640
+a100_40 3b 16384 8 46.14 61.52 143 2 8 128 4465 bf16 PURE F 1 2688537600
+a100_40 3b 8192 8 55.13 55.13 172 1 8 64 7149 bf16 PURE F 0 2667566080
+a100_40 3b 4096 8 56.18 56.18 175 2 8 128 8777 bf16 PURE F 0 2657080320
+a100_40 3b 2048 128 54.8 54.8 170 6 1 768 9538 bf16 PURE F 0 2651837440
+a100_40 3b 2048 64 55.94 55.94 174 6 1 384 9736 bf16 PURE F 0 2651837440
+a100_40 3b 2048 32 56.96 56.96 177 6 1 192 9914 bf16 PURE F 0 2651837440
+a100_40 3b 2048 16 56.02 56.02 174 5 1 80 9750 bf16 PURE F 0 2651837440
+a100_40 3b 2048 8 57.82 57.82 180 5 8 320 10065 bf16 PURE F 0 2651837440
+a100_40 3b 1024 8 58.14 58.14 181 10 8 640 10731 bf16 PURE F 0 2649216000
+a100_40 3b 512 8 59.49 59.49 185 20 8 1280 11324 bf16 PURE F 0 2647905280
+a100_40 1b 32768 8 45.07 60.1 140 1 4 32 5095 bf16 PURE F 1 1378865152
+a100_40 1b 16384 8 55.23 55.23 172 1 8 64 9715 bf16 PURE F 0 1345310720
+a100_40 1b 8192 8 55.29 55.29 172 2 8 128 13474 bf16 PURE F 0 1328533504
+a100_40 1b 4096 8 55.85 55.85 174 4 8 256 16856 bf16 PURE F 0 1320144896
+a100_40 1b 2048 128 54.41 54.41 169 10 1 1280 18647 bf16 PURE F 0 1315950592
+a100_40 1b 2048 64 55.44 55.44 172 10 1 640 19001 bf16 PURE F 0 1315950592
+a100_40 1b 2048 32 45.39 45.39 141 10 1 320 15555 bf16 PURE F 0 1315950592
+a100_40 1b 2048 16 55.69 55.69 173 8 1 128 19085 bf16 PURE F 0 1315950592
+a100_40 1b 2048 8 56.23 56.23 175 8 8 512 19271 bf16 PURE F 0 1315950592
+a100_40 1b 1024 8 57.02 57.02 177 16 8 1024 20959 bf16 PURE F 0 1313853440
+a100_40 1b 512 8 57.1 57.1 178 32 8 2048 21782 bf16 PURE F 0 1312804864
+a100_40 760m 32768 8 44.53 59.37 138 1 4 32 7183 bf16 PURE F 1 807656448
+a100_40 760m 16384 8 53.26 53.26 166 1 4 32 13914 bf16 PURE F 0 782490624
+a100_40 760m 8192 8 53.12 53.12 165 3 4 96 20106 bf16 PURE F 0 769907712
+a100_40 760m 4096 8 53.0 53.0 165 6 4 192 25863 bf16 PURE F 0 763616256
+a100_40 760m 2048 128 50.73 50.73 158 12 1 1536 28940 bf16 PURE F 0 760470528
+a100_40 760m 2048 64 51.44 51.44 160 12 1 768 29344 bf16 PURE F 0 760470528
+a100_40 760m 2048 32 51.97 51.97 162 12 1 384 29648 bf16 PURE F 0 760470528
+a100_40 760m 2048 16 51.9 51.9 161 12 1 192 29607 bf16 PURE F 0 760470528
+a100_40 760m 2048 8 52.89 52.89 165 12 4 384 30173 bf16 PURE F 0 760470528
+a100_40 760m 1024 8 53.63 53.63 167 24 4 768 33422 bf16 PURE F 0 758897664
+a100_40 760m 512 8 53.47 53.47 166 48 4 1536 34938 bf16 PURE F 0 758111232
+a100_40 350m 32768 8 51.55 51.55 160 1 4 32 13416 bf16 PURE F 0 387442688
+a100_40 350m 16384 8 51.78 51.78 161 2 4 64 22896 bf16 PURE F 0 370665472
+a100_40 350m 8192 8 51.39 51.39 160 4 4 128 34933 bf16 PURE F 0 362276864
+a100_40 350m 4096 8 50.38 50.38 157 8 4 256 46833 bf16 PURE F 0 358082560
+a100_40 350m 2048 128 45.61 45.61 142 18 1 2304 51934 bf16 PURE F 0 355985408
+a100_40 350m 2048 64 46.27 46.27 144 18 1 1152 52689 bf16 PURE F 0 355985408
+a100_40 350m 2048 32 47.26 47.26 147 18 1 576 53811 bf16 PURE F 0 355985408
+a100_40 350m 2048 16 48.66 48.66 151 18 1 288 55413 bf16 PURE F 0 355985408
+a100_40 350m 2048 8 49.17 49.17 153 16 4 512 55995 bf16 PURE F 0 355985408
+a100_40 350m 1024 8 48.73 48.73 152 32 4 1024 62523 bf16 PURE F 0 354936832
+a100_40 350m 512 8 48.39 48.39 150 64 4 2048 66284 bf16 PURE F 0 354412544
+a100_40 125m 32768 8 47.27 47.27 147 1 4 32 32651 bf16 PURE F 0 148904448
+a100_40 125m 16384 8 46.77 46.77 145 2 3 48 55484 bf16 PURE F 0 136321536
+a100_40 125m 8192 8 46.94 46.94 146 5 3 120 86858 bf16 PURE F 0 130030080
+a100_40 125m 4096 8 44.82 44.82 139 13 3 312 115162 bf16 PURE F 0 126884352
+a100_40 125m 2048 128 38.86 38.86 121 26 1 3328 123936 bf16 PURE F 0 125311488
+a100_40 125m 2048 64 39.27 39.27 122 26 1 1664 125234 bf16 PURE F 0 125311488
+a100_40 125m 2048 32 39.86 39.86 124 26 1 832 127122 bf16 PURE F 0 125311488
+a100_40 125m 2048 16 40.93 40.93 127 26 1 416 130535 bf16 PURE F 0 125311488
+a100_40 125m 2048 8 42.75 42.75 133 26 3 624 136334 bf16 PURE F 0 125311488
+a100_40 125m 1024 8 40.89 40.89 127 52 3 1248 148289 bf16 PURE F 0 124525056
+a100_40 125m 512 8 40.26 40.26 125 104 3 2496 156735 bf16 PURE F 0 124131840
+"""
+
+
+@source("llm-foundry")
+def llm_foundry():
+    rows = []
+    for line in FOUNDRY_DATA.strip().splitlines():
+        (tab, size, seq, gpus, mfu, hfu, tflop, mbs, accum, gbs, tpsg, prec, mp, shard, ac,
+         params) = line.split()
+        gpu, title, nic = FOUNDRY_TABLES[tab]
+        d, h, l = MPT[size]
+        seq, gpus, mbs, accum, gbs = int(seq), int(gpus), int(mbs), int(accum), int(gbs)
+        ckpt = ac == "1"
+        cluster = {"gpu": gpu, "gpus": gpus, "gpus_per_node": 8}
+        if nic:
+            cluster["nic_gbps_per_node"] = nic
+        peak = GPUS[gpu]
+        note = ("model from scripts/train/yamls/pretrain/mpt-%s.yaml (d_model %d, n_heads %d, n_layers %d, "
+                "expansion_ratio 4, vocab 50368) with MPT defaults: GELU MLP, no biases, tied embeddings, "
+                "learned positional embeddings (NumParams grows with seq), low_precision_layernorm "
+                "(submit_benchmarks.py). attn_impl flash (submit_benchmarks.py default); the FlashAttention "
+                "generation per row is not stated. Pure FSDP: no tensor/pipeline parallelism, every GPU is a "
+                "data-parallel rank; activation checkpointing wraps whole blocks (recompute full). " % (size, d, h, l))
+        if nic is None:
+            note += "The H100 cluster's inter-node fabric is not stated. "
+        note += "Precision %s, FSDP mixed_precision %s." % ("amp_bf16" if prec == "amp" else "bf16", mp)
+        rows.append(row(
+            "llm-foundry-%s-%s-s%d-g%d-mbs%d" % (tab.replace("_", ""), size, seq, gpus, mbs),
+            {"arch": "gpt", "name": "MPT-" + size, "layers": l, "hidden": d, "heads": h, "ffn": 4 * d,
+             "vocab": 50368, "seq": seq, "params_b": round(int(params) / 1e9, 4)},
+            cluster,
+            {"tp": 1, "pp": 1, "cp": 1, "dp": gpus, "mbs": mbs, "gbs": gbs, "grad_accum": accum,
+             "recompute": "full" if ckpt else "none", "zero": 3 if shard == "F" else 2, "sp": False,
+             "flash_attn": True, "overlap_grad_reduce": True, "precision": "bf16",
+             "fsdp_mixed_precision": mp},
+            {"metric": "tokens_per_s_per_gpu", "value": int(tpsg),
+             "also": {"mfu": round(float(mfu) / 100, 4), "hfu": round(float(hfu) / 100, 4),
+                      "model_tflops_per_gpu": float(tflop)},
+             "flops": "MFU = (6*N + 12*L*d*s) FLOPs per token (non-causal attention, no norm/activation FLOPs) "
+                      "x tokens/s over %g TFLOP/s peak; HFU uses 8*N + 16*L*d*s when activation "
+                      "checkpointing is on" % peak},
+            {"paper": "MosaicML llm-foundry, MPT Training Benchmarks (scripts/train/benchmarking/README.md)",
+             "where": "table '%s', row %s seq %d, %d GPUs, micro-batch %d" % (title, size, seq, gpus, mbs),
+             "url": "https://github.com/mosaicml/llm-foundry/blob/%s/scripts/train/benchmarking/README.md"
+                    % FOUNDRY_COMMIT,
+             "note": note},
+            "high", "llm-foundry (Composer, PyTorch FSDP)"))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# 2. NVIDIA Megatron-LM README: Megatron-Core r0.8.0 weak scaling on H100
+#    (images/model_table.png, GPT 1.7B-462B, 48-6144 GPUs, seq 4096, vocab 131072).
+MCORE_COMMIT = "d98e8a64ddf34856e74b24714e3bedb2f5a39553"
+MCORE = [  # size, heads, hidden, layers, tp, pp, dp, gpus, batch, tflops/gpu, mfu %, aggregate PFLOP/s
+    ("1.7B", 16, 2048, 24, 1, 1, 48, 48, 192, 408.8, 41, 19.6),
+    ("7.1B", 32, 4096, 30, 2, 1, 48, 96, 192, 465.9, 47, 44.7),
+    ("16B", 48, 6144, 32, 4, 1, 48, 192, 192, 489.1, 49, 93.9),
+    ("32B", 56, 7168, 48, 8, 1, 48, 384, 192, 459.6, 46, 176.5),
+    ("70B", 64, 8192, 84, 8, 2, 48, 768, 384, 419.7, 42, 322.3),
+    ("119B", 80, 10240, 92, 8, 4, 48, 1536, 768, 420.5, 43, 645.9),
+    ("177B", 96, 12288, 96, 8, 6, 48, 2304, 1152, 432.8, 44, 997.2),
+    ("314B", 128, 16384, 96, 8, 8, 48, 3072, 1536, 474.4, 48, 1457.4),
+    ("462B", 144, 18432, 112, 8, 16, 48, 6144, 3072, 459.9, 47, 2825.6),
+]
+
+
+@source("megatron-core-weak-scaling")
+def megatron_core():
+    rows = []
+    for size, a, h, l, t, p, d, n, b, tf, mfu, agg in MCORE:
+        rows.append(row(
+            "megatron-core-weak-scaling-%s" % size,
+            {"arch": "gpt", "layers": l, "hidden": h, "heads": a, "ffn": 4 * h, "vocab": 131072,
+             "seq": 4096, "params_b": float(size[:-1])},
+            {"gpu": "H100-SXM5-80GB", "gpus": n, "gpus_per_node": 8},
+            {"tp": t, "pp": p, "cp": 1, "dp": d, "vpp": 1, "mbs": 1, "gbs": b, "recompute": "none",
+             "zero": 1, "sp": t > 1, "flash_attn": True, "overlap_grad_reduce": True,
+             "overlap_param_gather": True, "tp_comm_overlap": t > 1, "precision": "bf16"},
+            {"metric": "model_tflops_per_gpu", "value": tf,
+             "also": {"mfu": mfu / 100, "aggregate_pflops": agg},
+             "flops": "Megatron-LM model FLOPs (training.py num_floating_point_operations: GEMMs, "
+                      "non-causal attention and logits, no recompute); MFU over 989 TFLOP/s BF16"},
+            {"paper": "NVIDIA Megatron-LM README, Performance Benchmarking (Megatron-Core r0.8.0 weak scaling)",
+             "where": "images/model_table.png, row %s" % size,
+             "url": "https://github.com/NVIDIA/Megatron-LM/blob/%s/images/model_table.png" % MCORE_COMMIT,
+             "note": "README states vocab 131072, seq 4096, --overlap-grad-reduce, --overlap-param-gather "
+                     "(requires the distributed optimizer: zero 1), --tp-comm-overlap (requires sequence "
+                     "parallelism: sp when tp > 1), end-to-end throughput. Not stated, Megatron defaults "
+                     "assumed: micro-batch 1, no virtual pipeline (vpp 1), no activation recompute, "
+                     "ffn = 4*hidden GELU MLP, TE fused attention. BF16 inferred from MFU = TFLOP/s / 989. "
+                     "Cluster fabric not stated."},
+            "medium", "Megatron-Core r0.8.0"))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Validation.
+METRICS = {"iter_s", "tokens_per_s_per_gpu", "tokens_per_s", "model_tflops_per_gpu",
+           "hw_tflops_per_gpu", "mfu"}
+TOP = {"id", "model", "cluster", "strategy", "measured", "source", "confidence", "framework"}
+MODEL = {"arch", "name", "layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "seq",
+         "params_b", "active_params_b", "tie_embeddings", "moe"}
+MOE = {"experts", "topk", "expert_ffn", "shared_experts", "shared_ffn", "moe_layers"}
+CLUSTER = {"gpu", "gpus", "gpus_per_node", "nic_gbps_per_node", "peak_tflops", "hbm_gb", "hbm_gbs"}
+STRATEGY = {"tp", "pp", "vpp", "cp", "ep", "etp", "dp", "mbs", "gbs", "grad_accum", "recompute", "zero",
+            "sp", "flash_attn", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap",
+            "cp_comm", "precision", "fsdp_mixed_precision", "pp_schedule"}
+SOURCE = {"paper", "where", "url", "note"}
+MEASURED = {"metric", "value", "also", "flops"}
+ARCHS = {"gpt", "llama", "bloom", "opt"}
+
+
+class Bad(Exception):
+    pass
+
+
+def need(cond, where, what):
+    if not cond:
+        raise Bad("%s: %s" % (where, what))
+
+
+def pos_int(obj, key, where, required=True):
+    if key not in obj:
+        need(not required, where, "%s missing" % key)
+        return None
+    v = obj[key]
+    need(isinstance(v, int) and not isinstance(v, bool) and v > 0, where,
+         "%s must be a positive integer, got %r" % (key, v))
+    return v
+
+
+def pos_num(obj, key, where, required=True):
+    if key not in obj:
+        need(not required, where, "%s missing" % key)
+        return None
+    v = obj[key]
+    need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, where,
+         "%s must be a positive number, got %r" % (key, v))
+    return v
+
+
+def text(obj, key, where, required=True):
+    if key not in obj:
+        need(not required, where, "%s missing" % key)
+        return None
+    need(isinstance(obj[key], str) and obj[key].strip(), where, "%s must be a non-empty string" % key)
+    return obj[key]
+
+
+def keys(obj, allowed, where):
+    need(isinstance(obj, dict), where, "must be an object")
+    extra = set(obj) - allowed
+    need(not extra, where, "undocumented field(s) %s" % sorted(extra))
+
+
+def check_row(r, slug, where):
+    keys(r, TOP, where)
+    rid = text(r, "id", where)
+    need(rid.startswith(slug + "-"), where, "id must start with '%s-'" % slug)
+    where = "%s (%s)" % (where, rid)
+    m = r.get("model")
+    need(m is not None, where, "model missing")
+    keys(m, MODEL, where + ": model")
+    need(m.get("arch") in ARCHS, where, "model.arch must be one of %s" % sorted(ARCHS))
+    for k in ("layers", "hidden", "heads", "vocab", "seq"):
+        pos_int(m, k, where + ": model")
+    heads = m["heads"]
+    kv = pos_int(m, "kv_heads", where + ": model", False)
+    need(kv is None or heads % kv == 0, where, "model.kv_heads must divide heads")
+    pos_int(m, "ffn", where + ": model", False)
+    pos_int(m, "head_dim", where + ": model", False)
+    pos_num(m, "params_b", where + ": model")
+    pos_num(m, "active_params_b", where + ": model", False)
+    if "moe" in m:
+        keys(m["moe"], MOE, where + ": model.moe")
+        e = pos_int(m["moe"], "experts", where + ": model.moe")
+        k = pos_int(m["moe"], "topk", where + ": model.moe")
+        need(k <= e, where, "moe.topk exceeds experts")
+        pos_int(m["moe"], "expert_ffn", where + ": model.moe")
+        ml = pos_int(m["moe"], "moe_layers", where + ": model.moe", False)
+        need(ml is None or ml <= m["layers"], where, "moe.moe_layers exceeds layers")
+        pos_int(m["moe"], "shared_ffn", where + ": model.moe", False)
+        need(isinstance(m["moe"].get("shared_experts", 0), int), where, "moe.shared_experts must be an integer")
+    c = r.get("cluster")
+    need(c is not None, where, "cluster missing")
+    keys(c, CLUSTER, where + ": cluster")
+    gpu = text(c, "gpu", where + ": cluster")
+    need(gpu in GPUS or all(k in c for k in ("peak_tflops", "hbm_gb", "hbm_gbs")), where,
+         "cluster.gpu %r is not one of %s; give peak_tflops, hbm_gb and hbm_gbs" % (gpu, sorted(GPUS)))
+    gpus = pos_int(c, "gpus", where + ": cluster")
+    gpn = pos_int(c, "gpus_per_node", where + ": cluster", False)
+    need(gpn is None or gpus % gpn == 0 or gpus < gpn, where, "cluster.gpus must be whole nodes")
+    pos_num(c, "nic_gbps_per_node", where + ": cluster", False)
+    for k in ("peak_tflops", "hbm_gb", "hbm_gbs"):
+        pos_num(c, k, where + ": cluster", False)
+    s = r.get("strategy")
+    need(s is not None, where, "strategy missing")
+    keys(s, STRATEGY, where + ": strategy")
+    deg = {}
+    for k in ("tp", "pp", "cp", "dp"):
+        deg[k] = pos_int(s, k, where + ": strategy", k == "dp")
+    for k in ("vpp", "ep", "etp", "grad_accum"):
+        pos_int(s, k, where + ": strategy", False)
+    prod = 1
+    for k in ("tp", "pp", "cp", "dp"):
+        prod *= deg[k] or 1
+    need(prod == gpus, where, "tp*pp*cp*dp = %d but cluster.gpus = %d" % (prod, gpus))
+    mbs = pos_int(s, "mbs", where + ": strategy")
+    gbs = pos_int(s, "gbs", where + ": strategy")
+    need(gbs % (mbs * deg["dp"]) == 0, where, "gbs %d is not a multiple of mbs*dp = %d" % (gbs, mbs * deg["dp"]))
+    ga = s.get("grad_accum")
+    need(ga is None or ga * mbs * deg["dp"] == gbs, where, "grad_accum*mbs*dp != gbs")
+    ep = s.get("ep")
+    if ep:
+        need("moe" in m, where, "strategy.ep given for a dense model")
+        need(m["moe"]["experts"] % ep == 0, where, "ep must divide experts")
+    need(s.get("recompute") in ("none", "selective", "full"), where,
+         "strategy.recompute must be none, selective or full")
+    need(s.get("zero") in (0, 1, 2, 3), where, "strategy.zero must be 0..3")
+    for k in ("sp", "flash_attn", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap"):
+        need(k not in s or isinstance(s[k], bool), where, "strategy.%s must be true or false" % k)
+    need(s.get("precision") in ("bf16", "fp16"), where, "strategy.precision must be bf16 or fp16")
+    need(s.get("cp_comm") in (None, "ring", "allgather"), where, "strategy.cp_comm must be ring or allgather")
+    ms = r.get("measured")
+    need(ms is not None, where, "measured missing")
+    keys(ms, MEASURED, where + ": measured")
+    need(ms.get("metric") in METRICS, where, "measured.metric must be one of %s" % sorted(METRICS))
+    v = pos_num(ms, "value", where + ": measured")
+    if ms["metric"] == "mfu":
+        need(v <= 1, where, "mfu is a fraction in (0, 1]")
+    if ms["metric"] in ("model_tflops_per_gpu", "hw_tflops_per_gpu"):
+        peak = c.get("peak_tflops", GPUS.get(gpu))
+        need(v <= peak, where, "TFLOP/s per GPU above the GPU's peak")
+    text(ms, "flops", where + ": measured")
+    also = ms.get("also", {})
+    need(isinstance(also, dict), where, "measured.also must be an object")
+    for k, x in also.items():
+        need(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0, where,
+             "measured.also.%s must be a positive number" % k)
+        need(k not in ("mfu", "hfu") or x <= 1, where, "measured.also.%s is a fraction" % k)
+    src = r.get("source")
+    need(src is not None, where, "source missing")
+    keys(src, SOURCE, where + ": source")
+    for k in ("paper", "where", "note"):
+        text(src, k, where + ": source")
+    text(src, "url", where + ": source", False)
+    need(r.get("confidence") in ("high", "medium", "low"), where, "confidence must be high, medium or low")
+    text(r, "framework", where)
+    return rid
+
+
+def render(rows):
+    return "".join(json.dumps(x, separators=(",", ":")) + "\n" for x in rows)
+
+
+def validate():
+    files = sorted(CORPUS.glob("*.jsonl"))
+    if not files:
+        print("mofa_corpus: error: %s: no corpus files" % CORPUS, file=sys.stderr)
+        return 1
+    readme = (CORPUS / "README.md").read_text() if (CORPUS / "README.md").exists() else ""
+    seen, errors, total = {}, 0, 0
+    print("%-32s %5s %9s  %s" % ("source", "rows", "GPUs", "hardware"))
+    for f in files:
+        slug = f.stem
+        rows = 0
+        hw, lo, hi = set(), None, None
+        if "`%s`" % slug not in readme:
+            print("mofa_corpus: error: %s: source not documented in corpus/README.md" % f.name, file=sys.stderr)
+            errors += 1
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            where = "%s:%d" % (f.name, n)
+            try:
+                r = json.loads(line)
+                rid = check_row(r, slug, where)
+                need(rid not in seen, where, "duplicate id %s (first at %s)" % (rid, seen.get(rid)))
+                seen[rid] = where
+                rows += 1
+                g = r["cluster"]["gpus"]
+                lo = g if lo is None else min(lo, g)
+                hi = g if hi is None else max(hi, g)
+                hw.add(r["cluster"]["gpu"])
+            except (ValueError, Bad) as e:
+                print("mofa_corpus: error: %s" % e if isinstance(e, Bad) else
+                      "mofa_corpus: error: %s: not JSON: %s" % (where, e), file=sys.stderr)
+                errors += 1
+        total += rows
+        print("%-32s %5d %9s  %s" % (slug, rows, "%s-%s" % (lo, hi), ", ".join(sorted(hw))))
+    print("%-32s %5d  (%d sources)" % ("total", total, len(files)))
+    return 1 if errors else 0
+
+
+def generated():
+    return {slug: render(fn()) for slug, fn in SOURCES.items()}
+
+
+def main(argv):
+    if "--write" in argv or "--check" in argv:
+        out = generated()
+        if "--check" in argv:
+            stale = [s for s, t in out.items()
+                     if not (CORPUS / (s + ".jsonl")).exists() or (CORPUS / (s + ".jsonl")).read_text() != t]
+            for s in stale:
+                print("mofa_corpus: error: %s.jsonl differs from the transcription; run --write" % s,
+                      file=sys.stderr)
+            if stale:
+                return 1
+        else:
+            CORPUS.mkdir(parents=True, exist_ok=True)
+            for s, t in out.items():
+                tmp = CORPUS / (s + ".jsonl.tmp")
+                tmp.write_text(t)
+                tmp.replace(CORPUS / (s + ".jsonl"))
+    return validate()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
