@@ -369,6 +369,273 @@ def megatron_core():
 
 
 # ---------------------------------------------------------------------------
+# 3. pytorch/torchtitan docs/performance.md and benchmarks/ (FSDP2, FSDP+TP;
+#    Llama 2/3 on A100-80GB and on Meta's Grand Teton H100 96GB HBM2e at 500 W).
+#    BF16 rows only (the Float8 rows are left out).
+TT_REPO = "https://github.com/pytorch/torchtitan/blob/%s/%s"
+LLAMA = {  # name: (layers, hidden, heads, kv_heads, ffn, vocab), from torchtitan/models/llama/__init__.py
+    "llama2-13B": (40, 5120, 40, 40, 13824, 32000),
+    "llama2-70B": (80, 8192, 64, 8, 28672, 32000),
+    "llama3-8B": (32, 4096, 32, 8, 14336, 128256),
+    "llama3-70B": (80, 8192, 64, 8, 28672, 128256),
+    "llama3-405B": (126, 16384, 128, 8, 53248, 128256),
+}
+# Grand Teton H100: 96 GB HBM2e at 2.4 TB/s, 500 W, 400 Gb/s RDMA per GPU (docs/performance.md, Jan 2025).
+GRAND_TETON = {"gpu": "H100-SXM5-96GB-HBM2e-500W", "peak_tflops": 989.0, "hbm_gb": 96, "hbm_gbs": 2400,
+               "gpus_per_node": 8, "nic_gbps_per_node": 3200}
+TT_FLOPS = ("torchtitan get_num_flop_per_token: 6*N (N without the embedding) + 12*L*H*Dh*T per token "
+            "(non-causal attention, no recompute); MFU over the GPU's listed peak")
+TITAN = [
+    # id, model, seq, gpus, gpu, tp, lbs, recompute, compile, tps/gpu, mfu or None, commit, path, where, extra note
+    ("a100-llama3-8B-sac-layer", "llama3-8B", 8192, 64, "A100", 1, 1, "selective", False, 2904, 0.568,
+     "157a12c562288b3bccb077003a97f18a4ca657aa", "docs/performance.md", "Llama 3 table, row 8B selective layer",
+     "selective layer AC = checkpoint every other block (selective_ac_option int)"),
+    ("a100-llama3-8B-sac-op", "llama3-8B", 8192, 64, "A100", 1, 1, "selective", False, 2973, 0.582,
+     "157a12c562288b3bccb077003a97f18a4ca657aa", "docs/performance.md", "Llama 3 table, row 8B selective op",
+     "selective op AC = torchtitan's op-level policy (matmul outputs kept, the rest recomputed)"),
+    ("a100-llama3-70B-full", "llama3-70B", 8192, 64, "A100", 1, 1, "full", False, 331, 0.517,
+     "157a12c562288b3bccb077003a97f18a4ca657aa", "docs/performance.md", "Llama 3 table, row 70B full", ""),
+    ("a100-llama2-13B-noac", "llama2-13B", 4096, 64, "A100", 1, 2, "none", False, 2162, 0.611,
+     "157a12c562288b3bccb077003a97f18a4ca657aa", "docs/performance.md", "Llama 2 table, row 13B no AC", ""),
+    ("a100-llama2-13B-sac-layer", "llama2-13B", 4096, 64, "A100", 1, 2, "selective", False, 1914, 0.541,
+     "157a12c562288b3bccb077003a97f18a4ca657aa", "docs/performance.md", "Llama 2 table, row 13B selective layer",
+     "selective layer AC = checkpoint every other block"),
+    ("a100-llama2-13B-sac-op", "llama2-13B", 4096, 64, "A100", 1, 2, "selective", False, 1904, 0.538,
+     "157a12c562288b3bccb077003a97f18a4ca657aa", "docs/performance.md", "Llama 2 table, row 13B selective op",
+     "selective op AC"),
+    ("a100-llama2-70B-sac-op", "llama2-70B", 4096, 64, "A100", 1, 1, "selective", False, 355, 0.508,
+     "157a12c562288b3bccb077003a97f18a4ca657aa", "docs/performance.md", "Llama 2 table, row 70B selective op (batch 1)",
+     "selective op AC"),
+    ("a100-llama2-70B-full", "llama2-70B", 4096, 64, "A100", 1, 2, "full", False, 353, 0.505,
+     "157a12c562288b3bccb077003a97f18a4ca657aa", "docs/performance.md", "Llama 2 table, row 70B full (batch 2)", ""),
+    ("h100-llama3-405B-2d", "llama3-405B", 8192, 128, "GT", 8, 2, "full", None, 109, 0.290,
+     "3faaa1a0dee68ce028400e3dafd1735d152cb4f8", "docs/performance.md",
+     "Llama 3.1 table, row 405B, Optimizations None (FSDP 16 x TP 8)",
+     "the doc names the GPU 'H100 (94GB memory)' / 'HBM2e based lower TDP SXM H100(95GB)'; the platform figures "
+     "(96 GB, 2.4 TB/s, 500 W, 400 Gb/s per GPU) are from the Jan 2025 version of the same doc. The MFU uses the "
+     "SXM peak, which the doc says is above this part's real peak. Whether torch.compile was on is not stated "
+     "(train_configs/llama3_405b.toml at that commit sets compile = true)"),
+    ("h100-llama3-8B-fsdp-g8", "llama3-8B", 8192, 8, "GT", 1, 2, "selective", False, 5762, None,
+     "d4c86e3758a84cf23e2e879ab3c995cba9d5e410", "docs/performance.md", "Table 1, row FSDP", "selective op AC"),
+    ("h100-llama3-8B-fsdp-compile-g8", "llama3-8B", 8192, 8, "GT", 1, 2, "selective", True, 6667, None,
+     "d4c86e3758a84cf23e2e879ab3c995cba9d5e410", "docs/performance.md", "Table 1, row FSDP + torch.compile",
+     "selective op AC"),
+    ("h100-llama3-8B-fsdp-g128", "llama3-8B", 8192, 128, "GT", 1, 2, "selective", False, 5605, None,
+     "d4c86e3758a84cf23e2e879ab3c995cba9d5e410", "docs/performance.md", "Table 3, row FSDP", "selective op AC"),
+    ("h100-llama3-8B-fsdp-compile-g128", "llama3-8B", 8192, 128, "GT", 1, 2, "selective", True, 6514, None,
+     "d4c86e3758a84cf23e2e879ab3c995cba9d5e410", "docs/performance.md", "Table 3, row FSDP + torch.compile",
+     "selective op AC"),
+    ("h100-llama3-70B-tp8", "llama3-70B", 8192, 256, "GT", 8, 16, "full", True, 597.3, None,
+     "2887250bbd9103d0bc997ea2efb3a525b5e5dbc0", "benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md",
+     "Llama3 70b on 256 H100s (FSDP 32, TP 8), row None (bfloat16), vanilla TP", ""),
+    ("h100-llama3-70B-asynctp8", "llama3-70B", 8192, 256, "GT", 8, 16, "full", True, 652.4, None,
+     "2887250bbd9103d0bc997ea2efb3a525b5e5dbc0", "benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md",
+     "Llama3 70b on 256 H100s (FSDP 32, TP 8), row None (bfloat16), async TP", "async TP overlaps TP communication"),
+    ("h100-llama3-8B-tp8", "llama3-8B", 8192, 64, "GT", 8, 12, "selective", True, 4378, None,
+     "2887250bbd9103d0bc997ea2efb3a525b5e5dbc0", "benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md",
+     "Llama3 8b on 64 H100s (FSDP 8, TP 8), row None (bfloat16), vanilla TP", "per-op selective AC"),
+    ("h100-llama3-8B-asynctp8", "llama3-8B", 8192, 64, "GT", 8, 12, "selective", True, 4809.4, None,
+     "2887250bbd9103d0bc997ea2efb3a525b5e5dbc0", "benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md",
+     "Llama3 8b on 64 H100s (FSDP 8, TP 8), row None (bfloat16), async TP", "per-op selective AC; async TP"),
+]
+
+
+@source("torchtitan")
+def torchtitan():
+    rows = []
+    for (rid, mname, seq, gpus, gpu, tp, lbs, rc, comp, tps, mfu, commit, path, where, extra) in TITAN:
+        l, h, a, kv, ffn, vocab = LLAMA[mname]
+        dp = gpus // tp
+        cluster = ({"gpu": "A100-SXM4-80GB", "gpus": gpus, "gpus_per_node": 8} if gpu == "A100"
+                   else dict(GRAND_TETON, gpus=gpus))
+        note = ("seq_len, local batch and parallelism from the cited text and train_configs/%s.toml at the cited "
+                "commit; WPS/TPS is tokens per second per GPU (train.py divides by the non-data-parallel size). "
+                "FSDP2 (fully_shard, parameters resharded after forward: zero 3); attention is PyTorch SDPA "
+                "(flash backend). " % mname.replace("-", "_").replace("B", "b").lower())
+        if gpu == "A100":
+            note += "The A100 cluster's fabric is not stated. "
+        if comp is None:
+            pass
+        else:
+            note += "torch.compile %s. " % ("on" if comp else "off")
+        note += extra
+        strat = {"tp": tp, "pp": 1, "cp": 1, "dp": dp, "mbs": lbs, "gbs": lbs * dp, "recompute": rc, "zero": 3,
+                 "sp": tp > 1, "flash_attn": True, "overlap_grad_reduce": True, "precision": "bf16"}
+        if "async" in rid:
+            strat["tp_comm_overlap"] = True
+        meas = {"metric": "tokens_per_s_per_gpu", "value": tps, "flops": TT_FLOPS}
+        if mfu is not None:
+            meas["also"] = {"mfu": mfu}
+        rows.append(row(
+            "torchtitan-" + rid,
+            {"arch": "llama", "name": mname, "layers": l, "hidden": h, "heads": a, "kv_heads": kv, "ffn": ffn,
+             "vocab": vocab, "seq": seq, "params_b": float(mname.split("-")[1][:-1])},
+            cluster, strat, meas,
+            {"paper": "PyTorch torchtitan performance results (%s)" % path, "where": where,
+             "url": TT_REPO % (commit, path), "note": note.strip()},
+            "high" if gpu == "A100" or mfu is None else "medium", "torchtitan (PyTorch FSDP2 / DTensor TP)"))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# 4. vTrain (Bang et al., MICRO 2024) released ground truth: multi-node
+#    Megatron-DeepSpeed iteration times on A100, 8 GPUs per node, 800 Gb/s per
+#    node (data/ground_truth_multi.csv; configs in config/validation/multi/).
+VTRAIN_COMMIT = "f8dda8473a48b373b1d25f51f52d685bff5150c5"
+# params_b, gpus, gbs, mbs, hidden, heads, layers, seq, tp, dp, pp, iteration time (ms)
+VTRAIN_DATA = """
+3.6,64,512,8,3072,32,30,2048,1,64,1,3566.5
+3.6,64,512,4,3072,32,30,2048,1,64,1,3638.3
+3.6,64,512,8,3072,32,30,2048,2,32,1,3975.2
+3.6,64,512,2,3072,32,30,2048,1,64,1,3700.5
+3.6,64,512,16,3072,32,30,2048,2,32,1,3937.5
+3.6,64,512,4,3072,32,30,2048,2,32,1,4078.2
+3.6,64,512,2,3072,32,30,2048,2,32,1,4264.2
+3.6,64,512,16,3072,32,30,2048,4,16,1,4492.1
+3.6,64,512,32,3072,32,30,2048,4,16,1,4548.2
+3.6,64,512,8,3072,32,30,2048,4,16,1,4634.4
+3.6,64,512,4,3072,32,30,2048,4,16,1,4764
+3.6,64,512,4,3072,32,30,2048,1,32,2,4382.1
+3.6,64,512,2,3072,32,30,2048,1,32,2,4034.9
+3.6,64,512,2,3072,32,30,2048,4,16,1,6228.3
+3.6,64,512,8,3072,32,30,2048,1,32,2,5045.6
+3.6,64,512,64,3072,32,30,2048,8,8,1,9838.9
+3.6,64,512,32,3072,32,30,2048,8,8,1,4972.3
+3.6,64,512,16,3072,32,30,2048,8,8,1,5017.8
+3.6,64,512,8,3072,32,30,2048,8,8,1,5178
+3.6,64,512,4,3072,32,30,2048,8,8,1,5618
+3.6,64,512,2,3072,32,30,2048,8,8,1,8880.9
+3.6,64,512,32,3072,32,30,2048,16,4,1,10580.6
+3.6,64,512,16,3072,32,30,2048,16,4,1,10719.3
+3.6,64,512,8,3072,32,30,2048,16,4,1,10894
+3.6,64,512,4,3072,32,30,2048,16,4,1,11960.1
+3.6,64,512,2,3072,32,30,2048,16,4,1,13472.2
+18.4,256,1024,8,6144,48,40,2048,8,32,1,9603.6
+18.4,256,1024,16,6144,48,40,2048,8,32,1,10506.6
+18.4,256,1024,4,6144,48,40,2048,8,32,1,9927.6
+18.4,256,1024,2,6144,48,40,2048,8,32,1,10453.3
+18.4,256,1024,8,6144,48,40,2048,4,32,2,10856.3
+18.4,256,1024,4,6144,48,40,2048,4,32,2,10950.4
+18.4,256,1024,2,6144,48,40,2048,4,32,2,10031.6
+18.4,256,1024,4,6144,48,40,2048,2,32,4,10825
+18.4,256,1024,4,6144,48,40,2048,1,32,8,12379
+18.4,256,1024,2,6144,48,40,2048,8,16,2,10434.8
+18.4,256,1024,2,6144,48,40,2048,8,8,4,10926.4
+18.4,256,1024,8,6144,48,40,2048,8,4,8,11026.1
+18.4,256,1024,8,6144,48,40,2048,2,16,8,13157.5
+18.4,256,1024,2,6144,48,40,2048,16,16,1,20414.8
+18.4,256,1024,32,6144,48,40,2048,8,4,8,16241.4
+39.1,512,1536,2,8192,64,48,2048,2,32,8,21890.4
+39.1,512,1536,2,8192,64,48,2048,4,32,4,13875.5
+39.1,512,1536,2,8192,64,48,2048,2,16,16,23747.9
+39.1,512,1536,3,8192,64,48,2048,4,32,4,16185.5
+39.1,512,1536,4,8192,64,48,2048,4,32,4,15625.6
+39.1,512,1536,2,8192,64,48,2048,4,16,8,16070.6
+39.1,512,1536,3,8192,64,48,2048,2,32,8,19067.2
+39.1,512,1536,3,8192,64,48,2048,4,16,8,17606.1
+39.1,512,1536,2,8192,64,48,2048,4,8,16,14529.6
+39.1,512,1536,3,8192,64,48,2048,2,16,16,26188.8
+39.1,512,1536,4,8192,64,48,2048,4,16,8,17413.6
+39.1,512,1536,6,8192,64,48,2048,4,32,4,18532.1
+39.1,512,1536,6,8192,64,48,2048,8,32,2,14915.5
+39.1,512,1536,8,8192,64,48,2048,8,32,2,15212.8
+39.1,512,1536,4,8192,64,48,2048,8,32,2,14757.3
+39.1,512,1536,12,8192,64,48,2048,8,32,2,17126.8
+39.1,512,1536,3,8192,64,48,2048,8,32,2,14850.4
+39.1,512,1536,3,8192,64,48,2048,4,8,16,15023.9
+39.1,512,1536,2,8192,64,48,2048,8,32,2,14614
+39.1,512,1536,4,8192,64,48,2048,4,8,16,15585.5
+39.1,512,1536,2,8192,64,48,2048,8,16,4,14713.4
+39.1,512,1536,6,8192,64,48,2048,4,16,8,16087
+39.1,512,1536,3,8192,64,48,2048,8,16,4,14833.8
+39.1,512,1536,4,8192,64,48,2048,8,16,4,14750.7
+39.1,512,1536,6,8192,64,48,2048,8,16,4,15249.4
+39.1,512,1536,2,8192,64,48,2048,8,8,8,15001.9
+39.1,512,1536,8,8192,64,48,2048,8,16,4,15814.5
+39.1,512,1536,3,8192,64,48,2048,8,8,8,15270.7
+39.1,512,1536,4,8192,64,48,2048,8,8,8,14967.1
+39.1,512,1536,6,8192,64,48,2048,4,8,16,20044.1
+39.1,512,1536,6,8192,64,48,2048,8,8,8,15775.3
+39.1,512,1536,12,8192,64,48,2048,8,16,4,17182.4
+39.1,512,1536,3,8192,64,48,2048,1,32,16,19991
+39.1,512,1536,2,8192,64,48,2048,8,4,16,15639.4
+39.1,512,1536,6,8192,64,48,2048,2,32,8,23062.9
+39.1,512,1536,3,8192,64,48,2048,8,4,16,16360.8
+39.1,512,1536,8,8192,64,48,2048,8,8,8,16413.4
+39.1,512,1536,4,8192,64,48,2048,8,4,16,15944.5
+39.1,512,1536,6,8192,64,48,2048,8,4,16,16232.8
+39.1,512,1536,6,8192,64,48,2048,2,16,16,27228.4
+39.1,512,1536,12,8192,64,48,2048,8,8,8,17999.5
+39.1,512,1536,12,8192,64,48,2048,4,16,8,20614.8
+39.1,512,1536,8,8192,64,48,2048,8,4,16,16877.1
+39.1,512,1536,12,8192,64,48,2048,8,4,16,18568.3
+39.1,512,1536,12,8192,64,48,2048,4,8,16,27810.3
+39.1,512,1536,24,8192,64,48,2048,8,8,8,23171.1
+39.1,512,1536,24,8192,64,48,2048,8,4,16,24169.9
+175,512,1536,2,12288,96,96,2048,4,8,16,54255.9
+175,512,1536,3,12288,96,96,2048,4,8,16,55236
+175,512,1536,2,12288,96,96,2048,4,4,32,53909.6
+175,512,1536,2,12288,96,96,2048,4,4,32,53937.9
+175,512,1536,3,12288,96,96,2048,4,4,32,56297.2
+175,512,1536,2,12288,96,96,2048,2,8,32,57411.2
+175,512,1536,4,12288,96,96,2048,4,8,16,57720
+175,512,1536,2,12288,96,96,2048,8,8,8,55109.6
+175,512,1536,3,12288,96,96,2048,8,8,8,56176.5
+175,512,1536,2,12288,96,96,2048,8,4,16,56315.8
+175,512,1536,4,12288,96,96,2048,4,4,32,59333.2
+175,512,1536,4,12288,96,96,2048,8,8,8,58240.3
+175,512,1536,3,12288,96,96,2048,8,4,16,55677.5
+175,512,1536,4,12288,96,96,2048,8,4,16,57504.3
+175,512,1536,2,12288,96,96,2048,8,2,32,58555.4
+175,512,1536,3,12288,96,96,2048,8,2,32,57324.4
+175,512,1536,3,12288,96,96,2048,2,8,32,64296.3
+175,512,1536,6,12288,96,96,2048,8,4,16,60519.2
+175,512,1536,6,12288,96,96,2048,4,4,32,66632.5
+175,512,1536,4,12288,96,96,2048,8,2,32,59147.5
+175,512,1536,6,12288,96,96,2048,8,2,32,62636.8
+"""
+
+
+@source("vtrain")
+def vtrain():
+    rows, seen = [], {}
+    for line in VTRAIN_DATA.strip().splitlines():
+        f = line.split(",")
+        pb = float(f[0])
+        gpus, gbs, mbs, h, a, l, seq, tp, dp, pp = (int(x) for x in f[1:11])
+        ms = float(f[11])
+        key = "vtrain-%gB-tp%d-pp%d-dp%d-mbs%d" % (pb, tp, pp, dp, mbs)
+        seen[key] = seen.get(key, 0) + 1
+        rid = key if seen[key] == 1 else "%s-rep%d" % (key, seen[key])
+        rows.append(row(
+            rid,
+            {"arch": "gpt", "layers": l, "hidden": h, "heads": a, "ffn": 4 * h, "vocab": 50257, "seq": seq,
+             "params_b": pb},
+            {"gpu": "A100-SXM4-80GB", "gpus": gpus, "gpus_per_node": 8, "nic_gbps_per_node": 800},
+            {"tp": tp, "pp": pp, "cp": 1, "dp": dp, "vpp": 1, "mbs": mbs, "gbs": gbs, "recompute": "full",
+             "zero": 0, "sp": False, "flash_attn": False, "pp_schedule": "1f1b", "precision": "fp16"},
+            {"metric": "iter_s", "value": round(ms / 1000, 6),
+             "flops": "not applicable: measured wall time per iteration (the csv gives milliseconds)"},
+            {"paper": "Bang et al. 2024, vTrain: A Simulation Framework for Evaluating Cost-effective and "
+                      "Compute-optimal Large Language Model Training (MICRO-57, arXiv 2312.12391), released "
+                      "measurements",
+             "where": "data/ground_truth_multi.csv, row %gB tp %d dp %d pp %d mbs %d%s"
+                      % (pb, tp, dp, pp, mbs, "" if seen[key] == 1 else " (repeated measurement %d)" % seen[key]),
+             "url": "https://github.com/VIA-Research/vTrain/blob/%s/data/ground_truth_multi.csv" % VTRAIN_COMMIT,
+             "note": "Measured with Megatron-DeepSpeed (data/README.md). From the matching "
+                     "config/validation/multi/config_val_*.json: GPU 'A100', 8 GPUs per node, "
+                     "inter_node_bandwidth 800 (Gb/s per node), activation checkpointing on (recompute full), "
+                     "1F1B pipeline schedule; vTrain models these runs without DDP gradient bucketing "
+                     "(use_gradient_bucket false), so whether the gradient all-reduce overlapped the backward "
+                     "is not stated (overlap_grad_reduce left unset). Not stated, assumed: A100 80GB "
+                     "(the memory size is not given), fp16 mixed precision and no ZeRO (Megatron-DeepSpeed "
+                     "example defaults), no fused attention kernel, vocab 50257 (vTrain's GPT default; Megatron "
+                     "pads it to a multiple of 128*tp), GELU MLP 4*hidden."},
+            "medium", "Megatron-DeepSpeed"))
+    return rows
+
+
+# ---------------------------------------------------------------------------
 # Validation.
 METRICS = {"iter_s", "tokens_per_s_per_gpu", "tokens_per_s", "model_tflops_per_gpu",
            "hw_tflops_per_gpu", "mfu"}
