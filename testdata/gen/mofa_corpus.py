@@ -636,6 +636,151 @@ def vtrain():
 
 
 # ---------------------------------------------------------------------------
+# 5. NVIDIA Megatron-MoE-ModelZoo (yanring/Megatron-MoE-ModelZoo): Megatron-Core
+#    MoE benchmarks on H100 (BF16), Qwen3-235B-A22B and Mixtral-8x22B.
+MZ_COMMIT = "e8650517d60d71ab73fc6b3b0388cac4ba435181"
+MZ_URL = "https://github.com/yanring/Megatron-MoE-ModelZoo/blob/%s/%%s" % MZ_COMMIT
+# model_configs/benchmarking/Qwen3-235B-A22B.yaml: 94 layers, hidden 4096, 64 heads, 4 query groups,
+# kv-channels 128, 128 experts top-8, moe-ffn-hidden-size 1536, every layer MoE; Qwen3 vocab 151936.
+QWEN3_235B = {"arch": "llama", "name": "Qwen3-235B-A22B", "layers": 94, "hidden": 4096, "heads": 64,
+              "kv_heads": 4, "head_dim": 128, "ffn": 12288, "vocab": 151936, "params_b": 235.0,
+              "active_params_b": 22.0,
+              "moe": {"experts": 128, "topk": 8, "expert_ffn": 1536, "shared_experts": 0, "moe_layers": 94}}
+MZ_QWEN = [  # label, dispatcher, tp, ep, pp, vpp, dp, fsdp, mbs, recompute, a2a overlap, step s, TF/GPU, code, notes
+    ("xnode-ep32", "deepep", 2, 32, 8, 4, 16, False, 1, "selective", False, 19.7, 245, "moe_dev(f3e6c5)", ""),
+    ("xnode-ep32-1f1b-overlap", "deepep", 2, 32, 8, 4, 16, False, 1, "selective", True, 17.6, 276,
+     "moe_dev(f3e6c5)", "'+1f1b overlap': EP all-to-all overlapped with compute of the other micro-batch"),
+    ("intranode-ep8-fsdp", "deepep", 2, 8, 1, 1, 128, True, 4, "full", False, 17.6, 276, "main(1e057005)",
+     "'disable log para norm'; Megatron-FSDP (zero 3)"),
+    ("intranode-ep8-a2a-pp32", "alltoall", 2, 8, 32, 3, 4, False, 1, "selective", False, 24.2, 200,
+     "main(1e057005)", ""),
+    ("intranode-ep8-tp4-pp8", "deepep", 4, 8, 8, 4, 8, False, 1, "none", False, 29.0, 167, "main(1e057005)", ""),
+]
+MZ_LONG = [(16384, 1, 295, 237), (32768, 2, 335, 277), (65536, 4, 368, 320), (131072, 8, 389, 357)]
+MZ_FLOPS = ("Megatron-LM num_floating_point_operations for MoE (routed top-k experts, attention, logits; no "
+            "recompute) per GPU per second, at the Megatron-LM commit named in the row")
+
+
+def mz_row(rid, model, gpus, strat, metric, value, also, where, path, note, conf="high"):
+    meas = {"metric": metric, "value": value, "flops": MZ_FLOPS}
+    if also:
+        meas["also"] = also
+    return row("megatron-moe-modelzoo-" + rid, model, {"gpu": "H100-SXM5-80GB", "gpus": gpus, "gpus_per_node": 8,
+                                                       "nic_gbps_per_node": 3200},
+               strat, meas,
+               {"paper": "NVIDIA Megatron-MoE-ModelZoo, %s" % path, "where": where, "url": MZ_URL % path,
+                "note": note}, conf, "Megatron-Core (MoE)")
+
+
+@source("megatron-moe-modelzoo")
+def megatron_moe_modelzoo():
+    rows = []
+    path = "best_practice/qwen3/readme.md"
+    for (label, disp, tp, ep, pp, vpp, dp, fsdp, mbs, rc, ovl, step, tf, code, extra) in MZ_QWEN:
+        strat = {"tp": tp, "pp": pp, "cp": 1, "dp": dp, "ep": ep, "etp": 1, "vpp": vpp, "mbs": mbs, "gbs": 2048,
+                 "recompute": rc, "zero": 3 if fsdp else 1, "sp": True, "flash_attn": True,
+                 "overlap_grad_reduce": True, "overlap_param_gather": True, "ep_comm_overlap": ovl,
+                 "moe_dispatcher": disp, "precision": "bf16"}
+        note = ("Table 'Performance Results / H100' (256 H100, NVLink 4, InfiniBand 8x50 GB/s = 3200 Gb/s per "
+                "node, seq 4096, BF16, GBS 2048). Recompute 'norm, act' = selective recompute of layernorm and "
+                "the MoE activation. Code %s. Distributed optimizer, grad-reduce and param-gather overlap, "
+                "sequence parallel, flash attention, expert TP 1 from model_configs/benchmarking/"
+                "Qwen3-235B-A22B.yaml. Whether routing was force-balanced or dropless is not stated for this "
+                "table. %s" % (code, extra))
+        rows.append(mz_row("qwen3-235b-%s" % label, QWEN3_235B | {"seq": 4096}, 256, strat, "iter_s", step,
+                           {"model_tflops_per_gpu": tf},
+                           "H100 table, row %s (TP %d EP %d PP %d VPP %d DP %d MBS %d)" % (label, tp, ep, pp, vpp,
+                                                                                           dp, mbs),
+                           path, note.strip()))
+    for seq, cp, tf_bal, tf_drop in MZ_LONG:
+        dp = 256 // (4 * 8 * cp)
+        for bal, tf in (("balanced", tf_bal), ("dropless", tf_drop)):
+            strat = {"tp": 4, "pp": 8, "cp": cp, "dp": dp, "ep": 8, "etp": 1, "vpp": 4, "mbs": 1, "gbs": 256,
+                     "recompute": "selective", "zero": 1, "sp": True, "flash_attn": True,
+                     "overlap_grad_reduce": True, "overlap_param_gather": True, "ep_comm_overlap": False,
+                     "moe_dispatcher": "deepep", "moe_force_balance": bal == "balanced", "precision": "bf16"}
+            note = ("Long Context table: 32 nodes of H100 (256 GPUs), InfiniBand 8x50 GB/s, DeepEP, BF16; the "
+                    "command gives PP 8, VPP 4, EP 8, A2A_OVERLAP 0, recompute selective (layernorm, moe), "
+                    "optimizer offload off. MBS is not in the command: runtime_configs/benchmarking/runtime.conf "
+                    "default for Qwen3-235B-A22B, 1. The table prints TFLOP/s only (%s routing)."
+                    % ("forced-balance" if bal == "balanced" else "dropless"))
+            rows.append(mz_row("qwen3-235b-long-s%d-cp%d-%s" % (seq, cp, bal), QWEN3_235B | {"seq": seq}, 256,
+                               strat, "model_tflops_per_gpu", tf, None,
+                               "Long Context table, row SEQ_LEN %d, TP 4, CP %d (%s)" % (seq, cp, bal), path,
+                               note))
+    # Mixtral-8x22B: best_practice/mixtral/run_mixtral_8x22B.sh comments ("around" N TFLOPS) with the
+    # runtime.conf configuration TP 2 PP 8 EP 8 VPP 7 MBS 1 GBS 256 on 16 nodes.
+    mix = {"arch": "llama", "name": "Mixtral-8x22B", "layers": 56, "hidden": 6144, "heads": 48, "kv_heads": 8,
+           "ffn": 16384, "vocab": 32768, "seq": 4096, "params_b": 141.0,
+           "moe": {"experts": 8, "topk": 2, "expert_ffn": 16384, "shared_experts": 0, "moe_layers": 56}}
+    for label, bal, tf in (("dropless", False, 445), ("balanced", True, 465)):
+        strat = {"tp": 2, "pp": 8, "cp": 1, "dp": 8, "ep": 8, "vpp": 7, "mbs": 1, "gbs": 256,
+                 "recompute": "none", "zero": 1, "sp": True, "flash_attn": True, "overlap_grad_reduce": True,
+                 "overlap_param_gather": True, "moe_dispatcher": "alltoall", "moe_force_balance": bal,
+                 "precision": "bf16"}
+        rows.append(mz_row(
+            "mixtral-8x22b-%s" % label, mix, 128, strat, "model_tflops_per_gpu", tf, None,
+            "comment '%s training ... should be around %d TFLOPS for H100'" % (
+                "Dropless" if not bal else "Dropless training with forced balancing", tf),
+            "best_practice/mixtral/run_mixtral_8x22B.sh",
+            "A rounded figure ('around'). Configuration from runtime_configs/benchmarking/runtime.conf "
+            "(Mixtral-8x22B: TP 2, PP 8, EP 8, VPP 7, MBS 1, GBS 256, 16 nodes) and "
+            "model_configs/benchmarking/Mixtral-8x22B.yaml (56 layers, hidden 6144, 48 heads, 8 query groups, "
+            "ffn 16384, 8 experts top-2, SwiGLU, distributed optimizer, overlap, sequence parallel). No recompute "
+            "option is set there (none assumed). Vocabulary from the Mixtral tokenizer the script points at "
+            "(32768, assumed). Cluster as in the README's H100 setup (8x50 GB/s IB per node), assumed.",
+            "low"))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# 6. NVIDIA NeMo Megatron-Bridge performance summary: GPT-OSS 120B (MoE) on
+#    64 DGX-H100 in BF16 (the only BF16 H100 pre-training rows in the tables).
+MB_COMMIT = "067f987df03b8355b03192d88d70f1709fedf51a"
+GPT_OSS_120B = {"arch": "llama", "name": "gpt-oss-120b", "layers": 36, "hidden": 2880, "heads": 64,
+                "kv_heads": 8, "head_dim": 64, "ffn": 2880, "vocab": 201088, "seq": 4096, "params_b": 120.0,
+                "moe": {"experts": 128, "topk": 4, "expert_ffn": 2880, "shared_experts": 0, "moe_layers": 36}}
+MB_ROWS = [  # release, gbs, mbs, vp, tokens/s/GPU, TF/GPU
+    # 25.11 (GBS 512, MBS 4, VP 1, GA 2, 5630 tokens/s/GPU) is left out: GA 2 contradicts
+    # GBS / (MBS * DP) = 512 / (4 * 16) = 8, so the run's configuration cannot be determined.
+    ("26.02", 1280, 1, None, 5993, 163),
+    ("26.02.01", 1280, 1, None, 5984, 163),
+    ("26.04", 1280, 1, None, 5810, 158),
+    ("26.04.01", 1280, 1, None, 5824, 158),
+]
+
+
+@source("megatron-bridge")
+def megatron_bridge():
+    rows = []
+    for rel, gbs, mbs, vp, tps, tf in MB_ROWS:
+        strat = {"tp": 1, "pp": 4, "cp": 1, "dp": 16, "ep": 8, "vpp": vp or 1, "mbs": mbs, "gbs": gbs,
+                 "recompute": "selective", "zero": 1, "sp": False, "flash_attn": True, "overlap_grad_reduce": True,
+                 "moe_force_balance": True, "precision": "bf16"}
+        rows.append(row(
+            "megatron-bridge-gpt-oss-120b-h100-%s" % rel.replace(".", "_"),
+            GPT_OSS_120B, {"gpu": "H100-SXM5-80GB", "gpus": 64, "gpus_per_node": 8}, strat,
+            {"metric": "tokens_per_s_per_gpu", "value": tps, "also": {"model_tflops_per_gpu": tf},
+             "flops": "Megatron-Bridge model TFLOP/s/GPU (Megatron-Core MoE FLOP count; no recompute)"},
+            {"paper": "NVIDIA NeMo Megatron-Bridge Performance Summary (docs/performance-summary-archive.md)",
+             "where": "%s NeMo Container, Pre-Training Performance, GPT OSS 120B, row DGX-H100 BF16" % rel,
+             "url": "https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/%s/docs/performance-summary-archive.md"
+                    % MB_COMMIT,
+             "note": ("Table gives GPUs 64, BF16, GBS, MBS, seq 4096, TP 1, PP 4, CP 1, EP 8%s, FSDP 0. From "
+                      "src/megatron/bridge/perf_recipes/gpt_oss/h100/gpt_oss.py (pretrain_64gpu_h100_bf16): "
+                      "selective recompute of layernorm and moe_act, forced load balancing "
+                      "(moe_router_force_load_balancing; the docs say MoE benchmarks force-balance tokens), "
+                      "sequence parallel off. Model shape: Hugging Face GptOssConfig defaults = gpt-oss-120b "
+                      "(36 layers, hidden 2880, 64 heads of 64, 8 KV heads, 128 experts top-4, expert ffn 2880, "
+                      "vocab 201088); half the layers use a 128-token sliding window and attention sinks, which "
+                      "the row does not encode. Distributed optimizer and grad-reduce overlap are Megatron-Bridge "
+                      "perf-recipe defaults (assumed). DGX-H100 fabric not stated."
+                      % (", VP %d" % vp if vp else ", VP n/a"))},
+            "medium", "NeMo Megatron-Bridge %s (Megatron-Core)" % rel))
+    return rows
+
+
+# ---------------------------------------------------------------------------
 # Validation.
 METRICS = {"iter_s", "tokens_per_s_per_gpu", "tokens_per_s", "model_tflops_per_gpu",
            "hw_tflops_per_gpu", "mfu"}
@@ -646,7 +791,8 @@ MOE = {"experts", "topk", "expert_ffn", "shared_experts", "shared_ffn", "moe_lay
 CLUSTER = {"gpu", "gpus", "gpus_per_node", "nic_gbps_per_node", "peak_tflops", "hbm_gb", "hbm_gbs"}
 STRATEGY = {"tp", "pp", "vpp", "cp", "ep", "etp", "dp", "mbs", "gbs", "grad_accum", "recompute", "zero",
             "sp", "flash_attn", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap",
-            "cp_comm", "precision", "fsdp_mixed_precision", "pp_schedule"}
+            "cp_comm", "precision", "fsdp_mixed_precision", "pp_schedule", "ep_comm_overlap",
+            "moe_dispatcher", "moe_force_balance"}
 SOURCE = {"paper", "where", "url", "note"}
 MEASURED = {"metric", "value", "also", "flops"}
 ARCHS = {"gpt", "llama", "bloom", "opt"}
@@ -759,7 +905,8 @@ def check_row(r, slug, where):
     need(s.get("recompute") in ("none", "selective", "full"), where,
          "strategy.recompute must be none, selective or full")
     need(s.get("zero") in (0, 1, 2, 3), where, "strategy.zero must be 0..3")
-    for k in ("sp", "flash_attn", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap"):
+    for k in ("sp", "flash_attn", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap",
+              "ep_comm_overlap", "moe_force_balance"):
         need(k not in s or isinstance(s[k], bool), where, "strategy.%s must be true or false" % k)
     need(s.get("precision") in ("bf16", "fp16"), where, "strategy.precision must be bf16 or fp16")
     need(s.get("cp_comm") in (None, "ring", "allgather"), where, "strategy.cp_comm must be ring or allgather")
