@@ -924,6 +924,91 @@ def bigscience_bloom():
 
 
 # ---------------------------------------------------------------------------
+# 8. BAAI FlagPerf: Megatron-Core v0.6.0 Llama 3 pre-training cases on A100 and
+#    H100 (training/nvidia/llama3_*-megatron/README.md; configs alongside).
+FP_COMMIT = "1b5a030398ab719e406f77877eb34c9599b17fd2"
+FP_URL = "https://github.com/FlagOpen/FlagPerf/blob/%s/%%s" % FP_COMMIT
+FLAGPERF = [  # case, gpu, nodes, pp, dp, tp, gbs, tokens/s/GPU, MFU, table
+    ("llama3_8B", "A100", 1, 2, 4, 1, 512, 3698.7, 0.569, "main table, A100 1x8 (baseline)"),
+    ("llama3_8B", "H100", 1, 1, 4, 2, 512, 8103, 0.393, "main table, H100 1x8 bf16"),
+    ("llama3_8B", "H100", 2, 1, 8, 2, 512, 7914, 0.384, "main table, H100 2x8 bf16"),
+    ("llama3_8B", "H100", 55, 1, 220, 2, 1760, 7047, 0.342, "main table, H100 55x8 bf16 (gbs=1760)"),
+    ("llama3_8B", "A100", 1, 4, 2, 1, 512, 3306.5, 0.500, "A100 1x8 ablation table"),
+    ("llama3_8B", "A100", 1, 2, 2, 2, 512, 3409.2, 0.524, "A100 1x8 ablation table"),
+    ("llama3_8B", "A100", 1, 2, 1, 4, 512, 3006.1, 0.462, "A100 1x8 ablation table"),
+    ("llama3_8B", "A100", 1, 8, 1, 1, 512, 2690.3, 0.414, "A100 1x8 ablation table"),
+    ("llama3_8B", "A100", 1, 1, 1, 8, 512, 2451.2, 0.377, "A100 1x8 ablation table"),
+    ("llama3_8B", "A100", 1, 4, 1, 2, 512, 3042.7, 0.468, "A100 1x8 ablation table"),
+    ("llama3_70B", "H100", 8, 4, 2, 8, 512, 851, 0.361, "main table, H100 8x8 bf16"),
+]
+
+
+@source("flagperf")
+def flagperf():
+    rows = []
+    for case, gpu, nodes, pp, dp, tp, gbs, tps, mfu, where in FLAGPERF:
+        l, h, a, kv, ffn, vocab = LLAMA["llama3-" + case.split("_")[1]]
+        path = "training/nvidia/%s-megatron/README.md" % case
+        rows.append(row(
+            "flagperf-%s-%s-%dx8-pp%d-dp%d-tp%d" % (case.replace("_", "-"), gpu.lower(), nodes, pp, dp, tp),
+            {"arch": "llama", "name": case.replace("_", "-"), "layers": l, "hidden": h, "heads": a, "kv_heads": kv,
+             "ffn": ffn, "vocab": vocab, "seq": 8192, "params_b": float(case.split("_")[1][:-1])},
+            {"gpu": "A100-SXM4-80GB" if gpu == "A100" else "H100-SXM5-80GB", "gpus": nodes * 8, "gpus_per_node": 8},
+            {"tp": tp, "pp": pp, "cp": 1, "dp": dp, "vpp": 1, "mbs": 1, "gbs": gbs, "recompute": "none", "zero": 1,
+             "sp": True, "flash_attn": True, "overlap_grad_reduce": False, "precision": "bf16"},
+            {"metric": "tokens_per_s_per_gpu", "value": tps, "also": {"mfu": mfu},
+             "flops": "FlagPerf MFU, 'PaLM paper definition' (6*N + 12*L*H*Q*T per token, non-causal attention, no "
+                      "recompute) over theoryflops 312 (A100) / 989 (H100) TFLOP/s"},
+            {"paper": "BAAI FlagPerf, %s-megatron case (Megatron-Core v0.6.0)" % case, "where": "%s: %s" % (path, where),
+             "url": FP_URL % path,
+             "note": "Parallelism from the table's PPxDPyTPz column; micro-batch 1 (config/config_*.py localbs), "
+                     "global batch 512 and seq 8192 from training/benchmarks/%s/megatron/pretrain_llama3.sh unless "
+                     "the row's fix_hp overrides gbs; --sequence-parallel, --use-distributed-optimizer, "
+                     "--use-flash-attn, Transformer Engine, bf16, no recompute option. overlap-grad-reduce is not "
+                     "passed (Megatron-Core v0.6.0 default off). Llama 3 shape from the script (vocab 128256 from "
+                     "the Llama 3 tokenizer). Fabric of the multi-node H100 runs is not stated." % case},
+            "high", "Megatron-Core v0.6.0 (FlagPerf)"))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# 9. Llama 3 (Dubey et al. 2024) Table 4: 405B pre-training on 8K-16K H100 with
+#    4D parallelism, 8K and 128K context (overlaps ../measurements.jsonl).
+LLAMA3_PAPER = "Dubey et al. 2024, The Llama 3 Herd of Models (arXiv 2407.21783)"
+
+
+@source("llama3-405b")
+def llama3_405b():
+    rows = []
+    l, h, a, kv, ffn, vocab = LLAMA["llama3-405B"]
+    for i, (gpus, cp, dp, seq, bpd, tf, mfu) in enumerate([(8192, 1, 64, 8192, 32, 430, 0.43),
+                                                         (16384, 1, 128, 8192, 16, 400, 0.41),
+                                                         (16384, 16, 8, 131072, 16, 380, 0.38)]):
+        rows.append(row(
+            "llama3-405b-g%d-cp%d-s%d" % (gpus, cp, seq),
+            {"arch": "llama", "name": "Llama-3.1-405B", "layers": l, "hidden": h, "heads": a, "kv_heads": kv,
+             "ffn": ffn, "vocab": vocab, "seq": seq, "params_b": 405.0},
+            {"gpu": "H100-SXM5-80GB", "gpus": gpus, "gpus_per_node": 8, "nic_gbps_per_node": 3200},
+            {"tp": 8, "cp": cp, "pp": 16, "dp": dp, "mbs": 1, "gbs": bpd * dp, "recompute": "none", "zero": 2,
+             "sp": True, "flash_attn": True, "overlap_grad_reduce": True, "cp_comm": "allgather",
+             "pp_schedule": "interleaved 1F1B (virtual stages not stated)", "precision": "bf16"},
+            {"metric": "model_tflops_per_gpu", "value": tf, "also": {"mfu": mfu},
+             "flops": "Llama 3 BF16 model FLOPs per GPU (no recompute); MFU over 989 TFLOP/s"},
+            {"paper": LLAMA3_PAPER, "where": "Table 4, row %d" % (i + 1),
+             "url": "https://arxiv.org/abs/2407.21783",
+             "note": "Table 4 gives GPUs, TP 8, CP, PP 16, DP, sequence length, batch size per DP group, 16M tokens "
+                     "per batch, TFLOPs/GPU and BF16 MFU. Section 3.3: H100 80GB at 700 W, 8 per server, "
+                     "400 Gb/s per GPU RoCE; FSDP-style sharding of optimizer state and gradients without "
+                     "re-sharding parameters after forward (zero 2); interleaved pipeline schedule with a tuned "
+                     "number of micro-batches; context parallelism all-gathers K/V (cp_comm allgather). Not "
+                     "stated, assumed: micro-batch 1 (batch size per DP = micro-batches), number of virtual "
+                     "stages, activation recompute (none assumed). The same three rows are in "
+                     "../measurements.jsonl (llama3-405B-*), where row 1 is a calibration row."},
+            "medium", "Meta internal (PyTorch, 4D parallelism)"))
+    return rows
+
+
+# ---------------------------------------------------------------------------
 # Validation.
 METRICS = {"iter_s", "tokens_per_s_per_gpu", "tokens_per_s", "model_tflops_per_gpu",
            "hw_tflops_per_gpu", "mfu"}
