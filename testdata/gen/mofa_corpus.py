@@ -1009,6 +1009,106 @@ def llama3_405b():
 
 
 # ---------------------------------------------------------------------------
+# 10. NVIDIA DGX Cloud Benchmarking recipes v25.01 (NVIDIA/dgxc-benchmarking):
+#     NeMo 24.09 / 24.11 BF16 on H100 at 8-2,304 GPUs, with the recipe yamls.
+DGXC_COMMIT = "143b90dd91f9be958fed4773ae95d941a3356a82"
+DGXC_URL = "https://github.com/NVIDIA/dgxc-benchmarking/blob/%s/%%s" % DGXC_COMMIT
+GPT3_175B = {"arch": "gpt", "name": "GPT-3 175B", "layers": 96, "hidden": 12288, "heads": 96, "ffn": 49152,
+             "vocab": 50257, "seq": 2048, "params_b": 175.0}
+NEMOTRON4_340B = {"arch": "gpt", "name": "Nemotron-4 340B", "layers": 96, "hidden": 18432, "heads": 96,
+                  "kv_heads": 8, "ffn": 73728, "vocab": 256000, "seq": 4096, "params_b": 340.0,
+                  "tie_embeddings": False}
+DGXC = {
+    # key: (readme, yaml, model, tp, pp, cp, vp, ga, container, recompute, tp_overlap,
+    #       [(gpus, gbs, layers, pp_override, vp_override, step_s, tokens_s, mfu), ...])
+    "llama3.1-8b": ("llama3.1/README_8b.md", "llama3.1/llama3.1_8b.yaml", "llama3-8B", 1, 1, 2, None, 32,
+                    "24.09", "none", False,
+                    [(8, 128, 32, 1, None, 12.91, 81222, 0.5937), (16, 256, 32, 1, None, 13.00, 161319, 0.5896),
+                     (32, 512, 32, 1, None, 13.05, 321403, 0.5873), (64, 1024, 32, 1, None, 13.08, 641331, 0.5860),
+                     (128, 2048, 32, 1, None, 13.10, 1280704, 0.5851)]),
+    "llama3.1-70b": ("llama3.1/README_70b.md", "llama3.1/llama3.1_70b.yaml", "llama3-70B", 4, 4, 2, 5, 64,
+                     "24.09", "none", True,
+                     [(64, 128, 80, 4, 5, 14.72, 71235, 0.5410), (128, 256, 80, 4, 5, 14.73, 142373, 0.5406),
+                      (256, 512, 80, 4, 5, 14.8, 283399, 0.5381), (512, 1024, 80, 4, 5, 14.89, 563372, 0.5348),
+                      (1024, 2048, 80, 4, 5, 14.92, 1124478, 0.5338),
+                      (2048, 4096, 80, 4, 5, 14.98, 2248957, 0.5338)]),
+    "llama3.1-405b": ("llama3.1/README_405b.md", "llama3.1/llama3.1_405b.yaml", "llama3-405B", 8, 9, 2, 7, 63,
+                      "24.09", "none", True,
+                      [(32, 126, 7, 1, None, 8.85, 116632, 0.5863), (96, 126, 21, 3, 7, 8.75, 117965, 0.5617),
+                       (192, 252, 42, 3, 7, 16.93, 121936, 0.5725), (576, 252, 126, 9, 7, 17.20, 120022, 0.5578),
+                       (1152, 504, 126, 9, 7, 17.52, 235660, 0.5476),
+                       (2304, 1008, 126, 9, 7, 17.62, 468646, 0.5445)]),
+    "gpt3-175b": ("nemo_megatron/README_175b.md", "nemo_megatron/gpt3_175b_hydra.yaml", "gpt3", 4, 8, 1, 12, 64,
+                  "24.11", "none", True,
+                  [(128, 256, 96, 8, 12, 8.91, 58843, 0.4993), (256, 512, 96, 8, 12, 8.95, 117159, 0.4971),
+                   (512, 1024, 96, 8, 12, 9.09, 230710, 0.4894), (1024, 2048, 96, 8, 12, 9.01, 465517, 0.4938),
+                   (2048, 4096, 96, 8, 12, 9.02, 930001, 0.4932)]),
+    "nemotron4-340b": ("nemotron/README_340b.md", "nemotron/nemotron4-340b-synth.yaml", "nemotron4", 8, 8, 1, 12,
+                       16, "24.11", "selective", False,
+                       [(128, 32, 96, 8, 12, 4.61, 28432, 0.5538), (256, 64, 96, 8, 12, 4.67, 56134, 0.5467),
+                        (512, 128, 96, 8, 12, 4.7, 111551, 0.5432), (1024, 256, 96, 8, 12, 4.73, 221686, 0.5398),
+                        (2048, 512, 96, 8, 12, 4.84, 433296, 0.5275)]),
+}
+
+
+@source("nvidia-dgxc-benchmarking")
+def nvidia_dgxc():
+    rows = []
+    for key, (readme, yaml, mname, tp, pp0, cp, vp0, ga, cont, rc, tpo, runs) in DGXC.items():
+        for gpus, gbs, layers, pp, vp, step, tps, mfu in runs:
+            if mname == "gpt3":
+                model = dict(GPT3_175B)
+            elif mname == "nemotron4":
+                model = dict(NEMOTRON4_340B)
+            else:
+                l, h, a, kv, ffn, vocab = LLAMA[mname]
+                model = {"arch": "llama", "name": "Llama-3.1-" + mname.split("-")[1], "layers": l, "hidden": h,
+                         "heads": a, "kv_heads": kv, "ffn": ffn, "vocab": vocab, "seq": 8192,
+                         "params_b": float(mname.split("-")[1][:-1])}
+            proxy = layers != model["layers"]
+            model["layers"] = layers
+            dp = gpus // (tp * pp * cp)
+            assert dp * ga == gbs, (key, gpus)
+            strat = {"tp": tp, "pp": pp, "cp": cp, "dp": dp, "vpp": vp or 1, "mbs": 1, "gbs": gbs,
+                     "recompute": rc, "zero": 1, "sp": tp > 1, "flash_attn": True, "overlap_grad_reduce": True,
+                     "overlap_param_gather": True, "tp_comm_overlap": tpo, "precision": "bf16"}
+            if cp > 1:
+                strat["cp_comm"] = "ring"
+            note = ("Configuration from the table title and %s at the cited commit: micro-batch 1, TP %d, PP %d, "
+                    "CP %d, VP %s, gradient accumulation %d, distributed_fused_adam with overlap_grad_sync and "
+                    "overlap_param_sync (zero 1), sequence_parallel %s, ub_tp_comm_overlap %s, "
+                    "use_flash_attention / Transformer Engine, activation checkpointing %s. NeMo %s container, "
+                    "BF16 (the recipes' FP8 tables are left out). The step time is the last training step's "
+                    "train_step_timing. The H100 cluster's fabric is not stated; context parallelism is Megatron's "
+                    "ring (TE) when CP > 1."
+                    % (yaml, tp, pp, cp, vp or "n/a", ga, tp > 1, tpo,
+                       "selective" if rc == "selective" else "off", cont))
+            if proxy:
+                note += (" Proxy configuration: the model is cut to %d layers so that it fits on %d GPUs "
+                         "(the README's table gives the layer count)." % (layers, gpus))
+            if mname == "gpt3":
+                note += (" GPT-3 175B with the GPT-2 BPE vocabulary (50257, padded by Megatron to a multiple of "
+                         "128*tp), learned absolute positions and tied embeddings (NeMo GPT defaults).")
+            if mname == "nemotron4":
+                note += (" Nemotron-4 340B: squared-ReLU MLP (not gated), RoPE, untied embeddings, 256k "
+                         "sentencepiece vocabulary, GQA with 8 query groups.")
+            if key == "llama3.1-405b" and gpus == 96:
+                note += " The step-time cell reads '8.7  5'; 8.75 s is the value that gives the row's 117965 tokens/s."
+            rows.append(row(
+                "nvidia-dgxc-benchmarking-%s-g%d" % (key, gpus), model,
+                {"gpu": "H100-SXM5-80GB", "gpus": gpus, "gpus_per_node": 8}, strat,
+                {"metric": "iter_s", "value": step, "also": {"tokens_per_s": tps, "mfu": mfu},
+                 "flops": "NeMo model FLOPs per global batch from the README's 'model flops for GBS=1' (attention "
+                          "included, no recompute); MFU over 989 TFLOP/s BF16"},
+                {"paper": "NVIDIA DGX Cloud Benchmarking recipes v25.01 (NVIDIA/dgxc-benchmarking, %s)" % readme,
+                 "where": "%s, BF16 table, %d H100 column" % (readme, gpus), "url": DGXC_URL % readme,
+                 "note": note},
+                "high" if not (key == "llama3.1-405b" and gpus == 96) else "medium",
+                "NeMo %s (Megatron-Core)" % cont))
+    return rows
+
+
+# ---------------------------------------------------------------------------
 # Validation.
 METRICS = {"iter_s", "tokens_per_s_per_gpu", "tokens_per_s", "model_tflops_per_gpu",
            "hw_tflops_per_gpu", "mfu"}
