@@ -32,9 +32,15 @@ GPUS = {
 SOURCES = {}
 
 
-def source(slug):
+def source(slug, extend=False):
+    """Register a generator of one source's rows; extend=True appends to an earlier one."""
     def deco(fn):
-        SOURCES[slug] = fn
+        if extend:
+            prev = SOURCES[slug]
+            SOURCES[slug] = lambda: prev() + fn()
+        else:
+            assert slug not in SOURCES, slug
+            SOURCES[slug] = fn
         return fn
     return deco
 
@@ -1108,13 +1114,105 @@ def nvidia_dgxc():
     return rows
 
 
+
+# v25.05.04 of the same recipes (NeMo 25.04): BF16 H100 rows whose table configuration is complete.
+DGXC2_COMMIT = "1f6d9f40e4117d7c71b726f86074ac01c29f87f5"
+DGXC2_URL = "https://github.com/NVIDIA/dgxc-benchmarking/blob/%s/%%s" % DGXC2_COMMIT
+NEMO_CFG = ("https://github.com/NVIDIA/NeMo/blob/ea4b47fddcf84b7fedd870e2dbccad0712a15aff/"
+            "scripts/performance/recommended_model_configs/model_configs_h100.csv")
+DEEPSEEK_V3 = {"arch": "llama", "name": "DeepSeek-V3", "layers": 61, "hidden": 7168, "heads": 128, "kv_heads": 128,
+               "head_dim": 128, "ffn": 18432, "vocab": 129280, "seq": 4096, "params_b": 671.0,
+               "active_params_b": 37.0,
+               "mla": {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_head_dim": 128, "qk_rope_head_dim": 64,
+                       "v_head_dim": 128},
+               "moe": {"experts": 256, "topk": 8, "expert_ffn": 2048, "shared_experts": 1, "shared_ffn": 2048,
+                       "moe_layers": 58}}
+GROK1 = {"arch": "llama", "name": "Grok-1", "layers": 64, "hidden": 6144, "heads": 48, "kv_heads": 8,
+         "head_dim": 128, "ffn": 32768, "vocab": 131072, "seq": 8192, "params_b": 314.0,
+         "moe": {"experts": 8, "topk": 2, "expert_ffn": 32768, "shared_experts": 0, "moe_layers": 64}}
+NEMOTRON4_15B = {"arch": "gpt", "name": "Nemotron-4 15B", "layers": 32, "hidden": 6144, "heads": 48, "kv_heads": 8,
+                 "ffn": 24576, "vocab": 256000, "seq": 4096, "params_b": 15.0, "tie_embeddings": False}
+DGXC2 = [
+    # id, readme, model, gpus, tp, pp, cp, ep, vp, mbs, gbs, recompute, step s, tokens/s or None, mfu or None,
+    # tflops/gpu or None, nemo, extra note
+    ("deepseek-v3-g512", "deepseek_v3/pretraining/README.md", DEEPSEEK_V3, 512, 2, 8, 1, 64, 1, 1, 4096,
+     "selective", 48.948, 342755.90, 0.1760, 174.02, "25.04.01",
+     "H100 specifications table: TP 2, PP 8, CP 1, EP 64, ETP 1, DP 32, VP 1, MBS 1, GBS 4096, GA 128. "
+     "launch.sh for h100: --recompute_modules mla_up_proj (selective), no activation offload. Shape: NeMo "
+     "DeepSeekV3Config (61 layers, first 3 dense, hidden 7168, MLA with q_lora 1536 / kv_lora 512, 128 heads, "
+     "qk 128+64 rope, v 128; 256 routed experts top-8 of 2048 plus 1 shared of 2048; dense ffn 18432; "
+     "mtp_num_layers None); vocab 129280 (DeepSeek-V3 tokenizer). Dispatcher and routing balance not stated."),
+    ("deepseek-v3-g1024", "deepseek_v3/pretraining/README.md", DEEPSEEK_V3, 1024, 2, 16, 1, 64, 1, 1, 8192,
+     "selective", 52.04, 644781.55, 0.1655, 163.7, "25.04.01",
+     "H100 specifications table: TP 2, PP 16, CP 1, EP 64, ETP 1, DP 32, VP 1, MBS 1, GBS 8192, GA 256 (the NeMo "
+     "recommended H100 config csv lists the same). Recompute and shape as the 512-GPU row."),
+    ("grok1-314b-g512", "grok1/README.md", GROK1, 512, 4, 8, 2, 8, 8, 1, 1024, "none", 15.933, 526493, 0.542,
+     None, "25.04.00",
+     "H100 table: TP 4, PP 8, CP 2, EP 8, ETP 1, DP 8, VP 8, MBS 1, GBS 1024, GA 128. Shape: xai-org/grok-1 "
+     "run.py (64 layers, emb 48*128, 48 query / 8 KV heads of 128, 8 experts top-2, widening factor 8 -> ffn "
+     "32768, vocab 131072). Recompute not stated (none assumed: NeMo performance-recipe default)."),
+    ("llama3.1-405b-g512", "llama3.1/README.md", "llama3-405B", 512, 8, 8, 2, 1, 8, 1, 256, "none", 19.810,
+     105863, 0.5534, None, "25.04.01",
+     "H100 table: TP 8, PP 8, CP 2, DP 4, VP 8, MBS 1, GBS 256; the table's GA column says 32, but GBS / (MBS*DP) "
+     "= 64 and the README's tokens/s (105863 = 8192*256/19.81) confirms GBS 256. Recompute none (NeMo "
+     "recommended H100 config csv: recompute_layers 0)."),
+    ("nemotron4-15b-g16", "nemotron/README.md", NEMOTRON4_15B, 16, 2, 1, 1, 1, 1, 2, 64, "none", 2.746, None,
+     None, None, "25.04.00",
+     "H100 specifications table: TP 2, PP 1, CP 1, DP 8, MBS 2, GBS 64, GA 4. Shape: NeMo Nemotron4Config15B "
+     "(32 layers, hidden 6144, ffn 24576 squared-ReLU, 48 heads, 8 query groups, 256k vocabulary). Recompute "
+     "none (NeMo recommended H100 config csv)."),
+]
+
+
+@source("nvidia-dgxc-benchmarking", extend=True)
+def nvidia_dgxc_2505():
+    rows = []
+    for (rid, readme, model, gpus, tp, pp, cp, ep, vp, mbs, gbs, rc, step, tps, mfu, tf, nemo, extra) in DGXC2:
+        if isinstance(model, str):
+            l, h, a, kv, ffn, vocab = LLAMA[model]
+            model = {"arch": "llama", "name": "Llama-3.1-405B", "layers": l, "hidden": h, "heads": a,
+                     "kv_heads": kv, "ffn": ffn, "vocab": vocab, "seq": 8192, "params_b": 405.0}
+        dp = gpus // (tp * pp * cp)
+        strat = {"tp": tp, "pp": pp, "cp": cp, "dp": dp, "vpp": vp, "mbs": mbs, "gbs": gbs, "recompute": rc,
+                 "zero": 1, "sp": tp > 1, "flash_attn": True, "overlap_grad_reduce": True,
+                 "overlap_param_gather": True, "precision": "bf16"}
+        if ep > 1:
+            strat["ep"] = ep
+            strat["etp"] = 1
+        if cp > 1:
+            strat["cp_comm"] = "ring"
+        also = {}
+        if tps:
+            also["tokens_per_s"] = tps
+        if mfu:
+            also["mfu"] = mfu
+        if tf:
+            also["model_tflops_per_gpu"] = tf
+        meas = {"metric": "iter_s", "value": step,
+                "flops": "NeMo model FLOPs (TFLOPS_per_GPU as logged; MFU over 989 TFLOP/s BF16)"}
+        if also:
+            meas["also"] = also
+        rows.append(row(
+            "nvidia-dgxc-benchmarking-v250504-%s" % rid, model,
+            {"gpu": "H100-SXM5-80GB", "gpus": gpus, "gpus_per_node": 8}, strat, meas,
+            {"paper": "NVIDIA DGX Cloud Benchmarking recipes v25.05.04 (NVIDIA/dgxc-benchmarking, %s)" % readme,
+             "where": "%s, H100 Performance, BF16 %dx H100" % (readme, gpus), "url": DGXC2_URL % readme,
+             "note": ("%s NeMo %s container. Distributed optimizer with grad/param overlap, sequence parallel "
+                      "with TP, TE flash attention: NeMo performance-recipe defaults (assumed). Step time is the "
+                      "mean of iterations 11-44 (parse_train_timing.sh). Fabric not stated. NeMo config csv: %s"
+                      % (extra, nemo, NEMO_CFG))},
+            "medium", "NeMo %s (Megatron-Core)" % nemo))
+    return rows
+
+
 # ---------------------------------------------------------------------------
 # Validation.
 METRICS = {"iter_s", "tokens_per_s_per_gpu", "tokens_per_s", "model_tflops_per_gpu",
            "hw_tflops_per_gpu", "mfu"}
 TOP = {"id", "model", "cluster", "strategy", "measured", "source", "confidence", "framework"}
 MODEL = {"arch", "name", "layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "seq",
-         "params_b", "active_params_b", "tie_embeddings", "moe"}
+         "params_b", "active_params_b", "tie_embeddings", "moe", "mla"}
+MLA = {"q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_rope_head_dim", "v_head_dim"}
 MOE = {"experts", "topk", "expert_ffn", "shared_experts", "shared_ffn", "moe_layers"}
 CLUSTER = {"gpu", "gpus", "gpus_per_node", "nic_gbps_per_node", "peak_tflops", "hbm_gb", "hbm_gbs"}
 STRATEGY = {"tp", "pp", "vpp", "cp", "ep", "etp", "dp", "mbs", "gbs", "grad_accum", "recompute", "zero",
@@ -1197,6 +1295,11 @@ def check_row(r, slug, where):
         need(ml is None or ml <= m["layers"], where, "moe.moe_layers exceeds layers")
         pos_int(m["moe"], "shared_ffn", where + ": model.moe", False)
         need(isinstance(m["moe"].get("shared_experts", 0), int), where, "moe.shared_experts must be an integer")
+    if "mla" in m:
+        keys(m["mla"], MLA, where + ": model.mla")
+        for k in sorted(MLA):
+            pos_int(m["mla"], k, where + ": model.mla")
+    need(isinstance(m.get("tie_embeddings", False), bool), where, "model.tie_embeddings must be true or false")
     c = r.get("cluster")
     need(c is not None, where, "cluster missing")
     keys(c, CLUSTER, where + ": cluster")
