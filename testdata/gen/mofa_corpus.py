@@ -13,6 +13,7 @@ Usage (from the repository root):
   python3 testdata/gen/mofa_corpus.py            # validate every corpus file, print per-source counts
   python3 testdata/gen/mofa_corpus.py --write    # regenerate the files from the transcriptions below, then validate
   python3 testdata/gen/mofa_corpus.py --check    # exit 1 if the files differ from what --write would produce
+  python3 testdata/gen/mofa_corpus.py --dir DIR  # validate the *.jsonl files (and README.md) in DIR instead
 Exit status: 0 valid, 1 invalid or (with --check) stale.
 """
 import json
@@ -1358,6 +1359,20 @@ def check_row(r, slug, where):
         need(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0, where,
              "measured.also.%s must be a positive number" % k)
         need(k not in ("mfu", "hfu") or x <= 1, where, "measured.also.%s is a fraction" % k)
+    # Cross-checks between figures the same row prints: they catch transcription slips.
+    peak = c.get("peak_tflops", GPUS.get(gpu))
+    figs = dict(also, **{ms["metric"]: v})
+    if "mfu" in figs and "model_tflops_per_gpu" in figs:
+        need(abs(figs["model_tflops_per_gpu"] / peak - figs["mfu"]) <= 0.006, where,
+             "mfu %s disagrees with model_tflops_per_gpu %s / peak %s" % (figs["mfu"], figs["model_tflops_per_gpu"],
+                                                                         peak))
+    if "iter_s" in figs and "tokens_per_s" in figs:
+        tps = s["gbs"] * m["seq"] / figs["iter_s"]
+        need(abs(tps / figs["tokens_per_s"] - 1) <= 0.01, where,
+             "tokens_per_s %s disagrees with gbs*seq/iter_s = %.0f" % (figs["tokens_per_s"], tps))
+    if "tokens_per_s_per_gpu" in figs and "tokens_per_s" in figs:
+        need(abs(figs["tokens_per_s_per_gpu"] * gpus / figs["tokens_per_s"] - 1) <= 0.01, where,
+             "tokens_per_s disagrees with tokens_per_s_per_gpu * gpus")
     src = r.get("source")
     need(src is not None, where, "source missing")
     keys(src, SOURCE, where + ": source")
@@ -1373,12 +1388,13 @@ def render(rows):
     return "".join(json.dumps(x, separators=(",", ":")) + "\n" for x in rows)
 
 
-def validate():
-    files = sorted(CORPUS.glob("*.jsonl"))
+def validate(corpus=CORPUS):
+    files = sorted(corpus.glob("*.jsonl"))
     if not files:
-        print("mofa_corpus: error: %s: no corpus files" % CORPUS, file=sys.stderr)
+        print("mofa_corpus: error: %s: no corpus files; run from a checkout or give --dir DIR" % corpus,
+              file=sys.stderr)
         return 1
-    readme = (CORPUS / "README.md").read_text() if (CORPUS / "README.md").exists() else ""
+    readme = (corpus / "README.md").read_text() if (corpus / "README.md").exists() else ""
     seen, errors, total = {}, 0, 0
     print("%-32s %5s %9s  %s" % ("source", "rows", "GPUs", "hardware"))
     for f in files:
@@ -1415,6 +1431,12 @@ def generated():
 
 
 def main(argv):
+    if "--dir" in argv:
+        i = argv.index("--dir")
+        if i + 1 >= len(argv):
+            print("mofa_corpus: error: --dir: missing directory; give --dir DIR", file=sys.stderr)
+            return 2
+        return validate(Path(argv[i + 1]))
     if "--write" in argv or "--check" in argv:
         out = generated()
         if "--check" in argv:
