@@ -388,8 +388,10 @@ LLAMA = {  # name: (layers, hidden, heads, kv_heads, ffn, vocab), from torchtita
     "llama3-405B": (126, 16384, 128, 8, 53248, 128256),
 }
 # Grand Teton H100: 96 GB HBM2e at 2.4 TB/s, 500 W, 400 Gb/s RDMA per GPU (docs/performance.md, Jan 2025).
+# intra_node_gbps: H100 SXM NVLink 4, 900 GB/s bidirectional = 450 GB/s per direction (NVIDIA data sheet; the
+# doc only says "fully connected with NVLink"); inter_node_gbps: 400 Gb/s per GPU / 8 = 50 GB/s per direction.
 GRAND_TETON = {"gpu": "H100-SXM5-96GB-HBM2e-500W", "peak_tflops": 989.0, "hbm_gb": 96, "hbm_gbs": 2400,
-               "gpus_per_node": 8, "nic_gbps_per_node": 3200}
+               "intra_node_gbps": 450, "inter_node_gbps": 50, "gpus_per_node": 8, "nic_gbps_per_node": 3200}
 TT_FLOPS = ("torchtitan get_num_flop_per_token: 6*N (N without the embedding) + 12*L*H*Dh*T per token "
             "(non-causal attention, no recompute); MFU over the GPU's listed peak")
 TITAN = [
@@ -461,6 +463,9 @@ def torchtitan():
                 "(flash backend). " % mname.replace("-", "_").replace("B", "b").lower())
         if gpu == "A100":
             note += "The A100 cluster's fabric is not stated. "
+        else:
+            note += ("Grand Teton: 96 GB HBM2e at 2.4 TB/s, 500 W, 400 Gb/s RDMA per GPU (docs/performance.md, "
+                     "Jan 2025); the NVLink bandwidth is not stated (H100 SXM's 450 GB/s per direction assumed). ")
         if comp is None:
             pass
         else:
@@ -1215,12 +1220,13 @@ MODEL = {"arch", "name", "layers", "hidden", "heads", "kv_heads", "head_dim", "f
          "params_b", "active_params_b", "tie_embeddings", "moe", "mla"}
 MLA = {"q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_rope_head_dim", "v_head_dim"}
 MOE = {"experts", "topk", "expert_ffn", "shared_experts", "shared_ffn", "moe_layers"}
-CLUSTER = {"gpu", "gpus", "gpus_per_node", "nic_gbps_per_node", "peak_tflops", "hbm_gb", "hbm_gbs"}
+CLUSTER = {"gpu", "gpus", "gpus_per_node", "nic_gbps_per_node", "peak_tflops", "hbm_gb", "hbm_gbs",
+           "intra_node_gbps", "inter_node_gbps"}
 STRATEGY = {"tp", "pp", "vpp", "cp", "ep", "etp", "dp", "mbs", "gbs", "grad_accum", "recompute", "zero",
             "sp", "flash_attn", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap",
             "cp_comm", "precision", "fsdp_mixed_precision", "pp_schedule", "ep_comm_overlap",
             "moe_dispatcher", "moe_force_balance"}
-SOURCE = {"paper", "where", "url", "note"}
+SOURCE = {"paper", "where", "url", "note", "slug"}
 MEASURED = {"metric", "value", "also", "flops"}
 ARCHS = {"gpt", "llama", "bloom", "opt"}
 
@@ -1311,8 +1317,10 @@ def check_row(r, slug, where):
     gpn = pos_int(c, "gpus_per_node", where + ": cluster", False)
     need(gpn is None or gpus % gpn == 0 or gpus < gpn, where, "cluster.gpus must be whole nodes")
     pos_num(c, "nic_gbps_per_node", where + ": cluster", False)
-    for k in ("peak_tflops", "hbm_gb", "hbm_gbs"):
+    for k in ("peak_tflops", "hbm_gb", "hbm_gbs", "intra_node_gbps", "inter_node_gbps"):
         pos_num(c, k, where + ": cluster", False)
+    need(gpu in GPUS or all(k in c for k in ("intra_node_gbps", "inter_node_gbps")), where,
+         "a GPU that is not a preset needs intra_node_gbps and inter_node_gbps too")
     s = r.get("strategy")
     need(s is not None, where, "strategy missing")
     keys(s, STRATEGY, where + ": strategy")
@@ -1379,6 +1387,7 @@ def check_row(r, slug, where):
     for k in ("paper", "where", "note"):
         text(src, k, where + ": source")
     text(src, "url", where + ": source", False)
+    need(src.get("slug") == slug, where, "source.slug must be the file stem %r" % slug)
     need(r.get("confidence") in ("high", "medium", "low"), where, "confidence must be high, medium or low")
     text(r, "framework", where)
     return rid
@@ -1427,7 +1436,13 @@ def validate(corpus=CORPUS):
 
 
 def generated():
-    return {slug: render(fn()) for slug, fn in SOURCES.items()}
+    out = {}
+    for slug, fn in SOURCES.items():
+        rows = fn()
+        for r in rows:
+            r["source"]["slug"] = slug
+        out[slug] = render(rows)
+    return out
 
 
 def main(argv):
