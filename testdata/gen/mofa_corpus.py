@@ -301,7 +301,8 @@ def llm_foundry():
                 "learned positional embeddings (NumParams grows with seq), low_precision_layernorm "
                 "(submit_benchmarks.py). attn_impl flash (submit_benchmarks.py default); the FlashAttention "
                 "generation per row is not stated. Pure FSDP: no tensor/pipeline parallelism, every GPU is a "
-                "data-parallel rank; activation checkpointing wraps whole blocks (recompute full). " % (size, d, h, l))
+                "data-parallel rank; activation checkpointing wraps whole blocks (recompute full); FSDP issues its "
+                "gradient reduce-scatter during the backward (overlap_grad_reduce). " % (size, d, h, l))
         if nic is None:
             note += "The H100 cluster's inter-node fabric is not stated. "
         note += "Precision %s, FSDP mixed_precision %s." % ("amp_bf16" if prec == "amp" else "bf16", mp)
@@ -436,16 +437,20 @@ TITAN = [
      "selective op AC"),
     ("h100-llama3-70B-tp8", "llama3-70B", 8192, 256, "GT", 8, 16, "full", True, 597.3, None,
      "2887250bbd9103d0bc997ea2efb3a525b5e5dbc0", "benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md",
-     "Llama3 70b on 256 H100s (FSDP 32, TP 8), row None (bfloat16), vanilla TP", ""),
+     "Llama3 70b on 256 H100s (FSDP 32, TP 8), row None (bfloat16), vanilla TP",
+     "the table's tokens/sec are per GPU (torchtitan's TPS)"),
     ("h100-llama3-70B-asynctp8", "llama3-70B", 8192, 256, "GT", 8, 16, "full", True, 652.4, None,
      "2887250bbd9103d0bc997ea2efb3a525b5e5dbc0", "benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md",
-     "Llama3 70b on 256 H100s (FSDP 32, TP 8), row None (bfloat16), async TP", "async TP overlaps TP communication"),
+     "Llama3 70b on 256 H100s (FSDP 32, TP 8), row None (bfloat16), async TP",
+     "async TP overlaps TP communication; the table's tokens/sec are per GPU (torchtitan's TPS)"),
     ("h100-llama3-8B-tp8", "llama3-8B", 8192, 64, "GT", 8, 12, "selective", True, 4378, None,
      "2887250bbd9103d0bc997ea2efb3a525b5e5dbc0", "benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md",
-     "Llama3 8b on 64 H100s (FSDP 8, TP 8), row None (bfloat16), vanilla TP", "per-op selective AC"),
+     "Llama3 8b on 64 H100s (FSDP 8, TP 8), row None (bfloat16), vanilla TP",
+     "per-op selective AC; the table's tokens/sec are per GPU (torchtitan's TPS)"),
     ("h100-llama3-8B-asynctp8", "llama3-8B", 8192, 64, "GT", 8, 12, "selective", True, 4809.4, None,
      "2887250bbd9103d0bc997ea2efb3a525b5e5dbc0", "benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md",
-     "Llama3 8b on 64 H100s (FSDP 8, TP 8), row None (bfloat16), async TP", "per-op selective AC; async TP"),
+     "Llama3 8b on 64 H100s (FSDP 8, TP 8), row None (bfloat16), async TP",
+     "per-op selective AC; async TP; the table's tokens/sec are per GPU (torchtitan's TPS)"),
 ]
 
 
