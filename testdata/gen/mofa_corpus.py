@@ -462,10 +462,11 @@ def torchtitan():
         dp = gpus // tp
         cluster = ({"gpu": "A100-SXM4-80GB", "gpus": gpus, "gpus_per_node": 8} if gpu == "A100"
                    else dict(GRAND_TETON, gpus=gpus))
-        note = ("seq_len, local batch and parallelism from the cited text and train_configs/%s.toml at the cited "
+        note = ("seq_len, local batch and parallelism from the cited text and %s%s.toml at the cited "
                 "commit; WPS/TPS is tokens per second per GPU (train.py divides by the non-data-parallel size). "
                 "FSDP2 (fully_shard, parameters resharded after forward: zero 3); attention is PyTorch SDPA "
-                "(flash backend). " % mname.replace("-", "_").replace("B", "b").lower())
+                "(flash backend). " % ("torchtitan/models/llama3/train_configs/" if path.startswith("benchmarks")
+                                       else "train_configs/", mname.replace("-", "_").replace("B", "b").lower()))
         if gpu == "A100":
             note += "The A100 cluster's fabric is not stated. "
         else:
