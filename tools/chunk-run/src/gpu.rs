@@ -12,7 +12,7 @@
 //! from the top-k ids, as the CPU path builds them, and uploaded.
 
 use crate::moe::{self, LayerW, Shape};
-use crate::stack::Engine;
+use crate::step::Engine;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{

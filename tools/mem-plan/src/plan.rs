@@ -5,6 +5,7 @@ use crate::layout::{layer_params, param_bytes, static_bytes, Layout, Precision};
 use crate::memory::{self, Dims, Recompute};
 use crate::routing::Received;
 use ftk::model::ModelConfig;
+use ftk::records::{Acts, MemPlan, StageSummary, Tag};
 use ftk::size::format_bytes;
 use serde::Serialize;
 
@@ -32,52 +33,8 @@ pub struct Inputs<'a> {
     pub sequence_parallel: bool,
 }
 
-#[derive(Serialize, Clone, Copy, Debug, Default)]
-pub struct Acts {
-    pub none: u64,
-    pub full: u64,
-    pub chunked: u64,
-}
-
-#[derive(Serialize, Debug)]
-pub struct LayerRecord {
-    pub kind: &'static str,
-    pub layer: u64,
-    pub moe_layer: u64,
-    pub stage: u64,
-    pub rank: u64,
-    pub tokens_received: u64,
-    /// Static memory of the whole GPU (all its layers, embedding/head).
-    pub static_bytes: u64,
-    /// This layer's share of it.
-    pub layer_static_bytes: u64,
-    pub ckpt_bytes: u64,
-    pub act_bytes: Acts,
-    pub chunks: u64,
-    pub peak_bytes: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fits: Option<bool>,
-}
-
-#[derive(Serialize, Debug)]
-pub struct StageSummary {
-    pub stage: u64,
-    pub layers: u64,
-    pub moe_layers: u64,
-    pub m_g: u64,
-    pub static_bytes: u64,
-    pub ckpt_bytes: u64,
-    /// s'_max of eq. (8): token copies one MoE layer may receive unchunked.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub s_max: Option<i64>,
-    pub peak_bytes: Acts,
-    pub chunks: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fits: Option<bool>,
-}
-
 pub struct Plan {
-    pub records: Vec<LayerRecord>,
+    pub records: Vec<MemPlan>,
     pub stages: Vec<StageSummary>,
     pub chunks: u64,
     pub fits: Option<bool>,
@@ -152,12 +109,10 @@ pub fn plan(i: &Inputs) -> Plan {
                 .fold(0.0, f64::max);
             let c = match (i.fixed_chunks, s_max) {
                 (Some(c), _) => c,
-                (None, Some(sm)) => {
-                    memory::mact_chunks(s_layer, sm, &i.bins).unwrap_or_else(|| {
-                        feasible = false;
-                        max_bin
-                    })
-                }
+                (None, Some(sm)) => ftk::mact::chunks(s_layer, sm, &i.bins).unwrap_or_else(|| {
+                    feasible = false;
+                    max_bin
+                }),
                 (None, None) => 1,
             };
             layer_chunks.push((x, o, c));
@@ -203,8 +158,8 @@ pub fn plan(i: &Inputs) -> Plan {
                 }) {
                     worst = Some(h);
                 }
-                records.push(LayerRecord {
-                    kind: "mem_plan",
+                records.push(MemPlan {
+                    kind: Tag::default(),
                     layer: x,
                     moe_layer: o,
                     stage,

@@ -2,9 +2,10 @@
 //! safetensors files of `layer.{L}.topk` / `layer.{L}.logits` tensors (mapped).
 
 use crate::count;
-use crate::hist::{Accum, Placement};
+use crate::hist::Accum;
 use crate::route_record::{RecordSeed, NEED_EXPERTS};
 use ftk::jsonl::Reader;
+use ftk::routing::Placement;
 use ftk::tensors::{self, TensorFile};
 use ftk::{Error, Result};
 use std::collections::BTreeMap;

@@ -4,21 +4,10 @@ use assert_cmd::Command;
 use serde_json::Value;
 
 fn run(args: &[&str]) -> Vec<Value> {
-    let out = Command::cargo_bin("route-hist")
-        .unwrap()
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    ftk_test::run_ok(
+        ftk_test::tool("route-hist").args(args),
+        &format!("{args:?}"),
+    )
 }
 
 fn u(v: &Value) -> Vec<u64> {
