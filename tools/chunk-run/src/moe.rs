@@ -329,6 +329,9 @@ pub fn combine(sh: &Shape, y: &mut [f32], o: &[f32], d: &Dispatch, r: &Routing) 
 /// output gradient `g` [T,h]: accumulates expert weight gradients into `gw`,
 /// the input gradient into `dx` and the combine-weight gradients into `dw`
 /// [T·k]. Consumes the activations, freeing each as soon as it is dead.
+/// One function on purpose (over 100 lines): its buffers are allocated and
+/// freed in the order `predict.rs` itemises (the working-set phases of
+/// `block_working_per_copy`), and split helpers would hide that order.
 #[allow(clippy::too_many_arguments)]
 pub fn experts_backward(
     sh: &Shape,

@@ -184,6 +184,8 @@ pub struct StepCfg<'a> {
 
 /// Forward and backward of a stack of `layers` blocks with loss = Σ y·dy.
 /// Weight gradients accumulate into the engine's gradients (zero them first).
+/// One function on purpose (just over 100 lines): forward and backward of
+/// every mode side by side, so what each mode keeps alive is read in one place.
 pub fn step<E: Engine>(
     eng: &mut E,
     sh: &Shape,

@@ -139,6 +139,8 @@ impl Algorithm for Dpm {
         })
     }
 
+    // Over 100 lines on purpose: it follows diffusers' step and
+    // multistep_dpm_solver_{first,second}_order_update in order.
     fn step(
         &mut self,
         sch: &mut Schedule,

@@ -249,6 +249,7 @@ impl Config {
 
     /// Set one config key from its JSON value, refusing what diffusers refuses and
     /// what this implementation does not support.
+    /// (One arm per diffusers config key, hence over 100 lines.)
     pub fn set(&mut self, key: &str, v: &Value) -> std::result::Result<(), String> {
         fn num(v: &Value) -> std::result::Result<f64, String> {
             v.as_f64()

@@ -100,6 +100,8 @@ struct Pndm {
 }
 
 impl Algorithm for Pndm {
+    // Over 100 lines on purpose: it follows diffusers' step_prk and
+    // step_plms branch by branch, so the two can be compared side by side.
     fn step(
         &mut self,
         sch: &mut Schedule,
