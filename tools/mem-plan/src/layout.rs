@@ -17,15 +17,7 @@ pub struct Layout {
 
 impl From<Layout> for ftk::records::Layout {
     fn from(l: Layout) -> Self {
-        let Layout {
-            tp,
-            pp,
-            ep,
-            cp,
-            dp,
-            vpp,
-            world,
-        } = l;
+        let (tp, pp, ep, cp, dp, vpp, world) = (l.tp, l.pp, l.ep, l.cp, l.dp, l.vpp, l.world);
         ftk::records::Layout {
             tp,
             pp,
