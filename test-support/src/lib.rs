@@ -87,6 +87,20 @@ pub fn tensors_f32(p: &Path) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
+/// max |a − b| / max |b| over one tensor, the scale floored at `floor`.
+pub fn rel_err(a: &[f32], b: &[f32], floor: f64) -> f64 {
+    let scale = b
+        .iter()
+        .map(|x| f64::from(x.abs()))
+        .fold(0.0, f64::max)
+        .max(floor);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from((x - y).abs()))
+        .fold(0.0, f64::max)
+        / scale
+}
+
 /// The field list `help` documents for `R` equals `R`'s fields in order,
 /// or, when the list ends in `...`, is an in-order subset of them. `kind`
 /// is left out of the comparison: the help writes it first, the struct has
