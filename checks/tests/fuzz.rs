@@ -517,7 +517,8 @@ fn targets() -> Vec<Target> {
             for _ in 0..r.random_range(1..=3) {
                 mutate_json(r, &mut v, &keys);
             }
-            let kind = diffuse_synth::scheduler::Kind::ALL[r.random_range(0..6)];
+            let kinds = diffuse_synth::scheduler::Kind::ALL;
+            let kind = kinds[r.random_range(0..kinds.len())];
             let steps = r.random_range(1..60);
             // Kept on disk so that a hang report can point at it.
             write(

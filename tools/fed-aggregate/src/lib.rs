@@ -5,17 +5,17 @@
 //! scheduler jobs; server-side DP with fixed clipping.
 
 pub mod cli;
+pub mod cpu;
 pub mod cuda;
-pub mod dp;
 pub mod engine;
 pub mod fedra;
-pub mod kernel;
 pub mod plan;
 pub mod strategy;
 
 pub use cli::{AllocArgs, Args, Command, Common, MergeArgs};
 use engine::{Dp, Job, Sinks};
 use ftk::cli::Stdout;
+use ftk::dp;
 use ftk::output::Output;
 use ftk::tensor_writer::{Finished, StreamWriter, TensorSpec};
 use ftk::tensors::{Dtype, Tensor};
@@ -764,7 +764,7 @@ impl Writers {
                 let mut st_specs = Vec::new();
                 let mut base = Vec::new();
                 for s in specs {
-                    if kernel::is_int(s.dtype) || slots.is_empty() {
+                    if cpu::is_int(s.dtype) || slots.is_empty() {
                         base.push(None);
                         continue;
                     }
@@ -838,7 +838,7 @@ fn state_tensors<'a>(
         let mut row = Vec::new();
         for slot in slots {
             let t = match &inp.state {
-                Some((m, name)) if !kernel::is_int(s.dtype) => {
+                Some((m, name)) if !cpu::is_int(s.dtype) => {
                     let key = format!("{slot}/{}", s.name);
                     let t = m.tensor(&key).ok_or_else(|| {
                         Fault::Fatal(Error::input(format!(
