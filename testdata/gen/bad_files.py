@@ -76,7 +76,8 @@ def main():
     # mem-plan: 3 counts for an 8-expert record
     with open(os.path.join(OUT, "hist_3_counts.jsonl"), "w") as f:
         f.write(json.dumps({"kind": "route_hist", "layer": 0, "step": 0, "experts": 8,
-                            "topk": 2, "tokens": 3, "counts": [2, 2, 2]}) + "\n")
+                            "topk": 2, "tokens": 3, "counts": [2, 2, 2], "ep": 1,
+                            "rank_counts": [6], "max_vio": 0.0, "a2a": [[6]]}) + "\n")
     # a config whose sizes are 2^64 - 1
     cfg = json.load(open(os.path.join(ROOT, "configs", "mixtral-8x7b", "config.json")))
     cfg["num_hidden_layers"] = 2**64 - 1
