@@ -211,10 +211,13 @@ fn argv(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+/// Makes one input from the generator and runs it (the path is a scratch
+/// directory).
+type Runner = Box<dyn FnMut(&mut Rng8, &Path) -> Verdict>;
+
 struct Target {
     name: &'static str,
-    /// Make input `i` (seeded) and run it once.
-    run: Box<dyn FnMut(&mut Rng8, &Path) -> Verdict>,
+    run: Runner,
 }
 
 fn write(p: &Path, b: &[u8]) {

@@ -11,10 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The arguments of a run writing the given output path.
+type ArgsFor = Box<dyn Fn(&Path) -> Vec<String>>;
+
 /// One writer under test: how to run it with `out` as its output.
 struct Writer {
     name: &'static str,
-    args: Box<dyn Fn(&Path) -> Vec<String>>,
+    args: ArgsFor,
 }
 
 fn run_to_end(tool: &str, args: &[String], dir: &Path) -> Duration {

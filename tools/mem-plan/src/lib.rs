@@ -121,10 +121,7 @@ fn received(a: &Args, m: &ModelConfig) -> Result<routing::Received> {
         });
     }
     let bs = (a.micro_batch * a.seq) as f64;
-    let src = match &a.hist {
-        Some(p) => Some(p.clone()),
-        None => None,
-    };
+    let src = a.hist.clone();
     let from = match (src, &m.moe) {
         (Some(p), Some(x)) => {
             let input = Input::open(&p)?;
