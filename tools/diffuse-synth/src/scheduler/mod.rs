@@ -31,20 +31,15 @@
 //! timesteps); `schedulers!` below registers it. Adding a scheduler is one
 //! new file plus one line in that list.
 
-mod ddim;
-mod ddpm;
-mod dpmpp_2m;
-mod euler;
-mod euler_ancestral;
-mod pndm;
-
 use ftk::{bail, Error, Result};
 use serde_json::Value;
 
-/// The registry: `Variant => module`, one line per scheduler. The order is
-/// `Kind::ALL`'s (and `--help`'s).
+/// The registry: `Variant => module`, one line per scheduler (it declares
+/// the module `<module>.rs` too). The order is `Kind::ALL`'s.
 macro_rules! schedulers {
     ($($(#[$doc:meta])* $kind:ident => $module:ident),* $(,)?) => {
+        $(mod $module;)*
+
         /// The schedulers diffuse-synth implements.
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Kind {
