@@ -59,6 +59,7 @@ class RouterTrace:
         self.token_mask = None
         self._topk: dict[int, list[np.ndarray]] = {}
         self._logits: dict[int, list[np.ndarray]] = {}
+        self._steps: set[int] = set()
         self._handles = []
         self._restore = []
 
@@ -111,6 +112,7 @@ class RouterTrace:
             state = {}
             if self.logits and hasattr(mod, "gating"):
                 orig = mod.gating
+                own = "gating" in vars(mod)
 
                 def gating(x, _orig=orig, _state=state):
                     out = _orig(x)
@@ -118,7 +120,7 @@ class RouterTrace:
                     return out
 
                 mod.gating = gating
-                self._restore.append((mod, orig))
+                self._restore.append((mod, orig if own else None))
             self._handles.append(mod.register_forward_hook(self._megatron_hook(layer, state)))
             found += 1
         if not found:
@@ -129,7 +131,10 @@ class RouterTrace:
         for h in self._handles:
             h.remove()
         for mod, orig in self._restore:
-            mod.gating = orig
+            if orig is None:
+                del mod.gating  # back to the class's method
+            else:
+                mod.gating = orig
         self._handles.clear()
         self._restore.clear()
 
@@ -163,6 +168,7 @@ class RouterTrace:
             self.stream.write(json.dumps(rec, separators=(",", ":")) + "\n")
         else:
             self._topk.setdefault(layer, []).append(ids.astype(np.int64, copy=False))
+            self._steps.add(self.current_step)
         if self.logits and logits is not None:
             lg = _to_numpy(logits, float32=True)
             if keep is not None:
@@ -213,19 +219,27 @@ class RouterTrace:
 
     def save(self, path: str | Path, step: int | None = None) -> dict[str, np.ndarray]:
         """Write route-hist's safetensors layout (atomically) and return it;
-        metadata "step" is `step` or the current step."""
+        metadata "step" is `step`, else the step the data was recorded under."""
         t = self.tensors()
         if not t:
             raise ValueError("nothing recorded: run a forward pass with the trace attached first")
+        if step is None:
+            if len(self._steps) > 1:
+                raise ValueError(
+                    f"recorded steps {sorted(self._steps)}: one safetensors file holds one step; "
+                    "save() and clear() after each step, or stream JSON lines"
+                )
+            step = next(iter(self._steps))
         items = []
         for name, a in t.items():
             a = np.ascontiguousarray(a)
             items.append((name, _stio.st_dtype(a.dtype), a.shape, memoryview(a).cast("B")))
-        meta = {"step": str(self.current_step if step is None else int(step)), "producer": "ftk.trace"}
+        meta = {"step": str(int(step)), "producer": "ftk.trace"}
         _stio.write(path, items, metadata=meta)
         return t
 
     def clear(self) -> None:
+        self._steps.clear()
         self._topk.clear()
         self._logits.clear()
 

@@ -132,7 +132,17 @@ def _bin(name):
     return str(p) if p.exists() else shutil.which(name)
 
 
+# A deployment round costs seconds (SuperNodes poll, each ClientApp is a process), so
+# by default the deployment runs the cases that exercise each path of the wrapper
+# (fractional weights under another key, optimiser state across rounds, the
+# Message-API Bulyan selection, DP clipping) without evaluation rounds; set
+# FTK_DEPLOY_CASES=all for every strategy (measured: see the README section).
+DEPLOY_CASES = os.environ.get("FTK_DEPLOY_CASES", "fedavg-fracweight,fedadam,bulyan,dp-fixed")
+
+
 def test_deployment_superlink_supernodes_native_vs_ftk(tmp_path):
+    cases = app.CASES if DEPLOY_CASES == "all" else DEPLOY_CASES.split(",")
+    frac_eval = 1.0 if DEPLOY_CASES == "all" else 0.0
     home = tmp_path / "flwr-home"
     home.mkdir()
     out = tmp_path / "out"
@@ -166,18 +176,17 @@ def test_deployment_superlink_supernodes_native_vs_ftk(tmp_path):
                 _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
                 "--port", str(port), "--node-config", f"partition-id={i} num-partitions={NODES}",
             ])
-        cfg = f'out="{out}" num-nodes={NODES} num-rounds={ROUNDS} strategies="{",".join(app.CASES)}"'
-        r = subprocess.run(
-            [_bin("flwr"), "run", str(APP), "ftk-local", "--run-config", cfg, "--stream"],
-            env=env, capture_output=True, text=True, timeout=900,
-        )
-        deadline = time.time() + 600
+        cfg = f'out="{out}" num-nodes={NODES} num-rounds={ROUNDS} strategies="{",".join(cases)}" fraction-evaluate={frac_eval}'
+        # `flwr run --stream` follows the run's logs until it ends; the ServerApp
+        # writes OUT/done (or OUT/failed) when it has finished.
+        spawn("flwr-run", [_bin("flwr"), "run", str(APP), "ftk-local", "--run-config", cfg, "--stream"])
+        deadline = time.time() + float(os.environ.get("FTK_DEPLOY_TIMEOUT", "1800"))
         while not (out / "done").exists() and not (out / "failed").exists() and time.time() < deadline:
             time.sleep(1)
         if (out / "failed").exists():
             pytest.fail(f"the ServerApp failed:\n{(out / 'failed').read_text()}")
         if not (out / "done").exists():
-            pytest.fail(f"deployment run did not finish: {r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{_tail(logs)}")
+            pytest.fail(f"deployment run did not finish\n{_tail(logs)}")
     finally:
         for p, f in procs:
             try:
@@ -191,7 +200,7 @@ def test_deployment_superlink_supernodes_native_vs_ftk(tmp_path):
                 os.killpg(p.pid, 9)
                 p.wait()
             f.close()
-    _compare(out, app.CASES)
+    _compare(out, cases)
 
 
 def _wait_port(port, procs, logs, timeout=60):

@@ -91,9 +91,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": m}), reply_to=msg)
 
 
-def make_strategy(case: str, n: int):
+def make_strategy(case: str, n: int, fraction_evaluate: float = 1.0):
     """The native Flower strategy of a case (a fresh instance each call)."""
-    common = dict(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
+    common = dict(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, fraction_evaluate=fraction_evaluate)
     if case == "fedavg":
         return fs.FedAvg(**common)
     if case == "fedavg-fracweight":
@@ -149,8 +149,9 @@ def main(grid: Grid, context: Context) -> None:
     seed = int(_cfg(context, "seed", 0))
     names = str(_cfg(context, "strategies", "all"))
     cases = CASES if names == "all" else names.split(",")
+    frac_eval = float(_cfg(context, "fraction-evaluate", 1.0))
     try:
-        _run_cases(grid, out, n, rounds, seed, cases)
+        _run_cases(grid, out, n, rounds, seed, cases, frac_eval)
     except BaseException:
         import traceback
 
@@ -160,7 +161,7 @@ def main(grid: Grid, context: Context) -> None:
     (out / "done").write_text("ok\n")
 
 
-def _run_cases(grid: Grid, out: Path, n: int, rounds: int, seed: int, cases: list[str]) -> None:
+def _run_cases(grid: Grid, out: Path, n: int, rounds: int, seed: int, cases: list[str], frac_eval: float) -> None:
     from ftk.flwr import FtkStrategy
 
     for case in cases:
@@ -169,7 +170,7 @@ def _run_cases(grid: Grid, out: Path, n: int, rounds: int, seed: int, cases: lis
             d.mkdir(parents=True, exist_ok=True)
             random.seed(seed)
             np.random.seed(seed)
-            strategy = make_strategy(case, n)
+            strategy = make_strategy(case, n, frac_eval)
             if variant == "ftk":
                 strategy = FtkStrategy(strategy, work_dir=d / "work", seed=seed)
 
