@@ -13,7 +13,8 @@ builds N reply Messages (ArrayRecords of f32 tensors, as Flower hands them to
 Reported per process: the aggregate step's wall time, the server process's
 peak RSS (ru_maxrss) and its RSS before the step (the replies alone), and for
 ftk the peak RSS of fed-aggregate (RUSAGE_CHILDREN) and the hand-off split
-(writing client files vs the fed-aggregate run). One JSON line per case with
+(writing client files vs the fed-aggregate run; /usr/bin/time measures the
+binary). One JSON line per case with
 ratio = native_s / ftk_s; models compared (max |diff| / scale).
 
     cargo build --release -p fed-aggregate
@@ -71,10 +72,19 @@ def worker(args) -> None:
     del base
     global0 = ArrayRecord({f"layers.{t}.weight": Array(np.zeros(size, np.float32)) for t in range(tensors)})
     strat = FedAvg(min_available_nodes=n, min_train_nodes=n)
-    work = OUT / f"work-{args.variant}-{n}"
+    work = Path(args.work or OUT) / f"work-{args.variant}-{n}"
     shutil.rmtree(work, ignore_errors=True)
+    rss_file = OUT / f"fed-aggregate-rss-{n}.txt"
     if args.variant == "ftk":
-        strat = FtkStrategy(strat, work_dir=work, fed_aggregate=str(ROOT / "target" / "release" / "fed-aggregate"))
+        # ru_maxrss of children would count the forked Python before exec: measure
+        # fed-aggregate itself with /usr/bin/time (max RSS in KiB).
+        wrapper = OUT / "fed-aggregate-timed"
+        wrapper.write_text(
+            f'#!/bin/sh\nexec /usr/bin/time -f %M -o "$FTK_BENCH_RSS" {ROOT / "target" / "release" / "fed-aggregate"} "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        os.environ["FTK_BENCH_RSS"] = str(rss_file)
+        strat = FtkStrategy(strat, work_dir=work, fed_aggregate=str(wrapper))
         # What configure_train does first: the current global to the work dir.
         strat._sent = global0
         strat._global = work / "global-r0.safetensors"
@@ -102,18 +112,20 @@ def worker(args) -> None:
     if args.variant == "ftk":
         out["write_s"] = t_write[0]
         out["fed_aggregate_ms"] = strat.last_summary["ms"]
-        out["child_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        out["child_peak_rss_mib"] = int(rss_file.read_text().split()[-1]) / 1024
     np.save(OUT / f"result-{args.variant}-{n}.npy", arrays[f"layers.0.weight"].numpy())
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out))
 
 
-def run_case(name: str, clients: int, mib: float, tensors: int) -> dict:
+def run_case(name: str, clients: int, mib: float, tensors: int, work: str | None) -> dict:
     import numpy as np
 
     res = {}
     for variant in ("native", "ftk"):
         cmd = [sys.executable, __file__, "--worker", variant, "--clients", str(clients), "--mib", str(mib), "--tensors", str(tensors)]
+        if work:
+            cmd += ["--work", work]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             sys.exit(f"flwr_bench: error: {variant} worker failed: {p.stderr.strip()[-2000:]}")
@@ -156,6 +168,7 @@ def main() -> None:
     ap.add_argument("--small-clients", type=int, default=2000)
     ap.add_argument("--small-kib", type=float, default=64)
     ap.add_argument("--cases", default="big,small")
+    ap.add_argument("--work", help="where FtkStrategy writes client files (default bench/out/flwr; e.g. /dev/shm to leave the disk out)")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.variant:
@@ -165,9 +178,10 @@ def main() -> None:
         sys.exit("flwr_bench: error: target/release/fed-aggregate missing; run `cargo build --release -p fed-aggregate`")
     for case in args.cases.split(","):
         if case == "big":
-            line = run_case("big", args.clients, args.mib, args.tensors)
+            line = run_case("big", args.clients, args.mib, args.tensors, args.work)
         else:
-            line = run_case("small", args.small_clients, args.small_kib / 1024, 4)
+            line = run_case("small", args.small_clients, args.small_kib / 1024, 4, args.work)
+        line["work_dir"] = args.work or str(OUT)
         print(json.dumps(line), flush=True)
         if line["max_diff_over_scale"] > 1e-5:
             sys.exit(1)

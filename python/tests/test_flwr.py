@@ -181,26 +181,49 @@ def test_deployment_superlink_supernodes_native_vs_ftk(tmp_path):
         # writes OUT/done (or OUT/failed) when it has finished.
         spawn("flwr-run", [_bin("flwr"), "run", str(APP), "ftk-local", "--run-config", cfg, "--stream"])
         deadline = time.time() + float(os.environ.get("FTK_DEPLOY_TIMEOUT", "1800"))
+        runner = procs[-1][0]
         while not (out / "done").exists() and not (out / "failed").exists() and time.time() < deadline:
+            if runner.poll() not in (None, 0):
+                pytest.fail(f"flwr run exited {runner.returncode}\n{_tail(logs)}")
             time.sleep(1)
         if (out / "failed").exists():
             pytest.fail(f"the ServerApp failed:\n{(out / 'failed').read_text()}")
         if not (out / "done").exists():
             pytest.fail(f"deployment run did not finish\n{_tail(logs)}")
     finally:
-        for p, f in procs:
+        _stop(procs, [link, *node_ports])
+    _compare(out, cases)
+
+
+def _stop(procs, ports):
+    """Stop what the test started: its processes, then the helpers they detached
+    (flower-superexec, flwr-serverapp/-clientapp), found by this test's ports."""
+    for p, _ in procs:
+        if p.poll() is None:
             try:
                 os.killpg(p.pid, 15)
             except ProcessLookupError:
                 pass
-        for p, f in procs:
+    deadline = time.time() + 10
+    for p, f in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
             try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
                 os.killpg(p.pid, 9)
-                p.wait()
-            f.close()
-    _compare(out, cases)
+            except ProcessLookupError:
+                pass
+            p.wait()
+        f.close()
+    marks = [f"127.0.0.1:{port}" for port in ports]
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    for line in ps.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if any(m in args.split() or f" {m} " in f" {args} " for m in marks) and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 9)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _wait_port(port, procs, logs, timeout=60):
