@@ -51,7 +51,7 @@ def rss_now_mib() -> float:
 def worker(args) -> None:
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-    from flwr.serverapp.strategy import FedAvg
+    from flwr.serverapp.strategy import FedAvg, FedMedian, Krum
 
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -71,7 +71,8 @@ def worker(args) -> None:
         replies.append(Message(content=RecordDict({"arrays": rec, "metrics": MetricRecord({"num-examples": 10 + i})}), reply_to=ins))
     del base
     global0 = ArrayRecord({f"layers.{t}.weight": Array(np.zeros(size, np.float32)) for t in range(tensors)})
-    strat = FedAvg(min_available_nodes=n, min_train_nodes=n)
+    kind = {"fedavg": FedAvg, "krum": Krum, "fedmedian": FedMedian}[args.strategy]
+    strat = kind(min_available_nodes=n, min_train_nodes=n)
     work = Path(args.work or OUT) / f"work-{args.variant}-{n}"
     shutil.rmtree(work, ignore_errors=True)
     rss_file = OUT / f"fed-aggregate-rss-{n}.txt"
@@ -91,13 +92,13 @@ def worker(args) -> None:
     rss_before = rss_now_mib()
     import ftk.flwr as ff
 
-    t_write = [0.0]
+    spans = []
     orig = ff.write_arrayrecord
 
     def timed_write(*a, **k):
         t = time.perf_counter()
         orig(*a, **k)
-        t_write[0] += time.perf_counter() - t
+        spans.append((t, time.perf_counter()))
 
     ff.write_arrayrecord = timed_write
     t0 = time.perf_counter()
@@ -110,20 +111,22 @@ def worker(args) -> None:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.variant == "ftk":
-        out["write_s"] = t_write[0]
+        # wall time of the (threaded) client-file writes
+        out["write_s"] = max(b for _, b in spans) - min(a for a, _ in spans)
         out["fed_aggregate_ms"] = strat.last_summary["ms"]
         out["child_peak_rss_mib"] = int(rss_file.read_text().split()[-1]) / 1024
-    np.save(OUT / f"result-{args.variant}-{n}.npy", arrays[f"layers.0.weight"].numpy())
+    np.save(OUT / f"result-{args.variant}-{n}.npy", arrays["layers.0.weight"].numpy())
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out))
 
 
-def run_case(name: str, clients: int, mib: float, tensors: int, work: str | None) -> dict:
+def run_case(name: str, clients: int, mib: float, tensors: int, work: str | None, strategy: str = "fedavg") -> dict:
     import numpy as np
 
     res = {}
     for variant in ("native", "ftk"):
         cmd = [sys.executable, __file__, "--worker", variant, "--clients", str(clients), "--mib", str(mib), "--tensors", str(tensors)]
+        cmd += ["--strategy", strategy]
         if work:
             cmd += ["--work", work]
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -137,6 +140,7 @@ def run_case(name: str, clients: int, mib: float, tensors: int, work: str | None
     line = {
         "kind": "flwr_bench",
         "case": name,
+        "strategy": strategy,
         "clients": clients,
         "mib_per_client": mib,
         "tensors": tensors,
@@ -167,7 +171,8 @@ def main() -> None:
     ap.add_argument("--tensors", type=int, default=100)
     ap.add_argument("--small-clients", type=int, default=2000)
     ap.add_argument("--small-kib", type=float, default=64)
-    ap.add_argument("--cases", default="big,small")
+    ap.add_argument("--cases", default="big,big-krum,small", help="big (FedAvg), big-krum (Krum: Flower stacks every client), small")
+    ap.add_argument("--strategy", default="fedavg", help=argparse.SUPPRESS)
     ap.add_argument("--work", help="where FtkStrategy writes client files (default bench/out/flwr; e.g. /dev/shm to leave the disk out)")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -179,6 +184,8 @@ def main() -> None:
     for case in args.cases.split(","):
         if case == "big":
             line = run_case("big", args.clients, args.mib, args.tensors, args.work)
+        elif case == "big-krum":
+            line = run_case("big-krum", args.clients, args.mib, args.tensors, args.work, "krum")
         else:
             line = run_case("small", args.small_clients, args.small_kib / 1024, 4, args.work)
         line["work_dir"] = args.work or str(OUT)

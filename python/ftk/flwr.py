@@ -35,10 +35,12 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
 import re
 import shutil
 import struct
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version as _pkg_version
 from io import BytesIO
@@ -352,14 +354,18 @@ class FtkStrategy(Strategy):
         rdir.mkdir(exist_ok=True)
         lines = []
         cids = []
+        jobs = []
         for m, c in zip(valid, contents):
             rec = next(iter(c.array_records.values()))
             metrics = next(iter(c.metric_records.values()))
             w = metrics[self.weighted_by_key]
             cid = str(m.metadata.src_node_id)
-            write_arrayrecord(rdir / f"{cid}.safetensors", rec)
+            jobs.append((rdir / f"{cid}.safetensors", rec))
             lines.append(json.dumps({"kind": "client_update", "cid": cid, "path": f"{cid}.safetensors", "num_examples": float(w)}))
             cids.append(cid)
+        # File writes release the GIL: one writer per core.
+        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as ex:
+            list(ex.map(lambda j: write_arrayrecord(*j), jobs))
         manifest = rdir / "clients.jsonl"
         manifest.write_text("\n".join(lines) + "\n")
         first = next(iter(contents[0].array_records.values()))
@@ -462,8 +468,6 @@ def _run(cmd: list[str]) -> str:
 
 
 def _env() -> dict:
-    import os
-
     e = dict(os.environ)
     e["FTK_NO_PROGRESS"] = "1"
     return e
