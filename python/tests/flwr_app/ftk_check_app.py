@@ -103,7 +103,8 @@ def make_strategy(case: str, n: int, fraction_evaluate: float = 1.0):
     if case == "fedavgm":
         return fs.FedAvgM(**common, server_learning_rate=0.8, server_momentum=0.9)
     if case == "fedadam":
-        return fs.FedAdam(**common, eta=0.05)
+        # Fractional weights under another key, with optimiser state across rounds.
+        return fs.FedAdam(**common, eta=0.05, weighted_by_key="frac-weight")
     if case == "fedyogi":
         return fs.FedYogi(**common, eta=0.05)
     if case == "fedadagrad":
