@@ -27,7 +27,9 @@ Deviations from Flower, all deliberate:
 - accumulation in float64 with one rounding (Flower: float32 arithmetic), so
   results agree to float32 rounding, not bit for bit;
 - DP noise comes from fed-aggregate's seeded generator (`seed`), with
-  Flower's std z*C/num_sampled_clients; it is not numpy's global RNG.
+  Flower's std z*C/num_sampled_clients; it is not numpy's global RNG;
+- the output keeps each array's dtype: Flower's Message-API FedAdam turns a
+  float32 model into float64 (its step size is a numpy float64 scalar).
 """
 
 from __future__ import annotations
