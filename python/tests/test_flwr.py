@@ -250,7 +250,11 @@ def _rec(d):
 
 
 class FakeGrid:
-    def __init__(self, n):
+    """The part of Grid the strategies use; replies come from _client in-process.
+    crash_at=(round, exc) raises exc when that round's train messages are sent."""
+
+    def __init__(self, n, crash_at=None):
+        self.crash_at = crash_at
         # Messages are stamped with the run of the process (set by Flower's runtimes).
         from flwr.supercore.task_identity import TaskIdentity
 
@@ -262,6 +266,15 @@ class FakeGrid:
 
     def get_node_ids(self):
         return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for m in messages:
+            if self.crash_at and int(m.content["config"]["server-round"]) == self.crash_at[0]:
+                raise self.crash_at[1]
+            rec, metrics = _client(m)
+            replies.append(Message(content=RecordDict({"arrays": rec, "metrics": MetricRecord(metrics)}), reply_to=m))
+        return replies
 
 
 def _round(strategy, grid, arrays, rnd, client):
@@ -325,7 +338,6 @@ def test_integer_arrays_follow_fed_aggregate_not_flower(tmp_path):
 
 
 def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path):
-    grid = FakeGrid(5)
     init = _rec({"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)})
 
     def make():
@@ -335,33 +347,22 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path):
         pass
 
     def run(work, crash_at=None):
+        # Strategy.start (Flower's own round loop) over a grid that answers in-process.
         s = FtkStrategy(make(), work_dir=work)
-        arrays = init
-        done, g = s.resume_point()
-        if done:
-            s._offset = done
-            from ftk.flwr import read_arrayrecord
-
-            arrays = read_arrayrecord(g, ["w"])
-            s._global, s._returned = g, arrays
-        for rnd in range(1, 4 - done):
-            if crash_at == rnd + done:
-                raise Crash
-            arrays, _ = _round(s, grid, arrays, rnd, _client)
-        return arrays["w"].numpy()
+        res = s.start(grid=FakeGrid(5, crash_at=crash_at), initial_arrays=init, num_rounds=3)
+        return res.arrays["w"].numpy()
 
     straight = run(tmp_path / "a")
     with pytest.raises(Crash):
-        run(tmp_path / "b", crash_at=3)
+        run(tmp_path / "b", crash_at=(3, Crash))
     assert json.loads((tmp_path / "b" / "progress.json").read_text())["round"] == 2
     resumed = run(tmp_path / "b")
     np.testing.assert_array_equal(straight, resumed)
+    assert json.loads((tmp_path / "b" / "progress.json").read_text())["round"] == 3
     # and the uninterrupted run equals Flower's own FedAdam
-    native = make()
-    arrays = init
-    for rnd in range(1, 4):
-        arrays, _ = _round(native, grid, arrays, rnd, _client)
-    np.testing.assert_allclose(straight, arrays["w"].numpy(), rtol=0, atol=1e-5 * np.abs(straight).max())
+    native = make().start(grid=FakeGrid(5), initial_arrays=init, num_rounds=3).arrays["w"].numpy()
+    assert native.dtype == np.float64  # Flower's FedAdam promotes; ftk keeps float32
+    np.testing.assert_allclose(straight, native, rtol=0, atol=1e-5 * np.abs(straight).max())
 
 
 def test_keep_local_and_fedra_options(tmp_path):
