@@ -187,7 +187,8 @@ fn check(f: impl FnOnce() -> ftk::Result<()>) -> Verdict {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(())) => Verdict::Ok,
         Ok(Err(e)) => {
-            let m = e.to_string();
+            // As the tools print it (control characters escaped).
+            let m = ftk::cli::one_line(&e.to_string());
             match e {
                 Error::Internal(_) | Error::Device(_) => {
                     Verdict::Bad(format!("{} error: {m}", e.prefix()))

@@ -66,6 +66,20 @@ pub fn usage_line(report: &str, name: &str) -> String {
     out
 }
 
+/// A message as one line: control characters (a newline echoed back from
+/// the input, say) are written as escapes, so every error stays one line.
+pub fn one_line(m: &str) -> String {
+    m.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 /// Run a tool's body and turn its result into the process exit code.
 ///
 /// Prints `name: error: <message>` on stderr for errors. A broken pipe exits 0.
@@ -96,10 +110,15 @@ pub fn main_with(name: &'static str, body: impl FnOnce() -> Result<()>) -> ! {
                 Error::BrokenPipe => {}
                 // A negative answer is a result, not a failure of the tool.
                 Error::Negative(m) => {
-                    let _ = writeln!(io::stderr(), "{name}: {m}");
+                    let _ = writeln!(io::stderr(), "{name}: {}", one_line(m));
                 }
                 _ => {
-                    let _ = writeln!(io::stderr(), "{name}: {}: {e}", e.prefix());
+                    let _ = writeln!(
+                        io::stderr(),
+                        "{name}: {}: {}",
+                        e.prefix(),
+                        one_line(&e.to_string())
+                    );
                 }
             }
             e.exit_code()

@@ -147,7 +147,21 @@ fn need(v: Option<u64>, key: &str, src: &str) -> Result<u64> {
 /// Sizes beyond these are corrupt configs, not models: refusing them keeps
 /// every parameter and memory count far inside 64-bit arithmetic.
 fn check_bounds(r: &Raw, src: &str) -> Result<()> {
-    let limits: [(Option<u64>, &str, u64); 12] = [
+    let limits: [(Option<u64>, &str, u64); 18] = [
+        (r.q_lora_rank, "q_lora_rank", 1 << 20),
+        (r.qk_nope_head_dim, "qk_nope_head_dim", 1 << 16),
+        (r.qk_rope_head_dim, "qk_rope_head_dim", 1 << 16),
+        (r.v_head_dim, "v_head_dim", 1 << 16),
+        (
+            r.max_position_embeddings,
+            "max_position_embeddings",
+            1 << 32,
+        ),
+        (
+            r.num_nextn_predict_layers,
+            "num_nextn_predict_layers",
+            1 << 16,
+        ),
         (r.hidden_size, "hidden_size", 1 << 20),
         (r.num_hidden_layers, "num_hidden_layers", 1 << 16),
         (r.num_attention_heads, "num_attention_heads", 1 << 16),
@@ -180,8 +194,17 @@ fn check_bounds(r: &Raw, src: &str) -> Result<()> {
     let h = f(r.hidden_size);
     let ffn = f(r.intermediate_size).max(4.0 * h);
     let experts = f(r.num_experts) + f(r.n_shared_experts) + 1.0;
-    let per_layer = 4.0 * h * h + 3.0 * h * f(r.moe_intermediate_size).max(ffn) * experts;
-    let total = f(r.num_hidden_layers) * per_layer + 2.0 * f(r.vocab_size) * h;
+    // Attention with every head size and rank at its largest reading.
+    let heads = f(r.num_attention_heads).max(1.0);
+    let head = f(r.head_dim)
+        .max(f(r.qk_nope_head_dim) + f(r.qk_rope_head_dim))
+        .max(f(r.v_head_dim))
+        .max(1.0);
+    let rank = f(r.q_lora_rank).max(f(r.kv_lora_rank)).max(h);
+    let attention = 4.0 * rank * heads * head + 4.0 * h * h;
+    let per_layer = attention + 3.0 * h * f(r.moe_intermediate_size).max(ffn) * experts;
+    let total = (f(r.num_hidden_layers) + f(r.num_nextn_predict_layers)) * per_layer
+        + 2.0 * (f(r.vocab_size) + f(r.max_position_embeddings)) * h;
     if total > 1e16 {
         return Err(Error::input(format!(
             "{src}: the shape gives about {total:.1e} parameters, beyond the 1e16 ftk accepts (a corrupt config?)"

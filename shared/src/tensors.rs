@@ -430,19 +430,35 @@ pub fn digest(bytes: &[u8]) -> String {
     format!("{:08x}{:016x}", h.finalize(), bytes.len() as u64)
 }
 
-/// [`digest`] of an open file's current content.
-pub fn digest_file(f: &File) -> Result<String> {
-    let len = f
-        .metadata()
-        .map_err(|e| Error::io("cannot stat", "<output>", e))?
-        .len();
-    if len == 0 {
-        return Ok(digest(&[]));
+/// A digest of a safetensors file's tensors (names, dtypes, shapes and
+/// data, by name), blind to header layout and metadata, so a model written
+/// again by another library with the same values keeps its digest. Same
+/// format as [`digest`]: CRC-32 and total data length, 24 hex digits.
+pub fn tensors_digest(bytes: &[u8]) -> Result<String> {
+    let (n, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::input(format!("<digest>: {}", describe(&e, bytes.len()))))?;
+    let mut names = meta.offset_keys();
+    names.sort();
+    let mut h = crc32fast::Hasher::new();
+    let mut len = 0u64;
+    for name in &names {
+        if let Some(info) = meta.info(name) {
+            let (a, b) = info.data_offsets;
+            h.update(name.as_bytes());
+            h.update(format!("{:?}{:?}", info.dtype, info.shape).as_bytes());
+            h.update(&bytes[8 + n + a..8 + n + b]);
+            len += (b - a) as u64;
+        }
     }
+    Ok(format!("{:08x}{:016x}", h.finalize(), len))
+}
+
+/// [`tensors_digest`] of an open safetensors file's current content.
+pub fn digest_file(f: &File) -> Result<String> {
     // SAFETY: a file this process has just written and holds open; nothing
     // else writes it.
     let m = unsafe { Mmap::map(f) }.map_err(|e| Error::io("cannot map", "<output>", e))?;
-    Ok(digest(&m))
+    tensors_digest(&m)
 }
 
 /// Write tensors to `path` atomically, in the safetensors crate's own

@@ -32,6 +32,11 @@ Strategies (Flower 1.x server math and defaults, to float32 rounding):
                      layer (--layer-pattern) is the unweighted mean over the clients that held
                      it, a layer nobody held keeps its --global value; client files may number
                      their layers locally (0..L_i) or globally. Other tensors: mean over holders.
+--flower-api message reproduces Flower's Message-API strategies (flwr.serverapp.strategy,
+Flower 1.21+) instead of the legacy ones: fedadam/fedadagrad default to --tau 1e-3, and
+bulyan keeps the n-2F best scores of one Krum pass (select_multikrum) instead of n-2F
+rounds of Krum. Everything else is the same math in both families. num_examples may be
+fractional (the Message API weights by any numeric metric).
 fedavgm (with momentum) and fedadam/fedyogi/fedadagrad need --global (this round's model) and
 --state. The state records the rounds done and a digest of the global model it was written
 with; a --global that does not match (another run's model, or a crash between the two

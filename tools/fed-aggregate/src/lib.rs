@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod engine;
 pub mod fedra;
+pub mod flower_api;
 pub mod plan;
 pub mod strategy;
 
@@ -190,7 +191,7 @@ fn open_global_state(c: &Common, s: &Strategy, need_global: bool) -> Result<(Ope
                 })?;
             round = done + 1;
             if let (Some(want), Some((g, gname))) = (meta.get("global_digest"), &global) {
-                let have = ftk::tensors::digest(g.bytes());
+                let have = ftk::tensors::tensors_digest(g.bytes())?;
                 if *want != have {
                     bail!(
                         "state {name}: written with the global model of round {done} (digest {want}), but --global {gname} has digest {have}: not the model this state belongs to (another run's model, or a crash between writing the model and the state); give the matching pair, or start a new state with --init-state"
@@ -490,6 +491,9 @@ fn execute(inp: &Inputs, c: &Common) -> Result<serde_json::Value> {
     if inp.strategy.opt().needs_global() || c.state.is_some() {
         v["round"] = json!(inp.round);
     }
+    if inp.strategy.api == flower_api::FlowerApi::Message {
+        v["flower_api"] = json!(inp.strategy.api.as_str());
+    }
     if let Some(e) = inp.strategy.eta_l {
         v["eta_l"] = json!(e);
     }
@@ -702,14 +706,7 @@ fn select_robust(
                 ))));
             }
             let d = job.distances()?;
-            let n_all = inp.origins.len();
-            let mut remaining: Vec<usize> = active.to_vec();
-            let mut mask = vec![false; n_all];
-            for _ in 0..n - 2 * f {
-                let scores = engine::krum_scores(&d, n_all, &remaining, f);
-                let best = remaining.remove(engine::argmin(&scores));
-                mask[best] = true;
-            }
+            let mask = s.api.bulyan_select(&d, inp.origins.len(), active, f);
             selected = Some(names_of(inp, &mask));
             job.select = Some(mask);
         }
