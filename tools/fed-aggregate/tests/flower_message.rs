@@ -91,7 +91,7 @@ fn message_api_fedadam_is_legacy_with_tau_1e_3() {
         let out = t.path().join(format!("{name}.safetensors"));
         let st = t.path().join(format!("{name}.state.safetensors"));
         let mut args = vec!["--strategy", "fedadam", "--global", s(&g)];
-        args.extend_from_slice(&["--state", s(&st), "-o", s(&out)]);
+        args.extend_from_slice(&["--state", s(&st), "--init-state", "-o", s(&out)]);
         args.extend_from_slice(extra);
         args.push(s(&m));
         let v = run_ok(&args);
