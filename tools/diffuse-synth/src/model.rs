@@ -174,6 +174,10 @@ pub struct Unet {
     pub class_dim: Option<usize>,
 }
 
+/// The UNet folder: config.json read field by field as diffusers reads it, then the weights.
+///
+/// Long because it is one list: each config field, its default and its refusal sit
+/// together in diffusers' order, so checking it against UNet2DConditionModel is one read.
 pub fn load_unet(model_dir: &Path) -> Result<Unet> {
     let dir = model_dir.join("unet");
     let cfg_path = dir.join("config.json");

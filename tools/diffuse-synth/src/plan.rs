@@ -97,7 +97,7 @@ impl Plan {
 /// The scheduler: the folder's class or --scheduler, its config with the override flags,
 /// StableDiffusionPipeline's rewrite (not in unCLIP mode), and the step count.
 fn scheduler(a: &Args, model_dir: &Path) -> Result<(Kind, Config, usize)> {
-    let (file_kind, raw, src) = model::read_scheduler_config(&model_dir)?;
+    let (file_kind, raw, src) = model::read_scheduler_config(model_dir)?;
     let kind = match &a.scheduler {
         Some(s) => Kind::parse(s).ok_or_else(|| {
             Error::input(format!(
@@ -230,14 +230,16 @@ pub struct Models {
 }
 
 impl Models {
+    /// Long because every check of a flag against the loaded models (channels, sizes,
+    /// embedding widths, unCLIP and classifier flags) is here, in the order users meet them.
     pub fn load(a: &Args, plan: &Plan) -> Result<Models> {
         let model_dir = &plan.model_dir;
         let total = plan.total;
-        let unet = model::load_unet(&model_dir)?;
-        let vae = model::load_vae(&model_dir)?;
+        let unet = model::load_unet(model_dir)?;
+        let vae = model::load_vae(model_dir)?;
         let unclip = match (&a.image_embeds, unet.class_dim) {
             (Some(p), Some(cd)) => Some(unclip::Conditioning::new(
-                &model_dir,
+                model_dir,
                 cd,
                 &unclip::Flags {
                     image_embeds: p,

@@ -119,6 +119,9 @@ impl Plan {
 }
 
 /// Reads the plan of `arch` from a state_dict's names and shapes (`src` names the file).
+///
+/// Long because each torchvision name it looks for is checked where it is read, with the
+/// error naming it; split up, the name list would be spread over several functions.
 pub fn plan(shapes: &BTreeMap<String, Vec<usize>>, arch: Arch, src: &str) -> Result<Plan> {
     let err = |m: String| Error::input(format!("{src}: {} state_dict: {m}", arch.name()));
     // the prefix: where `conv1.weight` sits next to `layer1.0.conv1.weight`

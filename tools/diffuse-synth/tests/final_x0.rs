@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 
-use assert_cmd::Command;
 use ftk::tensors::TensorFile;
 
 fn latents(final_mode: Option<&str>) -> Vec<f32> {

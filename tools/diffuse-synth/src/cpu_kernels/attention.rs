@@ -340,6 +340,9 @@ impl Attn {
     /// dQ, dK, dV from dO, recomputing each block's probabilities P (flash-attention's
     /// backward): dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(P ∘ dO Vᵀ)), dQ = scale dS K,
     /// dK = scale dSᵀ Q. One task per (sample, head) owns its dK, dV columns.
+    ///
+    /// Long because the five strided GEMMs share one unsafe block whose offsets are
+    /// checked together.
     fn grads(&self, qv: &[f32], kv: &[f32], vv: &[f32], dov: &[f32]) -> [Vec<f32>; 3] {
         let Attn {
             b,

@@ -4,7 +4,8 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, 
 use candle_nn as nn;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, f32_cpu, fast, per_sample, with_slice, COLS};
+use super::{contiguous_f32, f32_cpu, fast, per_sample, with_slice, BAND, COLS};
+use std::ops::Range;
 
 /// candle_nn's Conv2d with a fast forward.
 #[derive(Debug, Clone)]
@@ -86,7 +87,27 @@ pub(crate) struct Geom {
     pub d: usize,
 }
 
+/// Column-buffer elements above which a conv runs in bands of output rows (64 MiB; tiny
+/// under test, so the unit tests run every conv in bands).
+#[cfg(not(test))]
+const BAND_FLOATS: usize = 1 << 24;
+#[cfg(test)]
+const BAND_FLOATS: usize = 1 << 8;
+
+/// Grow a scratch buffer to at least `n` elements (never shrunk).
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
 impl Geom {
+    /// Output rows per band: all of them unless the columns exceed [`BAND_FLOATS`].
+    fn band_rows(&self, kk: usize) -> usize {
+        let per_row = (kk * self.wo).max(1);
+        (BAND_FLOATS / per_row).clamp(1, self.ho.max(1))
+    }
+
     /// A 1x1, stride 1, unpadded conv: the GEMM reads the input itself.
     fn direct(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
@@ -111,25 +132,51 @@ impl Geom {
         let (np, kk) = (ho * wo, ci * kh * kw);
         let direct = self.direct();
         let mut out = vec![0f32; b * co * np];
+        let rows = self.band_rows(kk);
         let one = |n: usize, o: &mut [f32]| {
+            let xs = &xv[n * ci * h * wd..(n + 1) * ci * h * wd];
+            if let Some(bv) = bias {
+                for (row, &bb) in o.chunks_mut(np).zip(bv) {
+                    row.fill(bb);
+                }
+            }
+            if direct {
+                // out[co, np] (+)= W[co, ci] · x[ci, np]
+                ftk::linalg::matmul(o, wv, xs, co, np, kk, bias.is_some());
+                return;
+            }
+            if rows >= ho {
+                COLS.with_borrow_mut(|col| {
+                    grow(col, kk * np);
+                    let col = &mut col[..kk * np];
+                    im2col(xs, col, (ci, h, wd), (kh, kw), (0..ho, wo), (p, s, d));
+                    // out[co, np] (+)= W[co, kk] · col[kk, np]
+                    ftk::linalg::matmul(o, wv, col, co, np, kk, bias.is_some());
+                });
+                return;
+            }
+            // large planes: a band of output rows at a time, so the columns stay small
             COLS.with_borrow_mut(|col| {
-                if !direct && col.len() < kk * np {
-                    col.resize(kk * np, 0.0);
-                }
-                let col = &mut col[..if direct { 0 } else { kk * np }];
-                let xs = &xv[n * ci * h * wd..(n + 1) * ci * h * wd];
-                if !direct {
-                    im2col(xs, col, (ci, h, wd), (kh, kw), (ho, wo), (p, s, d));
-                }
-                if let Some(bv) = bias {
-                    for (row, &bb) in o.chunks_mut(np).zip(bv) {
-                        row.fill(bb);
+                BAND.with_borrow_mut(|band| {
+                    for oy0 in (0..ho).step_by(rows) {
+                        let oys = oy0..(oy0 + rows).min(ho);
+                        let nb = oys.len() * wo;
+                        grow(col, kk * nb);
+                        grow(band, co * nb);
+                        let (col, band) = (&mut col[..kk * nb], &mut band[..co * nb]);
+                        im2col(xs, col, (ci, h, wd), (kh, kw), (oys, wo), (p, s, d));
+                        ftk::linalg::matmul(band, wv, col, co, nb, kk, false);
+                        for (orow, brow) in o.chunks_mut(np).zip(band.chunks(nb)) {
+                            let dst = &mut orow[oy0 * wo..oy0 * wo + nb];
+                            if bias.is_some() {
+                                dst.iter_mut().zip(brow).for_each(|(y, &v)| *y += v);
+                            } else {
+                                dst.copy_from_slice(brow);
+                            }
+                        }
                     }
-                }
-                let rhs = if direct { xs } else { &col[..] };
-                // out[co, np] (+)= W[co, kk] · col[kk, np]
-                ftk::linalg::matmul(o, wv, rhs, co, np, kk, bias.is_some());
-            })
+                })
+            });
         };
         per_sample(&mut out, co * np, one);
         out
@@ -161,14 +208,30 @@ impl Geom {
                 ftk::linalg::matmul_at(o, wv, g, ci, np, co, false);
                 return;
             }
+            o.fill(0.0);
+            let rows = self.band_rows(kk);
             COLS.with_borrow_mut(|col| {
-                if col.len() < kk * np {
-                    col.resize(kk * np, 0.0);
-                }
-                let col = &mut col[..kk * np];
-                ftk::linalg::matmul_at(col, wv, g, kk, np, co, false);
-                col2im(col, o, (ci, h, wd), (kh, kw), (ho, wo), (p, s, d));
-            })
+                BAND.with_borrow_mut(|band| {
+                    for oy0 in (0..ho).step_by(rows) {
+                        let oys = oy0..(oy0 + rows).min(ho);
+                        let nb = oys.len() * wo;
+                        grow(col, kk * nb);
+                        let col = &mut col[..kk * nb];
+                        if nb == np {
+                            ftk::linalg::matmul_at(col, wv, g, kk, np, co, false);
+                        } else {
+                            // dy's columns of this band, contiguous
+                            grow(band, co * nb);
+                            let band = &mut band[..co * nb];
+                            for (brow, grow_row) in band.chunks_mut(nb).zip(g.chunks(np)) {
+                                brow.copy_from_slice(&grow_row[oy0 * wo..oy0 * wo + nb]);
+                            }
+                            ftk::linalg::matmul_at(col, wv, band, kk, nb, co, false);
+                        }
+                        col2im(col, o, (ci, h, wd), (kh, kw), (oys, wo), (p, s, d));
+                    }
+                })
+            });
         };
         per_sample(&mut dx, ci * h * wd, one);
         dx
@@ -206,31 +269,30 @@ impl CustomOp1 for ConvOp {
     }
 }
 
-/// dx[c, oy*s + ky*d - p, ox*s + kx*d - p] += col[(c, ky, kx), (oy, ox)]: the adjoint of
-/// [`im2col`], one channel plane per task.
+/// dx[c, oy*s + ky*d - p, ox*s + kx*d - p] += col[(c, ky, kx), (oy, ox)] for the output
+/// rows `oys`: the adjoint of [`im2col`], one channel plane per task.
 fn col2im(
     col: &[f32],
     x: &mut [f32],
     (ci, h, w): (usize, usize, usize),
     (kh, kw): (usize, usize),
-    (ho, wo): (usize, usize),
+    (oys, wo): (Range<usize>, usize),
     (p, s, d): (usize, usize, usize),
 ) {
-    let np = ho * wo;
+    let np = oys.len() * wo;
     x.par_chunks_mut(h * w)
         .zip(col.par_chunks(kh * kw * np))
         .take(ci)
         .for_each(|(plane, rows)| {
-            plane.fill(0.0);
             for ky in 0..kh {
                 for kx in 0..kw {
                     let row = &rows[(ky * kw + kx) * np..(ky * kw + kx + 1) * np];
-                    for oy in 0..ho {
+                    for (r, oy) in oys.clone().enumerate() {
                         let iy = (oy * s + ky * d) as isize - p as isize;
                         if iy < 0 || iy >= h as isize {
                             continue;
                         }
-                        let src = &row[oy * wo..(oy + 1) * wo];
+                        let src = &row[r * wo..(r + 1) * wo];
                         let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
                         let off = (kx * d) as isize - p as isize;
                         if s == 1 {
@@ -263,10 +325,10 @@ pub(crate) fn im2col(
     col: &mut [f32],
     (ci, h, w): (usize, usize, usize),
     (kh, kw): (usize, usize),
-    (ho, wo): (usize, usize),
+    (oys, wo): (Range<usize>, usize),
     (p, s, d): (usize, usize, usize),
 ) {
-    let np = ho * wo;
+    let np = oys.len() * wo;
     col.par_chunks_mut(kh * kw * np)
         .enumerate()
         .take(ci)
@@ -275,8 +337,8 @@ pub(crate) fn im2col(
             for ky in 0..kh {
                 for kx in 0..kw {
                     let row = &mut rows[(ky * kw + kx) * np..(ky * kw + kx + 1) * np];
-                    for oy in 0..ho {
-                        let dst = &mut row[oy * wo..(oy + 1) * wo];
+                    for (r, oy) in oys.clone().enumerate() {
+                        let dst = &mut row[r * wo..(r + 1) * wo];
                         let iy = (oy * s + ky * d) as isize - p as isize;
                         if iy < 0 || iy >= h as isize {
                             dst.fill(0.0);

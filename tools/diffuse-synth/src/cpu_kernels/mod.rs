@@ -86,8 +86,6 @@ pub(crate) fn with_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> 
     }
 }
 
-/// Defines `fn $name` that runs its body compiled for AVX-512 or AVX2 (+FMA) when the CPU
-
 /// Run `f(n, out_n)` for each `chunk`-long output block: several blocks side by
 /// side with single-threaded GEMMs (fewer, larger tasks than one multi-threaded
 /// GEMM per block), or one block with every thread. A block's result is the
@@ -110,6 +108,8 @@ thread_local! {
     /// Per-thread scratch: attention scores, im2col columns (grown, never shrunk).
     pub(crate) static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     pub(crate) static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A band of a conv's output (or of its output gradient) while it runs in bands.
+    pub(crate) static BAND: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The f32 values of a CPU storage under a contiguous layout (custom ops' inputs).

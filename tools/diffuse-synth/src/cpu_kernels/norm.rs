@@ -51,7 +51,7 @@ impl GroupNorm {
         }
         let dims = x.dims().to_vec();
         let c = dims[1];
-        if c != self.weight.dim(0)? || c % self.groups != 0 {
+        if c != self.weight.dim(0)? || !c.is_multiple_of(self.groups) {
             return self.inner.forward(x);
         }
         let op = GnOp {
