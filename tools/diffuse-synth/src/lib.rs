@@ -3,7 +3,10 @@
 //!
 //! - [`scheduler`]: DDPM, DDIM, PNDM, Euler, Euler-ancestral and DPM++ 2M as
 //!   diffusers 0.42 computes them (pure Rust, checked against diffusers).
-//! - [`model`]: a diffusers folder (unet/, vae/, scheduler/) loaded onto candle.
+//! - [`model`]: a diffusers folder (unet/, vae/, scheduler/) loaded onto candle; the UNet
+//!   and VAE themselves are [`vendored`] candle-transformers code (with its change list).
+//! - [`cpu_kernels`]: the CPU kernels every layer runs on (conv, linear, norms, attention,
+//!   GEGLU, the classifiers' BN / ReLU / max-pool), with input-only gradients for guidance.
 //! - [`png`]: a dependency-free PNG writer for `--png-dir`.
 //!
 //! - [`classifier`], [`guidance`]: FedCADO classifier + BN-statistics guidance
