@@ -11,7 +11,7 @@ MIXTRAL := testdata/configs/mixtral-8x7b/config.json
 MODEL2 := testdata/mem-plan/memfine-model2.json
 LLAMA70B := testdata/configs/llama-3-70b/config.json
 
-.PHONY: all build demo test lint machete bench gen clean
+.PHONY: all build demo test test-python lint machete bench gen clean
 
 all: build
 
@@ -135,6 +135,24 @@ test: $(NVRTC_VENV)/.installed machete
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	LD_LIBRARY_PATH="$$(echo $(CURDIR)/$(NVRTC_VENV)/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib)" \
 	  FTK_REQUIRE_NVRTC=1 $(CARGO) test --workspace
+	$(MAKE) test-python
+
+# python/ (ftk.flwr, ftk.trace) against real Flower and transformers. The venv is
+# built from pinned versions OUTSIDE the clone, keyed by the requirements' hash, so
+# CI installs torch (~3 GB, CUDA build) once per pin set, not once per run or clone.
+PY_REQS := python/requirements-test.txt
+PY_VENV ?= $(HOME)/.cache/ftk/venv-$(shell sha256sum $(PY_REQS) | cut -c1-16)
+$(PY_VENV)/.installed: $(PY_REQS)
+	rm -rf $(PY_VENV)
+	$(PYTHON) -m venv $(PY_VENV)
+	$(PY_VENV)/bin/pip install -q -r $(PY_REQS)
+	touch $@
+
+# The debug binaries `cargo test` just built serve the tests (no release build).
+test-python: $(PY_VENV)/.installed
+	$(CARGO) build -p fed-aggregate -p route-hist -p mem-plan
+	cd python && FTK_BIN=$(CURDIR)/target/debug PYTHONPATH=$(CURDIR)/python \
+	  $(PY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
 lint:
 	$(CARGO) fmt --all --check
@@ -154,6 +172,7 @@ bench: build $(VENV)/.installed
 	$(PY) bench/diffuse_synth_bench.py
 	$(PY) bench/mofa_bench.py
 	$(PY) bench/gpu_bench.py
+	$(PY) bench/flwr_bench.py
 
 # Regenerate the reference fixtures to a temp dir and byte-compare with testdata/.
 gen: $(VENV)/.installed

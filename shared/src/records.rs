@@ -121,7 +121,7 @@ pub struct Route {
     pub kind: Tag<Route>,
     pub layer: u64,
     pub step: u64,
-    #[serde(default)]
+    /// The source (EP) rank that routed these tokens.
     pub rank: u64,
     /// Per token, its experts.
     pub topk: Vec<Vec<u64>>,
@@ -571,12 +571,12 @@ mod tests {
 
     #[test]
     fn next_skips_other_kinds_and_names_the_line() {
-        let data = "{\"kind\":\"route\",\"layer\":0,\"step\":0,\"topk\":[[1]]}\n\
+        let data = "{\"kind\":\"route\",\"layer\":0,\"step\":0,\"rank\":2,\"topk\":[[1]]}\n\
                     {\"kind\":\"chunk_run\"}\n\
                     {\"kind\":\"route\",\"layer\":1}\n";
         let mut r = Reader::new("t.jsonl", data.as_bytes());
         let a: Route = next(&mut r).unwrap().unwrap();
-        assert_eq!((a.layer, a.rank, a.topk.clone()), (0, 0, vec![vec![1]]));
+        assert_eq!((a.layer, a.rank, a.topk.clone()), (0, 2, vec![vec![1]]));
         let e = next::<Route, _>(&mut r).unwrap_err().to_string();
         assert!(e.contains("t.jsonl: line 3") && e.contains("step"), "{e}");
         assert!(next::<Route, _>(&mut r).unwrap().is_none());

@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod engine;
 pub mod fedra;
+pub mod flower_api;
 pub mod plan;
 pub mod strategy;
 
@@ -54,6 +55,11 @@ Strategies (Flower 1.x server math and defaults, to float32 rounding):
                      layer (--layer-pattern) is the unweighted mean over the clients that held
                      it, a layer nobody held keeps its --global value; client files may number
                      their layers locally (0..L_i) or globally. Other tensors: mean over holders.
+--flower-api message reproduces Flower's Message-API strategies (flwr.serverapp.strategy,
+Flower 1.21+) instead of the legacy ones: fedadam/fedadagrad default to --tau 1e-3, and
+bulyan keeps the n-2F best scores of one Krum pass (select_multikrum) instead of n-2F
+rounds of Krum. Everything else is the same math in both families. num_examples may be
+fractional (the Message API weights by any numeric metric).
 fedavgm (with momentum) and fedadam/fedyogi/fedadagrad need --global (this round's model) and
 --state (created if missing, rewritten atomically with the round counter).
 
@@ -599,6 +605,9 @@ fn execute(inp: &Inputs, c: &Common) -> Result<serde_json::Value> {
     if inp.strategy.opt().needs_global() || c.state.is_some() {
         v["round"] = json!(inp.round);
     }
+    if inp.strategy.api == flower_api::FlowerApi::Message {
+        v["flower_api"] = json!(inp.strategy.api.as_str());
+    }
     if let Some(e) = inp.strategy.eta_l {
         v["eta_l"] = json!(e);
     }
@@ -759,14 +768,7 @@ fn attempt(inp: &Inputs, c: &Common, active: &[usize]) -> std::result::Result<Do
                 ))));
             }
             let d = job.distances()?;
-            let n_all = inp.origins.len();
-            let mut remaining: Vec<usize> = active.to_vec();
-            let mut mask = vec![false; n_all];
-            for _ in 0..n - 2 * f {
-                let scores = engine::krum_scores(&d, n_all, &remaining, f);
-                let best = remaining.remove(engine::argmin(&scores));
-                mask[best] = true;
-            }
+            let mask = s.api.bulyan_select(&d, inp.origins.len(), active, f);
             selected = Some(names_of(inp, &mask));
             job.select = Some(mask);
         }

@@ -44,7 +44,9 @@ impl Fault {
 pub struct ClientEntry {
     pub cid: String,
     pub path: PathBuf,
-    pub num_examples: u64,
+    /// Example count (or any non-negative weight: Flower's message API
+    /// weights by a float metric).
+    pub num_examples: f64,
 }
 
 #[derive(Deserialize)]
@@ -98,11 +100,11 @@ pub fn read_manifest(path: &Path) -> Result<Vec<ClientEntry>> {
                 r.here()
             )));
         };
-        let num_examples = match e.num_examples.as_ref().and_then(|v| v.as_u64()) {
-            Some(n) => n,
-            None => {
+        let num_examples = match e.num_examples.as_ref().and_then(|v| v.as_f64()) {
+            Some(n) if n.is_finite() && n >= 0.0 => n,
+            _ => {
                 return Err(Error::input(format!(
-                    "{}: client '{cid}' needs \"num_examples\" as a non-negative integer, got {}",
+                    "{}: client '{cid}' needs \"num_examples\" as a non-negative number, got {}",
                     r.here(),
                     e.num_examples
                         .map_or("nothing".to_string(), |v| v.to_string())
@@ -164,7 +166,7 @@ impl Origin {
             cid: e.cid.clone(),
             label,
             file,
-            weight: if uniform { 1.0 } else { e.num_examples as f64 },
+            weight: if uniform { 1.0 } else { e.num_examples },
             partial: None,
         })
     }

@@ -1,6 +1,7 @@
 //! Strategy names, their flags and Flower's defaults, checked once into a
 //! [`Strategy`] the numerical code uses (it never sees clap).
 
+use crate::flower_api::FlowerApi;
 use clap::ValueEnum;
 use ftk::{bail, Result};
 
@@ -62,9 +63,14 @@ pub struct StrategyFlags {
     /// FedOpt second-moment decay [fedadam/fedyogi 0.99].
     #[arg(long)]
     pub beta2: Option<f64>,
-    /// FedOpt adaptivity [fedadam/fedadagrad 1e-9, fedyogi 1e-3].
+    /// FedOpt adaptivity [fedadam/fedadagrad 1e-9 (message API 1e-3), fedyogi 1e-3].
     #[arg(long)]
     pub tau: Option<f64>,
+    /// Which Flower strategy family to reproduce: legacy (flwr.server.strategy)
+    /// or message (flwr.serverapp.strategy: FedAdam/FedAdagrad tau 1e-3,
+    /// one-pass Bulyan selection).
+    #[arg(long, value_enum, default_value_t = FlowerApi::Legacy)]
+    pub flower_api: FlowerApi,
     /// FedTrimmedAvg fraction cut from each end, in [0, 0.5) [default 0.2].
     #[arg(long, value_name = "BETA")]
     pub trim_beta: Option<f64>,
@@ -146,6 +152,7 @@ pub struct Strategy {
     pub name: Name,
     pub kind: Kind,
     pub eta_l: Option<f64>,
+    pub api: FlowerApi,
 }
 
 impl Strategy {
@@ -210,7 +217,8 @@ impl Strategy {
             Name::Fedadam | Name::Fedyogi => {
                 used.extend(["--eta", "--eta-l", "--beta1", "--beta2", "--tau"]);
                 let opt = if name == Name::Fedadam {
-                    let (eta, beta1, beta2, tau) = fedopt(0.1, 0.9, 0.99, 1e-9)?;
+                    let (eta, beta1, beta2, tau) =
+                        fedopt(0.1, 0.9, 0.99, f.flower_api.default_tau(name))?;
                     ServerOpt::Adam {
                         eta,
                         beta1,
@@ -218,7 +226,8 @@ impl Strategy {
                         tau,
                     }
                 } else {
-                    let (eta, beta1, beta2, tau) = fedopt(1e-2, 0.9, 0.99, 1e-3)?;
+                    let (eta, beta1, beta2, tau) =
+                        fedopt(1e-2, 0.9, 0.99, f.flower_api.default_tau(name))?;
                     ServerOpt::Yogi {
                         eta,
                         beta1,
@@ -233,7 +242,7 @@ impl Strategy {
             }
             Name::Fedadagrad => {
                 used.extend(["--eta", "--eta-l", "--tau"]);
-                let (eta, _, _, tau) = fedopt(0.1, 0.0, 0.0, 1e-9)?;
+                let (eta, _, _, tau) = fedopt(0.1, 0.0, 0.0, f.flower_api.default_tau(name))?;
                 Kind::Linear {
                     opt: ServerOpt::Adagrad { eta, tau },
                     uniform: false,
@@ -280,6 +289,7 @@ impl Strategy {
             name,
             kind,
             eta_l: f.eta_l,
+            api: f.flower_api,
         })
     }
 

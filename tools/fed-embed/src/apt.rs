@@ -30,22 +30,19 @@ pub fn keys(domains: usize, ctx: usize, dim: usize, seed: u64) -> Vec<f32> {
 /// result. The `scores` tensor is these f64 scores rounded to f32.
 pub fn weights(f: &Matrix, w: &Matrix, t: f64) -> (Matrix, Matrix) {
     let (n, k) = (f.rows, w.rows);
+    let w64: Vec<Vec<f64>> = (0..k)
+        .map(|j| w.row(j).iter().map(|&v| f64::from(v)).collect())
+        .collect();
     let mut z = Matrix::zeros(n, k);
     let mut out = Matrix::zeros(n, k);
     out.data
         .par_chunks_mut(k)
         .zip(z.data.par_chunks_mut(k))
         .enumerate()
-        .for_each(|(i, (o, zo))| {
-            let fr = f.row(i);
-            let zr: Vec<f64> = (0..k)
-                .map(|j| {
-                    fr.iter()
-                        .zip(w.row(j))
-                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                        .sum()
-                })
-                .collect();
+        .for_each_init(Vec::new, |fr, (i, (o, zo))| {
+            fr.clear();
+            fr.extend(f.row(i).iter().map(|&v| f64::from(v)));
+            let zr: Vec<f64> = w64.iter().map(|wr| dot(fr, wr)).collect();
             zo.iter_mut().zip(&zr).for_each(|(o, &v)| *o = v as f32);
             let mean = zr.iter().sum::<f64>() / k as f64;
             let var = zr.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / (k - 1) as f64;
@@ -63,6 +60,24 @@ pub fn weights(f: &Matrix, w: &Matrix, t: f64) -> (Matrix, Matrix) {
                 .for_each(|(o, v)| *o = (v / sum) as f32);
         });
     (z, out)
+}
+
+/// Σ a·b in f64, four partial sums (so the loop vectorises).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 4];
+    let (ac, bc) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..4 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
 /// Personalised prompts: for each sample i, ctx ⊙ (1 + Σ_d w_id key_d).

@@ -75,8 +75,8 @@ Summaries (one JSON line on stdout per run; --table prints them as a table):
   noise         {\"kind\":\"fed_embed_noise\",\"clip\",\"clipped_fraction\",\"clipped_rows\",\"delta\",
                  \"dim\",\"epsilon\",\"max_row_norm\",\"mean_norm_after\",\"mean_norm_before\",
                  \"mean_norm_clipped\",\"noise_multiplier\",\"noise_norm\",\"output\",\"rows\",\"seed\",
-                 \"sensitivity\",\"sigma\",\"tensor\"}; the DP fields (clip .. sensitivity) only
-                 with --clip. mean_norm_before/_clipped/_after are mean row norms of the input,
+                 \"sensitivity\",\"sigma\",\"tensor\"}; clip, clipped_*, delta, epsilon,
+                 noise_multiplier and sensitivity only with --clip. mean_norm_before/_clipped/_after are mean row norms of the input,
                  after clipping and of the upload; noise_norm is the mean norm of the noise
                  added to a row (about sigma·sqrt(D)): compare it with mean_norm_clipped.
   keys          {\"kind\":\"fed_embed_keys\",\"ctx\",\"dim\",\"domains\",\"output\",\"seed\"}

@@ -1,16 +1,14 @@
 //! CPU and CUDA histograms agree exactly (run when a GPU exists, skipped with
 //! the reason otherwise); without a GPU, `--device cuda` is a clear usage error.
 
-use assert_cmd::Command;
 use std::path::PathBuf;
 
 fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/route-hist")
+    ftk_test::testdata("route-hist")
 }
 
 fn run(device: &str, args: &[&str]) -> std::process::Output {
-    Command::cargo_bin("route-hist")
-        .unwrap()
+    ftk_test::tool("route-hist")
         .current_dir(data())
         .arg("--device")
         .arg(device)

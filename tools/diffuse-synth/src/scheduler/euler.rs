@@ -1,7 +1,7 @@
 //! EulerDiscreteScheduler: first-order Euler steps in sigma.
 
 use super::{
-    euler_schedule, no_check, sigma_scale_input, sigma_x0, sigma_x0_coeffs, Algorithm, Schedule,
+    euler_schedule, no_check, sigma_x0, Algorithm, Schedule,
     Spec,
 };
 use ftk::Result;
@@ -39,12 +39,8 @@ fn build(s: &mut Schedule, _eta: f64) -> Result<Box<dyn Algorithm>> {
 struct Euler;
 
 impl Algorithm for Euler {
-    fn x0_coeffs(&mut self, s: &mut Schedule, _i: usize) -> Result<(f32, f32, f32)> {
-        sigma_x0_coeffs(s)
-    }
-
-    fn scale_model_input(&mut self, s: &mut Schedule, sample: &[f32]) -> Result<Vec<f32>> {
-        sigma_scale_input(s, sample)
+    fn sigma_scaled(&self) -> bool {
+        true
     }
 
     fn step(

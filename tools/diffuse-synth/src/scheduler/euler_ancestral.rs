@@ -2,7 +2,7 @@
 //! noise of sigma_up.
 
 use super::{
-    euler_schedule, no_check, sigma_scale_input, sigma_x0, sigma_x0_coeffs, Algorithm, Schedule,
+    euler_schedule, no_check, sigma_x0, Algorithm, Schedule,
     Spec,
 };
 use ftk::Result;
@@ -36,12 +36,8 @@ impl Algorithm for EulerAncestral {
         true
     }
 
-    fn x0_coeffs(&mut self, s: &mut Schedule, _i: usize) -> Result<(f32, f32, f32)> {
-        sigma_x0_coeffs(s)
-    }
-
-    fn scale_model_input(&mut self, s: &mut Schedule, sample: &[f32]) -> Result<Vec<f32>> {
-        sigma_scale_input(s, sample)
+    fn sigma_scaled(&self) -> bool {
+        true
     }
 
     fn step(

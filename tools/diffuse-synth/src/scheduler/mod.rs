@@ -31,20 +31,15 @@
 //! timesteps); `schedulers!` below registers it. Adding a scheduler is one
 //! new file plus one line in that list.
 
-mod ddim;
-mod ddpm;
-mod dpmpp_2m;
-mod euler;
-mod euler_ancestral;
-mod pndm;
-
 use ftk::{bail, Error, Result};
 use serde_json::Value;
 
-/// The registry: `Variant => module`, one line per scheduler. The order is
-/// `Kind::ALL`'s (and `--help`'s).
+/// The registry: `Variant => module`, one line per scheduler (it declares
+/// the module `<module>.rs` too). The order is `Kind::ALL`'s.
 macro_rules! schedulers {
     ($($(#[$doc:meta])* $kind:ident => $module:ident),* $(,)?) => {
+        $(mod $module;)*
+
         /// The schedulers diffuse-synth implements.
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Kind {
@@ -725,14 +720,29 @@ pub trait Algorithm: Send + Sync {
         false
     }
 
-    /// See [`Scheduler::x0_coeffs`]; by default from alpha_cumprod.
-    fn x0_coeffs(&mut self, s: &mut Schedule, i: usize) -> Result<(f32, f32, f32)> {
-        s.alpha_x0_coeffs(i)
+    /// Euler-type: the UNet input is scaled by the current sigma, and x0
+    /// comes from it too.
+    fn sigma_scaled(&self) -> bool {
+        false
     }
 
-    /// scale_model_input; by default the identity.
-    fn scale_model_input(&mut self, _s: &mut Schedule, sample: &[f32]) -> Result<Vec<f32>> {
-        Ok(sample.to_vec())
+    /// See [`Scheduler::x0_coeffs`]: from the current sigma (Euler-type) or
+    /// from alpha_cumprod at the step's timestep.
+    fn x0_coeffs(&mut self, s: &mut Schedule, i: usize) -> Result<(f32, f32, f32)> {
+        if self.sigma_scaled() {
+            sigma_x0_coeffs(s)
+        } else {
+            s.alpha_x0_coeffs(i)
+        }
+    }
+
+    /// scale_model_input: sample / sqrt(sigma² + 1) (Euler-type), else the identity.
+    fn scale_model_input(&mut self, s: &mut Schedule, sample: &[f32]) -> Result<Vec<f32>> {
+        if self.sigma_scaled() {
+            sigma_scale_input(s, sample)
+        } else {
+            Ok(sample.to_vec())
+        }
     }
 }
 
@@ -836,7 +846,7 @@ impl Scheduler {
 // ---------------------------------------------------------------- shared by the sigma schedulers
 
 /// x0 coefficients of Euler-type schedulers at the current sigma.
-pub(crate) fn sigma_x0_coeffs(s: &mut Schedule) -> Result<(f32, f32, f32)> {
+fn sigma_x0_coeffs(s: &mut Schedule) -> Result<(f32, f32, f32)> {
     let v = s.cfg.prediction_type == Prediction::VPrediction;
     let si = s.index();
     let sg = s.sigma_at(si)?;
@@ -849,7 +859,7 @@ pub(crate) fn sigma_x0_coeffs(s: &mut Schedule) -> Result<(f32, f32, f32)> {
 }
 
 /// Euler-type scale_model_input: sample / sqrt(sigma² + 1).
-pub(crate) fn sigma_scale_input(s: &mut Schedule, sample: &[f32]) -> Result<Vec<f32>> {
+fn sigma_scale_input(s: &mut Schedule, sample: &[f32]) -> Result<Vec<f32>> {
     let si = s.index();
     let sigma = s.sigma_at(si)?;
     let d = (sigma * sigma + 1.0).sqrt();
