@@ -179,6 +179,8 @@ bench: build $(VENV)/.installed
 	$(PY) bench/fed_aggregate_bench.py
 	$(PY) bench/fed_embed_bench.py
 	$(PY) bench/diffuse_synth_bench.py
+	$(PY) bench/diffuse_synth_bench.py --case fedcado --case describe
+	$(PY) bench/diffuse_synth_bench.py --case fedcado --case describe --threads 1
 	$(PY) bench/mofa_bench.py
 	$(PY) bench/gpu_bench.py
 	$(PY) bench/flwr_bench.py

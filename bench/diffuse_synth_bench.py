@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release" / "diffuse-synth"
+BIN = Path(os.environ.get("FTK_DIFFUSE_SYNTH", ROOT / "target" / "release" / "diffuse-synth"))
 OUT = ROOT / "bench" / "out" / "diffuse-synth"
 TIME = "/usr/bin/time" if Path("/usr/bin/time").exists() else None
 
@@ -226,6 +226,240 @@ def peer(a) -> None:
                       "torch": torch.__version__, "diffusers": diffusers.__version__}))
 
 
+# ---------------------------------------------------------------- FedCADO guidance, FedDEO describe
+
+GUIDED_STEPS = 4  # DDPM steps of the guided case (the last stops at x0, as FedCADO)
+NUM_CLASSES = 10
+DESCRIBE_IMAGES = 6
+
+
+def build_guided() -> tuple[Path, Path, Path]:
+    """A torchvision ResNet-18 (random weights and BN statistics, 10 classes), DDPM step
+    noise for one sample, and FedDEO's images + fixed draws; generated once beside the model."""
+    clf, noise, desc = OUT / "resnet18.safetensors", OUT / "step_noise.safetensors", OUT / "describe.safetensors"
+    if clf.exists() and noise.exists() and desc.exists():
+        return clf, noise, desc
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(SEED + 1)
+    net = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * (2.0 / p[0].numel()) ** 0.5)
+            elif name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+    sd = {k: v.contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_file(sd, str(clf))
+    s = UNET["sample_size"]
+    save_file({"noise": torch.randn((GUIDED_STEPS + 1, 1, 4, s, s), generator=gen)}, str(noise))
+    f = 2 ** (len(VAE["block_out_channels"]) - 1)
+    n = DESCRIBE_IMAGES
+    save_file({
+        "images": torch.rand((n, 3, s * f, s * f), generator=gen),
+        "timesteps": torch.randint(0, 1000, (n,), generator=gen),
+        "latent_noise": torch.randn((n, 4, s, s), generator=gen),
+        "noise": torch.randn((n, 4, s, s), generator=gen),
+    }, str(desc))
+    return clf, noise, desc
+
+
+def guided_peer(a) -> None:
+    """PyTorch running FedCADO's loop (generate_images.py) on the same folder: per step the
+    gradient of CE + bn_weight * L_BN through UNet -> x0 -> VAE -> clamp -> bicubic ->
+    CLIP-normalise -> ResNet-18 w.r.t. the latents only (no weight gradients), z <- z - g,
+    then the plain CFG DDPM step; --noise-edit-steps BN-only updates first; the last step
+    keeps x0. Load untimed."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    import diffusers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    unet = UNet2DConditionModel.from_pretrained(a.model, subfolder="unet").eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(a.model, subfolder="vae").eval().requires_grad_(False)
+    sch = DDPMScheduler.from_pretrained(a.model, subfolder="scheduler")
+    clf = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    clf.load_state_dict(load_file(a.clf), strict=False)
+    clf.eval().requires_grad_(False)
+    stats = []
+
+    def hook(mod, inp, outp):
+        x = inp[0]
+        mu = x.mean(dim=(0, 2, 3))
+        var = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1).var(1, unbiased=False)
+        stats.append(torch.norm(mod.running_var - var, 2) + torch.norm(mod.running_mean - mu, 2))
+
+    for m in clf.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.register_forward_hook(hook)
+    e = load_file(a.emb)
+    ctx = torch.cat([e["negative_prompt_embeds"][:1], e["prompt_embeds"][:1]])
+    lat = load_file(a.lat)["latents"][:1]
+    noise = load_file(a.noise)["noise"]
+    draws = iter(range(noise.shape[0]))
+    import diffusers.schedulers.scheduling_ddpm as ddpm_mod
+
+    ddpm_mod.randn_tensor = lambda shape, **kw: noise[next(draws)].reshape(shape).clone()
+    # StableDiffusionPipeline's config rewrite, which diffuse-synth applies too
+    sch = DDPMScheduler.from_config({**sch.config, "clip_sample": False, "steps_offset": 1})
+    sch.set_timesteps(a.steps)
+    ts = sch.timesteps
+    m = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    s = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    sf = vae.config.scaling_factor
+
+    def eps_of(z, t):
+        out = unet(torch.cat([z] * 2), t, encoder_hidden_states=ctx).sample
+        eu, ec = out.chunk(2)
+        return eu + a.cfg * (ec - eu)
+
+    def grad(z, t, with_ce):
+        stats.clear()
+        z = z.detach().requires_grad_(True)
+        eps = eps_of(z, t)
+        acp = sch.alphas_cumprod[t]
+        x0 = (z - (1 - acp) ** 0.5 * eps) / acp ** 0.5
+        img = (vae.decode(x0 / sf).sample / 2 + 0.5).clamp(0, 1)
+        img = F.interpolate(img, size=(224, 224), mode="bicubic", align_corners=False)
+        logits = clf((img - m) / s)
+        loss = 0.1 * sum(stats)
+        if with_ce:
+            loss = loss + F.cross_entropy(logits, torch.tensor([1]))
+        return torch.autograd.grad(loss, z)[0]
+
+    t0 = time.perf_counter()
+    lat = lat * sch.init_noise_sigma
+    for _ in range(a.noise_edit):
+        lat = lat - grad(lat, ts[0], False)
+    x0 = None
+    for i, t in enumerate(ts[:-1]):
+        lat = lat - grad(lat, t, True)
+        with torch.no_grad():
+            out = sch.step(eps_of(lat, t), t, lat)
+        x0, lat = out.pred_original_sample, out.prev_sample
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        img = (vae.decode(x0 / sf).sample / 2 + 0.5).clamp(0, 1)
+    t2 = time.perf_counter()
+    save_file({"latents": x0.contiguous(), "images": img.contiguous()}, a.out)
+    print(json.dumps({"loop_s": t1 - t0, "total_s": t2 - t0, "threads": torch.get_num_threads(),
+                      "torch": torch.__version__, "diffusers": diffusers.__version__}))
+
+
+def describe_peer(a) -> None:
+    """PyTorch running FedDEO's description SGD (as testdata/gen's gen_describe) with the
+    same images and draws: VAE encode, add_noise, MSE of the UNet's eps, gradient w.r.t.
+    the description only, lr 10. Load untimed."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    unet = UNet2DConditionModel.from_pretrained(a.model, subfolder="unet").eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(a.model, subfolder="vae").eval().requires_grad_(False)
+    sched = DDPMScheduler.from_pretrained(a.model, subfolder="scheduler")
+    d = load_file(a.noise)
+    desc = load_file(a.emb)["prompt_embeds"][:1].clone().requires_grad_(True)
+    m = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    s = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    t0 = time.perf_counter()
+    for k in range(d["images"].shape[0]):
+        x = (d["images"][k : k + 1] - m) / s
+        with torch.no_grad():
+            dist = vae.encode(x).latent_dist
+            z0 = (dist.mean + dist.std * d["latent_noise"][k : k + 1]) * vae.config.scaling_factor
+        zt = sched.add_noise(z0, d["noise"][k : k + 1], d["timesteps"][k : k + 1])
+        pred = unet(zt, d["timesteps"][k], encoder_hidden_states=desc).sample
+        loss = F.mse_loss(pred, d["noise"][k : k + 1])
+        (g,) = torch.autograd.grad(loss, desc)
+        with torch.no_grad():
+            desc -= 10.0 * g
+    t1 = time.perf_counter()
+    save_file({"prompt_embeds": desc.detach().contiguous()}, a.out)
+    print(json.dumps({"total_s": t1 - t0, "threads": torch.get_num_threads(), "torch": torch.__version__}))
+
+
+def run_guided(a, model, emb, lat, fenv) -> None:
+    """FedCADO guidance (--noise-edit 0: the issue's loop; 10: the authors' default) and
+    FedDEO describe, each ftk and PyTorch alternately, medians of --reps."""
+    clf, noise, desc = build_guided()
+    rows = []
+    for case in a.case:
+        if case == "describe":
+            ftk = [str(BIN), "describe", "--model", str(model), "--images", str(desc), "--init", str(emb),
+                   "--train-noise", str(desc), "--lr", "10", "-o", str(OUT / "ftk_desc.safetensors")]
+            peer = [sys.executable, str(Path(__file__).resolve()), "--peer-describe", "--model", str(model),
+                    "--emb", str(emb), "--noise", str(desc), "--out", str(OUT / "peer_desc.safetensors"),
+                    "--threads", str(a.threads)]
+            key = "prompt_embeds"
+        else:
+            ne = 10 if case == "fedcado-edit" else 0
+            ftk = [str(BIN), "--model", str(model), "--scheduler", "ddpm", "--steps", str(GUIDED_STEPS),
+                   "--guidance-scale", str(a.cfg), "--prompt-embeds", str(emb), "--latents", str(lat),
+                   "--step-noise", str(noise), "--classifier", str(clf), "--classifier-arch", "resnet18",
+                   "--class", "1", "--noise-edit-steps", str(ne), "-o", str(OUT / "ftk_guided.safetensors")]
+            peer = [sys.executable, str(Path(__file__).resolve()), "--peer-guided", "--model", str(model),
+                    "--emb", str(emb), "--lat", str(lat), "--noise", str(noise), "--clf", str(clf),
+                    "--steps", str(GUIDED_STEPS), "--cfg", str(a.cfg), "--noise-edit", str(ne),
+                    "--out", str(OUT / "peer_guided.safetensors"), "--threads", str(a.threads)]
+            key = "latents"
+        fs, ps, frss, prss = [], [], [], []
+        for _ in range(a.reps):
+            dt, rss, _ = timed(ftk, fenv)
+            fs.append(dt)
+            frss.append(rss)
+            dt, rss, out = timed(peer)
+            ps.append(json.loads(out.strip().splitlines()[-1])["total_s"])
+            prss.append(rss)
+        import numpy as np
+        from safetensors.numpy import load_file
+
+        fo = "ftk_desc" if case == "describe" else "ftk_guided"
+        po = "peer_desc" if case == "describe" else "peer_guided"
+        fl = load_file(str(OUT / f"{fo}.safetensors"))[key]
+        pl = load_file(str(OUT / f"{po}.safetensors"))[key]
+        diff = float(np.abs(fl - pl).max())
+        scale = float(np.abs(pl).max())
+        ftk_s, peer_s = statistics.median(fs), statistics.median(ps)
+        rows.append({
+            "bench": f"diffuse_synth_{case.replace('-', '_')}",
+            "ftk_s": round(ftk_s, 3),
+            "peer_s": round(peer_s, 3),
+            "speedup": round(peer_s / ftk_s, 3),
+            "ftk_max_rss_mib": round(max(frss), 1),
+            "peer_max_rss_mib": round(max(prss), 1),
+            "max_abs_diff": diff,
+            "max_abs_peer": scale,
+            "threads": a.threads or os.cpu_count(),
+            "reps": a.reps,
+            "ftk_s_includes": "process start, load, the loop, decode, write",
+            "peer_s_includes": "the loop (+ decode for FedCADO); load excluded",
+            "workload": (f"{DESCRIBE_IMAGES} SGD steps, description [1,{TOKENS},{UNET['cross_attention_dim']}]"
+                         if case == "describe" else
+                         f"DDPM {GUIDED_STEPS} steps (x0 at the last), CFG {a.cfg}, ResNet-18 at 224, "
+                         f"{10 if case == 'fedcado-edit' else 0} noise-editing steps"),
+        })
+        print(json.dumps(rows[-1]), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scheduler", default="ddim", choices=list(PEER_CLASSES))
@@ -236,10 +470,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="threads for both sides (default: all cores); 1 compares single-core speed, "
                          "which other load on the machine disturbs least")
+    ap.add_argument("--case", action="append", choices=["steps", "fedcado", "fedcado-edit", "describe"],
+                    help="what to compare (repeatable; default: steps): plain sampling steps, FedCADO-guided "
+                         "DDPM (no noise editing / the authors' 10 steps), FedDEO describe")
+    ap.add_argument("--sd15", type=Path, metavar="DIR",
+                    help="the steps case on a Stable Diffusion 1.5-sized folder made by "
+                         "testdata/gen/diffuse_synth_sd15_ref.py gen DIR (512x512, batch 1; "
+                         "agreement required within 1e-4 of the latents' scale)")
     ap.add_argument("--ftk-env", action="append", default=[], metavar="K=V",
                     help="extra environment for diffuse-synth only (diagnosis, e.g. CANDLE_NUM_THREADS=1)")
     # internal: the diffusers side, run in its own process so its RSS is its own
     ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--peer-guided", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--peer-describe", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--clf", help=argparse.SUPPRESS)
+    ap.add_argument("--noise", help=argparse.SUPPRESS)
+    ap.add_argument("--noise-edit", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--emb", help=argparse.SUPPRESS)
     ap.add_argument("--lat", help=argparse.SUPPRESS)
@@ -247,14 +493,30 @@ def main() -> None:
     a = ap.parse_args()
     if a.peer:
         return peer(a)
+    if a.peer_guided:
+        return guided_peer(a)
+    if a.peer_describe:
+        return describe_peer(a)
     if not 1 <= a.batch <= MAX_BATCH or a.steps < 2:
         sys.exit(f"--batch must be 1..{MAX_BATCH} and --steps >= 2")
     if not BIN.exists():
         sys.exit(f"{BIN} missing: run `cargo build --release -p diffuse-synth` first")
-    model, inputs = build()
-    emb, lat = slice_inputs(inputs, a.batch)
+    if a.sd15:
+        model, inputs = a.sd15 / "model", a.sd15 / "inputs.safetensors"
+        emb = lat = inputs
+        a.batch = 1
+    else:
+        model, inputs = build()
+        emb, lat = slice_inputs(inputs, a.batch)
     threads = a.threads or os.cpu_count() or 1
     fenv = dict(os.environ, RAYON_NUM_THREADS=str(threads), **dict(kv.split("=", 1) for kv in a.ftk_env))
+    cases = a.case or ["steps"]
+    a.case = [c for c in cases if c != "steps"]
+    if a.case:
+        emb1, lat1 = slice_inputs(inputs, 1)
+        run_guided(a, model, emb1, lat1, fenv)
+    if "steps" not in cases:
+        return
     f_out, p_out = OUT / "ftk_out.safetensors", OUT / "peer_out.safetensors"
 
     # ftk has no per-step timer: its per-step time is (T(steps) - T(1)) / (steps - 1),
@@ -279,7 +541,8 @@ def main() -> None:
     diff = float(np.abs(fl["latents"] - pl["latents"]).max())
     img_diff = float(np.abs(fl["images"] - pl["images"]).max())
     scale = float(np.abs(pl["latents"]).max())
-    if not np.isfinite(diff) or diff > 1e-2 * max(scale, 1.0):
+    tol = 1e-4 * scale if a.sd15 else 1e-2 * max(scale, 1.0)
+    if not np.isfinite(diff) or diff > tol:
         sys.exit(f"FAIL: final latents differ: max abs diff {diff} (max |latent| {scale})")
     ftk_step = (ftk_s - f1) / (a.steps - 1)
     peer_step = statistics.median(p["median_step_s"] for p in peers)
@@ -309,7 +572,9 @@ def main() -> None:
         "peer_threads": peers[0]["threads"],
         "ftk_env": a.ftk_env,
         "reps": a.reps,
-        "unet": {k: UNET[k] for k in ("sample_size", "block_out_channels", "layers_per_block", "cross_attention_dim")},
+        "unet": "sd15" if a.sd15 else {k: UNET[k] for k in ("sample_size", "block_out_channels", "layers_per_block",
+                                                            "cross_attention_dim")},
+        "max_abs_latent": scale,
         "torch": peers[0]["torch"],
         "diffusers": peers[0]["diffusers"],
     }))

@@ -80,6 +80,9 @@ pub struct BatchNorm {
     mean: Tensor,
     var: Tensor,
     eps: f64,
+    /// The eval-mode map x · scale + shift per channel (f32 as the tensor ops compute it).
+    scale: Vec<f32>,
+    shift: Vec<f32>,
 }
 
 impl BatchNorm {
@@ -94,18 +97,37 @@ impl BatchNorm {
             }
             Ok(t)
         };
+        let (weight, bias) = (get("weight")?, get("bias")?);
+        let (mean, var) = (get("running_mean")?, get("running_var")?);
+        let affine = || -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+            let inv = (&weight / (&var + eps)?.sqrt()?)?;
+            let shift = (&bias - (&mean * &inv)?)?;
+            Ok((inv.to_vec1::<f32>()?, shift.to_vec1::<f32>()?))
+        };
+        let (scale, shift) = affine().map_err(ce(format!("{}: layer `{name}`", src.display())))?;
         Ok(BatchNorm {
-            weight: get("weight")?,
-            bias: get("bias")?,
-            mean: get("running_mean")?,
-            var: get("running_var")?,
+            weight,
+            bias,
+            mean,
+            var,
             eps,
+            scale,
+            shift,
         })
     }
 
     /// Eval-mode BN of x [N,C,H,W]; adds the DeepInversion term of its input to `loss`:
     /// ||running_var - var||_2 + ||running_mean - mean||_2 (biased variance over N,H,W).
     pub fn forward(&self, x: &Tensor, loss: &mut Tensor) -> candle_core::Result<Tensor> {
+        if x.dtype() == DType::F32 && x.device().is_cpu() && x.rank() == 4 {
+            // the CPU kernels: one pass for the statistics, one for the affine map
+            let st = crate::cpu_kernels::resnet::channel_stats(x)?;
+            let (mu, v) = (st.get(0)?, st.get(1)?);
+            let r = ((&self.var - &v)?.sqr()?.sum_all()?.sqrt()?
+                + (&self.mean - &mu)?.sqr()?.sum_all()?.sqrt()?)?;
+            *loss = (&*loss + r)?;
+            return crate::cpu_kernels::resnet::channel_affine(x, &self.scale, &self.shift);
+        }
         let mu = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
         let centered = x.broadcast_sub(&mu)?;
         let v = centered
@@ -126,11 +148,11 @@ impl BatchNorm {
 }
 
 enum Layer {
-    Conv(candle_nn::Conv2d),
+    Conv(crate::cpu_kernels::Conv2d),
     Bn(BatchNorm),
     Relu,
     Avgpool,
-    Linear(candle_nn::Linear),
+    Linear(crate::cpu_kernels::Linear),
 }
 
 enum Net {
@@ -200,7 +222,7 @@ impl Classifier {
                     } else {
                         candle_nn::conv2d_no_bias(inp, out, kernel, cfg, vb.pp(&name))
                     };
-                    Layer::Conv(c.map_err(ce(what(&name)))?)
+                    Layer::Conv(crate::cpu_kernels::Conv2d(c.map_err(ce(what(&name)))?))
                 }
                 LayerSpec::Bn { name, eps } => {
                     Layer::Bn(BatchNorm::load(&vb, &name, eps, weights)?)
@@ -209,9 +231,9 @@ impl Classifier {
                 LayerSpec::Avgpool => Layer::Avgpool,
                 LayerSpec::Linear { name, inp, out } => {
                     num_classes = out;
-                    Layer::Linear(
+                    Layer::Linear(crate::cpu_kernels::Linear(
                         candle_nn::linear(inp, out, vb.pp(&name)).map_err(ce(what(&name)))?,
-                    )
+                    ))
                 }
             });
         }
@@ -240,7 +262,7 @@ impl Classifier {
             x = match l {
                 Layer::Conv(c) => c.forward(&x)?,
                 Layer::Bn(bn) => bn.forward(&x, &mut bn_loss)?,
-                Layer::Relu => x.relu()?,
+                Layer::Relu => crate::cpu_kernels::resnet::relu(&x)?,
                 Layer::Avgpool => x.mean_keepdim(2)?.mean_keepdim(3)?.flatten_from(1)?,
                 Layer::Linear(lin) => lin.forward(&x)?,
             };

@@ -65,6 +65,96 @@ fn normals(seed: u64, stream: u64, n: usize) -> Vec<f32> {
     (0..n).map(|_| r.sample::<f32, _>(StandardNormal)).collect()
 }
 
+/// `--train-noise`: timesteps [steps] and the two noises [steps, C, h, w], checked.
+#[allow(clippy::type_complexity)]
+fn fixed_draws(
+    p: &Path,
+    steps: usize,
+    (lc, lh, lw): (usize, usize, usize),
+    train_steps: usize,
+) -> Result<(Vec<i64>, Vec<f32>, Vec<f32>)> {
+    let f = TensorFile::open(p)?;
+    let ts = f.require("timesteps")?;
+    ts.expect_rank(1, "[steps]")?;
+    let ts = ts.to_i64_vec()?;
+    let (ls, ln) = f32s(p, "latent_noise", 4, "[steps, C, h, w]")?;
+    let (ns, nz) = f32s(p, "noise", 4, "[steps, C, h, w]")?;
+    if ts.len() < steps
+        || ls[0] < steps
+        || ns[0] < steps
+        || ls[1..] != [lc, lh, lw]
+        || ns[1..] != [lc, lh, lw]
+    {
+        bail!(
+            "{}: needs `timesteps` [{steps}] and `latent_noise`/`noise` [{steps}, {lc}, {lh}, {lw}]",
+            p.display()
+        );
+    }
+    if let Some(t) = ts.iter().find(|&&t| t < 0 || t as usize >= train_steps) {
+        bail!("{}: timestep {t} is outside 0..{train_steps}", p.display());
+    }
+    Ok((ts, ln, nz))
+}
+
+/// The models one SGD step runs through.
+struct Models<'a> {
+    unet: &'a model::Unet,
+    vae: &'a model::Vae,
+    prediction: Prediction,
+}
+
+/// One step's random draws: the timestep and the two noises [C, h, w].
+struct Draw {
+    t: usize,
+    alpha_cumprod: f32,
+    latent_noise: Vec<f32>,
+    noise: Vec<f32>,
+}
+
+impl Models<'_> {
+    /// The denoising loss of image `img` [3, h, w] under description `desc` [L, D] and its
+    /// gradient w.r.t. the description.
+    fn loss_and_grad(
+        &self,
+        img: &[f32],
+        (ih, iw): (usize, usize),
+        d: &Draw,
+        desc: &[f32],
+        (l, dim): (usize, usize),
+    ) -> candle_core::Result<(f32, Vec<f32>)> {
+        let dev = Device::Cpu;
+        let (lc, lh, lw) = (
+            self.unet.in_channels,
+            ih / self.vae.factor,
+            iw / self.vae.factor,
+        );
+        let x = Tensor::from_vec(img.to_vec(), (1, 3, ih, iw), &dev)?;
+        let x = clip_normalize(&x)?;
+        let ln = Tensor::from_vec(d.latent_noise.clone(), (1, lc, lh, lw), &dev)?;
+        let z0 = (self.vae.model.encode(&x)?.sample_with(&ln)? * self.vae.scaling_factor)?;
+        let e = Tensor::from_vec(d.noise.clone(), (1, lc, lh, lw), &dev)?;
+        let (sa, sb) = (d.alpha_cumprod.sqrt(), (1.0 - d.alpha_cumprod).sqrt());
+        let zt = ((&z0 * f64::from(sa))? + (&e * f64::from(sb))?)?;
+        let target = match self.prediction {
+            Prediction::Epsilon => e,
+            Prediction::VPrediction => ((&e * f64::from(sa))? - (&z0 * f64::from(sb))?)?,
+        };
+        let dv = Var::from_vec(desc.to_vec(), (1, l, dim), &dev)?;
+        let pred = self.unet.model.forward(&zt, d.t as f64, dv.as_tensor())?;
+        let loss = (pred - target)?.sqr()?.mean_all()?;
+        let grads = loss.backward()?;
+        let g = grads
+            .get(dv.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no gradient reached the description".into()))?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok((loss.to_scalar::<f32>()?, g))
+    }
+}
+
+/// `diffuse-synth describe`: checks, the SGD loop, the output file and its record line.
+///
+/// Long because the input checks name each file and field where it is read.
 pub fn describe(a: DescribeArgs) -> Result<()> {
     if !(a.lr.is_finite() && a.lr > 0.0) {
         bail!("--lr must be a positive number");
@@ -117,32 +207,9 @@ pub fn describe(a: DescribeArgs) -> Result<()> {
     let (lc, lh, lw) = (unet.in_channels, ih / vae.factor, iw / vae.factor);
     let per = lc * lh * lw;
     let fixed = match &a.train_noise {
-        Some(p) => {
-            let f = TensorFile::open(p)?;
-            let ts = f.require("timesteps")?;
-            ts.expect_rank(1, "[steps]")?;
-            let ts = ts.to_i64_vec()?;
-            let (ls, ln) = f32s(p, "latent_noise", 4, "[steps, C, h, w]")?;
-            let (ns, nz) = f32s(p, "noise", 4, "[steps, C, h, w]")?;
-            if ts.len() < steps
-                || ls[0] < steps
-                || ns[0] < steps
-                || ls[1..] != [lc, lh, lw]
-                || ns[1..] != [lc, lh, lw]
-            {
-                bail!(
-                    "{}: needs `timesteps` [{steps}] and `latent_noise`/`noise` [{steps}, {lc}, {lh}, {lw}]",
-                    p.display()
-                );
-            }
-            if let Some(t) = ts.iter().find(|&&t| t < 0 || t as usize >= acp.len()) {
-                bail!("{}: timestep {t} is outside 0..{}", p.display(), acp.len());
-            }
-            Some((ts, ln, nz))
-        }
+        Some(p) => Some(fixed_draws(p, steps, (lc, lh, lw), acp.len())?),
         None => None,
     };
-    let dev = Device::Cpu;
     let mut desc = init;
     let mut losses = Vec::with_capacity(steps);
     let bar = ftk::cli::progress(steps as u64, "describing");
@@ -166,32 +233,20 @@ pub fn describe(a: DescribeArgs) -> Result<()> {
             }
         };
         let what = format!("describe step {k}");
-        let step = || -> candle_core::Result<(f32, Vec<f32>)> {
-            let x = Tensor::from_vec(img.to_vec(), (1, 3, ih, iw), &dev)?;
-            let x = clip_normalize(&x)?;
-            let ln = Tensor::from_vec(lnoise.clone(), (1, lc, lh, lw), &dev)?;
-            let z0 = (vae.model.encode(&x)?.sample_with(&ln)? * vae.scaling_factor)?;
-            let e = Tensor::from_vec(eps.clone(), (1, lc, lh, lw), &dev)?;
-            let (sa, sb) = (acp[t].sqrt(), (1.0 - acp[t]).sqrt());
-            let zt = ((&z0 * f64::from(sa))? + (&e * f64::from(sb))?)?;
-            let target = match cfg.prediction_type {
-                Prediction::Epsilon => e,
-                Prediction::VPrediction => ((&e * f64::from(sa))? - (&z0 * f64::from(sb))?)?,
-            };
-            let dv = Var::from_vec(desc.clone(), (1, eshape[1], eshape[2]), &dev)?;
-            let pred = unet.model.forward(&zt, t as f64, dv.as_tensor())?;
-            let loss = (pred - target)?.sqr()?.mean_all()?;
-            let grads = loss.backward()?;
-            let g = grads
-                .get(dv.as_tensor())
-                .ok_or_else(|| {
-                    candle_core::Error::Msg("no gradient reached the description".into())
-                })?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            Ok((loss.to_scalar::<f32>()?, g))
+        let model = Models {
+            unet: &unet,
+            vae: &vae,
+            prediction: cfg.prediction_type,
         };
-        let (loss, g) = step().map_err(ce(what.clone()))?;
+        let draw = Draw {
+            t,
+            alpha_cumprod: acp[t],
+            latent_noise: lnoise,
+            noise: eps,
+        };
+        let (loss, g) = model
+            .loss_and_grad(img, (ih, iw), &draw, &desc, (eshape[1], eshape[2]))
+            .map_err(ce(what.clone()))?;
         if !loss.is_finite() || g.iter().any(|v| !v.is_finite()) {
             return Err(Error::input(format!(
                 "{what}: loss or gradient is not finite (lower --lr?)"

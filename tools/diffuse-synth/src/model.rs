@@ -4,13 +4,14 @@
 //! refused with the field named, never silently approximated.
 
 use crate::scheduler::{Config as SchedConfig, Kind};
-use crate::sd::{
+use crate::vendored::sd::{
     unet_2d::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig},
     vae::{AutoEncoderKL, AutoEncoderKLConfig},
 };
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use ftk::{bail, Error, Result};
+use rayon::prelude::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -124,11 +125,40 @@ fn weights_file(dir: &Path) -> Result<PathBuf> {
 
 pub fn var_builder(file: &Path) -> Result<VarBuilder<'static>> {
     // The header is validated first (ftk's reader names the file on any defect).
-    ftk::tensors::TensorFile::open(file)?;
-    // SAFETY: the file is mapped read-only and not modified while the model lives
-    // (the same contract as ftk::tensors::TensorFile).
-    unsafe { VarBuilder::from_mmaped_safetensors(&[file], DType::F32, &Device::Cpu) }
-        .map_err(ce(file.display()))
+    let f = ftk::tensors::TensorFile::open(file)?;
+    // Every tensor copied out of the map in parallel (threads share the page-cache copy),
+    // its mapped pages released once copied: the process holds one copy of the weights
+    // at a time instead of the map plus the copies (7.5 GB at SD-1.5 size before).
+    let tensors = f
+        .names()
+        .into_par_iter()
+        .map(|n| -> Result<(String, Tensor)> {
+            let t = f.require(&n)?;
+            let v = t.to_f32_vec()?;
+            release_pages(t.data);
+            let tt = Tensor::from_vec(v, t.shape, &Device::Cpu).map_err(ce(t.here()))?;
+            Ok((n, tt))
+        })
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    Ok(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
+}
+
+/// Drop the resident pages of a read-only file mapping (they are read again from the file
+/// on a later access, so a page shared with a neighbour still being copied stays correct).
+fn release_pages(b: &[u8]) {
+    #[cfg(unix)]
+    {
+        const PAGE: usize = 4096;
+        let start = (b.as_ptr() as usize) & !(PAGE - 1);
+        let end = b.as_ptr() as usize + b.len();
+        if end > start {
+            // SAFETY: [start, end) lies in a read-only shared file mapping that stays
+            // mapped; MADV_DONTNEED only drops its resident copy.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
 }
 
 /// The UNet with what the pipeline needs from its config.
@@ -141,6 +171,10 @@ pub struct Unet {
     pub class_dim: Option<usize>,
 }
 
+/// The UNet folder: config.json read field by field as diffusers reads it, then the weights.
+///
+/// Long because it is one list: each config field, its default and its refusal sit
+/// together in diffusers' order, so checking it against UNet2DConditionModel is one read.
 pub fn load_unet(model_dir: &Path) -> Result<Unet> {
     let dir = model_dir.join("unet");
     let cfg_path = dir.join("config.json");

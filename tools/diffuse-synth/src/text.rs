@@ -77,6 +77,10 @@ impl Tokenizer {
     /// pad deciding for a shared content (so SD 1.x's string pad makes `<|endoftext|>` raw-
     /// matched, while SD 2.x's pad "!" leaves it matched after lower-casing, and every "!"
     /// in an SD 2.x prompt becomes the pad id, as transformers does).
+    ///
+    /// Long because tokenizer.json's pieces (normalizer, pre-tokenizer, model, added
+    /// tokens) and the legacy vocab.json/merges.txt layout are each read and refused in
+    /// place, with the file and key named.
     pub fn load(dir: &Path) -> Result<Self> {
         let src = dir.display().to_string();
         let tj = dir.join("tokenizer.json");
@@ -338,6 +342,9 @@ pub struct TextModel {
 impl TextModel {
     /// text_encoder/: config.json + model.safetensors (names with or without the
     /// `text_model.` prefix that transformers 4 wrote).
+    ///
+    /// Long because it is one list: each CLIPTextConfig field with its default and
+    /// refusal, in transformers' order.
     pub fn load(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let v = read_json(&cfg_path)?;

@@ -19,9 +19,11 @@
 //! statistics); every BN layer's input also feeds the DeepInversion BN-statistics loss.
 
 use crate::classifier::BatchNorm;
+use crate::cpu_kernels::resnet::relu;
+use crate::cpu_kernels::{Conv2d, Linear};
 use crate::model::ce;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use ftk::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -117,6 +119,9 @@ impl Plan {
 }
 
 /// Reads the plan of `arch` from a state_dict's names and shapes (`src` names the file).
+///
+/// Long because each torchvision name it looks for is checked where it is read, with the
+/// error naming it; split up, the name list would be spread over several functions.
 pub fn plan(shapes: &BTreeMap<String, Vec<usize>>, arch: Arch, src: &str) -> Result<Plan> {
     let err = |m: String| Error::input(format!("{src}: {} state_dict: {m}", arch.name()));
     // the prefix: where `conv1.weight` sits next to `layer1.0.conv1.weight`
@@ -331,7 +336,7 @@ fn load_conv(vb: &VarBuilder, c: &ConvSpec, what: &str) -> Result<Conv2d> {
     let w = vb
         .get((c.out, c.inp, c.kernel, c.kernel), &c.name)
         .map_err(ce(what))?;
-    Ok(Conv2d::new(
+    Ok(Conv2d(candle_nn::Conv2d::new(
         w,
         None,
         Conv2dConfig {
@@ -339,7 +344,7 @@ fn load_conv(vb: &VarBuilder, c: &ConvSpec, what: &str) -> Result<Conv2d> {
             padding: c.padding,
             ..Default::default()
         },
-    ))
+    )))
 }
 
 impl ResNet {
@@ -378,7 +383,7 @@ impl ResNet {
             Some(n) => Some(vb.get(plan.num_classes, n).map_err(ce(&what))?),
             None => None,
         };
-        let head = Linear::new(w, b);
+        let head = Linear(candle_nn::Linear::new(w, b));
         Ok(ResNet {
             stem,
             blocks,
@@ -391,56 +396,24 @@ impl ResNet {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let mut loss = Tensor::zeros((), DType::F32, x.device())?;
         let (c, b) = &self.stem;
-        let x = b.forward(&c.forward(x)?, &mut loss)?.relu()?;
-        let mut x = max_pool_3x3_s2(&x)?;
+        let x = relu(&b.forward(&c.forward(x)?, &mut loss)?)?;
+        let mut x = crate::cpu_kernels::resnet::max_pool_3x3_s2(&x)?;
         for blk in &self.blocks {
             let mut out = x.clone();
             let n = blk.convs.len();
             for (j, (c, b)) in blk.convs.iter().enumerate() {
                 out = b.forward(&c.forward(&out)?, &mut loss)?;
                 if j + 1 < n {
-                    out = out.relu()?;
+                    out = relu(&out)?;
                 }
             }
             let identity = match &blk.downsample {
                 Some((c, b)) => b.forward(&c.forward(&x)?, &mut loss)?,
                 None => x.clone(),
             };
-            x = (out + identity)?.relu()?;
+            x = relu(&(out + identity)?)?;
         }
         let feats = x.mean_keepdim(2)?.mean_keepdim(3)?.flatten_from(1)?;
         Ok((self.head.forward(&feats)?, loss))
     }
-}
-
-/// torch's MaxPool2d(kernel 3, stride 2, padding 1) on a non-negative input (it follows a
-/// ReLU in every ResNet), from differentiable ops: the nine strided shifts of the input,
-/// zero-padded (the same as -inf padding for inputs >= 0), and their elementwise maximum.
-/// (candle's own max-pool backward assumes non-overlapping windows.)
-pub fn max_pool_3x3_s2(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
-    // pad so that every shift d in 0..3 has 2*out elements from d on
-    let xp = x
-        .pad_with_zeros(2, 1, 2 * ho + 1 - h)?
-        .pad_with_zeros(3, 1, 2 * wo + 1 - w)?;
-    let pick = |t: &Tensor, dim: usize, d: usize, out: usize| -> candle_core::Result<Tensor> {
-        let t = t.narrow(dim, d, 2 * out)?.contiguous()?;
-        let mut shape = t.dims().to_vec();
-        shape[dim] = out;
-        shape.insert(dim + 1, 2);
-        t.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
-    };
-    let mut best: Option<Tensor> = None;
-    for di in 0..3 {
-        let rows = pick(&xp, 2, di, ho)?;
-        for dj in 0..3 {
-            let v = pick(&rows, 3, dj, wo)?;
-            best = Some(match best {
-                None => v,
-                Some(b) => b.maximum(&v)?,
-            });
-        }
-    }
-    best.ok_or_else(|| candle_core::Error::Msg("empty max-pool".into()))
 }

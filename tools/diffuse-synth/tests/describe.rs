@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 
-use assert_cmd::Command;
 use ftk::tensors::TensorFile;
 use std::path::Path;
 
@@ -15,12 +14,7 @@ fn description_matches_pytorch_sgd() {
     let fx = td.join("describe.safetensors");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("d.safetensors");
-    let o = Command::cargo_bin("diffuse-synth")
-        .unwrap()
-        .env("FTK_NO_PROGRESS", "1")
-        .arg("describe")
-        .arg("--model")
-        .arg(td.join("tiny-sd"))
+    let o = describe_tiny()
         .arg("--images")
         .arg(&fx)
         .arg("--init")
@@ -73,11 +67,7 @@ fn describe_rejects_bad_input() {
     let td = td();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("d.safetensors");
-    let o = Command::cargo_bin("diffuse-synth")
-        .unwrap()
-        .arg("describe")
-        .arg("--model")
-        .arg(td.join("tiny-sd"))
+    let o = describe_tiny()
         .arg("--images")
         .arg(td.join("multi.safetensors"))
         .arg("--init")
@@ -125,12 +115,7 @@ fn png_directory_equals_the_same_pixels_as_safetensors() {
     let qf = dir.path().join("q.safetensors");
     write_safetensors(&qf, &[OutTensor::f32("images", shape.clone(), &q)], None).unwrap();
     let run = |images: &Path, out: &Path| {
-        let o = Command::cargo_bin("diffuse-synth")
-            .unwrap()
-            .env("FTK_NO_PROGRESS", "1")
-            .arg("describe")
-            .arg("--model")
-            .arg(td.join("tiny-sd"))
+        let o = describe_tiny()
             .arg("--images")
             .arg(images)
             .arg("--init")
@@ -150,11 +135,7 @@ fn png_directory_equals_the_same_pixels_as_safetensors() {
     // a directory without PNGs is a usage error
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    let o = Command::cargo_bin("diffuse-synth")
-        .unwrap()
-        .arg("describe")
-        .arg("--model")
-        .arg(td.join("tiny-sd"))
+    let o = describe_tiny()
         .arg("--images")
         .arg(&empty)
         .arg("--init")

@@ -130,28 +130,25 @@ fn guided_run_through_the_cli() {
     let out = dir.path().join("g.safetensors");
     let plain = dir.path().join("p.safetensors");
     let run = |o: &Path, guided: bool| {
-        let mut c = assert_cmd::Command::cargo_bin("diffuse-synth").unwrap();
-        c.env("FTK_NO_PROGRESS", "1")
-            .arg("--model")
-            .arg(td.join("tiny-sd"))
-            .args([
-                "--scheduler",
-                "ddpm",
-                "--steps",
-                "3",
-                "--guidance-scale",
-                "3",
-                "--seed",
-                "4",
-                "--batch",
-                "2",
-                "--shard",
-                "0/2",
-            ])
-            .arg("--prompt-embeds")
-            .arg(td.join("pipeline.safetensors"))
-            .arg("-o")
-            .arg(o);
+        let mut c = sample_tiny();
+        c.args([
+            "--scheduler",
+            "ddpm",
+            "--steps",
+            "3",
+            "--guidance-scale",
+            "3",
+            "--seed",
+            "4",
+            "--batch",
+            "2",
+            "--shard",
+            "0/2",
+        ])
+        .arg("--prompt-embeds")
+        .arg(td.join("pipeline.safetensors"))
+        .arg("-o")
+        .arg(o);
         if guided {
             c.arg("--classifier")
                 .arg(td.join("classifier.safetensors"))
@@ -187,10 +184,8 @@ fn guided_run_through_the_cli() {
         d > 1e-3,
         "guidance must change the samples (max change {d})"
     );
-    let mut c = assert_cmd::Command::cargo_bin("diffuse-synth").unwrap();
+    let mut c = sample_tiny();
     let o = c
-        .arg("--model")
-        .arg(td.join("tiny-sd"))
         .args([
             "--steps", "2", "--seed", "1", "--batch", "2", "--class", "7",
         ])

@@ -7,33 +7,29 @@ mod common;
 
 use common::*;
 
-use assert_cmd::Command;
 use ftk::tensors::TensorFile;
 
 fn latents(final_mode: Option<&str>) -> Vec<f32> {
     let td = td();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.safetensors");
-    let mut c = Command::cargo_bin("diffuse-synth").unwrap();
-    c.env("FTK_NO_PROGRESS", "1")
-        .arg("--model")
-        .arg(td.join("tiny-sd"))
-        .args([
-            "--scheduler",
-            "ddpm",
-            "--steps",
-            "4",
-            "--guidance-scale",
-            "3",
-        ])
-        .arg("--prompt-embeds")
-        .arg(td.join("pipeline.safetensors"))
-        .arg("--latents")
-        .arg(td.join("pipeline.safetensors"))
-        .arg("--step-noise")
-        .arg(td.join("final-x0.safetensors"))
-        .arg("-o")
-        .arg(&out);
+    let mut c = sample_tiny();
+    c.args([
+        "--scheduler",
+        "ddpm",
+        "--steps",
+        "4",
+        "--guidance-scale",
+        "3",
+    ])
+    .arg("--prompt-embeds")
+    .arg(td.join("pipeline.safetensors"))
+    .arg("--latents")
+    .arg(td.join("pipeline.safetensors"))
+    .arg("--step-noise")
+    .arg(td.join("final-x0.safetensors"))
+    .arg("-o")
+    .arg(&out);
     if let Some(m) = final_mode {
         c.args(["--final", m]);
     }

@@ -95,9 +95,7 @@ fn default_scheduler_is_the_folders() {
     let pipe = td.join("pipeline.safetensors");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.safetensors");
-    bin()
-        .arg("--model")
-        .arg(td.join("tiny-sd"))
+    sample_tiny()
         .args(["--steps", "4", "--guidance-scale", "3", "--prompt-embeds"])
         .arg(&pipe)
         .arg("--latents")
@@ -114,9 +112,7 @@ fn default_scheduler_is_the_folders() {
 fn seeded(dir: &Path, name: &str, extra: &[&str]) -> (PathBuf, String) {
     let td = td();
     let out = dir.join(name);
-    let o = bin()
-        .arg("--model")
-        .arg(td.join("tiny-sd"))
+    let o = sample_tiny()
         .args([
             "--scheduler",
             "euler-ancestral",
@@ -360,9 +356,7 @@ fn two_weighted_conditions_match_a_diffusers_loop() {
     let multi = td.join("multi.safetensors");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m.safetensors");
-    bin()
-        .arg("--model")
-        .arg(td.join("tiny-sd"))
+    sample_tiny()
         .args([
             "--scheduler",
             "ddim",

@@ -105,9 +105,7 @@ fn text_and_embedding_conditions_combine() {
     )
     .unwrap();
     let run = |args: &[&std::ffi::OsStr], out: &Path| {
-        bin()
-            .arg("--model")
-            .arg(td.join("tiny-sd"))
+        sample_tiny()
             .args([
                 "--scheduler",
                 "ddim",

@@ -40,3 +40,22 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The checked-in tiny random pipeline (testdata/gen/diffuse_synth_ref.py).
+pub fn tiny() -> PathBuf {
+    td().join("tiny-sd")
+}
+
+/// `diffuse-synth --model tiny-sd`, quiet.
+pub fn sample_tiny() -> Command {
+    let mut c = bin();
+    c.arg("--model").arg(tiny());
+    c
+}
+
+/// `diffuse-synth describe --model tiny-sd`, quiet.
+pub fn describe_tiny() -> Command {
+    let mut c = bin();
+    c.arg("describe").arg("--model").arg(tiny());
+    c
+}

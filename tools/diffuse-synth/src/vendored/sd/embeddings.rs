@@ -4,15 +4,16 @@ use candle_nn::Module;
 
 #[derive(Debug)]
 pub struct TimestepEmbedding {
-    linear_1: crate::fast::Linear,
-    linear_2: crate::fast::Linear,
+    linear_1: crate::cpu_kernels::Linear,
+    linear_2: crate::cpu_kernels::Linear,
 }
 
 impl TimestepEmbedding {
     // act_fn: "silu"
     pub fn new(vs: nn::VarBuilder, channel: usize, time_embed_dim: usize) -> Result<Self> {
-        let linear_1 = crate::fast::linear(channel, time_embed_dim, vs.pp("linear_1"))?;
-        let linear_2 = crate::fast::linear(time_embed_dim, time_embed_dim, vs.pp("linear_2"))?;
+        let linear_1 = crate::cpu_kernels::linear(channel, time_embed_dim, vs.pp("linear_1"))?;
+        let linear_2 =
+            crate::cpu_kernels::linear(time_embed_dim, time_embed_dim, vs.pp("linear_2"))?;
         Ok(Self { linear_1, linear_2 })
     }
 }

@@ -4,7 +4,7 @@ use super::attention::{
     AttentionBlock, AttentionBlockConfig, SpatialTransformer, SpatialTransformerConfig,
 };
 use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
-use crate::fast::{conv2d, Conv2d};
+use crate::cpu_kernels::{conv2d, Conv2d};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn as nn; // ftk: fast inference conv
 

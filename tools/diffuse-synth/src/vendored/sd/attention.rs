@@ -23,19 +23,19 @@ impl LayerNormSlow {
 
 impl Module for LayerNormSlow {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        crate::fast::layer_norm(xs, &self.weight, &self.bias, self.eps) // ftk: fused unless tracked
+        crate::cpu_kernels::layer_norm(xs, &self.weight, &self.bias, self.eps) // ftk: fused unless tracked
     }
 }
 
 #[derive(Debug)]
 struct GeGlu {
-    proj: crate::fast::Linear,
+    proj: crate::cpu_kernels::Linear,
     span: tracing::Span,
 }
 
 impl GeGlu {
     fn new(vs: nn::VarBuilder, dim_in: usize, dim_out: usize) -> Result<Self> {
-        let proj = crate::fast::linear(dim_in, dim_out * 2, vs.pp("proj"))?;
+        let proj = crate::cpu_kernels::linear(dim_in, dim_out * 2, vs.pp("proj"))?;
         let span = tracing::span!(tracing::Level::TRACE, "geglu");
         Ok(Self { proj, span })
     }
@@ -46,7 +46,7 @@ impl Module for GeGlu {
         let _enter = self.span.enter();
         let hidden_states_and_gate = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
         // ftk: diffusers uses the exact (erf) GELU
-        crate::fast::geglu(&hidden_states_and_gate[0], &hidden_states_and_gate[1])
+        crate::cpu_kernels::geglu(&hidden_states_and_gate[0], &hidden_states_and_gate[1])
     }
 }
 
@@ -54,7 +54,7 @@ impl Module for GeGlu {
 #[derive(Debug)]
 struct FeedForward {
     project_in: GeGlu,
-    linear: crate::fast::Linear,
+    linear: crate::cpu_kernels::Linear,
     span: tracing::Span,
 }
 
@@ -68,7 +68,7 @@ impl FeedForward {
         let dim_out = dim_out.unwrap_or(dim);
         let vs = vs.pp("net");
         let project_in = GeGlu::new(vs.pp("0"), dim, inner_dim)?;
-        let linear = crate::fast::linear(inner_dim, dim_out, vs.pp("2"))?;
+        let linear = crate::cpu_kernels::linear(inner_dim, dim_out, vs.pp("2"))?;
         let span = tracing::span!(tracing::Level::TRACE, "ff");
         Ok(Self {
             project_in,
@@ -92,10 +92,10 @@ fn flash_attn(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: bool) -> Result<Ten
 
 #[derive(Debug)]
 pub struct CrossAttention {
-    to_q: crate::fast::Linear,
-    to_k: crate::fast::Linear,
-    to_v: crate::fast::Linear,
-    to_out: crate::fast::Linear,
+    to_q: crate::cpu_kernels::Linear,
+    to_k: crate::cpu_kernels::Linear,
+    to_v: crate::cpu_kernels::Linear,
+    to_out: crate::cpu_kernels::Linear,
     heads: usize,
     scale: f64,
     slice_size: Option<usize>,
@@ -119,10 +119,10 @@ impl CrossAttention {
         let inner_dim = dim_head * heads;
         let context_dim = context_dim.unwrap_or(query_dim);
         let scale = 1.0 / f64::sqrt(dim_head as f64);
-        let to_q = crate::fast::linear_no_bias(query_dim, inner_dim, vs.pp("to_q"))?;
-        let to_k = crate::fast::linear_no_bias(context_dim, inner_dim, vs.pp("to_k"))?;
-        let to_v = crate::fast::linear_no_bias(context_dim, inner_dim, vs.pp("to_v"))?;
-        let to_out = crate::fast::linear(inner_dim, query_dim, vs.pp("to_out.0"))?;
+        let to_q = crate::cpu_kernels::linear_no_bias(query_dim, inner_dim, vs.pp("to_q"))?;
+        let to_k = crate::cpu_kernels::linear_no_bias(context_dim, inner_dim, vs.pp("to_k"))?;
+        let to_v = crate::cpu_kernels::linear_no_bias(context_dim, inner_dim, vs.pp("to_v"))?;
+        let to_out = crate::cpu_kernels::linear(inner_dim, query_dim, vs.pp("to_out.0"))?;
         let span = tracing::span!(tracing::Level::TRACE, "xa");
         let span_attn = tracing::span!(tracing::Level::TRACE, "xa-attn");
         let span_softmax = tracing::span!(tracing::Level::TRACE, "xa-softmax");
@@ -211,7 +211,7 @@ impl CrossAttention {
             let xs = query.matmul(&(key.t()? * self.scale)?)?;
             let xs = {
                 let _enter = self.span_softmax.enter();
-                crate::fast::softmax_last_dim(&xs)? // ftk: fused unless tracked (then candle's softmax, which has a backward)
+                crate::cpu_kernels::softmax_last_dim(&xs)? // ftk: fused unless tracked (then candle's softmax, which has a backward)
             };
             xs.matmul(&value)?.to_dtype(in_dtype)?
         };
@@ -224,9 +224,9 @@ impl CrossAttention {
         let context = context.unwrap_or(xs).contiguous()?;
         let key = self.to_k.forward(&context)?;
         let value = self.to_v.forward(&context)?;
-        if self.slice_size.is_none() && crate::fast::attention_ok(&query, &key, &value) {
+        if self.slice_size.is_none() && crate::cpu_kernels::attention_ok(&query, &key, &value) {
             // ftk: fused per-head attention when no gradient is tracked
-            let xs = crate::fast::attention(&query, &key, &value, self.heads, self.scale)?;
+            let xs = crate::cpu_kernels::attention(&query, &key, &value, self.heads, self.scale)?;
             return self.to_out.forward(&xs);
         }
         let query = self.reshape_heads_to_batch_dim(&query)?;
@@ -329,14 +329,14 @@ impl Default for SpatialTransformerConfig {
 
 #[derive(Debug)]
 enum Proj {
-    Conv2d(crate::fast::Conv2d),
-    Linear(crate::fast::Linear),
+    Conv2d(crate::cpu_kernels::Conv2d),
+    Linear(crate::cpu_kernels::Linear),
 }
 
 // Aka Transformer2DModel
 #[derive(Debug)]
 pub struct SpatialTransformer {
-    norm: crate::fast::GroupNorm,
+    norm: crate::cpu_kernels::GroupNorm,
     proj_in: Proj,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Proj,
@@ -354,15 +354,16 @@ impl SpatialTransformer {
         config: SpatialTransformerConfig,
     ) -> Result<Self> {
         let inner_dim = n_heads * d_head;
-        let norm = crate::fast::group_norm(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
+        let norm =
+            crate::cpu_kernels::group_norm(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
         let proj_in = if config.use_linear_projection {
-            Proj::Linear(crate::fast::linear(
+            Proj::Linear(crate::cpu_kernels::linear(
                 in_channels,
                 inner_dim,
                 vs.pp("proj_in"),
             )?)
         } else {
-            Proj::Conv2d(crate::fast::conv2d(
+            Proj::Conv2d(crate::cpu_kernels::conv2d(
                 in_channels,
                 inner_dim,
                 1,
@@ -385,13 +386,13 @@ impl SpatialTransformer {
             transformer_blocks.push(tb)
         }
         let proj_out = if config.use_linear_projection {
-            Proj::Linear(crate::fast::linear(
+            Proj::Linear(crate::cpu_kernels::linear(
                 in_channels,
                 inner_dim,
                 vs.pp("proj_out"),
             )?)
         } else {
-            Proj::Conv2d(crate::fast::conv2d(
+            Proj::Conv2d(crate::cpu_kernels::conv2d(
                 inner_dim,
                 in_channels,
                 1,
@@ -476,11 +477,11 @@ impl Default for AttentionBlockConfig {
 
 #[derive(Debug)]
 pub struct AttentionBlock {
-    group_norm: crate::fast::GroupNorm,
-    query: crate::fast::Linear,
-    key: crate::fast::Linear,
-    value: crate::fast::Linear,
-    proj_attn: crate::fast::Linear,
+    group_norm: crate::cpu_kernels::GroupNorm,
+    query: crate::cpu_kernels::Linear,
+    key: crate::cpu_kernels::Linear,
+    value: crate::cpu_kernels::Linear,
+    proj_attn: crate::cpu_kernels::Linear,
     channels: usize,
     num_heads: usize,
     span: tracing::Span,
@@ -492,15 +493,18 @@ pub struct AttentionBlock {
 // Linear layer may use a different dimension for the weight in the linear, which is
 // incompatible with the current implementation of the nn::linear constructor.
 // This is a workaround to handle the different dimensions.
-fn get_qkv_linear(channels: usize, vs: nn::VarBuilder) -> Result<crate::fast::Linear> {
+fn get_qkv_linear(channels: usize, vs: nn::VarBuilder) -> Result<crate::cpu_kernels::Linear> {
     match vs.get((channels, channels), "weight") {
-        Ok(_) => crate::fast::linear(channels, channels, vs),
+        Ok(_) => crate::cpu_kernels::linear(channels, channels, vs),
         Err(_) => {
             let weight = vs
                 .get((channels, channels, 1, 1), "weight")?
                 .reshape((channels, channels))?;
             let bias = vs.get((channels,), "bias")?;
-            Ok(crate::fast::Linear(nn::Linear::new(weight, Some(bias))))
+            Ok(crate::cpu_kernels::Linear(nn::Linear::new(
+                weight,
+                Some(bias),
+            )))
         }
     }
 }
@@ -509,8 +513,12 @@ impl AttentionBlock {
     pub fn new(vs: nn::VarBuilder, channels: usize, config: AttentionBlockConfig) -> Result<Self> {
         let num_head_channels = config.num_head_channels.unwrap_or(channels);
         let num_heads = channels / num_head_channels;
-        let group_norm =
-            crate::fast::group_norm(config.num_groups, channels, config.eps, vs.pp("group_norm"))?;
+        let group_norm = crate::cpu_kernels::group_norm(
+            config.num_groups,
+            channels,
+            config.eps,
+            vs.pp("group_norm"),
+        )?;
         let (q_path, k_path, v_path, out_path) = if vs.contains_tensor("to_q.weight") {
             ("to_q", "to_k", "to_v", "to_out.0")
         } else {
@@ -572,7 +580,7 @@ impl Module for AttentionBlock {
         // https://github.com/huggingface/diffusers/blob/d3d22ce5a894becb951eec03e663951b28d45135/src/diffusers/models/attention.py#L87
         let scale = f64::powf(self.channels as f64 / self.num_heads as f64, -0.25);
         let attention_scores = (query_states * scale)?.matmul(&(key_states.t()? * scale)?)?;
-        let attention_probs = crate::fast::softmax_last_dim(&attention_scores)?;
+        let attention_probs = crate::cpu_kernels::softmax_last_dim(&attention_scores)?;
 
         // TODO: revert the call to force_contiguous once the three matmul kernels have been
         // adapted to handle layout with some dims set to 1.

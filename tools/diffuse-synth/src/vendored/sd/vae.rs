@@ -34,11 +34,11 @@ impl Default for EncoderConfig {
 
 #[derive(Debug)]
 struct Encoder {
-    conv_in: crate::fast::Conv2d,
+    conv_in: crate::cpu_kernels::Conv2d,
     down_blocks: Vec<DownEncoderBlock2D>,
     mid_block: UNetMidBlock2D,
-    conv_norm_out: crate::fast::GroupNorm,
-    conv_out: crate::fast::Conv2d,
+    conv_norm_out: crate::cpu_kernels::GroupNorm,
+    conv_out: crate::cpu_kernels::Conv2d,
     #[allow(dead_code)]
     config: EncoderConfig,
 }
@@ -54,7 +54,7 @@ impl Encoder {
             padding: 1,
             ..Default::default()
         };
-        let conv_in = crate::fast::conv2d(
+        let conv_in = crate::cpu_kernels::conv2d(
             in_channels,
             config.block_out_channels[0],
             3,
@@ -97,7 +97,7 @@ impl Encoder {
         };
         let mid_block =
             UNetMidBlock2D::new(vs.pp("mid_block"), last_block_out_channels, None, mid_cfg)?;
-        let conv_norm_out = crate::fast::group_norm(
+        let conv_norm_out = crate::cpu_kernels::group_norm(
             config.norm_num_groups,
             last_block_out_channels,
             1e-6,
@@ -112,7 +112,7 @@ impl Encoder {
             padding: 1,
             ..Default::default()
         };
-        let conv_out = crate::fast::conv2d(
+        let conv_out = crate::cpu_kernels::conv2d(
             last_block_out_channels,
             conv_out_channels,
             3,
@@ -164,11 +164,11 @@ impl Default for DecoderConfig {
 
 #[derive(Debug)]
 struct Decoder {
-    conv_in: crate::fast::Conv2d,
+    conv_in: crate::cpu_kernels::Conv2d,
     up_blocks: Vec<UpDecoderBlock2D>,
     mid_block: UNetMidBlock2D,
-    conv_norm_out: crate::fast::GroupNorm,
-    conv_out: crate::fast::Conv2d,
+    conv_norm_out: crate::cpu_kernels::GroupNorm,
+    conv_out: crate::cpu_kernels::Conv2d,
     #[allow(dead_code)]
     config: DecoderConfig,
 }
@@ -186,7 +186,7 @@ impl Decoder {
             padding: 1,
             ..Default::default()
         };
-        let conv_in = crate::fast::conv2d(
+        let conv_in = crate::cpu_kernels::conv2d(
             in_channels,
             last_block_out_channels,
             3,
@@ -229,7 +229,7 @@ impl Decoder {
             )?;
             up_blocks.push(up_block)
         }
-        let conv_norm_out = crate::fast::group_norm(
+        let conv_norm_out = crate::cpu_kernels::group_norm(
             config.norm_num_groups,
             config.block_out_channels[0],
             1e-6,
@@ -239,7 +239,7 @@ impl Decoder {
             padding: 1,
             ..Default::default()
         };
-        let conv_out = crate::fast::conv2d(
+        let conv_out = crate::cpu_kernels::conv2d(
             config.block_out_channels[0],
             out_channels,
             3,
@@ -325,8 +325,8 @@ impl DiagonalGaussianDistribution {
 pub struct AutoEncoderKL {
     encoder: Encoder,
     decoder: Decoder,
-    quant_conv: Option<crate::fast::Conv2d>,
-    post_quant_conv: Option<crate::fast::Conv2d>,
+    quant_conv: Option<crate::cpu_kernels::Conv2d>,
+    post_quant_conv: Option<crate::cpu_kernels::Conv2d>,
     pub config: AutoEncoderKLConfig,
 }
 
@@ -355,7 +355,7 @@ impl AutoEncoderKL {
 
         let quant_conv = {
             if config.use_quant_conv {
-                Some(crate::fast::conv2d(
+                Some(crate::cpu_kernels::conv2d(
                     2 * latent_channels,
                     2 * latent_channels,
                     1,
@@ -368,7 +368,7 @@ impl AutoEncoderKL {
         };
         let post_quant_conv = {
             if config.use_post_quant_conv {
-                Some(crate::fast::conv2d(
+                Some(crate::cpu_kernels::conv2d(
                     latent_channels,
                     latent_channels,
                     1,

@@ -5,7 +5,7 @@
 //! Denoising Diffusion Implicit Models, K. He and al, 2015.
 //! - [Paper](https://arxiv.org/abs/1512.03385)
 //!
-use crate::fast::{conv2d, Conv2d};
+use crate::cpu_kernels::{conv2d, Conv2d};
 use candle_core::{Result, Tensor, D};
 use candle_nn as nn;
 use candle_nn::Module; // ftk: fast inference conv
@@ -46,11 +46,11 @@ impl Default for ResnetBlock2DConfig {
 
 #[derive(Debug)]
 pub struct ResnetBlock2D {
-    norm1: crate::fast::GroupNorm,
+    norm1: crate::cpu_kernels::GroupNorm,
     conv1: Conv2d,
-    norm2: crate::fast::GroupNorm,
+    norm2: crate::cpu_kernels::GroupNorm,
     conv2: Conv2d,
-    time_emb_proj: Option<crate::fast::Linear>,
+    time_emb_proj: Option<crate::cpu_kernels::Linear>,
     conv_shortcut: Option<Conv2d>,
     span: tracing::Span,
     config: ResnetBlock2DConfig,
@@ -71,10 +71,11 @@ impl ResnetBlock2D {
             cudnn_fwd_algo: None,
         };
         let norm1 =
-            crate::fast::group_norm(config.groups, in_channels, config.eps, vs.pp("norm1"))?;
+            crate::cpu_kernels::group_norm(config.groups, in_channels, config.eps, vs.pp("norm1"))?;
         let conv1 = conv2d(in_channels, out_channels, 3, conv_cfg, vs.pp("conv1"))?;
         let groups_out = config.groups_out.unwrap_or(config.groups);
-        let norm2 = crate::fast::group_norm(groups_out, out_channels, config.eps, vs.pp("norm2"))?;
+        let norm2 =
+            crate::cpu_kernels::group_norm(groups_out, out_channels, config.eps, vs.pp("norm2"))?;
         let conv2 = conv2d(out_channels, out_channels, 3, conv_cfg, vs.pp("conv2"))?;
         let use_in_shortcut = config
             .use_in_shortcut
@@ -99,7 +100,7 @@ impl ResnetBlock2D {
         };
         let time_emb_proj = match config.temb_channels {
             None => None,
-            Some(temb_channels) => Some(crate::fast::linear(
+            Some(temb_channels) => Some(crate::cpu_kernels::linear(
                 temb_channels,
                 out_channels,
                 vs.pp("time_emb_proj"),

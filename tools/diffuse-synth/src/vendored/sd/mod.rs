@@ -12,9 +12,10 @@
 //!   projections: candle 0.11.1's batched matmul returns wrong values for that
 //!   non-contiguous left operand (found by the VAE check against diffusers);
 //! - flash attention is not built;
-//! - conv, linear, group norm (+ SiLU), layer norm, attention softmax and GEGLU go through
-//!   `crate::fast`, which runs CPU inference kernels when no gradient is tracked and the
-//!   candle ops above otherwise.
+//! - conv, linear, group norm (+ SiLU), layer norm, attention and GEGLU go through
+//!   `crate::cpu_kernels`: CPU kernels for f32 inputs, as candle custom ops with an
+//!   input-gradient backward when a gradient is tracked (constant weights), and the candle
+//!   ops above otherwise (e.g. a tracked weight).
 #![allow(clippy::all)]
 
 pub mod attention;

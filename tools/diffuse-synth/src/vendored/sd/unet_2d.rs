@@ -4,7 +4,7 @@
 //! timestep and return a denoised version of the input.
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::unet_2d_blocks::*;
-use crate::fast::{conv2d, Conv2d};
+use crate::cpu_kernels::{conv2d, Conv2d};
 use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module; // ftk: fast inference conv
@@ -99,7 +99,7 @@ pub struct UNet2DConditionModel {
     down_blocks: Vec<UNetDownBlock>,
     mid_block: UNetMidBlock2DCrossAttn,
     up_blocks: Vec<UNetUpBlock>,
-    conv_norm_out: crate::fast::GroupNorm,
+    conv_norm_out: crate::cpu_kernels::GroupNorm,
     conv_out: Conv2d,
     span: tracing::Span,
     config: UNet2DConditionModelConfig,
@@ -289,7 +289,7 @@ impl UNet2DConditionModel {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        let conv_norm_out = crate::fast::group_norm(
+        let conv_norm_out = crate::cpu_kernels::group_norm(
             config.norm_num_groups,
             b_channels,
             config.norm_eps,

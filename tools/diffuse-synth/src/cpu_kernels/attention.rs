@@ -1,0 +1,517 @@
+//! Softmax, GEGLU and multi-head attention.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor, D};
+use candle_nn as nn;
+use rayon::prelude::*;
+
+use super::{contiguous_f32, f32_cpu, fast, with_slice};
+
+use super::math::{erf, exp, exp_g, max_lanes};
+use super::SCORES;
+
+/// Softmax over the last dim.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !fast(&[x]) {
+        return nn::ops::softmax(x, D::Minus1);
+    }
+    let dims = x.dims().to_vec();
+    let n = *dims.last().unwrap_or(&1);
+    let mut out = with_slice(x, |v| Ok(v.to_vec()))?;
+    let n = n.max(1);
+    out.par_chunks_mut(n * 64)
+        .for_each(|rows| softmax_rows(rows, n));
+    Tensor::from_vec(out, dims, &Device::Cpu)
+}
+
+/// Each row of `rows` (rows of `n`) becomes exp(x - max); `inv` gets 1 / its sum.
+#[inline(always)]
+fn softmax_unnorm_body<const FMA: bool>(rows: &mut [f32], n: usize, inv: &mut [f32]) {
+    for (r, iv) in rows.chunks_mut(n).zip(inv.iter_mut()) {
+        let m = max_lanes(r);
+        let mut acc = [0f32; 16];
+        let mut ch = r.chunks_exact_mut(16);
+        for c in &mut ch {
+            for i in 0..16 {
+                let e = exp_g::<FMA>(c[i] - m);
+                c[i] = e;
+                acc[i] += e;
+            }
+        }
+        let mut sum = acc.iter().sum::<f32>();
+        for v in ch.into_remainder() {
+            *v = exp_g::<FMA>(*v - m);
+            sum += *v;
+        }
+        *iv = 1.0 / sum;
+    }
+}
+
+/// [`softmax_unnorm_body`] compiled for AVX-512 or AVX2 with FMA when the CPU has them.
+fn softmax_unnorm(rows: &mut [f32], n: usize, inv: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        unsafe fn avx512(rows: &mut [f32], n: usize, inv: &mut [f32]) {
+            softmax_unnorm_body::<true>(rows, n, inv)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(rows: &mut [f32], n: usize, inv: &mut [f32]) {
+            softmax_unnorm_body::<true>(rows, n, inv)
+        }
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512vl") && has!("fma") {
+            // SAFETY: the CPU has the features `avx512` was compiled for.
+            return unsafe { avx512(rows, n, inv) };
+        }
+        if has!("avx2") && has!("fma") {
+            // SAFETY: as above, for `avx2`.
+            return unsafe { avx2(rows, n, inv) };
+        }
+    }
+    softmax_unnorm_body::<false>(rows, n, inv)
+}
+
+/// Softmax of each row of `n`.
+fn softmax_rows(rows: &mut [f32], n: usize) {
+    let mut inv = vec![0f32; rows.len() / n];
+    softmax_unnorm(rows, n, &mut inv);
+    for (r, &iv) in rows.chunks_mut(n).zip(&inv) {
+        r.iter_mut().for_each(|v| *v *= iv);
+    }
+}
+
+multiversion! {
+    fn geglu_chunk(o: &mut [f32], g: &[f32]) {
+        for (y, &x) in o.iter_mut().zip(g) {
+            *y *= 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+}
+
+multiversion! {
+    /// da = dy gelu(g), dg = dy a gelu'(g) with gelu'(x) = Φ(x) + x φ(x); da, dg
+    /// arrive holding dy.
+    fn geglu_grad_chunk(da: &mut [f32], dg: &mut [f32], a: &[f32], g: &[f32]) {
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for (((da, dg), &a), &x) in da.iter_mut().zip(dg.iter_mut()).zip(a).zip(g) {
+            let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+            let dy = *da;
+            *da = dy * x * cdf;
+            *dg = dy * a * (cdf + x * pdf);
+        }
+    }
+}
+
+/// `a * gelu_erf(g)` (diffusers' GEGLU with the exact GELU); tracked inputs run as a
+/// custom op with its own backward.
+pub fn geglu(a: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if !f32_cpu(a) || !f32_cpu(g) || a.dims() != g.dims() {
+        return a * g.gelu_erf()?;
+    }
+    if a.track_op() || g.track_op() {
+        return a.contiguous()?.apply_op2(&g.contiguous()?, Geglu);
+    }
+    let dims = a.dims().to_vec();
+    let out = with_slice(a, |av| with_slice(g, |gv| Ok(geglu_fwd(av, gv))))?;
+    Tensor::from_vec(out, dims, &Device::Cpu)
+}
+
+fn geglu_fwd(a: &[f32], g: &[f32]) -> Vec<f32> {
+    let mut out = a.to_vec();
+    out.par_chunks_mut(1 << 14)
+        .zip(g.par_chunks(1 << 14))
+        .for_each(|(o, g)| geglu_chunk(o, g));
+    out
+}
+
+struct Geglu;
+
+impl CustomOp2 for Geglu {
+    fn name(&self) -> &'static str {
+        "ftk-geglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = geglu_fwd(contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (mut da, mut dg) = with_slice(grad, |d| Ok((d.to_vec(), d.to_vec())))?;
+        with_slice(a, |av| {
+            with_slice(g, |gv| {
+                const C: usize = 1 << 14;
+                da.par_chunks_mut(C)
+                    .zip(dg.par_chunks_mut(C))
+                    .zip(av.par_chunks(C).zip(gv.par_chunks(C)))
+                    .for_each(|((da, dg), (a, g))| geglu_grad_chunk(da, dg, a, g));
+                Ok(())
+            })
+        })?;
+        let dims = a.dims();
+        Ok((
+            Some(Tensor::from_vec(da, dims, &Device::Cpu)?),
+            Some(Tensor::from_vec(dg, dims, &Device::Cpu)?),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------- attention
+
+/// Query rows per attention task: their scores [QB, Lk] stay in L2.
+const QB: usize = 64;
+
+/// Whether [`attention`] can run on these f32 CPU projections (tracked or not).
+pub fn attention_ok(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    [q, k, v].iter().all(|t| f32_cpu(t))
+}
+
+/// softmax(scale · Q Kᵀ) V per head, reading the heads in place from q [B, Lq, H·d],
+/// k, v [B, Lk, H·d] and writing [B, Lq, H·d]: one task per (sample, head, 64 query
+/// rows), each a pair of single-threaded GEMMs around a softmax on its own rows.
+/// With a tracked input it runs as a custom op whose backward is [`Attn::grads`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, lq, hd) = q.dims3()?;
+    let (_, lk, _) = k.dims3()?;
+    if k.dims3()? != (b, lk, hd) || v.dims3()? != (b, lk, hd) || hd % heads != 0 {
+        candle_core::bail!(
+            "attention: q {:?} k {:?} v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let op = Attn {
+        b,
+        lq,
+        lk,
+        hd,
+        heads,
+        scale: scale as f32,
+    };
+    if q.track_op() || k.track_op() || v.track_op() {
+        return q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    let out = with_slice(q, |qv| {
+        with_slice(k, |kv| with_slice(v, |vv| Ok(op.forward(qv, kv, vv))))
+    })?;
+    Tensor::from_vec(out, (b, lq, hd), &Device::Cpu)
+}
+
+/// c (+)= beta · a · b for strided matrices (strides as (column, row)), single-threaded.
+///
+/// # Safety
+/// Every element the strides reach must lie inside its allocation; `c` must not alias
+/// `a` or `b`, and no other thread writes the elements of `c` it reaches.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_s(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    (ccs, crs): (usize, usize),
+    acc: bool,
+    a: *const f32,
+    (acs, ars): (usize, usize),
+    b: *const f32,
+    (bcs, brs): (usize, usize),
+    beta: f32,
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            ccs as isize,
+            crs as isize,
+            acc,
+            a,
+            acs as isize,
+            ars as isize,
+            b,
+            bcs as isize,
+            brs as isize,
+            if acc { 1.0 } else { 0.0 },
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// The shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+struct Attn {
+    b: usize,
+    lq: usize,
+    lk: usize,
+    hd: usize,
+    heads: usize,
+    scale: f32,
+}
+
+impl Attn {
+    fn forward(&self, qv: &[f32], kv: &[f32], vv: &[f32]) -> Vec<f32> {
+        let Attn {
+            b,
+            lq,
+            lk,
+            hd,
+            heads,
+            scale,
+        } = *self;
+        let d = hd / heads;
+        let mut out = vec![0f32; b * lq * hd];
+        let optr = out.as_mut_ptr() as usize;
+        let nqb = lq.div_ceil(QB);
+        (0..b * heads * nqb).into_par_iter().for_each(|task| {
+            let (bh, qb) = (task / nqb, task % nqb);
+            let (bi, h) = (bh / heads, bh % heads);
+            let q0 = qb * QB;
+            let m = QB.min(lq - q0);
+            SCORES.with_borrow_mut(|s| {
+                if s.len() < m * lk {
+                    s.resize(m * lk, 0.0);
+                }
+                let s = &mut s[..m * lk];
+                let mut inv = [0f32; QB];
+                let qoff = (bi * lq + q0) * hd + h * d;
+                let kvoff = bi * lk * hd + h * d;
+                // SAFETY: every operand range lies inside its slice (offsets and
+                // strides above, m <= lq - q0); tasks write disjoint (row, head)
+                // blocks of `out`, which outlives the parallel loop.
+                unsafe {
+                    // s[m, lk] = scale · q[m, d] · k[lk, d]ᵀ
+                    let (qp, kp) = (qv[qoff..].as_ptr(), kv[kvoff..].as_ptr());
+                    gemm_s(
+                        (m, lk, d),
+                        s.as_mut_ptr(),
+                        (1, lk),
+                        false,
+                        qp,
+                        (1, hd),
+                        kp,
+                        (hd, 1),
+                        scale,
+                    );
+                    softmax_unnorm(s, lk, &mut inv[..m]);
+                    // out[m, d] = s[m, lk] · v[lk, d]
+                    let dst = (optr as *mut f32).add(qoff);
+                    let vp = vv[kvoff..].as_ptr();
+                    gemm_s(
+                        (m, d, lk),
+                        dst,
+                        (1, hd),
+                        false,
+                        s.as_ptr(),
+                        (1, lk),
+                        vp,
+                        (1, hd),
+                        1.0,
+                    );
+                    // the softmax's normalisation, on the [m, d] output
+                    for (r, &iv) in inv[..m].iter().enumerate() {
+                        let row = std::slice::from_raw_parts_mut(dst.add(r * hd), d);
+                        row.iter_mut().for_each(|v| *v *= iv);
+                    }
+                }
+            });
+        });
+        out
+    }
+
+    /// dQ, dK, dV from dO, recomputing each block's probabilities P (flash-attention's
+    /// backward): dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(P ∘ dO Vᵀ)), dQ = scale dS K,
+    /// dK = scale dSᵀ Q. One task per (sample, head) owns its dK, dV columns.
+    ///
+    /// Long because the five strided GEMMs share one unsafe block whose offsets are
+    /// checked together.
+    fn grads(&self, qv: &[f32], kv: &[f32], vv: &[f32], dov: &[f32]) -> [Vec<f32>; 3] {
+        let Attn {
+            b,
+            lq,
+            lk,
+            hd,
+            heads,
+            scale,
+        } = *self;
+        let d = hd / heads;
+        let mut dq = vec![0f32; b * lq * hd];
+        let mut dk = vec![0f32; b * lk * hd];
+        let mut dv = vec![0f32; b * lk * hd];
+        let ptrs = (
+            dq.as_mut_ptr() as usize,
+            dk.as_mut_ptr() as usize,
+            dv.as_mut_ptr() as usize,
+        );
+        (0..b * heads).into_par_iter().for_each(|bh| {
+            let (bi, h) = (bh / heads, bh % heads);
+            let kvoff = bi * lk * hd + h * d;
+            let mut p = vec![0f32; QB * lk];
+            let mut dp = vec![0f32; QB * lk];
+            let mut inv = [0f32; QB];
+            for q0 in (0..lq).step_by(QB) {
+                let m = QB.min(lq - q0);
+                let qoff = (bi * lq + q0) * hd + h * d;
+                let (p, dp) = (&mut p[..m * lk], &mut dp[..m * lk]);
+                // SAFETY: operand ranges lie inside their slices as in `forward`; this
+                // task alone writes head h of sample bi in dq, dk and dv.
+                unsafe {
+                    let (qp, kp, vp) = (
+                        qv[qoff..].as_ptr(),
+                        kv[kvoff..].as_ptr(),
+                        vv[kvoff..].as_ptr(),
+                    );
+                    let dop = dov[qoff..].as_ptr();
+                    gemm_s(
+                        (m, lk, d),
+                        p.as_mut_ptr(),
+                        (1, lk),
+                        false,
+                        qp,
+                        (1, hd),
+                        kp,
+                        (hd, 1),
+                        scale,
+                    );
+                    softmax_unnorm(p, lk, &mut inv[..m]);
+                    for (r, &iv) in p.chunks_mut(lk).zip(&inv[..m]) {
+                        r.iter_mut().for_each(|v| *v *= iv);
+                    }
+                    // dV[lk, d] += P[m, lk]ᵀ · dO[m, d]
+                    let dvp = (ptrs.2 as *mut f32).add(kvoff);
+                    gemm_s(
+                        (lk, d, m),
+                        dvp,
+                        (1, hd),
+                        q0 > 0,
+                        p.as_ptr(),
+                        (lk, 1),
+                        dop,
+                        (1, hd),
+                        1.0,
+                    );
+                    // dP[m, lk] = dO[m, d] · V[lk, d]ᵀ
+                    gemm_s(
+                        (m, lk, d),
+                        dp.as_mut_ptr(),
+                        (1, lk),
+                        false,
+                        dop,
+                        (1, hd),
+                        vp,
+                        (hd, 1),
+                        1.0,
+                    );
+                    for (pr, dr) in p.chunks(lk).zip(dp.chunks_mut(lk)) {
+                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        dr.iter_mut()
+                            .zip(pr)
+                            .for_each(|(g, &pv)| *g = pv * (*g - dot));
+                    }
+                    // dQ[m, d] = scale dS[m, lk] · K[lk, d]
+                    let dqp = (ptrs.0 as *mut f32).add(qoff);
+                    gemm_s(
+                        (m, d, lk),
+                        dqp,
+                        (1, hd),
+                        false,
+                        dp.as_ptr(),
+                        (1, lk),
+                        kp,
+                        (1, hd),
+                        scale,
+                    );
+                    // dK[lk, d] += scale dS[m, lk]ᵀ · Q[m, d]
+                    let dkp = (ptrs.1 as *mut f32).add(kvoff);
+                    gemm_s(
+                        (lk, d, m),
+                        dkp,
+                        (1, hd),
+                        q0 > 0,
+                        dp.as_ptr(),
+                        (lk, 1),
+                        qp,
+                        (1, hd),
+                        scale,
+                    );
+                }
+            }
+        });
+        [dq, dk, dv]
+    }
+}
+
+impl CustomOp3 for Attn {
+    fn name(&self) -> &'static str {
+        "ftk-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            contiguous_f32(s3, l3)?,
+        );
+        let out = self.forward(q, k, v);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((self.b, self.lq, self.hd)),
+        ))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [dq, dk, dv] = with_slice(q, |qv| {
+            with_slice(k, |kv| {
+                with_slice(v, |vv| {
+                    with_slice(grad, |gv| Ok(self.grads(qv, kv, vv, gv)))
+                })
+            })
+        })?;
+        let (b, lq, lk, hd) = (self.b, self.lq, self.lk, self.hd);
+        let t = |x: Vec<f32>, l: usize, keep: bool| -> Result<Option<Tensor>> {
+            match keep {
+                true => Tensor::from_vec(x, (b, l, hd), &Device::Cpu).map(Some),
+                false => Ok(None),
+            }
+        };
+        Ok((
+            t(dq, lq, q.track_op())?,
+            t(dk, lk, k.track_op())?,
+            t(dv, lk, v.track_op())?,
+        ))
+    }
+}

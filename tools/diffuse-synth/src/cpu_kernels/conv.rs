@@ -1,0 +1,373 @@
+//! conv2d as im2col + GEMM, one sample at a time.
+
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, Tensor};
+use candle_nn as nn;
+use rayon::prelude::*;
+
+use super::{contiguous_f32, f32_cpu, fast, per_sample, with_slice, BAND, COLS};
+use std::ops::Range;
+
+/// candle_nn's Conv2d with a fast forward.
+#[derive(Debug, Clone)]
+pub struct Conv2d(pub nn::Conv2d);
+
+pub fn conv2d(
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    cfg: nn::Conv2dConfig,
+    vb: nn::VarBuilder,
+) -> Result<Conv2d> {
+    nn::conv2d(c_in, c_out, k, cfg, vb).map(Conv2d)
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.0;
+        let w = c.weight();
+        let cfg = c.config();
+        let mut ws = vec![w];
+        ws.extend(c.bias());
+        if !fast(&ws) || !f32_cpu(x) || cfg.groups != 1 || x.rank() != 4 {
+            return c.forward(x);
+        }
+        let (b, ci, h, wd) = x.dims4()?;
+        let (co, wci, kh, kw) = w.dims4()?;
+        if wci != ci {
+            return c.forward(x); // candle's error message
+        }
+        let (p, s, d) = (cfg.padding, cfg.stride, cfg.dilation);
+        let ho = (h + 2 * p).saturating_sub(d * (kh - 1) + 1) / s + 1;
+        let wo = (wd + 2 * p).saturating_sub(d * (kw - 1) + 1) / s + 1;
+        let op = ConvOp {
+            g: Geom {
+                b,
+                ci,
+                h,
+                w: wd,
+                co,
+                kh,
+                kw,
+                ho,
+                wo,
+                p,
+                s,
+                d,
+            },
+            weight: w.clone(),
+            bias: match c.bias() {
+                Some(bt) => Some(bt.to_vec1::<f32>()?),
+                None => None,
+            },
+        };
+        if !x.track_op() {
+            let out = with_slice(w, |wv| {
+                with_slice(x, |xv| Ok(op.g.forward(xv, wv, op.bias.as_deref())))
+            })?;
+            return Tensor::from_vec(out, (b, co, ho, wo), &Device::Cpu);
+        }
+        x.contiguous()?.apply_op1(op)
+    }
+}
+
+/// The shapes of one conv2d call (groups 1).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geom {
+    pub b: usize,
+    pub ci: usize,
+    pub h: usize,
+    pub w: usize,
+    pub co: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub ho: usize,
+    pub wo: usize,
+    pub p: usize,
+    pub s: usize,
+    pub d: usize,
+}
+
+/// Column-buffer elements above which a conv runs in bands of output rows (64 MiB; tiny
+/// under test, so the unit tests run every conv in bands).
+#[cfg(not(test))]
+const BAND_FLOATS: usize = 1 << 24;
+#[cfg(test)]
+const BAND_FLOATS: usize = 1 << 8;
+
+/// Grow a scratch buffer to at least `n` elements (never shrunk).
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+impl Geom {
+    /// Output rows per band: all of them unless the columns exceed [`BAND_FLOATS`].
+    fn band_rows(&self, kk: usize) -> usize {
+        let per_row = (kk * self.wo).max(1);
+        (BAND_FLOATS / per_row).clamp(1, self.ho.max(1))
+    }
+
+    /// A 1x1, stride 1, unpadded conv: the GEMM reads the input itself.
+    fn direct(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
+    }
+
+    /// y[b, co, ho, wo] from x [b, ci, h, w] and W [co, ci, kh, kw].
+    pub fn forward(&self, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        let Geom {
+            b,
+            ci,
+            h,
+            w: wd,
+            co,
+            kh,
+            kw,
+            ho,
+            wo,
+            p,
+            s,
+            d,
+        } = *self;
+        let (np, kk) = (ho * wo, ci * kh * kw);
+        let direct = self.direct();
+        let mut out = vec![0f32; b * co * np];
+        let rows = self.band_rows(kk);
+        let one = |n: usize, o: &mut [f32]| {
+            let xs = &xv[n * ci * h * wd..(n + 1) * ci * h * wd];
+            if let Some(bv) = bias {
+                for (row, &bb) in o.chunks_mut(np).zip(bv) {
+                    row.fill(bb);
+                }
+            }
+            if direct {
+                // out[co, np] (+)= W[co, ci] · x[ci, np]
+                ftk::linalg::matmul(o, wv, xs, co, np, kk, bias.is_some());
+                return;
+            }
+            if rows >= ho {
+                COLS.with_borrow_mut(|col| {
+                    grow(col, kk * np);
+                    let col = &mut col[..kk * np];
+                    im2col(xs, col, (ci, h, wd), (kh, kw), (0..ho, wo), (p, s, d));
+                    // out[co, np] (+)= W[co, kk] · col[kk, np]
+                    ftk::linalg::matmul(o, wv, col, co, np, kk, bias.is_some());
+                });
+                return;
+            }
+            // large planes: a band of output rows at a time, so the columns stay small
+            COLS.with_borrow_mut(|col| {
+                BAND.with_borrow_mut(|band| {
+                    for oy0 in (0..ho).step_by(rows) {
+                        let oys = oy0..(oy0 + rows).min(ho);
+                        let nb = oys.len() * wo;
+                        grow(col, kk * nb);
+                        grow(band, co * nb);
+                        let (col, band) = (&mut col[..kk * nb], &mut band[..co * nb]);
+                        im2col(xs, col, (ci, h, wd), (kh, kw), (oys, wo), (p, s, d));
+                        ftk::linalg::matmul(band, wv, col, co, nb, kk, false);
+                        for (orow, brow) in o.chunks_mut(np).zip(band.chunks(nb)) {
+                            let dst = &mut orow[oy0 * wo..oy0 * wo + nb];
+                            if bias.is_some() {
+                                dst.iter_mut().zip(brow).for_each(|(y, &v)| *y += v);
+                            } else {
+                                dst.copy_from_slice(brow);
+                            }
+                        }
+                    }
+                })
+            });
+        };
+        per_sample(&mut out, co * np, one);
+        out
+    }
+
+    /// dx [b, ci, h, w] from dy [b, co, ho, wo]: per sample Wᵀ · dy, then col2im.
+    pub fn input_grad(&self, dy: &[f32], wv: &[f32]) -> Vec<f32> {
+        let Geom {
+            b,
+            ci,
+            h,
+            w: wd,
+            co,
+            kh,
+            kw,
+            ho,
+            wo,
+            p,
+            s,
+            d,
+        } = *self;
+        let (np, kk) = (ho * wo, ci * kh * kw);
+        let direct = self.direct();
+        let mut dx = vec![0f32; b * ci * h * wd];
+        let one = |n: usize, o: &mut [f32]| {
+            let g = &dy[n * co * np..(n + 1) * co * np];
+            if direct {
+                // dx[ci, np] = W[co, ci]ᵀ · dy[co, np]
+                ftk::linalg::matmul_at(o, wv, g, ci, np, co, false);
+                return;
+            }
+            o.fill(0.0);
+            let rows = self.band_rows(kk);
+            COLS.with_borrow_mut(|col| {
+                BAND.with_borrow_mut(|band| {
+                    for oy0 in (0..ho).step_by(rows) {
+                        let oys = oy0..(oy0 + rows).min(ho);
+                        let nb = oys.len() * wo;
+                        grow(col, kk * nb);
+                        let col = &mut col[..kk * nb];
+                        if nb == np {
+                            ftk::linalg::matmul_at(col, wv, g, kk, np, co, false);
+                        } else {
+                            // dy's columns of this band, contiguous
+                            grow(band, co * nb);
+                            let band = &mut band[..co * nb];
+                            for (brow, grow_row) in band.chunks_mut(nb).zip(g.chunks(np)) {
+                                brow.copy_from_slice(&grow_row[oy0 * wo..oy0 * wo + nb]);
+                            }
+                            ftk::linalg::matmul_at(col, wv, band, kk, nb, co, false);
+                        }
+                        col2im(col, o, (ci, h, wd), (kh, kw), (oys, wo), (p, s, d));
+                    }
+                })
+            });
+        };
+        per_sample(&mut dx, ci * h * wd, one);
+        dx
+    }
+}
+
+/// conv2d of a tracked input with constant weights: the fast forward, and a backward
+/// that gives only the input's gradient.
+struct ConvOp {
+    g: Geom,
+    weight: Tensor,
+    bias: Option<Vec<f32>>,
+}
+
+impl CustomOp1 for ConvOp {
+    fn name(&self) -> &'static str {
+        "ftk-conv2d"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let xv = contiguous_f32(st, l)?;
+        let out = with_slice(&self.weight, |wv| {
+            Ok(self.g.forward(xv, wv, self.bias.as_deref()))
+        })?;
+        let g = self.g;
+        Ok((CpuStorage::F32(out), Shape::from((g.b, g.co, g.ho, g.wo))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = self.g;
+        let dx = with_slice(&self.weight, |wv| {
+            with_slice(grad, |gv| Ok(g.input_grad(gv, wv)))
+        })?;
+        Tensor::from_vec(dx, (g.b, g.ci, g.h, g.w), &Device::Cpu).map(Some)
+    }
+}
+
+/// dx[c, oy*s + ky*d - p, ox*s + kx*d - p] += col[(c, ky, kx), (oy, ox)] for the output
+/// rows `oys`: the adjoint of [`im2col`], one channel plane per task.
+fn col2im(
+    col: &[f32],
+    x: &mut [f32],
+    (ci, h, w): (usize, usize, usize),
+    (kh, kw): (usize, usize),
+    (oys, wo): (Range<usize>, usize),
+    (p, s, d): (usize, usize, usize),
+) {
+    let np = oys.len() * wo;
+    x.par_chunks_mut(h * w)
+        .zip(col.par_chunks(kh * kw * np))
+        .take(ci)
+        .for_each(|(plane, rows)| {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let row = &rows[(ky * kw + kx) * np..(ky * kw + kx + 1) * np];
+                    for (r, oy) in oys.clone().enumerate() {
+                        let iy = (oy * s + ky * d) as isize - p as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        let src = &row[r * wo..(r + 1) * wo];
+                        let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
+                        let off = (kx * d) as isize - p as isize;
+                        if s == 1 {
+                            let lo = (-off).clamp(0, wo as isize) as usize;
+                            let hi = (w as isize - off).clamp(0, wo as isize) as usize;
+                            if hi > lo {
+                                let a = (lo as isize + off) as usize;
+                                dst[a..a + hi - lo]
+                                    .iter_mut()
+                                    .zip(&src[lo..hi])
+                                    .for_each(|(y, &v)| *y += v);
+                            }
+                        } else {
+                            for (ox, &v) in src.iter().enumerate() {
+                                let ix = (ox * s) as isize + off;
+                                if ix >= 0 && ix < w as isize {
+                                    dst[ix as usize] += v;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// col[(c, ky, kx), (oy, ox)] = x[c, oy*s + ky*d - p, ox*s + kx*d - p] (0 outside).
+pub(crate) fn im2col(
+    x: &[f32],
+    col: &mut [f32],
+    (ci, h, w): (usize, usize, usize),
+    (kh, kw): (usize, usize),
+    (oys, wo): (Range<usize>, usize),
+    (p, s, d): (usize, usize, usize),
+) {
+    let np = oys.len() * wo;
+    col.par_chunks_mut(kh * kw * np)
+        .enumerate()
+        .take(ci)
+        .for_each(|(c, rows)| {
+            let plane = &x[c * h * w..(c + 1) * h * w];
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let row = &mut rows[(ky * kw + kx) * np..(ky * kw + kx + 1) * np];
+                    for (r, oy) in oys.clone().enumerate() {
+                        let dst = &mut row[r * wo..(r + 1) * wo];
+                        let iy = (oy * s + ky * d) as isize - p as isize;
+                        if iy < 0 || iy >= h as isize {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                        let off = (kx * d) as isize - p as isize;
+                        if s == 1 {
+                            // dst[ox] = src[ox + off] where in range
+                            let lo = (-off).clamp(0, wo as isize) as usize;
+                            let hi = (w as isize - off).clamp(0, wo as isize) as usize;
+                            dst[..lo].fill(0.0);
+                            if hi > lo {
+                                let a = (lo as isize + off) as usize;
+                                dst[lo..hi].copy_from_slice(&src[a..a + hi - lo]);
+                            }
+                            dst[hi.max(lo)..].fill(0.0);
+                        } else {
+                            for (ox, v) in dst.iter_mut().enumerate() {
+                                let ix = (ox * s) as isize + off;
+                                *v = if ix >= 0 && ix < w as isize {
+                                    src[ix as usize]
+                                } else {
+                                    0.0
+                                };
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
