@@ -11,7 +11,7 @@
 //! context, then data (expert groups inside data × context), then pipeline:
 //! a group stays on NVLink when `stride · size <= gpus_per_node`.
 
-use crate::input::{CpComm, Job};
+use crate::input::{AttnKernel, CpComm, Job};
 use crate::zero3;
 use ftk::model::{Attention, Mlp, ModelConfig};
 use mem_plan::layout::Layout;
@@ -32,6 +32,24 @@ pub struct Calib {
     /// Passes over the s×s score matrix (2 bytes each) without flash
     /// attention: fused scale-mask-softmax and dropout, forward + backward. Assumed.
     pub softmax_passes: f64,
+    /// Fixed cost of one collective step (kernel launch, synchronisation,
+    /// first byte): NCCL's small-message all-reduce on one DGX node takes
+    /// 10-20 µs (nccl-tests), an inter-node tree adds a step per level. Assumed.
+    pub coll_lat_s: f64,
+    /// Query length at which a flash-attention kernel runs at half its
+    /// long-sequence rate (fewer tiles per head, causal-mask overhead): the
+    /// FlashAttention-2 paper's benchmarks (Dao 2023, Fig. 4-6) rise by about
+    /// 2x from 512 to 16k tokens. Assumed.
+    pub attn_s0: f64,
+    /// Flash-attention backward rate over its forward rate (FLOP/s of
+    /// causal work): FlashAttention-2's backward runs at about three
+    /// quarters of its forward on A100 and H100 (Dao 2023 Fig. 5-7; Shah et
+    /// al. 2024 Fig. 5-6). Assumed.
+    pub attn_bwd_rate: f64,
+    /// Gradient bucket of overlapped data-parallel reduction, parameters:
+    /// Megatron-Core's DDP default (40M, `bucket_size`); the last bucket's
+    /// reduction cannot hide under the backward. Cited default.
+    pub dp_bucket_params: f64,
 }
 
 /// The constants `mofa-predict calibrate` fitted on the calibration rows
@@ -42,6 +60,10 @@ pub const CALIB: Calib = Calib {
     elem_bytes: 50.8,
     comm_eff: 0.7,
     softmax_passes: 6.0,
+    coll_lat_s: 10e-6,
+    attn_s0: 512.0,
+    attn_bwd_rate: 0.75,
+    dp_bucket_params: 40e6,
 };
 
 /// Per-iteration seconds by cause, on the pipeline stage that sets the pace.
@@ -123,6 +145,8 @@ pub struct Hw {
     pub intra: f64,
     pub inter: f64,
     pub gpn: u64,
+    /// Hopper or later (FlashAttention-3 runs there).
+    pub hopper: bool,
 }
 
 impl Hw {
@@ -136,6 +160,7 @@ impl Hw {
             intra: c.intra_node_gbps * 1e9,
             inter: c.inter_node_gbps * 1e9,
             gpn: c.gpus_per_node,
+            hopper: matches!(c.gpu.as_str(), "H100" | "H100-PCIe" | "H200" | "B200"),
         }
     }
 
@@ -146,6 +171,88 @@ impl Hw {
         } else {
             self.inter
         }
+    }
+
+    /// A group of `n` ranks placed `stride` apart: how many share a node.
+    pub fn group(&self, stride: u64, n: u64) -> Group {
+        let g = if stride * n <= self.gpn {
+            n
+        } else {
+            (self.gpn / stride.max(1)).clamp(1, n)
+        };
+        Group {
+            n,
+            g,
+            k: n.div_ceil(g),
+            intra: self.intra,
+            inter: self.inter,
+        }
+    }
+}
+
+/// A communication group as placed on the machine: `n` ranks, `g` of them
+/// on each of `k` nodes. Collectives are hierarchical, as NCCL runs them
+/// across nodes: a stage over NVLink inside each node, then a stage across
+/// nodes in which each of a node's `g` ranks carries `1/g` of the data over
+/// its own NIC (rail-optimised nodes: one NIC per GPU), so a group that
+/// spans whole nodes uses every NIC of the node.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Group {
+    pub n: u64,
+    pub g: u64,
+    pub k: u64,
+    pub intra: f64,
+    pub inter: f64,
+}
+
+impl Group {
+    /// Latency of one collective: a step inside the node, and two steps
+    /// per level of a tree over the nodes.
+    fn lat(&self, c: &Calib) -> f64 {
+        if self.n <= 1 {
+            return 0.0;
+        }
+        let levels = if self.k > 1 {
+            (self.k as f64).log2().ceil()
+        } else {
+            0.0
+        };
+        c.coll_lat_s * (1.0 + 2.0 * levels)
+    }
+
+    /// All-reduce of `bytes`: reduce-scatter and all-gather inside the
+    /// node, all-reduce of each rank's 1/g share across the nodes.
+    pub fn allreduce_s(&self, bytes: f64, c: &Calib) -> f64 {
+        if self.n <= 1 {
+            return 0.0;
+        }
+        let (g, k) = (self.g as f64, self.k as f64);
+        (2.0 * (g - 1.0) / g * bytes / self.intra + 2.0 * (k - 1.0) / k * bytes / g / self.inter)
+            / c.comm_eff
+            + self.lat(c)
+    }
+
+    /// All-gather or reduce-scatter whose full buffer is `bytes`.
+    pub fn gather_s(&self, bytes: f64, c: &Calib) -> f64 {
+        if self.n <= 1 {
+            return 0.0;
+        }
+        let (g, k) = (self.g as f64, self.k as f64);
+        ((g - 1.0) / g * bytes / self.intra + (k - 1.0) / k * bytes / g / self.inter) / c.comm_eff
+            + self.lat(c)
+    }
+
+    /// All-to-all in which every rank holds `bytes` and sends (n-1)/n of
+    /// it: the share for peers on the node goes over NVLink while the rest
+    /// leaves through the rank's NIC at the same time.
+    pub fn alltoall_s(&self, bytes: f64, c: &Calib) -> f64 {
+        if self.n <= 1 {
+            return 0.0;
+        }
+        let (n, g) = (self.n as f64, self.g as f64);
+        let nvl = (g - 1.0) / n * bytes / self.intra;
+        let net = (n - g) / n * bytes / self.inter;
+        nvl.max(net) / c.comm_eff + self.lat(c)
     }
 }
 
@@ -292,25 +399,44 @@ fn rc_passes_of(r: Recompute) -> f64 {
 
 /// Forward and backward seconds of the attention core (scores, softmax,
 /// values) of one layer and micro-batch on one GPU.
-fn attn_core(job: &Job, hw: &Hw, c: &Calib) -> (f64, f64) {
+///
+/// Fused kernels run at a rate that depends on their generation (the
+/// cluster's `attn_tflops` is FlashAttention-2's forward rate;
+/// FlashAttention-1 runs at half of it, Dao 2023 abstract and Fig. 4;
+/// FlashAttention-3 on Hopper at [`FA3_SPEEDUP`] times it, Shah et al. 2024
+/// Fig. 5), on the query length (`attn_s0`) and, for the backward, at
+/// `attn_bwd_rate` of the forward rate; causal kernels compute half the s²
+/// work. The unfused path (Megatron 2021-22) multiplies the full masked
+/// matrix as batched GEMMs of inner size h_d and streams the scores through
+/// HBM.
+pub fn attn_core(job: &Job, hw: &Hw, c: &Calib) -> (f64, f64) {
     let st = &job.strategy;
     let (t, cp) = (st.tp as f64, st.cp as f64);
     let s = job.seq as f64;
     let (a, _, hd) = attn_dims(&job.model);
-    // Causal flash attention computes half the s×s work; the unfused path
-    // (Megatron 2021-22) multiplies the full masked matrix as batched GEMMs
-    // of inner size h_d and streams the scores through HBM.
     let heads_local = st.mbs as f64 * a / t;
-    if st.flash_attn {
-        let flops = 4.0 * heads_local * (s / cp) * s * hd * 0.5;
-        let f = flops / hw.attn;
-        (f, 2.5 * f)
-    } else {
-        let g = 2.0 * heads_local * gemm_s(s / cp, s, hd, hw, c);
-        let sm = heads_local * (s / cp) * s * 2.0 * c.softmax_passes / hw.hbm;
-        (g + sm / 3.0, 2.0 * g + 2.0 * sm / 3.0)
-    }
+    let gen = match st.attn_kernel {
+        AttnKernel::None => {
+            let g = 2.0 * heads_local * gemm_s(s / cp, s, hd, hw, c);
+            let sm = heads_local * (s / cp) * s * 2.0 * c.softmax_passes / hw.hbm;
+            return (g + sm / 3.0, 2.0 * g + 2.0 * sm / 3.0);
+        }
+        AttnKernel::Fa1 => 0.5,
+        AttnKernel::Fa2 => 1.0,
+        AttnKernel::Fa3 if hw.hopper => FA3_SPEEDUP,
+        // FlashAttention-3 needs Hopper's TMA and wgmma; elsewhere FA-2 runs.
+        AttnKernel::Fa3 => 1.0,
+    };
+    let q = s / cp;
+    let rate = hw.attn * gen * q / (q + c.attn_s0);
+    let flops = 4.0 * heads_local * q * s * hd * 0.5;
+    let f = flops / rate;
+    (f, 2.5 * f / c.attn_bwd_rate)
 }
+
+/// FlashAttention-3 over FlashAttention-2 on H100 (BF16, causal, head dim
+/// 128, 2k-16k tokens: 1.5-2.0x, Shah et al. 2024 abstract and Fig. 5).
+pub const FA3_SPEEDUP: f64 = 1.7;
 
 /// A weight-holding module of a layer (what ZeRO-3 gathers as one piece):
 /// its forward GEMMs as (m, n, k, count) and its parameters per GPU.
@@ -360,14 +486,19 @@ pub fn weight_modules(job: &Job, i: usize) -> (Vec<WeightModule>, usize) {
         Some(e) => {
             let (ne, k, fe) = (e.experts as f64, e.topk as f64, e.expert_ffn as f64);
             let local = ne / st.ep as f64;
-            let per_expert = tok * k * st.ep as f64 / ne * (1.0 + st.moe_imbalance);
+            // Expert tensor parallelism splits each expert `etp` ways. With
+            // etp < tp (Megatron-Core's parallel folding) each rank of an
+            // expert group brings its etp/tp share of the sequence-parallel
+            // tokens.
+            let te = st.etp as f64;
+            let per_expert = tok * k * st.ep as f64 / ne * (1.0 + st.moe_imbalance) * (te / t);
             mods.push(dense(vec![(tok, ne, h, 1.0)]));
             mods.push(WeightModule {
                 gemms: vec![
-                    (per_expert, 2.0 * fe / t, h, local),
-                    (per_expert, h, fe / t, local),
+                    (per_expert, 2.0 * fe / te, h, local),
+                    (per_expert, h, fe / te, local),
                 ],
-                params: local * 3.0 * h * fe / t,
+                params: local * 3.0 * h * fe / te,
                 expert: true,
             });
             if e.shared_experts > 0 {
@@ -430,7 +561,7 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     let bwd = 2.0 * gemm + attn_bwd + 2.0 * elem;
     let recompute = match st.recompute {
         Recompute::Full => fwd,
-        Recompute::Selective if !st.flash_attn => attn_fwd,
+        Recompute::Selective if st.attn_kernel == AttnKernel::None => attn_fwd,
         _ => 0.0,
     };
     let rc_passes = rc_passes_of(st.recompute);
@@ -438,8 +569,15 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     // TP: 2 all-reduces forward, 2 backward (SP: all-gather + reduce-scatter,
     // the same volume), 2 more when full recompute re-runs the forward.
     let tp = if st.tp > 1 {
-        let bw = hw.link(1, st.tp);
-        (4.0 + 2.0 * rc_passes) * allreduce_s(tok * h * 2.0, st.tp, bw, c)
+        let all = (4.0 + 2.0 * rc_passes) * hw.group(1, st.tp).allreduce_s(tok * h * 2.0, c);
+        if st.tp_comm_overlap {
+            // Pipelined with the GEMMs chunk by chunk (one chunk per TP
+            // rank): what the GEMMs cannot cover, and at least one chunk.
+            let g = gemm * (3.0 + rc_passes);
+            (all - g).max(all / st.tp as f64)
+        } else {
+            all
+        }
     } else {
         0.0
     };
@@ -461,7 +599,7 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
             // forward is recomputed), reduce-scatter dK/dV after the
             // backward: on the critical path (Llama 3 §3.3.2).
             CpComm::AllGather => {
-                let ag = gather_s(kv * cp, st.cp, bw, c);
+                let ag = hw.group(st.tp, st.cp).gather_s(kv * cp, c);
                 ag * (1.0 + rc_passes) + ag
             }
         }
@@ -471,9 +609,16 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     // EP: dispatch + combine all-to-all, forward and backward.
     let ep = match moe {
         Some(e) if st.ep > 1 => {
-            let bw = hw.link(st.tp * st.cp, st.ep);
-            let bytes = tok * e.topk as f64 * h * 2.0;
-            (4.0 + 2.0 * rc_passes) * gather_s(bytes, st.ep, bw, c) * imb
+            let bytes = tok * (st.etp as f64 / t) * e.topk as f64 * h * 2.0;
+            let a2a =
+                (4.0 + 2.0 * rc_passes) * hw.group(st.etp, st.ep).alltoall_s(bytes * imb, c);
+            if st.ep_comm_overlap {
+                // Hidden under another micro-batch's compute (Megatron's
+                // 1F1B A2A overlap): only what outlasts it shows.
+                (a2a - (fwd + bwd)).max(0.0)
+            } else {
+                a2a
+            }
         }
         _ => 0.0,
     };
@@ -490,10 +635,8 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
 /// The data-parallel groups ZeRO-3 gathers over: dense weights over
 /// DP × CP, expert weights over DP × CP / EP.
 pub struct Z3Groups {
-    pub dgrp: u64,
-    pub egrp: u64,
-    pub bw_d: f64,
-    pub bw_e: f64,
+    pub d: Group,
+    pub e: Group,
 }
 
 /// What the ZeRO-3 schedule needs of the pipeline stage that sets the pace.
@@ -557,16 +700,13 @@ pub fn zero3_layer(
             comm += lc.ep;
         }
         let comm = comm / phases;
-        let (grp, bw) = if w.expert {
-            (g.egrp, g.bw_e)
-        } else {
-            (g.dgrp, g.bw_d)
-        };
-        let xfer = gather_s(w.params * 2.0, grp, bw, c);
+        let grp = if w.expert { &g.e } else { &g.d };
+        let xfer = grp.gather_s(w.params * 2.0, c);
+        let rs = grp.gather_s(w.params * st.grad_bytes, c);
         out.push(zero3::Module {
             params: w.params,
             gather_s: xfer,
-            rs_s: xfer,
+            rs_s: rs,
             fwd_s: fwd + comm,
             rc_s: if full { fwd + comm } else { 0.0 },
             bwd_s: bwd + comm,
@@ -594,12 +734,17 @@ pub fn zero3_blocks(
     let t = job.strategy.tp as f64;
     let mut blocks = vec![];
     let embed = |params: f64, fwd: f64, bwd: f64, rs: bool| {
-        let xfer = gather_s(params * 2.0, g.dgrp, g.bw_d, c);
+        let xfer = g.d.gather_s(params * 2.0, c);
+        let rs_s = if rs {
+            g.d.gather_s(params * job.strategy.grad_bytes, c)
+        } else {
+            0.0
+        };
         zero3::Block {
             modules: vec![zero3::Module {
                 params,
                 gather_s: xfer,
-                rs_s: if rs { xfer } else { 0.0 },
+                rs_s,
                 fwd_s: fwd,
                 rc_s: 0.0,
                 bwd_s: bwd,
@@ -693,14 +838,14 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
     stages[last].bwd += 2.0 * head_g + head_elem;
     // vocab-parallel cross entropy: 3 tiny all-reduces; the embedding's
     // forward all-reduce (or reduce-scatter) on stage 0 and its backward.
-    let emb_tp = 2.0 * allreduce_s(tok * h * 2.0, st.tp, hw.link(1, st.tp), c);
+    let emb_tp = 2.0 * hw.group(1, st.tp).allreduce_s(tok * h * 2.0, c);
     stages[0].tp += emb_tp;
     // Pipeline point-to-point per micro-batch: activations forward, grads
     // backward, once per model chunk, split across the TP ranks
     // (scatter/gather, Narayanan et al. 2021 §4.1).
     let p2p = if st.pp > 1 {
         let bw = hw.link(st.tp * st.cp * st.dp, st.pp);
-        2.0 * st.vpp as f64 * tok * h * 2.0 / t / (bw * c.comm_eff)
+        2.0 * st.vpp as f64 * (tok * h * 2.0 / t / (bw * c.comm_eff) + c.coll_lat_s)
     } else {
         0.0
     };
@@ -719,19 +864,14 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
     // the parameter all-gather after the sharded optimizer step.
     let (pd, pe) = mem_plan::layout::stage_params(m, &l, stage as u64);
     let dgrp = st.dp * st.cp;
-    let egrp = (dgrp / st.ep).max(1);
-    let bw_d = hw.link(st.tp, dgrp);
-    let bw_e = hw.link(st.tp * st.cp * st.ep, egrp);
+    // Expert weights are replicated over the ranks of a stage outside their
+    // etp·ep expert group.
+    let egrp = (dgrp * st.tp / (st.etp * st.ep)).max(1);
+    let gd = hw.group(st.tp, dgrp);
+    let ge = hw.group(st.etp * st.ep, egrp);
     // 2-byte (bf16/fp16) all-gather or reduce-scatter of the stage's weights.
-    let p16 = gather_s(pd * 2.0, dgrp, bw_d, c) + gather_s(pe * 2.0, egrp, bw_e, c);
+    let p16 = gd.gather_s(pd * 2.0, c) + ge.gather_s(pe * 2.0, c);
     let dp_exposed = match st.zero {
-        // ZeRO-3 (DeepSpeed stage 3 / FSDP full shard): per micro-batch, the
-        // weights are all-gathered before the forward, all-gathered again
-        // for the backward (the recompute forward of a layer runs right
-        // before its backward and reuses that gather) and the 16-bit
-        // gradients are reduce-scattered as each layer's backward ends.
-        // Prefetch overlaps each phase's traffic with that phase's compute
-        // and tensor-parallel time, so a phase lasts the longer of the two.
         // ZeRO-3 (DeepSpeed stage 3 / FSDP full shard): per micro-batch the
         // weights are all-gathered for the forward and again for the
         // backward (once for a checkpointed layer's recompute forward and
@@ -739,12 +879,7 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
         // module; with prefetch the schedule of `zero3` decides what hides.
         3 => {
             if st.overlap_grad_reduce {
-                let g = Z3Groups {
-                    dgrp,
-                    egrp,
-                    bw_d,
-                    bw_e,
-                };
+                let g = Z3Groups { d: gd, e: ge };
                 let ctx = Z3Stage {
                     stage: stage as u64,
                     dense: &dense_cost,
@@ -761,26 +896,37 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
                 );
                 mf * (zero3::micro_batch_s(&blocks, zero3::PREFETCH_BUCKET) - busy).max(0.0)
             } else {
-                mf * 3.0 * p16
+                mf * (2.0 + st.grad_bytes / 2.0) * p16
             }
         }
+        // Gradients (fp32 main grads, Megatron's default for bf16) are
+        // all-reduced (ZeRO 0) or reduce-scattered (ZeRO 1/2, then the 2-byte
+        // parameters all-gathered after the sharded step). Overlapped, the
+        // reduction runs bucket by bucket as the last micro-batch's backward
+        // produces gradients, and the gather under the next forward; only
+        // the last bucket (first, for the gather) must wait.
         z => {
             let (grad, param) = if z == 0 {
-                (
-                    allreduce_s(pd * 4.0, dgrp, bw_d, c) + allreduce_s(pe * 4.0, egrp, bw_e, c),
-                    0.0,
-                )
+                let gb = st.grad_bytes;
+                (gd.allreduce_s(pd * gb, c) + ge.allreduce_s(pe * gb, c), 0.0)
             } else {
-                (
-                    gather_s(pd * 4.0, dgrp, bw_d, c) + gather_s(pe * 4.0, egrp, bw_e, c),
-                    p16,
-                )
+                let gb = st.grad_bytes;
+                (gd.gather_s(pd * gb, c) + ge.gather_s(pe * gb, c), p16)
             };
-            if st.overlap_grad_reduce {
-                (grad - sc.bwd).max(0.0) + (param - sc.fwd).max(0.0)
+            let last = (c.dp_bucket_params / (pd + pe).max(1.0)).min(1.0);
+            let comm = sc.tp + sc.cp + sc.ep;
+            let hide = |x: f64, win: f64| (x * (1.0 - last) - win).max(0.0) + x * last;
+            let g = if st.overlap_grad_reduce {
+                hide(grad, sc.bwd + sc.recompute + comm / 2.0)
             } else {
-                grad + param
-            }
+                grad
+            };
+            let p = if st.overlap_param_gather {
+                hide(param, sc.fwd + comm / 2.0)
+            } else {
+                param
+            };
+            g + p
         }
     };
     // Optimizer: Adam reads and writes ~32 bytes per local parameter.
@@ -872,6 +1018,7 @@ mod tests {
             intra: 3e11,
             inter: 2.5e10,
             gpn: 8,
+            hopper: false,
         };
         let sat = 4096.0 / (4096.0 + c.gemm_x0);
         let want = 2.0 * 4096f64.powi(3) / (312e12 * 0.769 * sat.powi(3));
@@ -879,6 +1026,33 @@ mod tests {
         // Placement: TP 8 inside an 8-GPU node, DP across nodes.
         assert_eq!(hw.link(1, 8), 3e11);
         assert_eq!(hw.link(8, 2), 2.5e10);
+        // Hierarchical collectives (no latency here): TP 16 over two nodes
+        // reduces inside each node over NVLink, then each GPU all-reduces
+        // its 1/8 share with its peer on the other node over its own NIC.
+        let c0 = Calib {
+            coll_lat_s: 0.0,
+            ..c
+        };
+        let tp16 = hw.group(1, 16);
+        assert_eq!((tp16.g, tp16.k), (8, 2));
+        let want = (2.0 * 7.0 / 8.0 * 1e9 / 3e11 + 2.0 * 0.5 * 1e9 / 8.0 / 2.5e10) / 0.7;
+        assert!((tp16.allreduce_s(1e9, &c0) - want).abs() < 1e-12);
+        // ... about 7x faster than a flat ring on one NIC per GPU.
+        let flat = allreduce_s(1e9, 16, 2.5e10, &c0);
+        assert!(flat / tp16.allreduce_s(1e9, &c0) > 6.0);
+        // One rank per node (DP behind TP 8): the flat ring on the NIC.
+        let dp = hw.group(8, 4);
+        assert_eq!((dp.g, dp.k), (1, 4));
+        assert!((dp.allreduce_s(1e9, &c0) - allreduce_s(1e9, 4, 2.5e10, &c0)).abs() < 1e-12);
+        // Inside a node: the NVLink ring.
+        assert!((hw.group(1, 8).gather_s(1e9, &c0) - gather_s(1e9, 8, 3e11, &c0)).abs() < 1e-12);
+        // All-to-all over 16 ranks on 2 nodes: 7/16 over NVLink while 8/16
+        // leave through the NIC; the NIC sets the time.
+        let a2a = tp16.alltoall_s(1.6e9, &c0);
+        assert!((a2a - 0.5 * 1.6e9 / 2.5e10 / 0.7).abs() < 1e-12);
+        // Latency: one step inside a node, 1 + 2·log2(k) steps over k nodes.
+        assert!((hw.group(1, 8).allreduce_s(0.0, &c) - c.coll_lat_s).abs() < 1e-15);
+        assert!((hw.group(8, 64).allreduce_s(0.0, &c) - 13.0 * c.coll_lat_s).abs() < 1e-15);
     }
 
     #[test]
@@ -916,10 +1090,13 @@ mod tests {
             (predict_time(&j, &CALIB), j)
         };
         let (t, j) = mk(false);
-        // 64 ranks over 8 nodes: the DP ring crosses nodes, 25 GB/s per GPU.
+        // 64 ranks over 8 nodes: reduce inside the node on NVLink (300 GB/s),
+        // then 1/8 of the data per GPU across the 8 nodes on its NIC (25 GB/s).
         let (pd, pe) = mem_plan::layout::stage_params(&j.model, &layout(&j), 0);
         assert_eq!(pe, 0.0);
-        let p16 = 63.0 / 64.0 * pd * 2.0 / (25e9 * CALIB.comm_eff);
+        let b = pd * 2.0;
+        let p16 = (7.0 / 8.0 * b / 300e9 + 7.0 / 8.0 * b / 8.0 / 25e9) / CALIB.comm_eff
+            + 7.0 * CALIB.coll_lat_s;
         // 2 micro-batches, each: all-gather (forward), all-gather (recompute
         // + backward), reduce-scatter; nothing per iteration.
         let want = 2.0 * 3.0 * p16;
@@ -952,10 +1129,12 @@ mod tests {
         let layers = 24.0 * 12.0 * h * h;
         let e = j.model.embedding_params() as f64;
         let elems = 2.0 * (e + layers + v * h) + (layers + e);
-        let link = 63.0 / 64.0 * elems * 2.0 / (0.25e9 * CALIB.comm_eff);
+        let per_byte = (7.0 / 8.0 / 300e9 + 7.0 / 64.0 / 0.25e9) / CALIB.comm_eff;
+        let link = elems * 2.0 * per_byte;
         let b = &t.breakdown;
         let per_mb = (b.compute_s + b.recompute_s + b.dp_comm_exposed_s) / 2.0;
         assert!(per_mb >= link * (1.0 - 1e-12), "{per_mb} vs {link}");
+        // (plus 293 collectives' latency: 4 ms against 20 s)
         assert!(per_mb < link * 1.002, "{per_mb} vs {link}");
         // A fast link: only the first gather and the last reduce-scatter
         // (the embedding's, tiny here) are left in the open.
@@ -979,7 +1158,7 @@ mod tests {
         // per TP rank, 128 wide, 2 bytes; all-gathered over 8 ranks on the
         // NIC (stride 8) forward, reduce-scattered backward.
         let kv = 8192.0 * 2.0 * 128.0 * 2.0;
-        let ag = 7.0 / 8.0 * kv * 8.0 / (50e9 * CALIB.comm_eff);
+        let ag = 7.0 / 8.0 * kv * 8.0 / (50e9 * CALIB.comm_eff) + 7.0 * CALIB.coll_lat_s;
         let want = 2.0 * 8.0 * 2.0 * ag; // 2 micro-batches, 8 layers
         let got = mk("allgather").breakdown.cp_comm_s;
         assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");

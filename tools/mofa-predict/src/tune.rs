@@ -89,6 +89,7 @@ pub fn enumerate(base: &Job, sp: &Space) -> Vec<Job> {
                                         recompute,
                                         zero,
                                         sp: tp > 1,
+                                        etp: tp,
                                         ..base.strategy.clone()
                                     };
                                     out.push(j);
