@@ -29,7 +29,10 @@ fn main() {
     for (name, p) in &files {
         let abs = p.canonicalize().expect("corpus file readable");
         println!("cargo:rerun-if-changed={}", abs.display());
-        out.push_str(&format!("    ({name:?}, include_str!({:?})),\n", abs.display().to_string()));
+        out.push_str(&format!(
+            "    ({name:?}, include_str!({:?})),\n",
+            abs.display().to_string()
+        ));
     }
     out.push(']');
     let dest = Path::new(&std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("corpus.rs");

@@ -60,9 +60,9 @@ pub struct Cluster {
 }
 
 /// Calibrated best-GEMM efficiencies (fraction of peak), from
-/// `mofa-predict calibrate` on the calibration rows (see the README).
-pub const A100_GEMM_EFF: f64 = 0.769;
-pub const H100_GEMM_EFF: f64 = 0.677;
+/// `mofa-predict calibrate --fit` on every source of the corpus (see the README).
+pub const A100_GEMM_EFF: f64 = 0.656;
+pub const H100_GEMM_EFF: f64 = 0.558;
 /// Not calibrated (no published run with a complete configuration in the
 /// data set): assumed equal to H100's for Blackwell, lower for MI300X whose
 /// BF16 GEMM libraries reached about half of peak in public 2024 benchmarks,
@@ -100,7 +100,7 @@ pub fn resolve(name: &str) -> Option<&'static str> {
         .split(|c: char| !c.is_ascii_alphanumeric())
         .filter(|t| !t.is_empty())
         .collect();
-    let has = |w: &str| toks.iter().any(|t| *t == w);
+    let has = |w: &str| toks.contains(&w);
     let pcie = toks.iter().any(|t| t.starts_with("PCIE"));
     let nvl = has("NVL");
     // Memory size: a token like "80GB" (or "80" followed by "GB").
@@ -260,7 +260,10 @@ mod tests {
             assert_eq!(resolve(other), None, "{other}");
         }
         // PCIe parts are not the SXM figures.
-        let (sxm, pcie) = (preset("A100-SXM4-80GB").unwrap(), preset("A100 80GB PCIe").unwrap());
+        let (sxm, pcie) = (
+            preset("A100-SXM4-80GB").unwrap(),
+            preset("A100 80GB PCIe").unwrap(),
+        );
         assert!(pcie.hbm_gbs < sxm.hbm_gbs && pcie.intra_node_gbps < sxm.intra_node_gbps);
         assert!(preset_or_err("TPUv4", "cluster.gpu")
             .unwrap_err()

@@ -255,7 +255,14 @@ pub fn reliability_report() -> FtReport {
 }
 
 pub fn print_report(out: &mut ftk::cli::Stdout, r: &FtReport) -> ftk::Result<()> {
-    let mut t = ftk::table::Table::new(["FT check", "fitted on", "predicts", "published", "predicted", "APE %"]);
+    let mut t = ftk::table::Table::new([
+        "FT check",
+        "fitted on",
+        "predicts",
+        "published",
+        "predicted",
+        "APE %",
+    ]);
     for (what, v) in [("job MTBF h", &r.mtbf_h), ("ckpt GB/s", &r.ckpt_gbs)] {
         for c in v {
             t.row(vec![

@@ -56,30 +56,95 @@ restart_s 600 (assumed), ckpt_interval_s = Young/Daly optimum; null means the de
 
 /// The keys each object of the schema takes.
 pub const ROOT_KEYS: &[&str] = &[
-    "id", "model", "cluster", "strategy", "run", "seq",
+    "id",
+    "model",
+    "cluster",
+    "strategy",
+    "run",
+    "seq",
     // Annotations of measurement rows (calibrate's corpus), not used by the model.
-    "measured", "source", "split", "confidence", "framework", "note", "notes", "regime",
+    "measured",
+    "source",
+    "split",
+    "confidence",
+    "framework",
+    "note",
+    "notes",
+    "regime",
 ];
 pub const MODEL_KEYS: &[&str] = &[
-    "arch", "layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq", "params_b",
-    "head_dim", "tie_embeddings", "moe", "name", "active_params_b",
+    "arch",
+    "layers",
+    "hidden",
+    "heads",
+    "kv_heads",
+    "ffn",
+    "vocab",
+    "seq",
+    "params_b",
+    "head_dim",
+    "tie_embeddings",
+    "moe",
+    "name",
+    "active_params_b",
 ];
 pub const MOE_KEYS: &[&str] = &[
-    "experts", "topk", "expert_ffn", "shared_experts", "shared_ffn", "moe_layers",
+    "experts",
+    "topk",
+    "expert_ffn",
+    "shared_experts",
+    "shared_ffn",
+    "moe_layers",
 ];
 pub const CLUSTER_KEYS: &[&str] = &[
-    "gpu", "peak_tflops", "gpus", "gpus_per_node", "hbm_gb", "hbm_gbs", "intra_node_gbps",
-    "inter_node_gbps", "nic_gbps_per_node", "gemm_eff", "attn_tflops",
+    "gpu",
+    "peak_tflops",
+    "gpus",
+    "gpus_per_node",
+    "hbm_gb",
+    "hbm_gbs",
+    "intra_node_gbps",
+    "inter_node_gbps",
+    "nic_gbps_per_node",
+    "gemm_eff",
+    "attn_tflops",
 ];
 pub const STRATEGY_KEYS: &[&str] = &[
-    "tp", "pp", "dp", "cp", "ep", "vpp", "mbs", "gbs", "recompute", "zero", "sp",
-    "flash_attn", "attn_kernel", "overlap_grad_reduce", "moe_imbalance", "cp_comm",
-    "overlap_param_gather", "tp_comm_overlap", "ep_comm_overlap", "etp", "moe_dispatcher",
-    "moe_force_balance", "grad_accum", "precision", "fsdp_mixed_precision", "pp_schedule",
+    "tp",
+    "pp",
+    "dp",
+    "cp",
+    "ep",
+    "vpp",
+    "mbs",
+    "gbs",
+    "recompute",
+    "zero",
+    "sp",
+    "flash_attn",
+    "attn_kernel",
+    "overlap_grad_reduce",
+    "moe_imbalance",
+    "cp_comm",
+    "overlap_param_gather",
+    "tp_comm_overlap",
+    "ep_comm_overlap",
+    "etp",
+    "moe_dispatcher",
+    "moe_force_balance",
+    "grad_accum",
+    "precision",
+    "fsdp_mixed_precision",
+    "pp_schedule",
 ];
 pub const RUN_KEYS: &[&str] = &[
-    "tokens", "gpu_failure_rate_per_hour", "node_failure_rate_per_hour", "ckpt_write_gbps",
-    "ckpt_gbps_per_node", "restart_s", "ckpt_interval_s",
+    "tokens",
+    "gpu_failure_rate_per_hour",
+    "node_failure_rate_per_hour",
+    "ckpt_write_gbps",
+    "ckpt_gbps_per_node",
+    "restart_s",
+    "ckpt_interval_s",
 ];
 
 /// The attention kernel, by generation: what it costs depends on it far
@@ -523,13 +588,14 @@ pub fn cluster_from_obj(
     let gpn = o.pos("gpus_per_node", Some(b.map_or(8, |c| c.gpus_per_node)))?;
     // "8x400 Gb/s NICs per node" is 3200 Gb/s per node: / 8 bits / 8 GPUs
     // = 50 GB/s per GPU per direction.
-    let inter = match (o.opt_f64("inter_node_gbps")?, o.opt_f64("nic_gbps_per_node")?) {
-        (Some(_), Some(_)) => {
-            return Err(o.err(
-                "nic_gbps_per_node",
-                "give inter_node_gbps (GB/s per GPU) or nic_gbps_per_node (Gb/s per node), not both",
-            ))
-        }
+    let inter = match (
+        o.opt_f64("inter_node_gbps")?,
+        o.opt_f64("nic_gbps_per_node")?,
+    ) {
+        (Some(_), Some(_)) => return Err(o.err(
+            "nic_gbps_per_node",
+            "give inter_node_gbps (GB/s per GPU) or nic_gbps_per_node (Gb/s per node), not both",
+        )),
         (None, Some(n)) if n > 0.0 => n / 8.0 / gpn as f64,
         (None, Some(n)) => return Err(o.err("nic_gbps_per_node", format!("must be > 0, got {n}"))),
         _ => o.num("inter_node_gbps", b.map(|c| c.inter_node_gbps), false)?,
@@ -700,9 +766,17 @@ pub fn strategy_from_obj(
             ))
         }
     };
-    let etp = o.opt_u64("etp")?.unwrap_or(tp);
+    let etp = o.opt_u64("etp")?.unwrap_or_else(|| {
+        if model.moe.is_some() {
+            o.assume("etp", tp);
+        }
+        tp
+    });
     if etp == 0 || !tp.is_multiple_of(etp) {
-        return Err(o.err("etp", format!("must be a positive divisor of tp ({tp}), got {etp}")));
+        return Err(o.err(
+            "etp",
+            format!("must be a positive divisor of tp ({tp}), got {etp}"),
+        ));
     }
     // Megatron-Core's parallel folding: expert groups (etp·ep ranks) form
     // inside the tp·cp·dp ranks of a pipeline stage.
@@ -720,7 +794,10 @@ pub fn strategy_from_obj(
         if ga * mbs * dp != gbs {
             return Err(o.err(
                 "grad_accum",
-                format!("is {ga} but gbs/(mbs·dp) = {gbs}/({mbs}·{dp}) = {}", gbs as f64 / (mbs * dp) as f64),
+                format!(
+                    "is {ga} but gbs/(mbs·dp) = {gbs}/({mbs}·{dp}) = {}",
+                    gbs as f64 / (mbs * dp) as f64
+                ),
             ));
         }
     }
@@ -761,10 +838,7 @@ pub fn strategy_from_obj(
     let attn_kernel = match (o.opt_bool("flash_attn")?, o.opt_str("attn_kernel")?) {
         (Some(false), None | Some("none")) | (None, Some("none")) => AttnKernel::None,
         (Some(false), Some(k)) => {
-            return Err(o.err(
-                "attn_kernel",
-                format!("is '{k}' but flash_attn is false"),
-            ))
+            return Err(o.err("attn_kernel", format!("is '{k}' but flash_attn is false")))
         }
         (Some(true), Some("none")) => {
             return Err(o.err("attn_kernel", "is 'none' but flash_attn is true"))
@@ -788,8 +862,7 @@ pub fn strategy_from_obj(
     // DeepSpeed's PipelineEngine reduces gradients after the whole
     // schedule (TrainSchedule ends with ReduceTiedGrads, ReduceGrads,
     // OptimizerStep), so nothing overlaps there; Megatron and FSDP overlap.
-    let ds_pipe = pp > 1
-        && framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed"));
+    let ds_pipe = pp > 1 && framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed"));
     let overlap_grad_reduce = o.opt_bool("overlap_grad_reduce")?.unwrap_or_else(|| {
         o.assume("overlap_grad_reduce", !ds_pipe);
         !ds_pipe
@@ -813,8 +886,18 @@ pub fn strategy_from_obj(
             o.assume("overlap_param_gather", overlap_grad_reduce);
             overlap_grad_reduce
         }),
-        tp_comm_overlap: o.opt_bool("tp_comm_overlap")?.unwrap_or(false),
-        ep_comm_overlap: o.opt_bool("ep_comm_overlap")?.unwrap_or(false),
+        tp_comm_overlap: o.opt_bool("tp_comm_overlap")?.unwrap_or_else(|| {
+            if tp > 1 {
+                o.assume("tp_comm_overlap", false);
+            }
+            false
+        }),
+        ep_comm_overlap: o.opt_bool("ep_comm_overlap")?.unwrap_or_else(|| {
+            if ep > 1 {
+                o.assume("ep_comm_overlap", false);
+            }
+            false
+        }),
         etp,
         grad_bytes,
         moe_imbalance,

@@ -9,13 +9,15 @@ pub fn distance(a: &str, b: &str) -> usize {
     for (i, row) in d.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        d[0][j] = j;
+    for (j, x) in d[0].iter_mut().enumerate() {
+        *x = j;
     }
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let sub = usize::from(a[i - 1] != b[j - 1]);
-            let mut v = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + sub);
+            let mut v = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + sub);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 v = v.min(d[i - 2][j - 2] + 1);
             }
@@ -44,7 +46,10 @@ pub fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
 pub fn unknown(word: &str, candidates: &[&str]) -> String {
     match suggest(word, candidates) {
         Some(s) => format!("unknown key '{word}'; did you mean '{s}'?"),
-        None => format!("unknown key '{word}'; known keys: {}", candidates.join(", ")),
+        None => format!(
+            "unknown key '{word}'; known keys: {}",
+            candidates.join(", ")
+        ),
     }
 }
 

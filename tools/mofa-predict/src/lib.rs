@@ -475,7 +475,10 @@ fn run_tune(c: Common, gbs: u64, top: usize, no_timing: bool) -> Result<()> {
     let mut summary = json!({"kind": "mofa_tune_summary", "candidates": o.candidates, "fitting": o.fitting,
         "assumed": assumed.iter().filter(|a| a.starts_with("cluster.")).collect::<Vec<_>>()});
     if no_timing {
-        eprintln!("mofa-predict: {} strategies in {secs:.3} s, {rate:.0} strategies/s", o.candidates);
+        eprintln!(
+            "mofa-predict: {} strategies in {secs:.3} s, {rate:.0} strategies/s",
+            o.candidates
+        );
     } else {
         summary["elapsed_s"] = json!(secs);
         summary["strategies_per_s"] = json!(rate);
@@ -549,7 +552,10 @@ fn data_files(p: &std::path::Path) -> Result<Vec<PathBuf>> {
         out.extend(v);
     }
     if out.is_empty() {
-        ftk::bail!("{}: no *.jsonl measurement files in this directory", p.display());
+        ftk::bail!(
+            "{}: no *.jsonl measurement files in this directory",
+            p.display()
+        );
     }
     Ok(out)
 }
@@ -582,7 +588,15 @@ fn run_calibrate(data: Vec<PathBuf>, fit: bool, table: bool, iters: usize) -> Re
     });
     let mut out = Stdout::new();
     let mut t = Table::new([
-        "id", "source", "metric", "measured", "predicted", "APE %", "LOSO pred", "LOSO APE %", "fits",
+        "id",
+        "source",
+        "metric",
+        "measured",
+        "predicted",
+        "APE %",
+        "LOSO pred",
+        "LOSO APE %",
+        "fits",
     ]);
     let mut in_sample: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     for (i, r) in rows.iter().enumerate() {
@@ -616,7 +630,11 @@ fn run_calibrate(data: Vec<PathBuf>, fit: bool, table: bool, iters: usize) -> Re
         };
         if table {
             t.row(vec![
-                format!("{}{}", r.id, if calibrate::counted(r) { "" } else { " (low)" }),
+                format!(
+                    "{}{}",
+                    r.id,
+                    if calibrate::counted(r) { "" } else { " (low)" }
+                ),
                 r.source.clone(),
                 r.metric.replace("_tflops_per_gpu", "_tflops"),
                 sig(r.value),
@@ -632,7 +650,7 @@ fn run_calibrate(data: Vec<PathBuf>, fit: bool, table: bool, iters: usize) -> Re
     }
     let mut st = Table::new(["source", "rows", "LOSO MAPE %", "in-sample MAPE %"]);
     let mut by_source = Map::new();
-    for f in &folds {
+    for f in folds.iter().filter(|f| f.n > 0) {
         let ins = calibrate::mean(in_sample.get(f.source.as_str()).map_or(&[][..], |v| v));
         by_source.insert(
             f.source.clone(),
@@ -646,9 +664,10 @@ fn run_calibrate(data: Vec<PathBuf>, fit: bool, table: bool, iters: usize) -> Re
             format!("{ins:.1}"),
         ]);
     }
-    let per: Vec<f64> = folds.iter().map(|f| f.mape).collect();
+    let counted: Vec<&calibrate::Fold> = folds.iter().filter(|f| f.n > 0).collect();
+    let per: Vec<f64> = counted.iter().map(|f| f.mape).collect();
     let loso_mean = calibrate::mean(&per);
-    let worst = folds.iter().max_by(|a, b| a.mape.total_cmp(&b.mape));
+    let worst = counted.iter().max_by(|a, b| a.mape.total_cmp(&b.mape));
     let ins_mean = calibrate::mean(
         &in_sample
             .values()
@@ -660,7 +679,7 @@ fn run_calibrate(data: Vec<PathBuf>, fit: bool, table: bool, iters: usize) -> Re
         "kind": "mofa_calibrate",
         "n_rows": rows.len(),
         "n_counted": rows.iter().filter(|r| calibrate::counted(r)).count(),
-        "n_sources": folds.len(),
+        "n_sources": counted.len(),
         "loso_mape_mean_over_sources": loso_mean,
         "loso_mape_worst_source": worst.map(|w| json!({"source": w.source, "mape": w.mape})),
         "loso_by_source": by_source,
@@ -677,7 +696,10 @@ fn run_calibrate(data: Vec<PathBuf>, fit: bool, table: bool, iters: usize) -> Re
         out.line("")?;
         st.row(vec![
             "mean over sources".into(),
-            rows.iter().filter(|r| calibrate::counted(r)).count().to_string(),
+            rows.iter()
+                .filter(|r| calibrate::counted(r))
+                .count()
+                .to_string(),
             format!("{loso_mean:.1}"),
             format!("{ins_mean:.1}"),
         ]);

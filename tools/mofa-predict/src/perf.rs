@@ -46,21 +46,34 @@ pub struct Calib {
     /// quarters of its forward on A100 and H100 (Dao 2023 Fig. 5-7; Shah et
     /// al. 2024 Fig. 5-6). Assumed.
     pub attn_bwd_rate: f64,
+    /// How much of a node's NIC parallelism a collective spanning nodes
+    /// gets: the inter-node stage moves 1/g_eff of the data per GPU with
+    /// g_eff = 1 + (g − 1)·nic_par for g group members on a node (1: NCCL's
+    /// ideal hierarchical rings, one per NIC; 0: every rank's data through
+    /// its own NIC, a flat ring). Fitted.
+    pub nic_par: f64,
+    /// Achieved fraction of the flash-attention kernel's benchmark rate
+    /// inside a training step. Fitted.
+    pub attn_eff: f64,
     /// Gradient bucket of overlapped data-parallel reduction, parameters:
     /// Megatron-Core's DDP default (40M, `bucket_size`); the last bucket's
     /// reduction cannot hide under the backward. Cited default.
     pub dp_bucket_params: f64,
 }
 
-/// The constants `mofa-predict calibrate` fitted on the calibration rows
-/// (testdata/mofa-predict/measurements.jsonl, split = "calib"). The
-/// per-GPU `gemm_eff` lives with the cluster presets.
+/// The constants `mofa-predict calibrate --fit --iters 300` fitted on every
+/// source of the corpus (each source weighted once); the per-GPU
+/// `gemm_eff` lives with the cluster presets. The rest are cited or assumed.
 pub const CALIB: Calib = Calib {
-    gemm_x0: 34.7,
-    elem_bytes: 50.8,
-    comm_eff: 0.7,
+    gemm_x0: 32.45,
+    elem_bytes: 63.3,
+    // The fit ran into its upper bound: on the corpus the collectives cost
+    // less than the link model says (see README, "Known misses").
+    comm_eff: 1.0,
     softmax_passes: 6.0,
     coll_lat_s: 10e-6,
+    nic_par: 1.0,
+    attn_eff: 0.771,
     attn_s0: 512.0,
     attn_bwd_rate: 0.75,
     dp_bucket_params: 40e6,
@@ -147,6 +160,8 @@ pub struct Hw {
     pub gpn: u64,
     /// Hopper or later (FlashAttention-3 runs there).
     pub hopper: bool,
+    /// [`Calib::nic_par`], carried to the groups.
+    pub nic_par: f64,
 }
 
 impl Hw {
@@ -161,6 +176,7 @@ impl Hw {
             inter: c.inter_node_gbps * 1e9,
             gpn: c.gpus_per_node,
             hopper: matches!(c.gpu.as_str(), "H100" | "H100-PCIe" | "H200" | "B200"),
+            nic_par: CALIB.nic_par,
         }
     }
 
@@ -186,6 +202,7 @@ impl Hw {
             k: n.div_ceil(g),
             intra: self.intra,
             inter: self.inter,
+            nic_par: self.nic_par,
         }
     }
 }
@@ -203,9 +220,16 @@ pub struct Group {
     pub k: u64,
     pub intra: f64,
     pub inter: f64,
+    /// See [`Calib::nic_par`].
+    pub nic_par: f64,
 }
 
 impl Group {
+    /// Group members per node whose NICs carry the inter-node stage.
+    fn g_eff(&self) -> f64 {
+        1.0 + (self.g as f64 - 1.0) * self.nic_par
+    }
+
     /// Latency of one collective: a step inside the node, and two steps
     /// per level of a tree over the nodes.
     fn lat(&self, c: &Calib) -> f64 {
@@ -223,22 +247,24 @@ impl Group {
     /// All-reduce of `bytes`: reduce-scatter and all-gather inside the
     /// node, all-reduce of each rank's 1/g share across the nodes.
     pub fn allreduce_s(&self, bytes: f64, c: &Calib) -> f64 {
-        if self.n <= 1 {
+        if self.n <= 1 || bytes <= 0.0 {
             return 0.0;
         }
         let (g, k) = (self.g as f64, self.k as f64);
-        (2.0 * (g - 1.0) / g * bytes / self.intra + 2.0 * (k - 1.0) / k * bytes / g / self.inter)
+        let ge = self.g_eff();
+        (2.0 * (g - 1.0) / g * bytes / self.intra + 2.0 * (k - 1.0) / k * bytes / ge / self.inter)
             / c.comm_eff
             + self.lat(c)
     }
 
     /// All-gather or reduce-scatter whose full buffer is `bytes`.
     pub fn gather_s(&self, bytes: f64, c: &Calib) -> f64 {
-        if self.n <= 1 {
+        if self.n <= 1 || bytes <= 0.0 {
             return 0.0;
         }
         let (g, k) = (self.g as f64, self.k as f64);
-        ((g - 1.0) / g * bytes / self.intra + (k - 1.0) / k * bytes / g / self.inter) / c.comm_eff
+        let ge = self.g_eff();
+        ((g - 1.0) / g * bytes / self.intra + (k - 1.0) / k * bytes / ge / self.inter) / c.comm_eff
             + self.lat(c)
     }
 
@@ -246,7 +272,7 @@ impl Group {
     /// it: the share for peers on the node goes over NVLink while the rest
     /// leaves through the rank's NIC at the same time.
     pub fn alltoall_s(&self, bytes: f64, c: &Calib) -> f64 {
-        if self.n <= 1 {
+        if self.n <= 1 || bytes <= 0.0 {
             return 0.0;
         }
         let (n, g) = (self.n as f64, self.g as f64);
@@ -428,7 +454,7 @@ pub fn attn_core(job: &Job, hw: &Hw, c: &Calib) -> (f64, f64) {
         AttnKernel::Fa3 => 1.0,
     };
     let q = s / cp;
-    let rate = hw.attn * gen * q / (q + c.attn_s0);
+    let rate = hw.attn * c.attn_eff * gen * q / (q + c.attn_s0);
     let flops = 4.0 * heads_local * q * s * hd * 0.5;
     let f = flops / rate;
     (f, 2.5 * f / c.attn_bwd_rate)
@@ -610,8 +636,7 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     let ep = match moe {
         Some(e) if st.ep > 1 => {
             let bytes = tok * (st.etp as f64 / t) * e.topk as f64 * h * 2.0;
-            let a2a =
-                (4.0 + 2.0 * rc_passes) * hw.group(st.etp, st.ep).alltoall_s(bytes * imb, c);
+            let a2a = (4.0 + 2.0 * rc_passes) * hw.group(st.etp, st.ep).alltoall_s(bytes * imb, c);
             if st.ep_comm_overlap {
                 // Hidden under another micro-batch's compute (Megatron's
                 // 1F1B A2A overlap): only what outlasts it shows.
@@ -803,7 +828,10 @@ pub fn layout(job: &Job) -> Layout {
 
 /// Iteration time and its breakdown.
 pub fn predict_time(job: &Job, c: &Calib) -> Timing {
-    let hw = Hw::of(job);
+    let hw = Hw {
+        nic_par: c.nic_par,
+        ..Hw::of(job)
+    };
     let m = &job.model;
     let st = &job.strategy;
     let l = layout(job);
@@ -1000,9 +1028,21 @@ mod tests {
         }
     }
 
+    /// The shipped constants with the link efficiency the hand figures use.
+    const TC: Calib = Calib {
+        comm_eff: 0.7,
+        ..CALIB
+    };
+
+    /// ... and no collective latency, for schedules checked against pure traffic.
+    const Z0: Calib = Calib {
+        coll_lat_s: 0.0,
+        ..TC
+    };
+
     #[test]
     fn collectives_and_bubble_by_hand() {
-        let c = CALIB;
+        let c = TC;
         // 1 GB ring all-reduce over 8 ranks at 100 GB/s: 2·7/8·1e9/(1e11·0.7) s.
         assert!((allreduce_s(1e9, 8, 1e11, &c) - 1.75e9 / 7e10).abs() < 1e-12);
         assert_eq!(allreduce_s(1e9, 1, 1e11, &c), 0.0);
@@ -1019,6 +1059,7 @@ mod tests {
             inter: 2.5e10,
             gpn: 8,
             hopper: false,
+            nic_par: 1.0,
         };
         let sat = 4096.0 / (4096.0 + c.gemm_x0);
         let want = 2.0 * 4096f64.powi(3) / (312e12 * 0.769 * sat.powi(3));
@@ -1051,8 +1092,12 @@ mod tests {
         let a2a = tp16.alltoall_s(1.6e9, &c0);
         assert!((a2a - 0.5 * 1.6e9 / 2.5e10 / 0.7).abs() < 1e-12);
         // Latency: one step inside a node, 1 + 2·log2(k) steps over k nodes.
-        assert!((hw.group(1, 8).allreduce_s(0.0, &c) - c.coll_lat_s).abs() < 1e-15);
-        assert!((hw.group(8, 64).allreduce_s(0.0, &c) - 13.0 * c.coll_lat_s).abs() < 1e-15);
+        let tiny = 1e-3;
+        let bw_part = |g: Group| g.allreduce_s(tiny, &c0);
+        let lat = |g: Group| g.allreduce_s(tiny, &c) - bw_part(g);
+        assert!((lat(hw.group(1, 8)) - c.coll_lat_s).abs() < 1e-15);
+        assert!((lat(hw.group(8, 64)) - 13.0 * c.coll_lat_s).abs() < 1e-15);
+        assert_eq!(hw.group(8, 64).allreduce_s(0.0, &c), 0.0);
     }
 
     #[test]
@@ -1113,10 +1158,10 @@ mod tests {
     fn zero3_schedule_is_bound_by_traffic_or_by_compute() {
         let mk = |inter: f64| {
             let v = serde_json::json!({"model":{"arch":"gpt","layers":24,"hidden":4096,"heads":32,"vocab":51200,"seq":2048},
-                "cluster":{"gpu":"A100-80GB","gpus":64,"inter_node_gbps":inter},"strategy":{"tp":1,"mbs":1,"gbs":128,"zero":3,
-                "recompute":"full","overlap_grad_reduce":true}});
+                "cluster":{"gpu":"A100-80GB","gpus":64,"inter_node_gbps":inter,"intra_node_gbps":inter.max(300.0)},
+                "strategy":{"tp":1,"mbs":1,"gbs":128,"zero":3,"recompute":"full","overlap_grad_reduce":true}});
             let j = job_from_value(&v, &Fallback::default(), "t").unwrap();
-            (predict_time(&j, &CALIB), j)
+            (predict_time(&j, &Z0), j)
         };
         // A 0.25 GB/s link: the link never rests, so a micro-batch lasts its
         // traffic. Per micro-batch (tp 1, 2-byte weights): the forward gathers
@@ -1129,14 +1174,13 @@ mod tests {
         let layers = 24.0 * 12.0 * h * h;
         let e = j.model.embedding_params() as f64;
         let elems = 2.0 * (e + layers + v * h) + (layers + e);
-        let per_byte = (7.0 / 8.0 / 300e9 + 7.0 / 64.0 / 0.25e9) / CALIB.comm_eff;
+        let per_byte = (7.0 / 8.0 / 300e9 + 7.0 / 64.0 / 0.25e9) / Z0.comm_eff;
         let link = elems * 2.0 * per_byte;
         let b = &t.breakdown;
         let per_mb = (b.compute_s + b.recompute_s + b.dp_comm_exposed_s) / 2.0;
         assert!(per_mb >= link * (1.0 - 1e-12), "{per_mb} vs {link}");
-        // (plus 293 collectives' latency: 4 ms against 20 s)
         assert!(per_mb < link * 1.002, "{per_mb} vs {link}");
-        // A fast link: only the first gather and the last reduce-scatter
+        // Fast links: only the first gather and the last reduce-scatter
         // (the embedding's, tiny here) are left in the open.
         let (f, _) = mk(1e6);
         let busy = f.breakdown.compute_s + f.breakdown.recompute_s;
