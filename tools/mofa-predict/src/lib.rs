@@ -163,7 +163,7 @@ pub enum Cmd {
         #[arg(long)]
         table: bool,
         /// Nelder-Mead iterations per fit.
-        #[arg(long, default_value_t = 150)]
+        #[arg(long, default_value_t = 100)]
         iters: usize,
     },
 }
@@ -473,7 +473,8 @@ fn run_tune(c: Common, gbs: u64, top: usize, no_timing: bool) -> Result<()> {
     let rate = o.candidates as f64 / secs.max(1e-9);
     let mut out = Stdout::new();
     let mut summary = json!({"kind": "mofa_tune_summary", "candidates": o.candidates, "fitting": o.fitting,
-        "assumed": assumed.iter().filter(|a| a.starts_with("cluster.")).collect::<Vec<_>>()});
+        // The layout fields are what tune chooses, not defaults.
+        "assumed": assumed.iter().filter(|a| a.starts_with("cluster.") && !a.starts_with("cluster.gpus=")).collect::<Vec<_>>()});
     if no_timing {
         eprintln!(
             "mofa-predict: {} strategies in {secs:.3} s, {rate:.0} strategies/s",
