@@ -13,6 +13,7 @@ Usage (from the repository root):
   python3 testdata/gen/mofa_corpus.py            # validate every corpus file, print per-source counts
   python3 testdata/gen/mofa_corpus.py --write    # regenerate the files from the transcriptions below, then validate
   python3 testdata/gen/mofa_corpus.py --check    # exit 1 if the files differ from what --write would produce
+  python3 testdata/gen/mofa_corpus.py --dir DIR  # validate the *.jsonl files (and README.md) in DIR instead
 Exit status: 0 valid, 1 invalid or (with --check) stale.
 """
 import json
@@ -32,9 +33,15 @@ GPUS = {
 SOURCES = {}
 
 
-def source(slug):
+def source(slug, extend=False):
+    """Register a generator of one source's rows; extend=True appends to an earlier one."""
     def deco(fn):
-        SOURCES[slug] = fn
+        if extend:
+            prev = SOURCES[slug]
+            SOURCES[slug] = lambda: prev() + fn()
+        else:
+            assert slug not in SOURCES, slug
+            SOURCES[slug] = fn
         return fn
     return deco
 
@@ -294,7 +301,8 @@ def llm_foundry():
                 "learned positional embeddings (NumParams grows with seq), low_precision_layernorm "
                 "(submit_benchmarks.py). attn_impl flash (submit_benchmarks.py default); the FlashAttention "
                 "generation per row is not stated. Pure FSDP: no tensor/pipeline parallelism, every GPU is a "
-                "data-parallel rank; activation checkpointing wraps whole blocks (recompute full). " % (size, d, h, l))
+                "data-parallel rank; activation checkpointing wraps whole blocks (recompute full); FSDP issues its "
+                "gradient reduce-scatter during the backward (overlap_grad_reduce). " % (size, d, h, l))
         if nic is None:
             note += "The H100 cluster's inter-node fabric is not stated. "
         note += "Precision %s, FSDP mixed_precision %s." % ("amp_bf16" if prec == "amp" else "bf16", mp)
@@ -381,8 +389,10 @@ LLAMA = {  # name: (layers, hidden, heads, kv_heads, ffn, vocab), from torchtita
     "llama3-405B": (126, 16384, 128, 8, 53248, 128256),
 }
 # Grand Teton H100: 96 GB HBM2e at 2.4 TB/s, 500 W, 400 Gb/s RDMA per GPU (docs/performance.md, Jan 2025).
+# intra_node_gbps: H100 SXM NVLink 4, 900 GB/s bidirectional = 450 GB/s per direction (NVIDIA data sheet; the
+# doc only says "fully connected with NVLink"); inter_node_gbps: 400 Gb/s per GPU / 8 = 50 GB/s per direction.
 GRAND_TETON = {"gpu": "H100-SXM5-96GB-HBM2e-500W", "peak_tflops": 989.0, "hbm_gb": 96, "hbm_gbs": 2400,
-               "gpus_per_node": 8, "nic_gbps_per_node": 3200}
+               "intra_node_gbps": 450, "inter_node_gbps": 50, "gpus_per_node": 8, "nic_gbps_per_node": 3200}
 TT_FLOPS = ("torchtitan get_num_flop_per_token: 6*N (N without the embedding) + 12*L*H*Dh*T per token "
             "(non-causal attention, no recompute); MFU over the GPU's listed peak")
 TITAN = [
@@ -427,16 +437,20 @@ TITAN = [
      "selective op AC"),
     ("h100-llama3-70B-tp8", "llama3-70B", 8192, 256, "GT", 8, 16, "full", True, 597.3, None,
      "2887250bbd9103d0bc997ea2efb3a525b5e5dbc0", "benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md",
-     "Llama3 70b on 256 H100s (FSDP 32, TP 8), row None (bfloat16), vanilla TP", ""),
+     "Llama3 70b on 256 H100s (FSDP 32, TP 8), row None (bfloat16), vanilla TP",
+     "the table's tokens/sec are per GPU (torchtitan's TPS)"),
     ("h100-llama3-70B-asynctp8", "llama3-70B", 8192, 256, "GT", 8, 16, "full", True, 652.4, None,
      "2887250bbd9103d0bc997ea2efb3a525b5e5dbc0", "benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md",
-     "Llama3 70b on 256 H100s (FSDP 32, TP 8), row None (bfloat16), async TP", "async TP overlaps TP communication"),
+     "Llama3 70b on 256 H100s (FSDP 32, TP 8), row None (bfloat16), async TP",
+     "async TP overlaps TP communication; the table's tokens/sec are per GPU (torchtitan's TPS)"),
     ("h100-llama3-8B-tp8", "llama3-8B", 8192, 64, "GT", 8, 12, "selective", True, 4378, None,
      "2887250bbd9103d0bc997ea2efb3a525b5e5dbc0", "benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md",
-     "Llama3 8b on 64 H100s (FSDP 8, TP 8), row None (bfloat16), vanilla TP", "per-op selective AC"),
+     "Llama3 8b on 64 H100s (FSDP 8, TP 8), row None (bfloat16), vanilla TP",
+     "per-op selective AC; the table's tokens/sec are per GPU (torchtitan's TPS)"),
     ("h100-llama3-8B-asynctp8", "llama3-8B", 8192, 64, "GT", 8, 12, "selective", True, 4809.4, None,
      "2887250bbd9103d0bc997ea2efb3a525b5e5dbc0", "benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md",
-     "Llama3 8b on 64 H100s (FSDP 8, TP 8), row None (bfloat16), async TP", "per-op selective AC; async TP"),
+     "Llama3 8b on 64 H100s (FSDP 8, TP 8), row None (bfloat16), async TP",
+     "per-op selective AC; async TP; the table's tokens/sec are per GPU (torchtitan's TPS)"),
 ]
 
 
@@ -448,12 +462,16 @@ def torchtitan():
         dp = gpus // tp
         cluster = ({"gpu": "A100-SXM4-80GB", "gpus": gpus, "gpus_per_node": 8} if gpu == "A100"
                    else dict(GRAND_TETON, gpus=gpus))
-        note = ("seq_len, local batch and parallelism from the cited text and train_configs/%s.toml at the cited "
+        note = ("seq_len, local batch and parallelism from the cited text and %s%s.toml at the cited "
                 "commit; WPS/TPS is tokens per second per GPU (train.py divides by the non-data-parallel size). "
                 "FSDP2 (fully_shard, parameters resharded after forward: zero 3); attention is PyTorch SDPA "
-                "(flash backend). " % mname.replace("-", "_").replace("B", "b").lower())
+                "(flash backend). " % ("torchtitan/models/llama3/train_configs/" if path.startswith("benchmarks")
+                                       else "train_configs/", mname.replace("-", "_").replace("B", "b").lower()))
         if gpu == "A100":
             note += "The A100 cluster's fabric is not stated. "
+        else:
+            note += ("Grand Teton: 96 GB HBM2e at 2.4 TB/s, 500 W, 400 Gb/s RDMA per GPU (docs/performance.md, "
+                     "Jan 2025); the NVLink bandwidth is not stated (H100 SXM's 450 GB/s per direction assumed). ")
         if comp is None:
             pass
         else:
@@ -929,16 +947,12 @@ def bigscience_bloom():
 FP_COMMIT = "1b5a030398ab719e406f77877eb34c9599b17fd2"
 FP_URL = "https://github.com/FlagOpen/FlagPerf/blob/%s/%%s" % FP_COMMIT
 FLAGPERF = [  # case, gpu, nodes, pp, dp, tp, gbs, tokens/s/GPU, MFU, table
-    ("llama3_8B", "A100", 1, 2, 4, 1, 512, 3698.7, 0.569, "main table, A100 1x8 (baseline)"),
+    # The README's "A100" rows (3698.7 tokens/s baseline and the 1x8 ablation table) are left out: the same
+    # README's hardware section for them reads "NVIDIA DGX A800(80G)", "NVIDIA_A800-SXM4-80GB", so which part
+    # (A100 or A800, NVLink 600 vs 400 GB/s) ran them cannot be determined.
     ("llama3_8B", "H100", 1, 1, 4, 2, 512, 8103, 0.393, "main table, H100 1x8 bf16"),
     ("llama3_8B", "H100", 2, 1, 8, 2, 512, 7914, 0.384, "main table, H100 2x8 bf16"),
     ("llama3_8B", "H100", 55, 1, 220, 2, 1760, 7047, 0.342, "main table, H100 55x8 bf16 (gbs=1760)"),
-    ("llama3_8B", "A100", 1, 4, 2, 1, 512, 3306.5, 0.500, "A100 1x8 ablation table"),
-    ("llama3_8B", "A100", 1, 2, 2, 2, 512, 3409.2, 0.524, "A100 1x8 ablation table"),
-    ("llama3_8B", "A100", 1, 2, 1, 4, 512, 3006.1, 0.462, "A100 1x8 ablation table"),
-    ("llama3_8B", "A100", 1, 8, 1, 1, 512, 2690.3, 0.414, "A100 1x8 ablation table"),
-    ("llama3_8B", "A100", 1, 1, 1, 8, 512, 2451.2, 0.377, "A100 1x8 ablation table"),
-    ("llama3_8B", "A100", 1, 4, 1, 2, 512, 3042.7, 0.468, "A100 1x8 ablation table"),
     ("llama3_70B", "H100", 8, 4, 2, 8, 512, 851, 0.361, "main table, H100 8x8 bf16"),
 ]
 
@@ -964,10 +978,13 @@ def flagperf():
              "note": "Parallelism from the table's PPxDPyTPz column; micro-batch 1 (config/config_*.py localbs), "
                      "global batch 512 and seq 8192 from training/benchmarks/%s/megatron/pretrain_llama3.sh unless "
                      "the row's fix_hp overrides gbs; --sequence-parallel, --use-distributed-optimizer, "
-                     "--use-flash-attn, Transformer Engine, bf16, no recompute option. overlap-grad-reduce is not "
-                     "passed (Megatron-Core v0.6.0 default off). Llama 3 shape from the script (vocab 128256 from "
-                     "the Llama 3 tokenizer). Fabric of the multi-node H100 runs is not stated." % case},
-            "high", "Megatron-Core v0.6.0 (FlagPerf)"))
+                     "--use-flash-attn, Transformer Engine, bf16. The README lists 'recompute-activations' "
+                     "(Megatron's selective recompute of core attention) among its optimisations but the launch "
+                     "script passes no recompute flag; recompute none is taken from the script (with flash "
+                     "attention the two differ little). overlap-grad-reduce is not passed (Megatron-Core v0.6.0 "
+                     "default off). Llama 3 shape from the script (vocab 128256 from the Llama 3 tokenizer). "
+                     "Hardware section: H100 SXM 80GB, InfiniBand 400Gb/s (per NIC or per node not said)." % case},
+            "medium", "Megatron-Core v0.6.0 (FlagPerf)"))
     return rows
 
 
@@ -1009,19 +1026,212 @@ def llama3_405b():
 
 
 # ---------------------------------------------------------------------------
+# 10. NVIDIA DGX Cloud Benchmarking recipes v25.01 (NVIDIA/dgxc-benchmarking):
+#     NeMo 24.09 / 24.11 BF16 on H100 at 8-2,304 GPUs, with the recipe yamls.
+DGXC_COMMIT = "143b90dd91f9be958fed4773ae95d941a3356a82"
+DGXC_URL = "https://github.com/NVIDIA/dgxc-benchmarking/blob/%s/%%s" % DGXC_COMMIT
+GPT3_175B = {"arch": "gpt", "name": "GPT-3 175B", "layers": 96, "hidden": 12288, "heads": 96, "ffn": 49152,
+             "vocab": 50257, "seq": 2048, "params_b": 175.0}
+NEMOTRON4_340B = {"arch": "gpt", "name": "Nemotron-4 340B", "layers": 96, "hidden": 18432, "heads": 96,
+                  "kv_heads": 8, "ffn": 73728, "vocab": 256000, "seq": 4096, "params_b": 340.0,
+                  "tie_embeddings": False}
+DGXC = {
+    # key: (readme, yaml, model, tp, pp, cp, vp, ga, container, recompute, tp_overlap,
+    #       [(gpus, gbs, layers, pp_override, vp_override, step_s, tokens_s, mfu), ...])
+    "llama3.1-8b": ("llama3.1/README_8b.md", "llama3.1/llama3.1_8b.yaml", "llama3-8B", 1, 1, 2, None, 32,
+                    "24.09", "none", False,
+                    [(8, 128, 32, 1, None, 12.91, 81222, 0.5937), (16, 256, 32, 1, None, 13.00, 161319, 0.5896),
+                     (32, 512, 32, 1, None, 13.05, 321403, 0.5873), (64, 1024, 32, 1, None, 13.08, 641331, 0.5860),
+                     (128, 2048, 32, 1, None, 13.10, 1280704, 0.5851)]),
+    "llama3.1-70b": ("llama3.1/README_70b.md", "llama3.1/llama3.1_70b.yaml", "llama3-70B", 4, 4, 2, 5, 64,
+                     "24.09", "none", True,
+                     [(64, 128, 80, 4, 5, 14.72, 71235, 0.5410), (128, 256, 80, 4, 5, 14.73, 142373, 0.5406),
+                      (256, 512, 80, 4, 5, 14.8, 283399, 0.5381), (512, 1024, 80, 4, 5, 14.89, 563372, 0.5348),
+                      (1024, 2048, 80, 4, 5, 14.92, 1124478, 0.5338),
+                      (2048, 4096, 80, 4, 5, 14.98, 2248957, 0.5338)]),
+    "llama3.1-405b": ("llama3.1/README_405b.md", "llama3.1/llama3.1_405b.yaml", "llama3-405B", 8, 9, 2, 7, 63,
+                      "24.09", "none", True,
+                      [(32, 126, 7, 1, None, 8.85, 116632, 0.5863), (96, 126, 21, 3, 7, 8.75, 117965, 0.5617),
+                       (192, 252, 42, 3, 7, 16.93, 121936, 0.5725), (576, 252, 126, 9, 7, 17.20, 120022, 0.5578),
+                       (1152, 504, 126, 9, 7, 17.52, 235660, 0.5476),
+                       (2304, 1008, 126, 9, 7, 17.62, 468646, 0.5445)]),
+    "gpt3-175b": ("nemo_megatron/README_175b.md", "nemo_megatron/gpt3_175b_hydra.yaml", "gpt3", 4, 8, 1, 12, 64,
+                  "24.11", "none", True,
+                  [(128, 256, 96, 8, 12, 8.91, 58843, 0.4993), (256, 512, 96, 8, 12, 8.95, 117159, 0.4971),
+                   (512, 1024, 96, 8, 12, 9.09, 230710, 0.4894), (1024, 2048, 96, 8, 12, 9.01, 465517, 0.4938),
+                   (2048, 4096, 96, 8, 12, 9.02, 930001, 0.4932)]),
+    "nemotron4-340b": ("nemotron/README_340b.md", "nemotron/nemotron4-340b-synth.yaml", "nemotron4", 8, 8, 1, 12,
+                       16, "24.11", "selective", False,
+                       [(128, 32, 96, 8, 12, 4.61, 28432, 0.5538), (256, 64, 96, 8, 12, 4.67, 56134, 0.5467),
+                        (512, 128, 96, 8, 12, 4.7, 111551, 0.5432), (1024, 256, 96, 8, 12, 4.73, 221686, 0.5398),
+                        (2048, 512, 96, 8, 12, 4.84, 433296, 0.5275)]),
+}
+
+
+@source("nvidia-dgxc-benchmarking")
+def nvidia_dgxc():
+    rows = []
+    for key, (readme, yaml, mname, tp, pp0, cp, vp0, ga, cont, rc, tpo, runs) in DGXC.items():
+        for gpus, gbs, layers, pp, vp, step, tps, mfu in runs:
+            if mname == "gpt3":
+                model = dict(GPT3_175B)
+            elif mname == "nemotron4":
+                model = dict(NEMOTRON4_340B)
+            else:
+                l, h, a, kv, ffn, vocab = LLAMA[mname]
+                model = {"arch": "llama", "name": "Llama-3.1-" + mname.split("-")[1], "layers": l, "hidden": h,
+                         "heads": a, "kv_heads": kv, "ffn": ffn, "vocab": vocab, "seq": 8192,
+                         "params_b": float(mname.split("-")[1][:-1])}
+            proxy = layers != model["layers"]
+            model["layers"] = layers
+            dp = gpus // (tp * pp * cp)
+            assert dp * ga == gbs, (key, gpus)
+            strat = {"tp": tp, "pp": pp, "cp": cp, "dp": dp, "vpp": vp or 1, "mbs": 1, "gbs": gbs,
+                     "recompute": rc, "zero": 1, "sp": tp > 1, "flash_attn": True, "overlap_grad_reduce": True,
+                     "overlap_param_gather": True, "tp_comm_overlap": tpo, "precision": "bf16"}
+            if cp > 1:
+                strat["cp_comm"] = "ring"
+            note = ("Configuration from the table title and %s at the cited commit: micro-batch 1, TP %d, PP %d, "
+                    "CP %d, VP %s, gradient accumulation %d, distributed_fused_adam with overlap_grad_sync and "
+                    "overlap_param_sync (zero 1), sequence_parallel %s, ub_tp_comm_overlap %s, "
+                    "use_flash_attention / Transformer Engine, activation checkpointing %s. NeMo %s container, "
+                    "BF16 (the recipes' FP8 tables are left out). The step time is the last training step's "
+                    "train_step_timing. The H100 cluster's fabric is not stated; context parallelism is Megatron's "
+                    "ring (TE) when CP > 1."
+                    % (yaml, tp, pp, cp, vp or "n/a", ga, tp > 1, tpo,
+                       "selective" if rc == "selective" else "off", cont))
+            if proxy:
+                note += (" Proxy configuration: the model is cut to %d layers so that it fits on %d GPUs "
+                         "(the README's table gives the layer count)." % (layers, gpus))
+            if mname == "gpt3":
+                note += (" GPT-3 175B with the GPT-2 BPE vocabulary (50257, padded by Megatron to a multiple of "
+                         "128*tp), learned absolute positions and tied embeddings (NeMo GPT defaults).")
+            if mname == "nemotron4":
+                note += (" Nemotron-4 340B: squared-ReLU MLP (not gated), RoPE, untied embeddings, 256k "
+                         "sentencepiece vocabulary, GQA with 8 query groups.")
+            if key == "llama3.1-405b" and gpus == 96:
+                note += " The step-time cell reads '8.7  5'; 8.75 s is the value that gives the row's 117965 tokens/s."
+            rows.append(row(
+                "nvidia-dgxc-benchmarking-%s-g%d" % (key, gpus), model,
+                {"gpu": "H100-SXM5-80GB", "gpus": gpus, "gpus_per_node": 8}, strat,
+                {"metric": "iter_s", "value": step, "also": {"tokens_per_s": tps, "mfu": mfu},
+                 "flops": "NeMo model FLOPs per global batch from the README's 'model flops for GBS=1' (attention "
+                          "included, no recompute); MFU over 989 TFLOP/s BF16"},
+                {"paper": "NVIDIA DGX Cloud Benchmarking recipes v25.01 (NVIDIA/dgxc-benchmarking, %s)" % readme,
+                 "where": "%s, BF16 table, %d H100 column" % (readme, gpus), "url": DGXC_URL % readme,
+                 "note": note},
+                "high" if not (key == "llama3.1-405b" and gpus == 96) else "medium",
+                "NeMo %s (Megatron-Core)" % cont))
+    return rows
+
+
+
+# v25.05.04 of the same recipes (NeMo 25.04): BF16 H100 rows whose table configuration is complete.
+DGXC2_COMMIT = "1f6d9f40e4117d7c71b726f86074ac01c29f87f5"
+DGXC2_URL = "https://github.com/NVIDIA/dgxc-benchmarking/blob/%s/%%s" % DGXC2_COMMIT
+NEMO_CFG = ("https://github.com/NVIDIA/NeMo/blob/ea4b47fddcf84b7fedd870e2dbccad0712a15aff/"
+            "scripts/performance/recommended_model_configs/model_configs_h100.csv")
+DEEPSEEK_V3 = {"arch": "llama", "name": "DeepSeek-V3", "layers": 61, "hidden": 7168, "heads": 128, "kv_heads": 128,
+               "head_dim": 128, "ffn": 18432, "vocab": 129280, "seq": 4096, "params_b": 671.0,
+               "active_params_b": 37.0,
+               "mla": {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_head_dim": 128, "qk_rope_head_dim": 64,
+                       "v_head_dim": 128},
+               "moe": {"experts": 256, "topk": 8, "expert_ffn": 2048, "shared_experts": 1, "shared_ffn": 2048,
+                       "moe_layers": 58}}
+GROK1 = {"arch": "llama", "name": "Grok-1", "layers": 64, "hidden": 6144, "heads": 48, "kv_heads": 8,
+         "head_dim": 128, "ffn": 32768, "vocab": 131072, "seq": 8192, "params_b": 314.0,
+         "moe": {"experts": 8, "topk": 2, "expert_ffn": 32768, "shared_experts": 0, "moe_layers": 64}}
+NEMOTRON4_15B = {"arch": "gpt", "name": "Nemotron-4 15B", "layers": 32, "hidden": 6144, "heads": 48, "kv_heads": 8,
+                 "ffn": 24576, "vocab": 256000, "seq": 4096, "params_b": 15.0, "tie_embeddings": False}
+DGXC2 = [
+    # id, readme, model, gpus, tp, pp, cp, ep, vp, mbs, gbs, recompute, step s, tokens/s or None, mfu or None,
+    # tflops/gpu or None, nemo, extra note
+    ("deepseek-v3-g512", "deepseek_v3/pretraining/README.md", DEEPSEEK_V3, 512, 2, 8, 1, 64, 1, 1, 4096,
+     "selective", 48.948, 342755.90, 0.1760, 174.02, "25.04.01",
+     "H100 specifications table: TP 2, PP 8, CP 1, EP 64, ETP 1, DP 32, VP 1, MBS 1, GBS 4096, GA 128. "
+     "launch.sh for h100: --recompute_modules mla_up_proj (selective), no activation offload. Shape: NeMo "
+     "DeepSeekV3Config (61 layers, first 3 dense, hidden 7168, MLA with q_lora 1536 / kv_lora 512, 128 heads, "
+     "qk 128+64 rope, v 128; 256 routed experts top-8 of 2048 plus 1 shared of 2048; dense ffn 18432; "
+     "mtp_num_layers None); vocab 129280 (DeepSeek-V3 tokenizer). Dispatcher and routing balance not stated."),
+    ("deepseek-v3-g1024", "deepseek_v3/pretraining/README.md", DEEPSEEK_V3, 1024, 2, 16, 1, 64, 1, 1, 8192,
+     "selective", 52.04, 644781.55, 0.1655, 163.7, "25.04.01",
+     "H100 specifications table: TP 2, PP 16, CP 1, EP 64, ETP 1, DP 32, VP 1, MBS 1, GBS 8192, GA 256 (the NeMo "
+     "recommended H100 config csv lists the same). Recompute and shape as the 512-GPU row."),
+    ("grok1-314b-g512", "grok1/README.md", GROK1, 512, 4, 8, 2, 8, 8, 1, 1024, "none", 15.933, 526493, 0.542,
+     None, "25.04.00",
+     "H100 table: TP 4, PP 8, CP 2, EP 8, ETP 1, DP 8, VP 8, MBS 1, GBS 1024, GA 128. Shape: xai-org/grok-1 "
+     "run.py (64 layers, emb 48*128, 48 query / 8 KV heads of 128, 8 experts top-2, widening factor 8 -> ffn "
+     "32768, vocab 131072). Recompute not stated (none assumed: NeMo performance-recipe default)."),
+    ("llama3.1-405b-g512", "llama3.1/README.md", "llama3-405B", 512, 8, 8, 2, 1, 8, 1, 256, "none", 19.810,
+     105863, 0.5534, None, "25.04.01",
+     "H100 table: TP 8, PP 8, CP 2, DP 4, VP 8, MBS 1, GBS 256; the table's GA column says 32, but GBS / (MBS*DP) "
+     "= 64 and the README's tokens/s (105863 = 8192*256/19.81) confirms GBS 256. Recompute none (NeMo "
+     "recommended H100 config csv: recompute_layers 0)."),
+    ("nemotron4-15b-g16", "nemotron/README.md", NEMOTRON4_15B, 16, 2, 1, 1, 1, 1, 2, 64, "none", 2.746, None,
+     None, None, "25.04.00",
+     "H100 specifications table: TP 2, PP 1, CP 1, DP 8, MBS 2, GBS 64, GA 4. Shape: NeMo Nemotron4Config15B "
+     "(32 layers, hidden 6144, ffn 24576 squared-ReLU, 48 heads, 8 query groups, 256k vocabulary). Recompute "
+     "none (NeMo recommended H100 config csv)."),
+]
+
+
+@source("nvidia-dgxc-benchmarking", extend=True)
+def nvidia_dgxc_2505():
+    rows = []
+    for (rid, readme, model, gpus, tp, pp, cp, ep, vp, mbs, gbs, rc, step, tps, mfu, tf, nemo, extra) in DGXC2:
+        if isinstance(model, str):
+            l, h, a, kv, ffn, vocab = LLAMA[model]
+            model = {"arch": "llama", "name": "Llama-3.1-405B", "layers": l, "hidden": h, "heads": a,
+                     "kv_heads": kv, "ffn": ffn, "vocab": vocab, "seq": 8192, "params_b": 405.0}
+        dp = gpus // (tp * pp * cp)
+        strat = {"tp": tp, "pp": pp, "cp": cp, "dp": dp, "vpp": vp, "mbs": mbs, "gbs": gbs, "recompute": rc,
+                 "zero": 1, "sp": tp > 1, "flash_attn": True, "overlap_grad_reduce": True,
+                 "overlap_param_gather": True, "precision": "bf16"}
+        if ep > 1:
+            strat["ep"] = ep
+            strat["etp"] = 1
+        if cp > 1:
+            strat["cp_comm"] = "ring"
+        also = {}
+        if tps:
+            also["tokens_per_s"] = tps
+        if mfu:
+            also["mfu"] = mfu
+        if tf:
+            also["model_tflops_per_gpu"] = tf
+        meas = {"metric": "iter_s", "value": step,
+                "flops": "NeMo model FLOPs (TFLOPS_per_GPU as logged; MFU over 989 TFLOP/s BF16)"}
+        if also:
+            meas["also"] = also
+        rows.append(row(
+            "nvidia-dgxc-benchmarking-v250504-%s" % rid, model,
+            {"gpu": "H100-SXM5-80GB", "gpus": gpus, "gpus_per_node": 8}, strat, meas,
+            {"paper": "NVIDIA DGX Cloud Benchmarking recipes v25.05.04 (NVIDIA/dgxc-benchmarking, %s)" % readme,
+             "where": "%s, H100 Performance, BF16 %dx H100" % (readme, gpus), "url": DGXC2_URL % readme,
+             "note": ("%s NeMo %s container. Distributed optimizer with grad/param overlap, sequence parallel "
+                      "with TP, TE flash attention: NeMo performance-recipe defaults (assumed). Step time is the "
+                      "mean of iterations 11-44 (parse_train_timing.sh). Fabric not stated. NeMo config csv: %s"
+                      % (extra, nemo, NEMO_CFG))},
+            "medium", "NeMo %s (Megatron-Core)" % nemo))
+    return rows
+
+
+# ---------------------------------------------------------------------------
 # Validation.
 METRICS = {"iter_s", "tokens_per_s_per_gpu", "tokens_per_s", "model_tflops_per_gpu",
            "hw_tflops_per_gpu", "mfu"}
 TOP = {"id", "model", "cluster", "strategy", "measured", "source", "confidence", "framework"}
 MODEL = {"arch", "name", "layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "seq",
-         "params_b", "active_params_b", "tie_embeddings", "moe"}
+         "params_b", "active_params_b", "tie_embeddings", "moe", "mla"}
+MLA = {"q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_rope_head_dim", "v_head_dim"}
 MOE = {"experts", "topk", "expert_ffn", "shared_experts", "shared_ffn", "moe_layers"}
-CLUSTER = {"gpu", "gpus", "gpus_per_node", "nic_gbps_per_node", "peak_tflops", "hbm_gb", "hbm_gbs"}
+CLUSTER = {"gpu", "gpus", "gpus_per_node", "nic_gbps_per_node", "peak_tflops", "hbm_gb", "hbm_gbs",
+           "intra_node_gbps", "inter_node_gbps"}
 STRATEGY = {"tp", "pp", "vpp", "cp", "ep", "etp", "dp", "mbs", "gbs", "grad_accum", "recompute", "zero",
             "sp", "flash_attn", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap",
             "cp_comm", "precision", "fsdp_mixed_precision", "pp_schedule", "ep_comm_overlap",
             "moe_dispatcher", "moe_force_balance"}
-SOURCE = {"paper", "where", "url", "note"}
+SOURCE = {"paper", "where", "url", "note", "slug"}
 MEASURED = {"metric", "value", "also", "flops"}
 ARCHS = {"gpt", "llama", "bloom", "opt"}
 
@@ -1097,6 +1307,11 @@ def check_row(r, slug, where):
         need(ml is None or ml <= m["layers"], where, "moe.moe_layers exceeds layers")
         pos_int(m["moe"], "shared_ffn", where + ": model.moe", False)
         need(isinstance(m["moe"].get("shared_experts", 0), int), where, "moe.shared_experts must be an integer")
+    if "mla" in m:
+        keys(m["mla"], MLA, where + ": model.mla")
+        for k in sorted(MLA):
+            pos_int(m["mla"], k, where + ": model.mla")
+    need(isinstance(m.get("tie_embeddings", False), bool), where, "model.tie_embeddings must be true or false")
     c = r.get("cluster")
     need(c is not None, where, "cluster missing")
     keys(c, CLUSTER, where + ": cluster")
@@ -1107,8 +1322,10 @@ def check_row(r, slug, where):
     gpn = pos_int(c, "gpus_per_node", where + ": cluster", False)
     need(gpn is None or gpus % gpn == 0 or gpus < gpn, where, "cluster.gpus must be whole nodes")
     pos_num(c, "nic_gbps_per_node", where + ": cluster", False)
-    for k in ("peak_tflops", "hbm_gb", "hbm_gbs"):
+    for k in ("peak_tflops", "hbm_gb", "hbm_gbs", "intra_node_gbps", "inter_node_gbps"):
         pos_num(c, k, where + ": cluster", False)
+    need(gpu in GPUS or all(k in c for k in ("intra_node_gbps", "inter_node_gbps")), where,
+         "a GPU that is not a preset needs intra_node_gbps and inter_node_gbps too")
     s = r.get("strategy")
     need(s is not None, where, "strategy missing")
     keys(s, STRATEGY, where + ": strategy")
@@ -1155,12 +1372,27 @@ def check_row(r, slug, where):
         need(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0, where,
              "measured.also.%s must be a positive number" % k)
         need(k not in ("mfu", "hfu") or x <= 1, where, "measured.also.%s is a fraction" % k)
+    # Cross-checks between figures the same row prints: they catch transcription slips.
+    peak = c.get("peak_tflops", GPUS.get(gpu))
+    figs = dict(also, **{ms["metric"]: v})
+    if "mfu" in figs and "model_tflops_per_gpu" in figs:
+        need(abs(figs["model_tflops_per_gpu"] / peak - figs["mfu"]) <= 0.006, where,
+             "mfu %s disagrees with model_tflops_per_gpu %s / peak %s" % (figs["mfu"], figs["model_tflops_per_gpu"],
+                                                                         peak))
+    if "iter_s" in figs and "tokens_per_s" in figs:
+        tps = s["gbs"] * m["seq"] / figs["iter_s"]
+        need(abs(tps / figs["tokens_per_s"] - 1) <= 0.01, where,
+             "tokens_per_s %s disagrees with gbs*seq/iter_s = %.0f" % (figs["tokens_per_s"], tps))
+    if "tokens_per_s_per_gpu" in figs and "tokens_per_s" in figs:
+        need(abs(figs["tokens_per_s_per_gpu"] * gpus / figs["tokens_per_s"] - 1) <= 0.01, where,
+             "tokens_per_s disagrees with tokens_per_s_per_gpu * gpus")
     src = r.get("source")
     need(src is not None, where, "source missing")
     keys(src, SOURCE, where + ": source")
     for k in ("paper", "where", "note"):
         text(src, k, where + ": source")
     text(src, "url", where + ": source", False)
+    need(src.get("slug") == slug, where, "source.slug must be the file stem %r" % slug)
     need(r.get("confidence") in ("high", "medium", "low"), where, "confidence must be high, medium or low")
     text(r, "framework", where)
     return rid
@@ -1170,12 +1402,13 @@ def render(rows):
     return "".join(json.dumps(x, separators=(",", ":")) + "\n" for x in rows)
 
 
-def validate():
-    files = sorted(CORPUS.glob("*.jsonl"))
+def validate(corpus=CORPUS):
+    files = sorted(corpus.glob("*.jsonl"))
     if not files:
-        print("mofa_corpus: error: %s: no corpus files" % CORPUS, file=sys.stderr)
+        print("mofa_corpus: error: %s: no corpus files; run from a checkout or give --dir DIR" % corpus,
+              file=sys.stderr)
         return 1
-    readme = (CORPUS / "README.md").read_text() if (CORPUS / "README.md").exists() else ""
+    readme = (corpus / "README.md").read_text() if (corpus / "README.md").exists() else ""
     seen, errors, total = {}, 0, 0
     print("%-32s %5s %9s  %s" % ("source", "rows", "GPUs", "hardware"))
     for f in files:
@@ -1208,10 +1441,22 @@ def validate():
 
 
 def generated():
-    return {slug: render(fn()) for slug, fn in SOURCES.items()}
+    out = {}
+    for slug, fn in SOURCES.items():
+        rows = fn()
+        for r in rows:
+            r["source"]["slug"] = slug
+        out[slug] = render(rows)
+    return out
 
 
 def main(argv):
+    if "--dir" in argv:
+        i = argv.index("--dir")
+        if i + 1 >= len(argv):
+            print("mofa_corpus: error: --dir: missing directory; give --dir DIR", file=sys.stderr)
+            return 2
+        return validate(Path(argv[i + 1]))
     if "--write" in argv or "--check" in argv:
         out = generated()
         if "--check" in argv:
