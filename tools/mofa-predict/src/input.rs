@@ -87,6 +87,14 @@ pub const MODEL_KEYS: &[&str] = &[
     "moe",
     "name",
     "active_params_b",
+    "mla",
+];
+pub const MLA_KEYS: &[&str] = &[
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
 ];
 pub const MOE_KEYS: &[&str] = &[
     "experts",
@@ -486,6 +494,25 @@ pub fn model_from_obj(o: &Obj) -> Result<(ModelConfig, Option<u64>)> {
         }
     }
     let tie = o.opt_bool("tie_embeddings")?.unwrap_or(gpt);
+    // Multi-head latent attention (DeepSeek-V2/V3): `heads` query heads.
+    let attention = match o.obj("mla")? {
+        None => Attention::Gqa {
+            heads,
+            kv_heads,
+            head_dim,
+        },
+        Some(a) => {
+            a.check_keys(MLA_KEYS)?;
+            Attention::Mla {
+                heads,
+                q_lora_rank: a.opt_u64("q_lora_rank")?.filter(|&r| r > 0),
+                kv_lora_rank: a.pos("kv_lora_rank", None)?,
+                qk_nope_head_dim: a.pos("qk_head_dim", None)?,
+                qk_rope_head_dim: a.pos("qk_rope_head_dim", None)?,
+                v_head_dim: a.pos("v_head_dim", Some(head_dim))?,
+            }
+        }
+    };
     let (moe, is_moe) = match o.obj("moe")? {
         None => (None, vec![false; layers as usize]),
         Some(m) => {
@@ -529,11 +556,7 @@ pub fn model_from_obj(o: &Obj) -> Result<(ModelConfig, Option<u64>)> {
             ffn,
             max_seq: seq,
             tie_embeddings: tie,
-            attention: Attention::Gqa {
-                heads,
-                kv_heads,
-                head_dim,
-            },
+            attention,
             attention_bias: gpt,
             qk_norm: false,
             learned_positions: gpt,
@@ -592,10 +615,17 @@ pub fn cluster_from_obj(
         o.opt_f64("inter_node_gbps")?,
         o.opt_f64("nic_gbps_per_node")?,
     ) {
-        (Some(_), Some(_)) => return Err(o.err(
-            "nic_gbps_per_node",
-            "give inter_node_gbps (GB/s per GPU) or nic_gbps_per_node (Gb/s per node), not both",
-        )),
+        // Both given: fine when they say the same.
+        (Some(g), Some(n)) if (g - n / 8.0 / gpn as f64).abs() <= 0.01 * g.abs() => g,
+        (Some(g), Some(n)) => {
+            return Err(o.err(
+                "nic_gbps_per_node",
+                format!(
+                    "{n} Gb/s per node is {} GB/s per GPU over {gpn} GPUs, but inter_node_gbps is {g}; give one of them",
+                    n / 8.0 / gpn as f64
+                ),
+            ))
+        }
         (None, Some(n)) if n > 0.0 => n / 8.0 / gpn as f64,
         (None, Some(n)) => return Err(o.err("nic_gbps_per_node", format!("must be > 0, got {n}"))),
         _ => o.num("inter_node_gbps", b.map(|c| c.inter_node_gbps), false)?,

@@ -34,6 +34,7 @@ fields take the defaults below and the output lists them in \"assumed\".
   {\"id\": any,
    \"model\": {\"arch\" (llama|gpt|bloom|opt), \"layers\", \"hidden\", \"heads\", \"kv_heads\", \"ffn\",
      \"vocab\", \"seq\", \"head_dim\", \"tie_embeddings\", \"params_b\" (informational),
+     \"mla\": null | {\"q_lora_rank\", \"kv_lora_rank\", \"qk_head_dim\", \"qk_rope_head_dim\", \"v_head_dim\"},
      \"moe\": null | {\"experts\", \"topk\", \"expert_ffn\", \"shared_experts\", \"shared_ffn\", \"moe_layers\"}},
    \"cluster\": {\"gpu\" (preset or vendor name: \"NVIDIA H100 80GB HBM3\", \"A100-SXM4-80GB\",
      \"A100-PCIE-40GB\", \"MI300X\", ...), \"gpus\", \"gpus_per_node\",
