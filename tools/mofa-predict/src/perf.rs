@@ -415,11 +415,21 @@ pub fn iteration_flops(job: &Job) -> (f64, f64) {
     let mut layer_model = 0.0;
     let mut layer_fwd = 0.0;
     let mut attn_fwd = 0.0;
-    for i in 0..m.layers as usize {
-        let p = active_matmul_params(m, i);
-        layer_model += 6.0 * p + 12.0 * s * a * hd;
-        layer_fwd += 2.0 * p + 4.0 * s * a * hd;
-        attn_fwd += 4.0 * s * a * hd;
+    // Layers come in two kinds at most (dense, MoE): count each kind once
+    // (tune calls this for every candidate).
+    let n_moe = m.is_moe.iter().filter(|x| **x).count();
+    let n_dense = m.layers as usize - n_moe;
+    for (n, i) in [
+        (n_dense, m.is_moe.iter().position(|x| !x)),
+        (n_moe, m.is_moe.iter().position(|x| *x)),
+    ] {
+        let (Some(i), true) = (i, n > 0) else {
+            continue;
+        };
+        let (n, p) = (n as f64, active_matmul_params(m, i));
+        layer_model += n * (6.0 * p + 12.0 * s * a * hd);
+        layer_fwd += n * (2.0 * p + 4.0 * s * a * hd);
+        attn_fwd += n * 4.0 * s * a * hd;
     }
     let head = 6.0 * m.vocab as f64 * h;
     let model_flops = tokens * (layer_model + head);
@@ -830,6 +840,20 @@ pub struct Timing {
     pub stage: u64,
 }
 
+/// mem-plan's `Layout::stage_of` without its linear search: chunk j of
+/// C = pp·vpp holds layers [j·L/C, (j+1)·L/C).
+pub fn stage_of(l: &Layout, layers: u64, i: u64) -> u64 {
+    let c = l.pp * l.vpp;
+    let mut j = (i * c / layers.max(1)).min(c - 1);
+    while j > 0 && i < j * layers / c {
+        j -= 1;
+    }
+    while j + 1 < c && i >= (j + 1) * layers / c {
+        j += 1;
+    }
+    j % l.pp
+}
+
 pub fn layout(job: &Job) -> Layout {
     let s = &job.strategy;
     Layout {
@@ -866,7 +890,7 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
         .map(|i| layer_cost(job, i, &hw, c));
     let mut stages = vec![LayerCost::default(); st.pp as usize];
     for i in 0..m.layers {
-        let sgi = l.stage_of(m.layers, i) as usize;
+        let sgi = stage_of(&l, m.layers, i) as usize;
         let lc = if m.is_moe[i as usize] {
             moe_cost.as_ref().unwrap_or(&dense_cost)
         } else {
@@ -1029,6 +1053,35 @@ mod tests {
         // Selective adds the attention forward: 4 B s² h per layer.
         let (_, sel) = iteration_flops(&gpt_job(128, 25600, 160, 8, "selective"));
         assert!((sel - mfu - 4.0 * b * s * s * h * l).abs() < 1e-9 * sel);
+    }
+
+    #[test]
+    fn stage_of_matches_mem_plans_search() {
+        for (layers, pp, vpp) in [
+            (32, 4, 1),
+            (94, 32, 3),
+            (126, 16, 4),
+            (7, 3, 2),
+            (61, 8, 1),
+            (5, 5, 1),
+        ] {
+            let l = Layout {
+                tp: 1,
+                pp,
+                ep: 1,
+                cp: 1,
+                dp: 1,
+                vpp,
+                world: pp,
+            };
+            for i in 0..layers {
+                assert_eq!(
+                    stage_of(&l, layers, i),
+                    l.stage_of(layers, i),
+                    "{layers} {pp} {vpp} {i}"
+                );
+            }
+        }
     }
 
     #[test]
