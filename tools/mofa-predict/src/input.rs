@@ -1170,6 +1170,82 @@ mod tests {
     }
 
     #[test]
+    fn framework_defaults_corpus_fields_and_their_checks() {
+        // DeepSpeed's pipeline engine reduces gradients after the schedule.
+        let mut v = base();
+        v["strategy"]["pp"] = json!(2);
+        v["strategy"]["gbs"] = json!(512);
+        v["strategy"].as_object_mut().unwrap().remove("zero");
+        let (j, a) = job_and_assumed(&v, &Fallback::default(), "t").unwrap();
+        assert!(j.strategy.overlap_grad_reduce);
+        assert!(a.contains(&"strategy.overlap_grad_reduce=true".to_string()));
+        v["framework"] = json!("Megatron-DeepSpeed");
+        let (j, a) = job_and_assumed(&v, &Fallback::default(), "t").unwrap();
+        assert!(!j.strategy.overlap_grad_reduce);
+        assert!(a.contains(&"strategy.overlap_grad_reduce=false".to_string()));
+        // grad_accum must agree with gbs/(mbs·dp): 512/(1·16) = 32.
+        v["strategy"]["grad_accum"] = json!(32);
+        assert!(job(v.clone()).is_ok());
+        v["strategy"]["grad_accum"] = json!(8);
+        assert!(job(v.clone())
+            .unwrap_err()
+            .to_string()
+            .contains("strategy.grad_accum: is 8"));
+        // FSDP mixed precision sets the gradient bytes; ZeRO-3 reduces in 16 bits.
+        let mut z = base();
+        z["strategy"]["zero"] = json!(3);
+        assert_eq!(job(z.clone()).unwrap().strategy.grad_bytes, 2.0);
+        z["strategy"]["fsdp_mixed_precision"] = json!("DEFAULT");
+        assert_eq!(job(z.clone()).unwrap().strategy.grad_bytes, 4.0);
+        z["strategy"]["precision"] = json!("fp8");
+        assert!(job(z)
+            .unwrap_err()
+            .to_string()
+            .contains("FP8 is not modelled"));
+        // inter_node_gbps and nic_gbps_per_node: both fine when they agree.
+        let mut c = base();
+        c["cluster"]["inter_node_gbps"] = json!(50);
+        c["cluster"]["nic_gbps_per_node"] = json!(3200);
+        assert_eq!(job(c.clone()).unwrap().cluster.inter_node_gbps, 50.0);
+        c["cluster"]["nic_gbps_per_node"] = json!(1600);
+        assert!(job(c).unwrap_err().to_string().contains("give one of them"));
+    }
+
+    #[test]
+    fn mla_and_expert_folding() {
+        // DeepSeek-V3's attention as the corpus writes it.
+        let v = json!({"model":{"arch":"llama","layers":61,"hidden":7168,"heads":128,"head_dim":128,"ffn":18432,
+            "vocab":129280,"seq":4096,"mla":{"q_lora_rank":1536,"kv_lora_rank":512,"qk_head_dim":128,
+            "qk_rope_head_dim":64,"v_head_dim":128},"moe":{"experts":256,"topk":8,"expert_ffn":2048,
+            "shared_experts":1,"shared_ffn":2048,"moe_layers":58}},
+            "cluster":{"gpu":"H100","gpus":512},
+            "strategy":{"tp":2,"pp":8,"dp":32,"ep":64,"etp":1,"mbs":1,"gbs":4096}});
+        let j = job(v.clone()).unwrap();
+        assert!(matches!(
+            j.model.attention,
+            Attention::Mla {
+                heads: 128,
+                q_lora_rank: Some(1536),
+                kv_lora_rank: 512,
+                qk_nope_head_dim: 128,
+                qk_rope_head_dim: 64,
+                v_head_dim: 128
+            }
+        ));
+        // 671B total parameters (DeepSeek-V3's published count, without MTP).
+        let p = j.model.total_params() as f64 / 1e9;
+        assert!((p - 671.0).abs() < 10.0, "{p}");
+        // Expert groups (etp·ep = 64) fold into a stage's tp·dp = 64 ranks;
+        // 128 do not.
+        let mut bad = v;
+        bad["strategy"]["ep"] = json!(128);
+        assert!(job(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("strategy.ep: ep·etp = 128"));
+    }
+
+    #[test]
     fn kv_strings_parse() {
         let m = parse_kv(
             "tp=8, pp=4,recompute=full,sp=true,moe_imbalance=0.5",
