@@ -16,6 +16,7 @@ use crate::zero3;
 use ftk::model::{Attention, Mlp, ModelConfig};
 use mem_plan::layout::Layout;
 use mem_plan::memory::Recompute;
+use std::rc::Rc;
 
 /// Calibrated and assumed constants of the time model (see README).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
@@ -780,7 +781,7 @@ pub fn zero3_blocks(
     g: &Z3Groups,
     hw: &Hw,
     c: &Calib,
-) -> Vec<zero3::Block> {
+) -> Vec<Rc<zero3::Block>> {
     let m = &job.model;
     let l = layout(job);
     let t = job.strategy.tp as f64;
@@ -792,7 +793,7 @@ pub fn zero3_blocks(
         } else {
             0.0
         };
-        zero3::Block {
+        Rc::new(zero3::Block {
             modules: vec![zero3::Module {
                 params,
                 gather_s: xfer,
@@ -802,7 +803,7 @@ pub fn zero3_blocks(
                 bwd_s: bwd,
             }],
             recomputed: false,
-        }
+        })
     };
     if ctx.stage == 0 {
         let p = m.embedding_params() as f64 / t;
@@ -810,17 +811,17 @@ pub fn zero3_blocks(
     }
     let dense_i = m.is_moe.iter().position(|x| !x).unwrap_or(0);
     let moe_i = m.is_moe.iter().position(|x| *x);
-    let dense = zero3_layer(job, dense_i, ctx.dense, g, hw, c);
+    let dense = Rc::new(zero3_layer(job, dense_i, ctx.dense, g, hw, c));
     let moe = match (moe_i, ctx.moe) {
-        (Some(i), Some(lc)) => Some(zero3_layer(job, i, lc, g, hw, c)),
+        (Some(i), Some(lc)) => Some(Rc::new(zero3_layer(job, i, lc, g, hw, c))),
         _ => None,
     };
-    for i in (0..m.layers).filter(|&i| l.stage_of(m.layers, i) == ctx.stage) {
+    for i in (0..m.layers).filter(|&i| stage_of(&l, m.layers, i) == ctx.stage) {
         let b = match (&moe, m.is_moe[i as usize]) {
             (Some(b), true) => b,
             _ => &dense,
         };
-        blocks.push(b.clone());
+        blocks.push(Rc::clone(b));
     }
     if ctx.stage == l.pp - 1 {
         let p = (m.vocab * m.hidden) as f64 / t;
