@@ -11,7 +11,7 @@ MIXTRAL := testdata/configs/mixtral-8x7b/config.json
 MODEL2 := testdata/mem-plan/memfine-model2.json
 LLAMA70B := testdata/configs/llama-3-70b/config.json
 
-.PHONY: all build demo test lint bench gen clean
+.PHONY: all build demo test lint machete bench gen clean
 
 all: build
 
@@ -117,7 +117,20 @@ $(NVRTC_VENV)/.installed:
 	$(NVRTC_VENV)/bin/pip install -q nvidia-cuda-nvrtc-cu12==12.9.86
 	touch $@
 
-test: $(NVRTC_VENV)/.installed
+# cargo-machete: `make test` fails on a dependency no source file uses. Installed once
+# into $(CARGO_HOME)/bin at a pinned version (it runs on stable; cargo-udeps needs nightly).
+CARGO_HOME ?= $(HOME)/.cargo
+MACHETE_VERSION := 0.9.2
+MACHETE := $(CARGO_HOME)/bin/cargo-machete
+MACHETE_STAMP := $(CARGO_HOME)/bin/.cargo-machete-$(MACHETE_VERSION)
+$(MACHETE_STAMP):
+	$(CARGO) install cargo-machete --locked --version $(MACHETE_VERSION)
+	touch $@
+
+machete: $(MACHETE_STAMP)
+	$(MACHETE)
+
+test: $(NVRTC_VENV)/.installed machete
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	LD_LIBRARY_PATH="$$(echo $(CURDIR)/$(NVRTC_VENV)/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib)" \

@@ -57,6 +57,11 @@ impl<R: BufRead> Reader<R> {
         }
     }
 
+    /// The line [`Reader::next_line`] returned last, again (trimmed).
+    pub fn current_line(&self) -> &str {
+        self.line.trim_end()
+    }
+
     /// The next record decoded as `T`, or `None` at end of input.
     pub fn next_record<T: DeserializeOwned>(&mut self) -> Result<Option<T>> {
         let Some(line) = self.next_line()? else {

@@ -1,16 +1,25 @@
-//! `ftk`: what every ftk tool shares — JSON lines, safetensors, model
-//! configs, sizes, errors and exit codes, seeded randomness, tables.
+//! `ftk`: what every ftk tool shares — JSON lines and their record kinds,
+//! safetensors, model configs, sizes, errors and exit codes, seeded
+//! randomness, tables — and the concepts more than one tool computes with:
+//! routing and skew, recompute modes, MACT's flags, the memory model's
+//! sizes, DP accounting.
 
 pub mod alloc;
 pub mod cli;
 pub mod device;
+pub mod dp;
 pub mod error;
 pub mod io;
 pub mod jsonl;
 pub mod kernels;
 pub mod linalg;
+pub mod mact;
+pub mod memory;
 pub mod model;
+pub mod recompute;
+pub mod records;
 pub mod rng;
+pub mod routing;
 pub mod size;
 pub mod table;
 pub mod tensor_writer;

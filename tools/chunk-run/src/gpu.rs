@@ -12,7 +12,7 @@
 //! from the top-k ids, as the CPU path builds them, and uploaded.
 
 use crate::moe::{self, LayerW, Shape};
-use crate::stack::Engine;
+use crate::step::Engine;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
@@ -649,6 +649,8 @@ impl<T: Act> Engine for GpuEngine<T> {
         self.zeros(self.sh.tokens * self.sh.topk)
     }
 
+    // One function on purpose (over 100 lines): the CUDA twin of
+    // moe::experts_backward, buffers allocated and freed in the same order.
     fn experts_backward(
         &mut self,
         l: usize,

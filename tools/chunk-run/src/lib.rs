@@ -1,180 +1,31 @@
 //! chunk-run: a real MoE training step (router, top-k, SwiGLU experts,
 //! forward + backward) under none / full / chunked (MemFine FCDA) / auto
 //! (MACT) recompute, with MEASURED peak memory and throughput.
+//!
+//! `cli` holds the flags, `drive` the loop over modes and steps that
+//! measures and prints, `step` one training step written against the
+//! `Engine` trait, `moe` (CPU) and `gpu` (CUDA) the engines, `predict`
+//! mem-plan's model of the same network, `weights` the safetensors I/O.
 
 pub use ftk::linalg;
+pub mod cli;
+mod drive;
 pub mod gpu;
 pub mod moe;
-pub mod stack;
+pub mod predict;
+pub mod step;
 pub mod weights;
 
-use clap::Parser;
-use ftk::cli::Stdout;
-use ftk::device::{Device, DeviceArg};
+pub use cli::Args;
+use drive::Run;
+use ftk::device::Device;
 use ftk::model::ModelConfig;
-use ftk::size::parse_size;
-use ftk::table::Table;
+use ftk::records::{self, RouteHist};
+use ftk::routing::LayerModel;
 use ftk::tensors::TensorFile;
 use ftk::{Error, Result};
-use mem_plan::memory::{block_peak_act, block_s_prime_max, BlockDims, BlockMode};
 use moe::{LayerT, LayerW, Shape};
-use route_hist::synth::{LayerModel, Skew};
-use serde::Serialize;
-use stack::{AutoCfg, CpuEngine, Engine, Recompute, StepCfg};
-use std::path::PathBuf;
-
-const AFTER_HELP: &str = "\
-Each step runs forward and backward through --layers Mixtral-style MoE blocks (y = x + MoE(x))
-with loss = Σ y·dy, and prints one record:
-  {\"kind\":\"chunk_run\",\"step\",\"recompute\",\"chunks\",\"chunks_per_layer\",\"layers\",\"tokens\",
-   \"max_expert_tokens\",\"peak_act_bytes\",\"predicted_act_bytes\",\"peak_bytes\",\"fwd_ms\",\"bwd_ms\",
-   \"step_ms\",\"tokens_per_s\",\"loss\"}
-Memory is measured by a counting allocator: peak_bytes is the heap high-water mark, and
-peak_act_bytes that mark minus what was live before the step (weights, gradient buffers,
-x and dy). predicted_act_bytes is mem-plan's itemised model of the same run. On CUDA
-(--device cuda) the same is counted over device buffers (like PyTorch's
-max_memory_allocated), and device_reserved_bytes is what the driver reports in use after
-the step (cuMemGetInfo) minus what it reported before the first step.
-
-Recompute modes:
-  none        keep every activation
-  full        keep each block's input; recompute the block in backward
-  chunked:C   MemFine FCDA: route once, then dispatch -> experts -> combine C token chunks at
-              a time; backward recomputes and back-propagates chunk by chunk
-  auto        MACT: per layer, C = ceil(s''/s'_max) rounded up to --chunk-bins, s'_max from
-              mem-plan's model for --device-mem × --alpha
-
-Weights: --weights FILE with transformers' names under --prefix ('{l}' becomes the layer):
-gate.weight [E,h] and experts.{e}.w1/w2/w3.weight, or transformers 5's fused
-experts.gate_up_proj [E,2f,h] and experts.down_proj [E,h,f]. --input FILE holds x and dy [T,h].
-Without them, seeded N(0, 0.02²) weights and N(0,1) inputs of the given shape.
---grads-out writes y, grad.x and grad.[layers.{l}.]gate.weight / experts.{e}.w1.weight ...
-
-Examples:
-  chunk-run --hidden 1024 --ffn 2816 --experts 8 --topk 2 --tokens 4096 --layers 4 \\
-            --synthetic hot:0.45 --recompute none,full,chunked:4 --table
-  chunk-run --model mixtral/config.json --hidden 512 --ffn 1024 --recompute auto --device-mem 2GiB
-  chunk-run --weights layer.safetensors --input x.safetensors --topk 2 --grads-out grads.safetensors
-  chunk-run --device cuda --dtype bf16 --hidden 4096 --ffn 14336 --experts 8 --topk 2 \
-            --tokens 16384 --recompute none,chunked:4 --table";
-
-/// A real MoE training step with none / full / chunked (FCDA) / auto (MACT) recompute.
-#[derive(Parser, Debug)]
-#[command(name = "chunk-run", version, about, after_help = AFTER_HELP)]
-pub struct Args {
-    /// Block weights (safetensors, transformers' names).
-    #[arg(long, value_name = "FILE")]
-    pub weights: Option<PathBuf>,
-    /// Tensor-name prefix of a block inside --weights; '{l}' is replaced by the layer index.
-    #[arg(long, default_value = "")]
-    pub prefix: String,
-    /// x and dy [tokens, hidden] (safetensors).
-    #[arg(long, value_name = "FILE")]
-    pub input: Option<PathBuf>,
-    /// Hugging Face config.json for the shape (hidden, expert FFN, experts, top-k).
-    #[arg(long, value_name = "CONFIG")]
-    pub model: Option<PathBuf>,
-    #[arg(long)]
-    pub hidden: Option<usize>,
-    /// Expert FFN (intermediate) size.
-    #[arg(long)]
-    pub ffn: Option<usize>,
-    #[arg(long)]
-    pub experts: Option<usize>,
-    #[arg(long)]
-    pub topk: Option<usize>,
-    /// Tokens per step (ignored with --input).
-    #[arg(long, default_value_t = 4096)]
-    pub tokens: usize,
-    /// Stacked MoE blocks.
-    #[arg(long, default_value_t = 1)]
-    pub layers: usize,
-    /// Renormalise the top-k weights (Mixtral: true; Qwen2-MoE style: false).
-    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
-    pub norm_topk_prob: Option<bool>,
-    /// none, full, chunked:C or auto; a comma list runs each mode in turn (side by side with --table).
-    #[arg(long, default_value = "full", value_parser = parse_recompute, value_delimiter = ',')]
-    pub recompute: Vec<Recompute>,
-    /// Force routing to a skew: uniform, zipf:S, dirichlet:A or hot:F (router weights still weigh the experts).
-    #[arg(long, value_name = "SKEW", conflicts_with = "route")]
-    pub synthetic: Option<Skew>,
-    /// Force routing to follow route_hist records (layer L's counts drive block L).
-    #[arg(long, value_name = "FILE")]
-    pub route: Option<PathBuf>,
-    /// Device memory for auto (MACT), e.g. 2GiB.
-    #[arg(long, value_name = "SIZE", value_parser = |s: &str| parse_size(s).map_err(|e| e.to_string()))]
-    pub device_mem: Option<u64>,
-    #[arg(long, default_value_t = 0.9)]
-    pub alpha: f64,
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
-    pub chunk_bins: Vec<u64>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Steps to run (one record each).
-    #[arg(long, default_value_t = 1)]
-    pub steps: u64,
-    /// Write y and every gradient of the last step here (safetensors, atomic).
-    #[arg(long, value_name = "FILE")]
-    pub grads_out: Option<PathBuf>,
-    /// Where the step runs: auto (CUDA when a GPU is present), cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceArg,
-    /// Expert weights and activations: f32, or bf16 (CUDA only; f32 accumulation,
-    /// f32 router, residual stream and weight gradients).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub dtype: String,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Print an aligned table instead of JSON lines.
-    #[arg(long)]
-    pub table: bool,
-}
-
-fn parse_recompute(s: &str) -> std::result::Result<Recompute, String> {
-    match s {
-        "none" => Ok(Recompute::None),
-        "full" => Ok(Recompute::Full),
-        "auto" => Ok(Recompute::Auto),
-        _ => match s.strip_prefix("chunked:").map(str::parse::<usize>) {
-            Some(Ok(c)) if c >= 1 => Ok(Recompute::Chunked(c)),
-            _ => Err(format!("'{s}': use none, full, chunked:C (C >= 1) or auto")),
-        },
-    }
-}
-
-fn mode_name(m: Recompute) -> &'static str {
-    match m {
-        Recompute::None => "none",
-        Recompute::Full => "full",
-        Recompute::Chunked(_) => "chunked",
-        Recompute::Auto => "auto",
-    }
-}
-
-#[derive(Serialize)]
-struct Record {
-    kind: &'static str,
-    step: u64,
-    recompute: &'static str,
-    chunks: usize,
-    chunks_per_layer: Vec<usize>,
-    layers: usize,
-    tokens: usize,
-    max_expert_tokens: usize,
-    peak_act_bytes: u64,
-    predicted_act_bytes: u64,
-    peak_bytes: u64,
-    device: String,
-    dtype: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    device_reserved_bytes: Option<u64>,
-    fwd_ms: f64,
-    bwd_ms: f64,
-    step_ms: f64,
-    tokens_per_s: f64,
-    loss: f64,
-}
+use step::CpuEngine;
 
 fn resolve_shape(a: &Args, wfile: Option<&TensorFile>, tokens: usize) -> Result<Shape> {
     let model = a.model.as_deref().map(ModelConfig::from_file).transpose()?;
@@ -260,26 +111,17 @@ fn forced_routing(a: &Args, sh: &Shape) -> Result<Option<Vec<Vec<u32>>>> {
         let input = ftk::io::Input::open(p)?;
         let mut r = ftk::jsonl::Reader::new(input.name.clone(), input.reader);
         let mut by_layer: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
-        while let Some(v) = r.next_record::<serde_json::Value>()? {
-            if v["kind"] != "route_hist" {
-                continue;
-            }
-            let counts: Vec<f64> = v["counts"]
-                .as_array()
-                .map(|c| c.iter().filter_map(|x| x.as_f64()).collect())
-                .unwrap_or_default();
-            if counts.len() != sh.experts {
+        while let Some(h) = records::next::<RouteHist, _>(&mut r)? {
+            if h.counts.len() != sh.experts {
                 ftk::bail!(
                     "{}: histogram has {} counts but the block has {} experts",
                     r.here(),
-                    counts.len(),
+                    h.counts.len(),
                     sh.experts
                 );
             }
-            let layer = v["layer"].as_u64().ok_or_else(|| {
-                Error::input(format!("{}: route_hist record has no 'layer'", r.here()))
-            })?;
-            by_layer.entry(layer).or_insert(counts);
+            let counts = h.counts.iter().map(|&c| c as f64).collect();
+            by_layer.entry(h.layer).or_insert(counts);
         }
         if by_layer.is_empty() {
             ftk::bail!("{}: no route_hist records", input.name);
@@ -312,26 +154,15 @@ fn forced_routing(a: &Args, sh: &Shape) -> Result<Option<Vec<Vec<u32>>>> {
 
 /// Run the tool.
 pub fn run(a: Args) -> Result<()> {
+    a.check()?;
     if let Some(n) = a.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
             .build_global()
             .map_err(|e| Error::input(format!("--threads: {e}")))?;
     }
-    if a.layers == 0 || a.steps == 0 {
-        ftk::bail!("--layers and --steps must be at least 1");
-    }
-    mem_plan::check_mact_flags(a.alpha, &a.chunk_bins)?;
-    if a.recompute.contains(&Recompute::Auto) && a.device_mem.is_none() {
-        ftk::bail!("--recompute auto needs --device-mem (MACT sizes chunks to a memory budget)");
-    }
     let wfile = a.weights.as_deref().map(TensorFile::open).transpose()?;
-    // Each layer needs its own names: '{l}' in the prefix, or one layer.
-    let prefix = match (a.prefix.contains("{l}"), a.layers, &wfile) {
-        (true, _, _) | (false, 1, _) => a.prefix.clone(),
-        (false, _, None) => format!("{}layers.{{l}}.", a.prefix),
-        (false, n, Some(_)) => ftk::bail!("--layers {n} reads {n} blocks from --weights: put '{{l}}' in --prefix (e.g. 'layers.{{l}}.')"),
-    };
+    let prefix = layer_prefix(&a, wfile.is_some())?;
     let infile = a.input.as_deref().map(TensorFile::open).transpose()?;
     let tokens = match &infile {
         Some(f) => f.require("x")?.shape.first().copied().unwrap_or(0),
@@ -400,216 +231,11 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// Memory accounting and host transfers an engine offers the driver loop.
-pub trait Measured: Engine {
-    /// Bytes counted live now (heap on the CPU, device buffers on CUDA).
-    fn live(&self) -> usize;
-    fn peak(&self) -> usize;
-    fn reset_peak(&self);
-    fn zero_grads(&mut self) -> Result<()>;
-    fn to_host(&self, b: &Self::Buf) -> Result<Vec<f32>>;
-    /// What the device driver reports in use, where there is one.
-    fn reserved(&self) -> Result<Option<usize>>;
-}
-
-impl Measured for CpuEngine<'_> {
-    fn live(&self) -> usize {
-        ftk::alloc::live()
-    }
-    fn peak(&self) -> usize {
-        ftk::alloc::peak()
-    }
-    fn reset_peak(&self) {
-        ftk::alloc::reset_peak()
-    }
-    fn zero_grads(&mut self) -> Result<()> {
-        self.grads.iter_mut().for_each(LayerW::fill_zero);
-        Ok(())
-    }
-    fn to_host(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(b.clone())
-    }
-    fn reserved(&self) -> Result<Option<usize>> {
-        Ok(None)
-    }
-}
-
-impl<T: gpu::Act> Measured for gpu::GpuEngine<T> {
-    fn live(&self) -> usize {
-        self.mem.live()
-    }
-    fn peak(&self) -> usize {
-        self.mem.peak()
-    }
-    fn reset_peak(&self) {
-        self.mem.reset_peak()
-    }
-    fn zero_grads(&mut self) -> Result<()> {
-        gpu::GpuEngine::zero_grads(self)
-    }
-    fn to_host(&self, b: &gpu::DBuf<f32>) -> Result<Vec<f32>> {
-        self.download(b)
-    }
-    fn reserved(&self) -> Result<Option<usize>> {
-        self.synchronize()?;
-        self.device_used().map(Some)
-    }
-}
-
-/// One invocation's settings, shared by the CPU and CUDA drivers.
-struct Run<'a> {
-    a: &'a Args,
-    sh: Shape,
-    dy: &'a [f32],
-    forced: Option<&'a [Vec<u32>]>,
-    device: Device,
-}
-
-impl Run<'_> {
-    fn drive_gpu<T: gpu::Act>(
-        &self,
-        ordinal: usize,
-        layers: &[LayerW],
-        x: &[f32],
-        grads: &mut [LayerW],
-    ) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
-        let mut eng = gpu::GpuEngine::<T>::new(ordinal, &self.sh, layers, self.forced)?;
-        let xd = eng.upload(x)?;
-        let dyd = eng.upload(self.dy)?;
-        let last = self.drive(&mut eng, &xd, &dyd)?;
-        for (l, gw) in grads.iter_mut().enumerate() {
-            eng.grads_into(l, gw)?;
-        }
-        Ok(last)
-    }
-
-    /// Every (mode, step): zero the gradients, run the step, print its record.
-    /// Returns the last step's y and input gradient.
-    fn drive<E: Measured>(
-        &self,
-        eng: &mut E,
-        x: &E::Buf,
-        dy: &E::Buf,
-    ) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
-        let (a, sh) = (self.a, &self.sh);
-        let dims = BlockDims {
-            t: sh.tokens as f64,
-            h: sh.hidden as f64,
-            f: sh.ffn as f64,
-            e: sh.experts as f64,
-            k: sh.topk as f64,
-            layers: a.layers as f64,
-            elem: if a.dtype == "bf16" { 2.0 } else { 4.0 },
-        };
-        let mut out = Stdout::new();
-        let mut table = a.table.then(|| {
-            Table::new([
-                "step",
-                "recompute",
-                "chunks",
-                "peak_act",
-                "predicted",
-                "peak",
-                "fwd_ms",
-                "bwd_ms",
-                "tokens/s",
-            ])
-        });
-        let reserved0 = eng.reserved()?;
-        let mut last = None;
-        for (mode, step) in a
-            .recompute
-            .iter()
-            .flat_map(|&m| (0..a.steps).map(move |s| (m, s)))
-        {
-            eng.zero_grads()?;
-            let base = eng.live();
-            let auto = a.device_mem.map(|m| AutoCfg {
-                s_max: block_s_prime_max(&dims, m as f64 * a.alpha, base as f64),
-                bins: a.chunk_bins.clone(),
-            });
-            eng.sync()?;
-            eng.reset_peak();
-            let t0 = std::time::Instant::now();
-            let cfg = StepCfg {
-                mode,
-                forced: self.forced,
-                auto: auto.as_ref(),
-            };
-            let r = stack::step(eng, sh, a.layers, x, dy, &cfg)?;
-            let step_ms = t0.elapsed().as_secs_f64() * 1e3;
-            let peak = eng.peak();
-            let reserved = match (reserved0, eng.reserved()?) {
-                (Some(b), Some(n)) => Some(n.saturating_sub(b) as u64),
-                _ => None,
-            };
-            let c_max = r.chunks.iter().copied().max().unwrap_or(1);
-            let bmode = match mode {
-                Recompute::None => BlockMode::None,
-                Recompute::Full => BlockMode::Full,
-                _ => BlockMode::Chunked(c_max as f64),
-            };
-            let y = eng.to_host(&r.y)?;
-            let loss: f64 = y
-                .iter()
-                .zip(self.dy)
-                .map(|(p, q)| f64::from(*p) * f64::from(*q))
-                .sum();
-            if !loss.is_finite() {
-                ftk::bail!("the step produced a non-finite loss ({loss}); check the inputs and weights for huge values");
-            }
-            let rec = Record {
-                kind: "chunk_run",
-                step,
-                recompute: mode_name(mode),
-                chunks: c_max,
-                chunks_per_layer: r.chunks.clone(),
-                layers: a.layers,
-                tokens: sh.tokens,
-                max_expert_tokens: r.max_expert_tokens,
-                peak_act_bytes: peak.saturating_sub(base) as u64,
-                predicted_act_bytes: block_peak_act(&dims, bmode).round() as u64,
-                peak_bytes: peak as u64,
-                device: self.device.to_string(),
-                dtype: a.dtype.clone(),
-                device_reserved_bytes: reserved,
-                fwd_ms: r.fwd_ms,
-                bwd_ms: r.bwd_ms,
-                step_ms,
-                tokens_per_s: sh.tokens as f64 / (step_ms / 1e3),
-                loss,
-            };
-            match &mut table {
-                Some(t) => {
-                    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
-                    t.row(vec![
-                        step.to_string(),
-                        if let Recompute::Chunked(c) = mode {
-                            format!("chunked:{c}")
-                        } else {
-                            rec.recompute.to_string()
-                        },
-                        format!("{:?}", rec.chunks_per_layer),
-                        mib(rec.peak_act_bytes),
-                        mib(rec.predicted_act_bytes),
-                        mib(rec.peak_bytes),
-                        format!("{:.1}", rec.fwd_ms),
-                        format!("{:.1}", rec.bwd_ms),
-                        format!("{:.0}", rec.tokens_per_s),
-                    ]);
-                }
-                None => {
-                    ftk::jsonl::write_record(&mut out, &rec)?;
-                    out.flush()?;
-                }
-            }
-            let dx = eng.to_host(&r.dx)?;
-            last = Some((y, dx));
-        }
-        if let Some(t) = &table {
-            t.print(&mut out)?;
-        }
-        out.flush()?;
-        Ok(last)
-    }
+/// Each layer needs its own tensor names: '{l}' in --prefix, or one layer.
+fn layer_prefix(a: &Args, from_file: bool) -> Result<String> {
+    Ok(match (a.prefix.contains("{l}"), a.layers, from_file) {
+        (true, _, _) | (false, 1, _) => a.prefix.clone(),
+        (false, _, false) => format!("{}layers.{{l}}.", a.prefix),
+        (false, n, true) => ftk::bail!("--layers {n} reads {n} blocks from --weights: put '{{l}}' in --prefix (e.g. 'layers.{{l}}.')"),
+    })
 }

@@ -112,7 +112,14 @@ pub struct Routing {
 
 /// Route every token. `forced` ([T,k] expert ids) overrides the top-k
 /// choice; the weights are still the router's probabilities of those experts.
-pub fn route(sh: &Shape, x: &[f32], lw: &LayerW, forced: Option<&[u32]>) -> Routing {
+/// `Err(token)`: the first token (in some order) whose router logits hold a
+/// NaN, which leaves no top-k to choose.
+pub fn route(
+    sh: &Shape,
+    x: &[f32],
+    lw: &LayerW,
+    forced: Option<&[u32]>,
+) -> std::result::Result<Routing, usize> {
     let (t, e, k) = (sh.tokens, sh.experts, sh.topk);
     let mut probs = vec![0f32; t * e];
     matmul_bt(&mut probs, x, &lw.gate, t, e, sh.hidden, false);
@@ -123,7 +130,7 @@ pub fn route(sh: &Shape, x: &[f32], lw: &LayerW, forced: Option<&[u32]>) -> Rout
         .zip(idx.par_chunks_mut(k))
         .zip(w.par_chunks_mut(k))
         .enumerate()
-        .for_each_init(
+        .try_for_each_init(
             || Vec::with_capacity(k + 1),
             |top, (tok, ((p, id), wt))| {
                 let max = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -136,9 +143,8 @@ pub fn route(sh: &Shape, x: &[f32], lw: &LayerW, forced: Option<&[u32]>) -> Rout
                 match forced {
                     Some(fx) => id.copy_from_slice(&fx[tok * k..(tok + 1) * k]),
                     None => {
-                        // NaN logits would have made every prob NaN; top-k then
-                        // keeps the first k, and the NaN surfaces in the output.
-                        let _ = route_hist::count::topk_row(p, k, top);
+                        // A NaN logit makes every prob of the token NaN.
+                        ftk::routing::topk_row(p, k, top).map_err(|_| tok)?;
                         for (j, &(_, ex)) in top.iter().enumerate() {
                             id[j] = ex as u32;
                         }
@@ -152,9 +158,10 @@ pub fn route(sh: &Shape, x: &[f32], lw: &LayerW, forced: Option<&[u32]>) -> Rout
                 if sh.norm_topk_prob {
                     wt.iter_mut().for_each(|v| *v /= s);
                 }
+                Ok::<(), usize>(())
             },
-        );
-    Routing { probs, idx, w }
+        )?;
+    Ok(Routing { probs, idx, w })
 }
 
 /// Token copies of tokens [t0, t1) grouped by expert: row i holds token
@@ -322,6 +329,9 @@ pub fn combine(sh: &Shape, y: &mut [f32], o: &[f32], d: &Dispatch, r: &Routing) 
 /// output gradient `g` [T,h]: accumulates expert weight gradients into `gw`,
 /// the input gradient into `dx` and the combine-weight gradients into `dw`
 /// [T·k]. Consumes the activations, freeing each as soon as it is dead.
+/// One function on purpose (over 100 lines): its buffers are allocated and
+/// freed in the order `predict.rs` itemises (the working-set phases of
+/// `block_working_per_copy`), and split helpers would hide that order.
 #[allow(clippy::too_many_arguments)]
 pub fn experts_backward(
     sh: &Shape,

@@ -5,9 +5,6 @@
 //! model. Run when a GPU exists, skipped with the reason otherwise; without
 //! one, `--device cuda` and `--dtype bf16` on the CPU are usage errors.
 
-mod common;
-
-use assert_cmd::Command;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -31,8 +28,7 @@ const SHAPE: &[&str] = &[
 fn run(device: &str, dtype: &str, extra: &[&str]) -> (Vec<Value>, BTreeMap<String, Vec<f32>>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("g.safetensors");
-    let out = Command::cargo_bin("chunk-run")
-        .unwrap()
+    let out = ftk_test::tool("chunk-run")
         .args(SHAPE)
         .args(["--device", device, "--dtype", dtype, "--grads-out"])
         .arg(&path)
@@ -49,19 +45,18 @@ fn run(device: &str, dtype: &str, extra: &[&str]) -> (Vec<Value>, BTreeMap<Strin
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    (recs, common::load(&path))
+    (recs, ftk_test::tensors_f32(&path))
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    common::rel_err(a, b, 1e-3)
+    ftk_test::rel_err(a, b, 1e-3)
 }
 
 #[test]
 fn cuda_agrees_with_cpu() {
     if let Err(why) = ftk::device::cuda_devices() {
         eprintln!("skipped: no CUDA device ({why})");
-        let out = Command::cargo_bin("chunk-run")
-            .unwrap()
+        let out = ftk_test::tool("chunk-run")
             .args(SHAPE)
             .args(["--device", "cuda"])
             .output()
@@ -69,8 +64,7 @@ fn cuda_agrees_with_cpu() {
         assert_eq!(out.status.code(), Some(2));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--device cpu"), "{err}");
-        let out = Command::cargo_bin("chunk-run")
-            .unwrap()
+        let out = ftk_test::tool("chunk-run")
             .args(SHAPE)
             .args(["--dtype", "bf16"])
             .output()

@@ -1,48 +1,32 @@
 //! Measured memory (counting allocator) against mem-plan's itemised model,
 //! and the FCDA / MACT memory properties MemFine claims.
 
-use assert_cmd::Command;
 use serde_json::Value;
 
 fn run(mode: &str, extra: &[&str]) -> Value {
-    let out = Command::cargo_bin("chunk-run")
-        .unwrap()
-        .args([
-            "--hidden",
-            "96",
-            "--ffn",
-            "160",
-            "--experts",
-            "8",
-            "--topk",
-            "2",
-            "--tokens",
-            "2048",
-            "--layers",
-            "3",
-        ])
-        .args([
-            "--synthetic",
-            "hot:0.45",
-            "--seed",
-            "4",
-            "--steps",
-            "2",
-            "--recompute",
-            mode,
-        ])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{mode}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut c = ftk_test::tool("chunk-run");
+    c.args(SHAPE)
+        .args(["--synthetic", "hot:0.45", "--seed", "4", "--steps", "2"])
+        .args(["--recompute", mode])
+        .args(extra);
     // The second step: the first also counts one-off thread-local GEMM buffers.
-    let text = String::from_utf8(out.stdout).unwrap();
-    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    ftk_test::run_ok(&mut c, mode).pop().unwrap()
 }
+
+const SHAPE: [&str; 12] = [
+    "--hidden",
+    "96",
+    "--ffn",
+    "160",
+    "--experts",
+    "8",
+    "--topk",
+    "2",
+    "--tokens",
+    "2048",
+    "--layers",
+    "3",
+];
 
 fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap()
@@ -107,59 +91,32 @@ fn bad_input_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("w.safetensors");
     std::fs::write(&bad, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"x\":").unwrap();
-    let cases: Vec<Vec<String>> = vec![
-        vec![
-            "--experts".into(),
-            "4".into(),
-            "--topk".into(),
-            "2".into(),
-            "--recompute".into(),
-            "chunked:0".into(),
-        ],
-        vec![
-            "--experts".into(),
-            "4".into(),
-            "--topk".into(),
-            "2".into(),
-            "--recompute".into(),
-            "auto".into(),
-        ],
-        vec!["--experts".into(), "4".into(), "--topk".into(), "9".into()],
-        vec![
-            "--weights".into(),
-            bad.display().to_string(),
-            "--topk".into(),
-            "2".into(),
-        ],
-        vec![
-            "--experts".into(),
-            "4".into(),
-            "--topk".into(),
-            "2".into(),
-            "--layers".into(),
-            "0".into(),
-        ],
-        vec!["--weights".into(), "/nonexistent.safetensors".into()],
-        vec![
-            "--model".into(),
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../testdata/configs/gpt2/config.json"
-            )
-            .into(),
-        ],
-        vec![
-            "--experts".into(),
-            "4".into(),
-            "--topk".into(),
-            "2".into(),
-            "--chunk-bins".into(),
-            "4,2".into(),
-        ],
+    let bad = bad.display().to_string();
+    let gpt2 = ftk_test::testdata("configs/gpt2/config.json")
+        .display()
+        .to_string();
+    let k = ["--experts", "4", "--topk", "2"];
+    // (flags after the shape, a needle of the one-line error)
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            [&k[..], &["--recompute", "chunked:0"]].concat(),
+            "chunked:C",
+        ),
+        (
+            [&k[..], &["--recompute", "selective"]].concat(),
+            "selective",
+        ),
+        ([&k[..], &["--recompute", "auto"]].concat(), "--device-mem"),
+        (vec!["--experts", "4", "--topk", "9"], "--topk 9"),
+        (vec!["--weights", &bad, "--topk", "2"], "w.safetensors"),
+        ([&k[..], &["--layers", "0"]].concat(), "--layers"),
+        (vec!["--weights", "/nonexistent.safetensors"], "nonexistent"),
+        (vec!["--model", &gpt2], "no experts"),
+        ([&k[..], &["--chunk-bins", "4,2"]].concat(), "--chunk-bins"),
+        ([&k[..], &["--alpha", "0"]].concat(), "--alpha"),
     ];
-    for extra in cases {
-        let out = Command::cargo_bin("chunk-run")
-            .unwrap()
+    for (extra, needle) in cases {
+        let out = ftk_test::tool("chunk-run")
             .args(["--hidden", "8", "--ffn", "8", "--tokens", "8"])
             .args(&extra)
             .output()
@@ -171,8 +128,52 @@ fn bad_input_exits_2() {
             "{extra:?}: {err}"
         );
         assert!(
-            !err.contains("cannot be used multiple times"),
-            "{extra:?}: {err}"
+            err.contains(needle),
+            "{extra:?}: expected '{needle}' in {err}"
         );
     }
+}
+
+#[test]
+fn nan_router_logits_are_an_error_not_expert_zero() {
+    // Finite inputs and weights whose router logit overflows to inf − inf
+    // = NaN for token 3 only: it has no top-k, which must not become expert 0.
+    use ftk::tensors::{write_safetensors, OutTensor};
+    let dir = tempfile::tempdir().unwrap();
+    let (t, h, f, e) = (8, 8, 8, 4);
+    let mut gate = vec![0f32; e * h];
+    gate[0] = 1e30;
+    gate[1] = 1e30;
+    let mut ts = vec![OutTensor::f32("gate.weight", vec![e, h], &gate)];
+    for x in 0..e {
+        for (w, shape) in [("w1", [f, h]), ("w3", [f, h]), ("w2", [h, f])] {
+            let name = format!("experts.{x}.{w}.weight");
+            ts.push(OutTensor::f32(name, shape.to_vec(), &vec![0.01; f * h]));
+        }
+    }
+    let weights = dir.path().join("w.safetensors");
+    write_safetensors(&weights, &ts, None).unwrap();
+    let mut x = vec![0.5f32; t * h];
+    x[3 * h] = 1e30;
+    x[3 * h + 1] = -1e30;
+    let input = dir.path().join("x.safetensors");
+    let io = [
+        OutTensor::f32("x", vec![t, h], &x),
+        OutTensor::f32("dy", vec![t, h], &vec![1.0; t * h]),
+    ];
+    write_safetensors(&input, &io, None).unwrap();
+    let out = ftk_test::tool("chunk-run")
+        .args(["--topk", "2", "--weights"])
+        .arg(&weights)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    ftk_test::assert_error("chunk-run", &out, 2, &["token 3", "NaN"]);
+}
+
+#[test]
+fn help_documents_the_chunk_run_record() {
+    let h = ftk_test::help("chunk-run", &[]);
+    ftk_test::assert_documented::<ftk::records::ChunkRun>(&h);
 }

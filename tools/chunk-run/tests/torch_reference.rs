@@ -2,10 +2,6 @@
 //! transformers' own MixtralSparseMoeBlock / Qwen3MoeSparseMoeBlock
 //! (testdata/gen/chunk_run_ref.py), for every recompute mode.
 
-mod common;
-
-use assert_cmd::Command;
-use common::load;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,7 +14,7 @@ fn data() -> PathBuf {
 /// top-1 and renormalisation the combine weight is exactly 1, so the gate's
 /// true gradient is 0 and PyTorch's is rounding noise (~3e-7).
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    common::rel_err(a, b, 1e-2)
+    ftk_test::rel_err(a, b, 1e-2)
 }
 
 fn run_case(case: &Value, mode: &str, extra: &[&str]) -> BTreeMap<String, Vec<f32>> {
@@ -31,8 +27,7 @@ fn run_case(case: &Value, mode: &str, extra: &[&str]) -> BTreeMap<String, Vec<f3
         .iter()
         .map(|f| f.as_str().unwrap())
         .collect();
-    let res = Command::cargo_bin("chunk-run")
-        .unwrap()
+    let res = ftk_test::tool("chunk-run")
         .current_dir(data())
         .args([
             "--weights",
@@ -59,7 +54,7 @@ fn run_case(case: &Value, mode: &str, extra: &[&str]) -> BTreeMap<String, Vec<f3
         (loss - want).abs() <= 1e-4 * want.abs().max(1.0),
         "{name} {mode}: loss {loss} vs {want}"
     );
-    load(&out)
+    ftk_test::tensors_f32(&out)
 }
 
 #[test]
@@ -70,7 +65,7 @@ fn every_mode_matches_pytorch_autograd() {
     assert_eq!(cases.len(), 4);
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let want = load(&data().join(format!("{name}.expected.safetensors")));
+        let want = ftk_test::tensors_f32(&data().join(format!("{name}.expected.safetensors")));
         let mut by_mode = vec![];
         for (mode, extra) in [
             ("none", vec![]),
@@ -127,8 +122,7 @@ fn skewed_case_is_skewed_and_counted() {
         max as f64 >= 0.4 * counts.iter().sum::<u64>() as f64,
         "{counts:?}"
     );
-    let res = Command::cargo_bin("chunk-run")
-        .unwrap()
+    let res = ftk_test::tool("chunk-run")
         .current_dir(data())
         .args([
             "--weights",

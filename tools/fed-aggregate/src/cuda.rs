@@ -11,8 +11,8 @@
 //! without DP or a server optimiser, on f32/f16/bf16 client tensors; every
 //! other tensor runs on the CPU path in the same job.
 
+use crate::cpu;
 use crate::engine::{Job, Sinks, Unit};
-use crate::kernel;
 use crate::plan::{Fault, Spec};
 use crate::strategy::Kind;
 use cudarc::driver::{
@@ -65,7 +65,7 @@ impl Job<'_> {
             && self.dp.is_none()
             && !self.opt.needs_global()
             && self.select.is_none()
-            && !kernel::is_int(spec.dtype)
+            && !cpu::is_int(spec.dtype)
             && !spec.sources.is_empty()
             && spec
                 .sources
@@ -193,12 +193,12 @@ pub fn finish(job: &mut Job, sinks: &Sinks, ordinal: usize) -> R<()> {
                         ))));
                     }
                     if let Some(o) = sinks.out {
-                        hf.par_chunks(kernel::CHUNK)
+                        hf.par_chunks(cpu::CHUNK)
                             .enumerate()
                             .try_for_each(|(j, c)| {
                                 let bytes: Vec<u8> =
                                     c.iter().flat_map(|v| v.to_le_bytes()).collect();
-                                o.write_at(i, ((start + j * kernel::CHUNK) * 4) as u64, &bytes)
+                                o.write_at(i, ((start + j * cpu::CHUNK) * 4) as u64, &bytes)
                                     .map_err(Fault::from)
                             })?;
                     }
@@ -209,8 +209,8 @@ pub fn finish(job: &mut Job, sinks: &Sinks, ordinal: usize) -> R<()> {
                     comp.synchronize().map_err(cuda("synchronize"))?;
                     t2 = std::time::Instant::now();
                     let bad = host
-                        .par_chunks(kernel::CHUNK)
-                        .any(|c| kernel::first_non_finite(c).is_some());
+                        .par_chunks(cpu::CHUNK)
+                        .any(|c| cpu::first_non_finite(c).is_some());
                     if bad {
                         // Rare path: the CPU pass names the client (or overflow).
                         let mut buf = Vec::new();
@@ -218,12 +218,12 @@ pub fn finish(job: &mut Job, sinks: &Sinks, ordinal: usize) -> R<()> {
                         job.accumulate(spec, u, &[], &mut a, &mut buf)?;
                         host.copy_from_slice(&a);
                     }
-                    host.par_chunks_mut(kernel::CHUNK)
+                    host.par_chunks_mut(cpu::CHUNK)
                         .enumerate()
                         .try_for_each(|(j, a)| {
                             let sub = Unit {
                                 spec: i,
-                                start: start + j * kernel::CHUNK,
+                                start: start + j * cpu::CHUNK,
                                 len: a.len(),
                             };
                             sinks.write_mean(spec, sub, a, w)

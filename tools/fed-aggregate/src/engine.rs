@@ -1,11 +1,11 @@
 //! The passes over the inputs. Work is split into units of at most
 //! [`CHUNK`] elements of one tensor; units run in parallel (rayon) and each
 //! reads its slice of every input once, through the memory maps, then hands
-//! the pages back ([`kernel::release`]). Results are written straight to
+//! the pages back ([`cpu::release`]). Results are written straight to
 //! their offsets in the output files, so memory is a few units per thread
 //! whatever the number of clients or the model size.
 
-use crate::kernel::{self, CHUNK};
+use crate::cpu::{self, CHUNK};
 use crate::plan::{Fault, Origin, Spec, Src};
 use crate::strategy::{Kind, ServerOpt};
 use ftk::tensor_writer::StreamWriter;
@@ -41,7 +41,7 @@ impl Sinks<'_> {
     fn write_partial(&self, u: Unit, acc: &[f64], bytes: &mut Vec<u8>) -> R<()> {
         if let Some(p) = self.partial {
             bytes.clear();
-            kernel::encode(Dtype::F64, acc, bytes);
+            cpu::encode(Dtype::F64, acc, bytes);
             p.write_at(u.spec, (u.start * 8) as u64, bytes)?;
         }
         Ok(())
@@ -51,7 +51,7 @@ impl Sinks<'_> {
     fn write_out(&self, spec: &Spec, u: Unit, acc: &[f64], bytes: &mut Vec<u8>) -> R<()> {
         if let Some(out) = self.out {
             bytes.clear();
-            kernel::encode(spec.dtype, acc, bytes);
+            cpu::encode(spec.dtype, acc, bytes);
             let w = dtype_bytes(spec.dtype).unwrap_or(0);
             out.write_at(u.spec, (u.start * w) as u64, bytes)?;
         }
@@ -88,7 +88,7 @@ pub struct Job<'a> {
     pub select: Option<Vec<bool>>,
     pub bytes_read: AtomicU64,
     pub bar: indicatif::ProgressBar,
-    /// Data ranges of every memory map, sorted (see [`kernel::release`]).
+    /// Data ranges of every memory map, sorted (see [`cpu::release`]).
     pub spans: Vec<(usize, usize)>,
     /// Specs the CPU passes cover (None: all); the CUDA pass did the rest.
     pub cpu_only: Option<Vec<bool>>,
@@ -151,7 +151,7 @@ impl<'a> Job<'a> {
     }
 
     fn read(&self, t: &Tensor, start: usize, out: &mut [f64]) {
-        kernel::decode(t.dtype, t.data, start, out);
+        cpu::decode(t.dtype, t.data, start, out);
         let w = dtype_bytes(t.dtype).unwrap_or(0);
         self.bytes_read
             .fetch_add((out.len() * w) as u64, Ordering::Relaxed);
@@ -165,7 +165,7 @@ impl<'a> Job<'a> {
         if i > 0 {
             let span = self.spans[i - 1];
             if p + bytes.len() <= span.1 {
-                kernel::release(bytes, span);
+                cpu::release(bytes, span);
             }
         }
     }
@@ -177,7 +177,7 @@ impl<'a> Job<'a> {
         };
         g.resize(u.len, 0.0);
         self.read(t, u.start, g);
-        if let Some(k) = kernel::first_non_finite(g) {
+        if let Some(k) = cpu::first_non_finite(g) {
             return Err(Fault::Fatal(Error::input(non_finite_msg(
                 "global",
                 &spec.name,
@@ -191,7 +191,7 @@ impl<'a> Job<'a> {
     /// One source's (clipped) values for a unit, checked finite.
     fn load_src(&self, spec: &Spec, src: &Src, u: Unit, g: &[f64], out: &mut [f64]) -> R<()> {
         self.read(&src.t, u.start, out);
-        if let Some(k) = kernel::first_non_finite(out) {
+        if let Some(k) = cpu::first_non_finite(out) {
             return Err(self.non_finite(src, spec, u.start + k, out[k]));
         }
         if let (Some(dp), false) = (&self.dp, src.summed) {
@@ -242,7 +242,7 @@ impl<'a> Job<'a> {
                     acc += (x - g) * (x - g);
                 }
                 if !acc.is_finite() {
-                    let k = kernel::first_non_finite(&s.buf).unwrap_or(0);
+                    let k = cpu::first_non_finite(&s.buf).unwrap_or(0);
                     return Err(self.non_finite(src, spec, u.start + k, s.buf[k]));
                 }
                 sq[src.origin] += acc;
@@ -337,7 +337,7 @@ impl<'a> Job<'a> {
                             spec.name
                         ))));
                     }
-                    if w > 0.0 && !kernel::is_int(spec.dtype) && self.opt.needs_global() {
+                    if w > 0.0 && !cpu::is_int(spec.dtype) && self.opt.needs_global() {
                         let gv = std::mem::take(&mut s.g);
                         self.server_step(spec, u, &gv, s, sinks)?;
                         s.g = gv;
@@ -355,13 +355,13 @@ impl<'a> Job<'a> {
                         s.col.clear();
                         s.col.extend((0..n).map(|j| s.vals[j * u.len + k]));
                         s.acc[k] = match self.kind {
-                            Kind::Median => kernel::median(&mut s.col),
+                            Kind::Median => cpu::median(&mut s.col),
                             Kind::TrimmedMean { beta } => {
                                 let cut = (beta * n as f64) as usize;
-                                kernel::trimmed_mean(&mut s.col, cut)
+                                cpu::trimmed_mean(&mut s.col, cut)
                             }
                             Kind::Bulyan { f } => {
-                                kernel::mean_of_closest(&mut s.col, n - 2 * f, &mut s.pairs)
+                                cpu::mean_of_closest(&mut s.col, n - 2 * f, &mut s.pairs)
                             }
                             _ => unreachable!(),
                         };
@@ -369,7 +369,7 @@ impl<'a> Job<'a> {
                 }
             }
             if let Some(dp) = &self.dp {
-                if dp.noise_std > 0.0 && !kernel::is_int(spec.dtype) {
+                if dp.noise_std > 0.0 && !cpu::is_int(spec.dtype) {
                     let mut rng = ftk::rng::stream(
                         dp.seed,
                         ftk::rng::stream_id(&[u.spec as u64, u.start as u64]),
@@ -400,23 +400,23 @@ impl<'a> Job<'a> {
         for src in spec.sources.iter().filter(|x| self.selected(x)) {
             if src.summed {
                 self.read(&src.t, u.start, buf);
-                kernel::axpy(acc, 1.0, buf);
+                cpu::axpy(acc, 1.0, buf);
             } else if src.t.dtype == Dtype::F32 && self.dp.is_none() {
                 // Fast path: straight from the mapped bytes.
-                kernel::axpy_f32(acc, src.weight, src.t.data, u.start);
+                cpu::axpy_f32(acc, src.weight, src.t.data, u.start);
                 self.bytes_read
                     .fetch_add((u.len * 4) as u64, Ordering::Relaxed);
                 self.release(&src.t.data[u.start * 4..(u.start + u.len) * 4]);
             } else {
                 self.load_src(spec, src, u, g, buf)?;
-                kernel::axpy(acc, src.weight, buf);
+                cpu::axpy(acc, src.weight, buf);
             }
         }
-        if kernel::first_non_finite(acc).is_some() {
+        if cpu::first_non_finite(acc).is_some() {
             // Rare path: find the culprit to name it.
             for src in spec.sources.iter().filter(|x| self.selected(x)) {
                 self.read(&src.t, u.start, buf);
-                if let Some(k) = kernel::first_non_finite(buf) {
+                if let Some(k) = cpu::first_non_finite(buf) {
                     let who = &self.origins[src.origin].label;
                     let m = non_finite_msg(who, &spec.name, u.start + k, buf[k]);
                     return Err(if src.summed {
@@ -451,7 +451,7 @@ impl<'a> Job<'a> {
             st.resize(u.len, 0.0);
             if let Some(t) = &self.state_in[u.spec][k] {
                 self.read(t, u.start, st);
-                if let Some(e) = kernel::first_non_finite(st) {
+                if let Some(e) = cpu::first_non_finite(st) {
                     return Err(Fault::Fatal(Error::input(format!(
                         "state: tensor '{}/{}' element {} is not finite",
                         slots[k],
@@ -526,7 +526,7 @@ impl<'a> Job<'a> {
         if let (Some(w), Some(base)) = (sinks.state, sinks.state_base[u.spec]) {
             for (k, st) in s.st.iter().enumerate() {
                 s.bytes.clear();
-                kernel::encode(Dtype::F32, st, &mut s.bytes);
+                cpu::encode(Dtype::F32, st, &mut s.bytes);
                 w.write_at(base + k, (u.start * 4) as u64, &s.bytes)?;
             }
         }

@@ -4,17 +4,17 @@
 //! personalised (local-only) tensors; mergeable partial sums for trees of
 //! scheduler jobs; server-side DP with fixed clipping.
 
+pub mod cpu;
 pub mod cuda;
-pub mod dp;
 pub mod engine;
 pub mod fedra;
-pub mod kernel;
 pub mod plan;
 pub mod strategy;
 
 use clap::{Parser, Subcommand};
 use engine::{Dp, Job, Sinks};
 use ftk::cli::Stdout;
+use ftk::dp;
 use ftk::tensor_writer::{Finished, StreamWriter, TensorSpec};
 use ftk::tensors::{Dtype, Tensor};
 use ftk::{bail, Error, Result};
@@ -795,7 +795,7 @@ fn attempt(inp: &Inputs, c: &Common, active: &[usize]) -> std::result::Result<Do
             let mut st_specs = Vec::new();
             let mut base = Vec::new();
             for s in &specs {
-                if kernel::is_int(s.dtype) || slots.is_empty() {
+                if cpu::is_int(s.dtype) || slots.is_empty() {
                     base.push(None);
                     continue;
                 }
@@ -862,7 +862,7 @@ fn state_tensors<'a>(
         let mut row = Vec::new();
         for slot in slots {
             let t = match &inp.state {
-                Some((m, name)) if !kernel::is_int(s.dtype) => {
+                Some((m, name)) if !cpu::is_int(s.dtype) => {
                     let key = format!("{slot}/{}", s.name);
                     let t = m.tensor(&key).ok_or_else(|| {
                         Fault::Fatal(Error::input(format!(

@@ -3,8 +3,8 @@
 //! specs list, for each output tensor, the client (or partial) tensors that
 //! feed it.
 
+use crate::cpu;
 use crate::fedra::Alloc;
-use crate::kernel;
 use ftk::io::Input;
 use ftk::jsonl::Reader;
 use ftk::tensors::{Dtype, Tensor, TensorFile};
@@ -365,7 +365,7 @@ pub fn build<'a>(
             } else {
                 dtype
             };
-            if !kernel::supported(s.t.dtype) {
+            if !cpu::supported(s.t.dtype) {
                 return Err(fault(format!(
                     "{}: tensor '{}' has dtype {:?}; fed-aggregate reads float and integer tensors only (use --keep-local to leave it out)",
                     o.label, s.t.name, s.t.dtype
@@ -406,7 +406,7 @@ pub fn build<'a>(
         for s in &mut specs {
             match g.tensor(&s.name) {
                 Some(t) => {
-                    if t.shape != s.shape.as_slice() || !kernel::supported(t.dtype) {
+                    if t.shape != s.shape.as_slice() || !cpu::supported(t.dtype) {
                         return Err(Fault::Fatal(Error::input(format!(
                             "global {gname}: tensor '{}' is {}, but the clients send {}",
                             s.name,
@@ -414,7 +414,7 @@ pub fn build<'a>(
                             describe_shape(s.dtype, &s.shape)
                         ))));
                     }
-                    if kernel::is_int(t.dtype) != kernel::is_int(s.dtype) {
+                    if cpu::is_int(t.dtype) != cpu::is_int(s.dtype) {
                         return Err(Fault::Fatal(Error::input(format!(
                             "global {gname}: tensor '{}' is {:?}, but the clients send {:?}",
                             s.name, t.dtype, s.dtype
@@ -438,7 +438,7 @@ pub fn build<'a>(
                     continue;
                 }
                 let t = g.tensor(n).expect("listed by the file");
-                if !kernel::supported(t.dtype) {
+                if !cpu::supported(t.dtype) {
                     return Err(Fault::Fatal(Error::input(format!(
                         "global {gname}: tensor '{n}' has unsupported dtype {:?}",
                         t.dtype
@@ -490,7 +490,7 @@ impl Mapped {
         Ok(Mapped::new(TensorFile::open(path)?))
     }
 
-    /// Address range of all tensor data (for [`crate::kernel::release`]).
+    /// Address range of all tensor data (for [`crate::cpu::release`]).
     pub fn span(&self) -> (usize, usize) {
         self.span
     }

@@ -23,16 +23,30 @@ pub fn keys(domains: usize, ctx: usize, dim: usize, seed: u64) -> Vec<f32> {
 /// Scores z = F Wᵀ [N, domains] and weights [N, domains]. A sample whose
 /// scores are all equal (variance 0, where PyTorch divides 0 by 0 and gets
 /// NaN) gets uniform weights.
+///
+/// The dot products accumulate in f64: the softmax at t = 0.01 multiplies a
+/// score's error by 100/sd, so f32 sums (error ~1e-7 relative per score)
+/// moved near-tie weights by up to 3e-5, further than PyTorch's own f32
+/// result. The `scores` tensor is these f64 scores rounded to f32.
 pub fn weights(f: &Matrix, w: &Matrix, t: f64) -> (Matrix, Matrix) {
-    let (n, d, k) = (f.rows, f.cols, w.rows);
+    let (n, k) = (f.rows, w.rows);
     let mut z = Matrix::zeros(n, k);
-    ftk::linalg::matmul_bt(&mut z.data, &f.data, &w.data, n, k, d, false);
     let mut out = Matrix::zeros(n, k);
     out.data
         .par_chunks_mut(k)
-        .zip(z.data.par_chunks(k))
-        .for_each(|(o, zr)| {
-            let zr: Vec<f64> = zr.iter().map(|&v| f64::from(v)).collect();
+        .zip(z.data.par_chunks_mut(k))
+        .enumerate()
+        .for_each(|(i, (o, zo))| {
+            let fr = f.row(i);
+            let zr: Vec<f64> = (0..k)
+                .map(|j| {
+                    fr.iter()
+                        .zip(w.row(j))
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .sum()
+                })
+                .collect();
+            zo.iter_mut().zip(&zr).for_each(|(o, &v)| *o = v as f32);
             let mean = zr.iter().sum::<f64>() / k as f64;
             let var = zr.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / (k - 1) as f64;
             if var <= 0.0 {
@@ -97,6 +111,45 @@ mod tests {
         assert!((f64::from(p[1]) - 2.0 * (1.0 + w0 + 0.5 * w1)).abs() < 1e-5);
         let flat = weights(&Matrix::new(1, 2, vec![1.0, 1.0]), &w, 0.01).1;
         assert_eq!(flat.data, vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn near_tie_weights_match_exact_arithmetic() {
+        // Domains 0 and 1 score almost the same (w1 = w0 plus a tiny
+        // perturbation), domain 2 far below: at t = 0.01 their weights hinge
+        // on z1 - z0, which f32 dot products over 2048 features get wrong
+        // by ~1e-5 relative. The reference is the formula in f64.
+        let d = 2048;
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let f: Vec<f32> = (0..d).map(|_| next().abs()).collect();
+        let w0: Vec<f32> = (0..d).map(|_| next().abs()).collect();
+        let w1: Vec<f32> = w0.iter().map(|&v| v * (1.0 + 3e-6 * next())).collect();
+        let w2: Vec<f32> = w0.iter().map(|&v| -v).collect();
+        let wm = Matrix::new(3, d, [w0, w1, w2].concat());
+        let (_, wt) = weights(&Matrix::new(1, d, f.clone()), &wm, 0.01);
+        let z: Vec<f64> = (0..3)
+            .map(|j| {
+                f.iter()
+                    .zip(wm.row(j))
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum()
+            })
+            .collect();
+        let mean = z.iter().sum::<f64>() / 3.0;
+        let sd = (z.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 2.0).sqrt();
+        let e: Vec<f64> = z.iter().map(|v| ((v - mean) / sd / 0.01).exp()).collect();
+        let total: f64 = e.iter().sum();
+        for (j, (ej, &wj)) in e.iter().zip(&wt.data).enumerate() {
+            let (want, got) = (ej / total, f64::from(wj));
+            assert!((got - want).abs() < 1e-6, "domain {j}: {got} vs {want}");
+        }
+        assert!(e[0] / total > 0.05 && e[1] / total > 0.05, "not a near tie");
     }
 
     #[test]

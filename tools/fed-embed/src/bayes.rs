@@ -260,6 +260,57 @@ impl Moments {
     }
 }
 
+/// Where the Monte-Carlo noise comes from.
+pub enum Noise {
+    /// ε (and η) from ftk's seeded streams ([`draw`]).
+    Seeded(u64),
+    /// Given draws: ε [M, N, noise_dim] and, for mean_logvar, η [M, N, width].
+    Explicit { eps: Vec<f32>, eta: Vec<f32> },
+}
+
+/// Mean and unbiased variance of the prompts [N, width] over `m` samples,
+/// and (with `keep`) every sample [M, N, width].
+pub struct Sampled {
+    pub mean: Vec<f32>,
+    pub var: Vec<f32>,
+    pub all: Vec<f32>,
+}
+
+impl Generator {
+    /// Run the generator `m` times per instance of `x`.
+    pub fn sample_moments(&self, x: &Matrix, m: usize, noise: &Noise, keep: bool) -> Sampled {
+        let (n, nd, width) = (x.rows, self.arch.noise_dim, self.width);
+        let logvar = self.arch.output == Output::MeanLogvar;
+        let mut mom = Moments::new(n * width);
+        let mut all = if keep {
+            Vec::with_capacity(m * n * width)
+        } else {
+            vec![]
+        };
+        for s in 0..m {
+            let (e, h) = match noise {
+                Noise::Explicit { eps, eta } => (
+                    eps[s * n * nd..(s + 1) * n * nd].to_vec(),
+                    if logvar {
+                        eta[s * n * width..(s + 1) * n * width].to_vec()
+                    } else {
+                        vec![]
+                    },
+                ),
+                Noise::Seeded(seed) => draw(*seed, s, n, nd, width, logvar),
+            };
+            let psi = self.forward(x, &e);
+            let p = sample(&psi, &h, self.arch.output, width);
+            mom.push(&p);
+            if keep {
+                all.extend_from_slice(&p);
+            }
+        }
+        let (mean, var) = mom.finish();
+        Sampled { mean, var, all }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,6 +104,55 @@ pub fn ensemble(logits: &[Matrix], w: &Matrix, t: f64, how: Combine) -> Matrix {
     out
 }
 
+/// Per sample x_i and client basis U_k: cos θ_ik = ‖U_kᵀ x_i‖ / ‖x_i‖
+/// (`similarity`) and d_ik = sin²θ_ik = 1 − cos² (`discrepancy`), [N, K].
+pub fn discrepancies(x: &Matrix, bases: &[Matrix]) -> (Matrix, Matrix) {
+    let (n, k) = (x.rows, bases.len());
+    let mut sim = Matrix::zeros(n, k);
+    let mut disc = Matrix::zeros(n, k);
+    for (j, u) in bases.iter().enumerate() {
+        let c = crate::subspace::cosines(x, u);
+        for (i, &ci) in c.iter().enumerate() {
+            sim.data[i * k + j] = ci as f32;
+            disc.data[i * k + j] = (1.0 - ci * ci).max(0.0) as f32;
+        }
+    }
+    (sim, disc)
+}
+
+/// Each row's largest entry (ties to the lower column): a sample's top
+/// teacher, or a test image's top domain.
+pub fn argmax_rows(w: &Matrix) -> Vec<usize> {
+    (0..w.rows)
+        .map(|i| {
+            let r = w.row(i);
+            (0..w.cols).fold(0, |b, j| if r[j] > r[b] { j } else { b })
+        })
+        .collect()
+}
+
+/// Mean of column `j` over `rows` (0 for no rows).
+pub fn mean_col(m: &Matrix, j: usize, rows: &[usize]) -> f64 {
+    rows.iter()
+        .map(|&i| f64::from(m.data[i * m.cols + j]))
+        .sum::<f64>()
+        / rows.len().max(1) as f64
+}
+
+/// Mean entropy (nats) of the rows of a probability matrix.
+pub fn mean_entropy(p: &Matrix) -> f64 {
+    p.data
+        .chunks(p.cols)
+        .map(|r| {
+            -r.iter()
+                .filter(|&&p| p > 0.0)
+                .map(|&p| f64::from(p) * f64::from(p).ln())
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / p.rows as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

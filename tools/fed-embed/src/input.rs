@@ -235,3 +235,45 @@ pub fn in_range(flag: &str, v: f64, lo: f64, hi: f64, lo_open: bool) -> Result<f
     }
     Ok(v)
 }
+
+/// Refuse, before allocating, a buffer of `dims` elements of `elem_bytes`
+/// that cannot exist: its size overflows, or it exceeds the machine's memory
+/// (/proc/meminfo; unchecked where that cannot be read).
+pub fn fits_in_memory(what: &str, dims: &[usize], elem_bytes: usize) -> Result<()> {
+    let shape = dims
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(" × ");
+    let bytes = dims
+        .iter()
+        .try_fold(elem_bytes as u64, |acc, &d| acc.checked_mul(d as u64));
+    let Some(bytes) = bytes else {
+        bail!("{what}: {shape} elements overflow a 64-bit size; lower them");
+    };
+    if let Some(total) = machine_memory() {
+        if bytes > total {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            bail!(
+                "{what}: {shape} elements need {:.1} GiB, the machine has {:.1} GiB; lower them",
+                gib(bytes),
+                gib(total)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// MemTotal in bytes.
+fn machine_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}

@@ -51,6 +51,21 @@ pub struct Labelled {
     pub score: Vec<f32>,
 }
 
+impl Labelled {
+    /// Label -1 (skipped by `cluster`) every sample whose confidence is below
+    /// `min`; returns how many.
+    pub fn reject_below(&mut self, min: f64) -> u64 {
+        let mut rejected = 0;
+        for (lab, &c) in self.labels.iter_mut().zip(&self.confidence) {
+            if f64::from(c) < min {
+                *lab = -1;
+                rejected += 1;
+            }
+        }
+        rejected
+    }
+}
+
 /// Nearest prototype per row. Scores s_c are −‖f − p_c‖² (euclidean) or
 /// cos(f, p_c) (cosine); the label is argmax s_c (ties to the lower class)
 /// and the confidence is softmax(s / temperature) at the label.

@@ -2,46 +2,34 @@
 //! file), per-class clustering rules, noise statistics, keys, and the
 //! seeded prompt sampler.
 
-use assert_cmd::Command;
+use ftk::records::{self, Record};
 use ftk::tensors::{write_safetensors, Dtype, OutTensor, TensorFile};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/fed-embed")
+    ftk_test::testdata("fed-embed")
 }
 
-fn cmd() -> Command {
-    let mut c = Command::cargo_bin("fed-embed").unwrap();
-    c.current_dir(data()).env("FTK_NO_PROGRESS", "1");
+fn cmd() -> assert_cmd::Command {
+    let mut c = ftk_test::tool("fed-embed");
+    c.current_dir(data());
     c
 }
 
 fn run_ok(args: &[&str]) -> Value {
-    let o = cmd().args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
+    let mut lines = ftk_test::run_ok(cmd().args(args), &format!("{args:?}"));
+    assert_eq!(lines.len(), 1, "{args:?}: one summary line");
+    lines.remove(0)
 }
 
-/// Expects exit 2, one stderr line with every needle, no stdout, no output file.
+/// Expects exit 2, one stderr line with every needle, no stdout, no output
+/// file and no temporary file left beside it.
 fn run_bad(args: &[&str], out: &Path, needles: &[&str]) {
     let o = cmd().args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-    assert!(o.stdout.is_empty(), "{args:?}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-    assert!(err.starts_with("fed-embed: error: "), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: expected '{n}' in: {err}");
-    }
+    ftk_test::assert_error("fed-embed", &o, 2, needles);
     assert!(!out.exists(), "{args:?}: wrote {}", out.display());
-    let dir = out.parent().unwrap();
-    let stray: Vec<_> = std::fs::read_dir(dir)
+    let stray: Vec<_> = std::fs::read_dir(out.parent().unwrap())
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with(".ftk-tmp"))
@@ -57,242 +45,343 @@ fn write(p: &Path, ts: Vec<OutTensor<'static>>) {
     write_safetensors(p, &ts, None).unwrap();
 }
 
-#[test]
-fn bad_inputs_are_one_line_errors_naming_the_file_and_tensor() {
-    let t = tempfile::tempdir().unwrap();
-    let d = t.path();
-    let o = d.join("out.safetensors");
-    let os = s(&o);
-    // NaN in the features.
-    let nan = d.join("nan.safetensors");
+/// Small bad fixtures, written into `d`.
+fn bad_fixtures(d: &Path) {
+    let f32s = |name: &str, shape: Vec<usize>, v: &[f32]| OutTensor::f32(name, shape, v);
     write(
-        &nan,
-        vec![OutTensor::f32(
-            "features",
-            vec![2, 2],
-            &[1.0, f32::NAN, 0.0, 1.0],
-        )],
+        &d.join("nan.safetensors"),
+        vec![f32s("features", vec![2, 2], &[1.0, f32::NAN, 0.0, 1.0])],
     );
-    run_bad(
-        &["subspace", "--features", s(&nan), "--rank", "1", "-o", os],
-        &o,
-        &[
-            "nan.safetensors",
-            "'features'",
-            "row 0, column 1",
-            "not finite",
-        ],
-    );
-    // Wrong rank and wrong dtype.
-    let v = d.join("vec.safetensors");
-    write(&v, vec![OutTensor::f32("features", vec![4], &[1.0; 4])]);
-    run_bad(
-        &["cluster", "--features", s(&v), "-o", os],
-        &o,
-        &["vec.safetensors", "'features'", "[N, D]"],
-    );
-    let it = d.join("int.safetensors");
-    write(&it, vec![OutTensor::i64("features", vec![2, 2], &[1; 4])]);
-    run_bad(
-        &["prototypes", "--features", s(&it), "-o", os],
-        &o,
-        &["'features'", "float"],
-    );
-    // Truncated file.
-    let tr = d.join("trunc.safetensors");
-    std::fs::copy(data().join("client0.safetensors"), &tr).unwrap();
-    let b = std::fs::read(&tr).unwrap();
-    std::fs::write(&tr, &b[..b.len() - 100]).unwrap();
-    run_bad(
-        &["cluster", "--features", s(&tr), "-o", os],
-        &o,
-        &["trunc.safetensors", "truncated"],
-    );
-    // Missing tensor (file with two other tensors).
-    run_bad(
-        &[
-            "subspace",
-            "--features",
-            "teacher0.safetensors",
-            "--tensor",
-            "emb",
-            "--rank",
-            "2",
-            "-o",
-            os,
-        ],
-        &o,
-        &["teacher0.safetensors", "'emb'"],
-    );
-    run_bad(
-        &[
-            "prototypes",
-            "--features",
-            "d3a_server.safetensors",
-            "-o",
-            os,
-        ],
-        &o,
-        &["'labels'"],
-    );
-    // Zero clients / too many top-k.
-    run_bad(
-        &[
-            "d3a-weights",
-            "--basis",
-            "expected/subspace_c0_r8.safetensors",
-            "--features",
-            "d3a_server.safetensors",
-            "--top-k",
-            "2",
-            "-o",
-            os,
-        ],
-        &o,
-        &["--top-k"],
-    );
-    // k > samples.
-    let small = d.join("small.safetensors");
     write(
-        &small,
-        vec![OutTensor::f32(
+        &d.join("vec.safetensors"),
+        vec![f32s("features", vec![4], &[1.0; 4])],
+    );
+    write(
+        &d.join("int.safetensors"),
+        vec![OutTensor::i64("features", vec![2, 2], &[1; 4])],
+    );
+    let b = std::fs::read(data().join("client0.safetensors")).unwrap();
+    std::fs::write(d.join("trunc.safetensors"), &b[..b.len() - 100]).unwrap();
+    write(
+        &d.join("small.safetensors"),
+        vec![f32s(
             "features",
             vec![3, 2],
             &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
         )],
     );
-    run_bad(
-        &["cluster", "--features", s(&small), "--k", "5", "-o", os],
-        &o,
-        &["small.safetensors", "--k 5", "3 samples"],
-    );
-    // Dimension mismatch between a basis and the server features.
-    run_bad(
-        &[
-            "d3a-weights",
-            "--basis",
-            "expected/subspace_c0_r8.safetensors",
-            "--features",
-            s(&small),
-            "-o",
-            os,
-        ],
-        &o,
-        &["subspace_c0_r8", "dimension 64", "2"],
-    );
-    // Non-orthonormal basis.
-    let nb = d.join("nb.safetensors");
-    write(&nb, vec![OutTensor::f32("basis", vec![2, 1], &[1.0, 1.0])]);
-    run_bad(
-        &[
-            "d3a-weights",
-            "--basis",
-            s(&nb),
-            "--features",
-            s(&small),
-            "-o",
-            os,
-        ],
-        &o,
-        &["nb.safetensors", "orthonormal"],
-    );
-    // Labels: wrong length, negative for prototypes.
-    let bl = d.join("badlab.safetensors");
     write(
-        &bl,
-        vec![
-            OutTensor::f32("features", vec![3, 2], &[0.0; 6]),
-            OutTensor::i64("labels", vec![2], &[0, 1]),
-        ],
+        &d.join("nb.safetensors"),
+        vec![f32s("basis", vec![2, 1], &[1.0, 1.0])],
     );
-    run_bad(
-        &["prototypes", "--features", s(&bl), "-o", os],
-        &o,
-        &["'labels'", "2 labels for 3 samples"],
-    );
-    let nl = d.join("neglab.safetensors");
+    let labelled = |p: &str, n: usize, labels: &[i64]| {
+        write(
+            &d.join(p),
+            vec![
+                f32s("features", vec![n, 2], &vec![0.0; 2 * n]),
+                OutTensor::i64("labels", vec![labels.len()], labels),
+            ],
+        )
+    };
+    labelled("badlab.safetensors", 3, &[0, 1]);
+    labelled("neglab.safetensors", 2, &[0, -1]);
+    // A label of 2^40: prototypes would need 2^40 rows; refused from the data.
+    labelled("hugelab.safetensors", 2, &[0, 1 << 40]);
     write(
-        &nl,
-        vec![
-            OutTensor::f32("features", vec![2, 2], &[0.0; 4]),
-            OutTensor::i64("labels", vec![2], &[0, -1]),
-        ],
-    );
-    run_bad(
-        &["prototypes", "--features", s(&nl), "-o", os],
-        &o,
-        &["'labels'", "-1"],
-    );
-    // Rank above the numerical rank.
-    let r1 = d.join("rank1.safetensors");
-    write(
-        &r1,
-        vec![OutTensor::f32(
+        &d.join("rank1.safetensors"),
+        vec![f32s(
             "features",
             vec![3, 2],
             &[1.0, 2.0, 2.0, 4.0, 3.0, 6.0],
         )],
     );
-    run_bad(
-        &["subspace", "--features", s(&r1), "--rank", "2", "-o", os],
-        &o,
-        &["numerical rank 1"],
+}
+
+#[test]
+fn bad_inputs_are_one_line_errors_naming_the_file_and_tensor() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    bad_fixtures(d);
+    let o = d.join("out.safetensors");
+    let f = |name: &str| d.join(name).to_str().unwrap().to_string();
+    let (nan, vec, int, trunc, small, nb) = (
+        f("nan.safetensors"),
+        f("vec.safetensors"),
+        f("int.safetensors"),
+        f("trunc.safetensors"),
+        f("small.safetensors"),
+        f("nb.safetensors"),
     );
-    // Ensemble: teachers disagree on shape.
-    run_bad(
-        &[
-            "ensemble",
-            "-o",
-            os,
-            "--logits",
-            "teacher0.safetensors",
-            "client0.safetensors",
-            "--logits-tensor",
-            "features",
-        ],
-        &o,
-        &["features"],
+    let (badlab, neglab, hugelab, rank1) = (
+        f("badlab.safetensors"),
+        f("neglab.safetensors"),
+        f("hugelab.safetensors"),
+        f("rank1.safetensors"),
     );
-    // Missing file.
-    run_bad(
-        &["cluster", "--features", "nope.safetensors", "-o", os],
-        &o,
-        &["nope.safetensors"],
+    // (what, arguments before -o, needles in the one-line error)
+    let cases: Vec<(&str, Vec<&str>, Vec<&str>)> = vec![
+        (
+            "NaN feature",
+            vec!["subspace", "--features", &nan, "--rank", "1"],
+            vec![
+                "nan.safetensors",
+                "'features'",
+                "row 0, column 1",
+                "not finite",
+            ],
+        ),
+        (
+            "wrong rank",
+            vec!["cluster", "--features", &vec],
+            vec!["vec.safetensors", "'features'", "[N, D]"],
+        ),
+        (
+            "integer features",
+            vec!["prototypes", "--features", &int],
+            vec!["'features'", "float"],
+        ),
+        (
+            "truncated file",
+            vec!["cluster", "--features", &trunc],
+            vec!["trunc.safetensors", "truncated"],
+        ),
+        (
+            "missing tensor",
+            vec![
+                "subspace",
+                "--features",
+                "teacher0.safetensors",
+                "--tensor",
+                "emb",
+                "--rank",
+                "2",
+            ],
+            vec!["teacher0.safetensors", "'emb'"],
+        ),
+        (
+            "no labels",
+            vec!["prototypes", "--features", "d3a_server.safetensors"],
+            vec!["'labels'"],
+        ),
+        (
+            "top-k above the clients",
+            vec![
+                "d3a-weights",
+                "--basis",
+                "expected/subspace_c0_r8.safetensors",
+                "--features",
+                "d3a_server.safetensors",
+                "--top-k",
+                "2",
+            ],
+            vec!["--top-k"],
+        ),
+        (
+            "k above the samples",
+            vec!["cluster", "--features", &small, "--k", "5"],
+            vec!["small.safetensors", "--k 5", "3 samples"],
+        ),
+        (
+            "basis of another dimension",
+            vec![
+                "d3a-weights",
+                "--basis",
+                "expected/subspace_c0_r8.safetensors",
+                "--features",
+                &small,
+            ],
+            vec!["subspace_c0_r8", "dimension 64", "2"],
+        ),
+        (
+            "non-orthonormal basis",
+            vec!["d3a-weights", "--basis", &nb, "--features", &small],
+            vec!["nb.safetensors", "orthonormal"],
+        ),
+        (
+            "labels of the wrong length",
+            vec!["prototypes", "--features", &badlab],
+            vec!["'labels'", "2 labels for 3 samples"],
+        ),
+        (
+            "negative label",
+            vec!["prototypes", "--features", &neglab],
+            vec!["'labels'", "-1"],
+        ),
+        (
+            "label 2^40",
+            vec!["prototypes", "--features", &hugelab],
+            vec![
+                "hugelab.safetensors",
+                "1099511627777 classes",
+                "only 2 samples",
+            ],
+        ),
+        (
+            "rank above the numerical rank",
+            vec!["subspace", "--features", &rank1, "--rank", "2"],
+            vec!["numerical rank 1"],
+        ),
+        (
+            "teachers of different shapes",
+            vec![
+                "ensemble",
+                "--logits",
+                "teacher0.safetensors",
+                "client0.safetensors",
+                "--logits-tensor",
+                "features",
+            ],
+            vec!["features"],
+        ),
+        (
+            "missing file",
+            vec!["cluster", "--features", "nope.safetensors"],
+            vec!["nope.safetensors"],
+        ),
+        (
+            "generator of another width",
+            vec![
+                "prompt-sample",
+                "--generator",
+                "bayes_gen_mean.safetensors",
+                "--arch",
+                "bayes_arch_mean.json",
+                "--features",
+                &small,
+            ],
+            vec!["layer 0", "takes 72 inputs", "10 arrive"],
+        ),
+        (
+            "adapter with the wrong domains",
+            vec![
+                "adapt-weights",
+                "--keys",
+                "apt_keys.safetensors",
+                "--prompt",
+                "apt_ctx.safetensors",
+                "--adapter",
+                "teacher0.safetensors",
+                "--features",
+                "apt_features.safetensors",
+            ],
+            vec!["teacher0.safetensors"],
+        ),
+        (
+            "keys larger than memory",
+            vec![
+                "keys",
+                "--domains",
+                "2",
+                "--ctx",
+                "100000000",
+                "--dim",
+                "100000000",
+            ],
+            vec!["--ctx", "GiB, the machine has"],
+        ),
+        (
+            "keys whose size overflows",
+            vec![
+                "keys",
+                "--domains",
+                "1000000000",
+                "--ctx",
+                "100000000000",
+                "--dim",
+                "100000000000",
+            ],
+            vec!["--ctx", "overflow"],
+        ),
+    ];
+    for (what, args, needles) in cases {
+        let mut all = args.clone();
+        all.extend(["-o", s(&o)]);
+        eprintln!("case: {what}");
+        run_bad(&all, &o, &needles);
+    }
+}
+
+#[test]
+fn summaries_match_their_record_structs_and_the_help() {
+    let help = ftk_test::help("fed-embed", &[]);
+    ftk_test::assert_documented::<records::FedEmbedSubspace>(&help);
+    ftk_test::assert_documented::<records::FedEmbedD3aWeights>(&help);
+    ftk_test::assert_documented::<records::FedEmbedEnsemble>(&help);
+    ftk_test::assert_documented::<records::FedEmbedPrototypes>(&help);
+    ftk_test::assert_documented::<records::FedEmbedPseudoLabel>(&help);
+    ftk_test::assert_documented::<records::FedEmbedCluster>(&help);
+    ftk_test::assert_documented::<records::FedEmbedNoise>(&help);
+    ftk_test::assert_documented::<records::FedEmbedKeys>(&help);
+    ftk_test::assert_documented::<records::FedEmbedAdaptWeights>(&help);
+    ftk_test::assert_documented::<records::FedEmbedPromptSample>(&help);
+    // And what a run prints decodes into its struct.
+    let t = tempfile::tempdir().unwrap();
+    let k = t.path().join("k.safetensors");
+    let v = run_ok(&[
+        "keys",
+        "--domains",
+        "2",
+        "--ctx",
+        "3",
+        "--dim",
+        "4",
+        "-o",
+        s(&k),
+    ]);
+    let r: records::FedEmbedKeys = serde_json::from_value(v).unwrap();
+    assert_eq!((r.domains, r.ctx, r.dim), (2, 3, 4));
+    assert_eq!(records::FedEmbedKeys::KIND, "fed_embed_keys");
+}
+
+#[test]
+fn noise_reports_what_it_did_to_the_rows() {
+    // Rows of norm 5, 0.5 and 10 in D = 400, clipped to 2, then noise of
+    // sigma 0.1: noise norm about 0.1·sqrt(400) = 2.
+    let t = tempfile::tempdir().unwrap();
+    let (x, o) = (
+        t.path().join("x.safetensors"),
+        t.path().join("o.safetensors"),
     );
-    // Prompt sampler: arch/weights mismatch.
-    run_bad(
-        &[
-            "prompt-sample",
-            "--generator",
-            "bayes_gen_mean.safetensors",
-            "--arch",
-            "bayes_arch_mean.json",
-            "--features",
-            s(&small),
-            "-o",
-            os,
-        ],
-        &o,
-        &["layer 0", "takes 72 inputs", "10 arrive"],
-    );
-    // Adapter with the wrong number of domains.
-    run_bad(
-        &[
-            "adapt-weights",
-            "--keys",
-            "apt_keys.safetensors",
-            "--prompt",
-            "apt_ctx.safetensors",
-            "--adapter",
-            "teacher0.safetensors",
-            "--features",
-            "apt_features.safetensors",
-            "-o",
-            os,
-        ],
-        &o,
-        &["teacher0.safetensors"],
-    );
+    let d = 400;
+    let mut v = vec![0f32; 3 * d];
+    v[0] = 5.0;
+    v[d] = 0.5;
+    v[2 * d + 1] = 10.0;
+    write(&x, vec![OutTensor::f32("features", vec![3, d], &v)]);
+    let r = run_ok(&[
+        "noise",
+        "--features",
+        s(&x),
+        "--clip",
+        "2",
+        "--sigma",
+        "0.1",
+        "--seed",
+        "1",
+        "-o",
+        s(&o),
+    ]);
+    let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
+    assert_eq!(r["clipped_rows"], 2);
+    assert!((f("clipped_fraction") - 2.0 / 3.0).abs() < 1e-12);
+    assert!((f("mean_norm_before") - 15.5 / 3.0).abs() < 1e-6);
+    assert!((f("mean_norm_clipped") - 4.5 / 3.0).abs() < 1e-6);
+    assert!((f("noise_norm") - 2.0).abs() < 0.2, "{r}");
+    // What was uploaded: signal plus independent noise, so about sqrt(c² + 4) per row.
+    let up = TensorFile::open(&o)
+        .unwrap()
+        .require("features")
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
+    let norms: Vec<f64> = up
+        .chunks(d)
+        .map(|r| r.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt())
+        .collect();
+    assert!((f("mean_norm_after") - norms.iter().sum::<f64>() / 3.0).abs() < 1e-4);
+    for (got, c) in norms.iter().zip([2.0f64, 0.5, 2.0]) {
+        assert!((got - (c * c + 4.0).sqrt()).abs() < 0.35, "{got} vs {c}");
+    }
 }
 
 #[test]

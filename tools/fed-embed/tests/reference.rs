@@ -2,13 +2,12 @@
 //! testdata/gen/fed_embed_ref.py (digits split into three domains). Each
 //! test says what it compares and why that comparison is the right one.
 
-use assert_cmd::Command;
 use ftk::tensors::TensorFile;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/fed-embed")
+    ftk_test::testdata("fed-embed")
 }
 
 fn exp(name: &str) -> PathBuf {
@@ -21,19 +20,9 @@ fn cases() -> Value {
 
 /// Runs fed-embed in the fixture directory; returns the summary line.
 fn run(args: &[&str]) -> Value {
-    let o = Command::cargo_bin("fed-embed")
-        .unwrap()
-        .current_dir(data())
-        .env("FTK_NO_PROGRESS", "1")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
+    let mut c = ftk_test::tool("fed-embed");
+    c.current_dir(data()).args(args);
+    ftk_test::run_ok(&mut c, &format!("{args:?}")).remove(0)
 }
 
 fn tensor(p: &Path, name: &str) -> (Vec<usize>, Vec<f64>) {

@@ -4,7 +4,7 @@ use ftk::model::ModelConfig;
 use ftk::Result;
 
 /// TP, PP, EP, CP, DP and virtual pipeline stages.
-#[derive(Clone, Copy, Debug, serde::Serialize)]
+#[derive(Clone, Copy, Debug)]
 pub struct Layout {
     pub tp: u64,
     pub pp: u64,
@@ -13,6 +13,21 @@ pub struct Layout {
     pub dp: u64,
     pub vpp: u64,
     pub world: u64,
+}
+
+impl From<Layout> for ftk::records::Layout {
+    fn from(l: Layout) -> Self {
+        let (tp, pp, ep, cp, dp, vpp, world) = (l.tp, l.pp, l.ep, l.cp, l.dp, l.vpp, l.world);
+        ftk::records::Layout {
+            tp,
+            pp,
+            ep,
+            cp,
+            dp,
+            vpp,
+            world,
+        }
+    }
 }
 
 impl Layout {

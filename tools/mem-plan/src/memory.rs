@@ -7,25 +7,11 @@
 //! (token copies) an EP rank's MoE layer receives.
 //!
 //! chunk-run (MemFine FCDA measured) reports the same terms, so the two can be
-//! compared line by line.
+//! compared line by line; its own network's itemised model is chunk-run's
+//! `predict.rs`. The sizes ([`Dims`]) and MACT's bin rounding are in `ftk`.
 
-/// The sizes the activation formulas take.
-#[derive(Clone, Copy, Debug)]
-pub struct Dims {
-    /// D_t: bytes per activation element (2 for BF16).
-    pub dt: f64,
-    pub b: f64,
-    pub s: f64,
-    pub h: f64,
-    pub a: f64,
-    pub hd: f64,
-    pub ka: f64,
-    pub en: f64,
-    pub ge: f64,
-    pub gd: f64,
-    pub t: f64,
-    pub c: f64,
-}
+pub use ftk::memory::Dims;
+pub use ftk::recompute::Recompute;
 
 /// Which token count a row of MemFine's Table 2 scales with.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -126,28 +112,6 @@ pub fn s_prime_max(d: &Dims, budget: f64, static_bytes: f64, ckpt: f64) -> f64 {
     (budget - static_bytes - ckpt - moe_seq_bytes(d)) / moe_bytes_per_received(d)
 }
 
-/// Eq. (9) plus MACT's bins: c = ceil(s'' / s'_max), then the smallest bin
-/// >= c ("the large bin closest to c"). `None` when no bin is large enough.
-pub fn mact_chunks(s_recv: f64, s_max: f64, bins: &[u64]) -> Option<u64> {
-    if s_recv <= 0.0 {
-        return bins.first().copied();
-    }
-    if s_max <= 0.0 {
-        return None;
-    }
-    let c = (s_recv / s_max).ceil().max(1.0);
-    bins.iter().copied().find(|&b| b as f64 >= c)
-}
-
-/// Recompute mode for Korthikanti's formulas.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Recompute {
-    None,
-    /// Recompute only the attention core (QK^T, softmax, dropout).
-    Selective,
-    Full,
-}
-
 /// One stored tensor of a GPT layer in Korthikanti et al. §4.1 (16-bit
 /// values, 1-byte dropout masks): bytes per s·b·h, how tensor parallelism
 /// shards it, and whether it belongs to the attention core.
@@ -196,6 +160,8 @@ pub fn korthikanti_items() -> Vec<KItem> {
 /// Per-layer activation bytes from the itemised inventory: tensor parallelism
 /// shards the `tp` items, sequence parallelism the rest, selective recompute
 /// drops the attention core, full recompute keeps only the 2sbh layer input.
+/// Chunked and auto (FCDA) chunk only the MoE experts, so a dense layer keeps
+/// what it keeps under none.
 pub fn korthikanti_layer_act(
     s: f64,
     b: f64,
@@ -217,103 +183,6 @@ pub fn korthikanti_layer_act(
             s * b * h * it.sbh * scale / shard
         })
         .sum()
-}
-
-/// chunk-run's network: a stack of MoE-only blocks (router + SwiGLU experts,
-/// residual, no attention), residual stream and router in f32 and expert
-/// activations in `elem` bytes per element (4: f32, 2: bf16), with every
-/// buffer chunk-run allocates itemised, so its measured peaks can be
-/// predicted term by term. `s` counts token copies (tokens × top-k) in the
-/// chunk being processed.
-#[derive(Clone, Copy, Debug)]
-pub struct BlockDims {
-    pub t: f64,
-    pub h: f64,
-    pub f: f64,
-    pub e: f64,
-    pub k: f64,
-    pub layers: f64,
-    pub elem: f64,
-}
-
-/// Recompute mode of chunk-run.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum BlockMode {
-    None,
-    Full,
-    Chunked(f64),
-}
-
-/// Routing kept per layer: router probabilities (4·T·E), top-k ids and
-/// combine weights (4·T·k each).
-pub fn block_routing_bytes(d: &BlockDims) -> f64 {
-    4.0 * d.t * d.e + 8.0 * d.t * d.k
-}
-
-/// Dispatch maps for `s` token copies: row → token, row → slot, (token, slot)
-/// → row (u32 each), and the expert offsets.
-pub fn block_dispatch_bytes(d: &BlockDims, s: f64) -> f64 {
-    12.0 * s + 8.0 * (d.e + 1.0)
-}
-
-/// Expert activations kept per token copy for backward: the gathered input
-/// X (h), w1 and w3 outputs A, B (2f) and the expert output O (h) that the
-/// combine weight's gradient needs: elem·(2h + 2f) bytes.
-pub fn block_stored_per_copy(d: &BlockDims) -> f64 {
-    d.elem * (2.0 * d.h + 2.0 * d.f)
-}
-
-/// The expert working set per token copy at its largest, over the phases of
-/// chunk-run's forward and backward: forward holds X, A, B, H, O (2h + 3f);
-/// backward X, A, B, G, H (2h + 3f), then X, A, B, dA, dB (h + 4f), then X,
-/// dA, dB, dX (2h + 2f), `elem` bytes per element.
-pub fn block_working_per_copy(d: &BlockDims) -> f64 {
-    d.elem
-        * (2.0 * d.h + 3.0 * d.f)
-            .max(d.h + 4.0 * d.f)
-            .max(2.0 * d.h + 2.0 * d.f)
-}
-
-/// Layer inputs 1..L−1 and the output (4·T·h each), plus the input-gradient
-/// buffer and the combine-weight gradients of the layer in backward.
-pub fn block_fixed_bytes(d: &BlockDims) -> f64 {
-    4.0 * d.t * d.h * (d.layers + 1.0) + 4.0 * d.t * d.k
-}
-
-/// Predicted peak activation bytes of one chunk-run step:
-/// none: every layer's routing, dispatch and stored expert activations, with
-/// the last layer's expert term at its working-set peak; full: one layer
-/// recomputed at a time; chunked: routing kept for every layer and the
-/// expert working set of one chunk of s/C copies.
-pub fn block_peak_act(d: &BlockDims, mode: BlockMode) -> f64 {
-    let s = d.t * d.k;
-    let fixed = block_fixed_bytes(d);
-    let routing = block_routing_bytes(d);
-    match mode {
-        BlockMode::None => {
-            fixed
-                + d.layers * (routing + block_dispatch_bytes(d, s))
-                + (d.layers - 1.0) * s * block_stored_per_copy(d)
-                + s * block_working_per_copy(d)
-        }
-        BlockMode::Full => {
-            fixed + routing + block_dispatch_bytes(d, s) + s * block_working_per_copy(d)
-        }
-        BlockMode::Chunked(c) => {
-            let sc = (d.t / c).ceil() * d.k;
-            fixed
-                + d.layers * routing
-                + block_dispatch_bytes(d, sc)
-                + sc * block_working_per_copy(d)
-        }
-    }
-}
-
-/// MACT's s'_max (eq. 8) in chunk-run's terms: token copies one chunk may
-/// hold so that static + activations stay within `budget`.
-pub fn block_s_prime_max(d: &BlockDims, budget: f64, static_bytes: f64) -> f64 {
-    let fixed = block_fixed_bytes(d) + d.layers * block_routing_bytes(d) + 8.0 * (d.e + 1.0);
-    (budget - static_bytes - fixed) / (block_working_per_copy(d) + 12.0)
 }
 
 #[cfg(test)]
@@ -401,15 +270,5 @@ mod tests {
         );
         assert_eq!(in_flight_microbatches(1, 1, 0), 1);
         assert_eq!(in_flight_microbatches(2, 4, 0), 11);
-    }
-
-    #[test]
-    fn mact_rounds_up_to_a_bin() {
-        let bins = [1, 2, 4, 8];
-        assert_eq!(mact_chunks(100.0, 100.0, &bins), Some(1));
-        assert_eq!(mact_chunks(101.0, 100.0, &bins), Some(2));
-        assert_eq!(mact_chunks(301.0, 100.0, &bins), Some(4));
-        assert_eq!(mact_chunks(801.0, 100.0, &bins), None);
-        assert_eq!(mact_chunks(1.0, -5.0, &bins), None);
     }
 }

@@ -5,6 +5,7 @@ use crate::layout::{layer_params, param_bytes, static_bytes, Layout, Precision};
 use crate::memory::{self, Dims, Recompute};
 use crate::routing::Received;
 use ftk::model::ModelConfig;
+use ftk::records::{Acts, MemPlan, StageSummary, Tag};
 use ftk::size::format_bytes;
 use serde::Serialize;
 
@@ -32,52 +33,8 @@ pub struct Inputs<'a> {
     pub sequence_parallel: bool,
 }
 
-#[derive(Serialize, Clone, Copy, Debug, Default)]
-pub struct Acts {
-    pub none: u64,
-    pub full: u64,
-    pub chunked: u64,
-}
-
-#[derive(Serialize, Debug)]
-pub struct LayerRecord {
-    pub kind: &'static str,
-    pub layer: u64,
-    pub moe_layer: u64,
-    pub stage: u64,
-    pub rank: u64,
-    pub tokens_received: u64,
-    /// Static memory of the whole GPU (all its layers, embedding/head).
-    pub static_bytes: u64,
-    /// This layer's share of it.
-    pub layer_static_bytes: u64,
-    pub ckpt_bytes: u64,
-    pub act_bytes: Acts,
-    pub chunks: u64,
-    pub peak_bytes: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fits: Option<bool>,
-}
-
-#[derive(Serialize, Debug)]
-pub struct StageSummary {
-    pub stage: u64,
-    pub layers: u64,
-    pub moe_layers: u64,
-    pub m_g: u64,
-    pub static_bytes: u64,
-    pub ckpt_bytes: u64,
-    /// s'_max of eq. (8): token copies one MoE layer may receive unchunked.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub s_max: Option<i64>,
-    pub peak_bytes: Acts,
-    pub chunks: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fits: Option<bool>,
-}
-
 pub struct Plan {
-    pub records: Vec<LayerRecord>,
+    pub records: Vec<MemPlan>,
     pub stages: Vec<StageSummary>,
     pub chunks: u64,
     pub fits: Option<bool>,
@@ -108,12 +65,67 @@ fn dense_act(i: &Inputs) -> f64 {
 
 /// Compute the plan.
 pub fn plan(i: &Inputs) -> Plan {
-    let m = i.model;
-    let l = &i.layout;
-    let d = &i.dims;
-    let moe_ordinal: Vec<Option<u64>> = {
+    let cx = Ctx::new(i);
+    let mut records = vec![];
+    let mut stages = vec![];
+    let mut worst: Option<Hardest> = None;
+    for stage in 0..i.layout.pp {
+        let st = cx.stage(stage);
+        records.extend(st.records);
+        if let Some(h) = st.hardest {
+            if worst.as_ref().is_none_or(|w| h.harder_than(w)) {
+                worst = Some(h);
+            }
+        }
+        stages.push(st.summary);
+    }
+    records.sort_by_key(|r| (r.layer, r.rank));
+    let fits = i
+        .budget
+        .map(|_| stages.iter().all(|s| s.fits == Some(true)));
+    let chunks = stages.iter().map(|s| s.chunks).max().unwrap_or(1);
+    let min_peak = stages
+        .iter()
+        .map(|s| s.peak_bytes.chunked)
+        .max()
+        .unwrap_or(0);
+    let seq = memory::moe_seq_bytes(&i.dims);
+    let per_recv = memory::moe_bytes_per_received(&i.dims);
+    let (dominant, why) = explain(i, worst, seq, per_recv, cx.dense, &stages);
+    Plan {
+        records,
+        stages,
+        chunks,
+        fits,
+        dominant,
+        why,
+        min_peak,
+    }
+}
+
+/// What every stage's plan reads.
+struct Ctx<'a> {
+    i: &'a Inputs<'a>,
+    /// Each layer's ordinal among the MoE layers (None: dense).
+    moe_ordinal: Vec<Option<u64>>,
+    /// One dense layer's activations.
+    dense: f64,
+}
+
+/// One pipeline stage: its records (per MoE layer and EP rank), summary,
+/// and its hardest (layer, rank).
+struct StagePlan {
+    records: Vec<MemPlan>,
+    summary: StageSummary,
+    hardest: Option<Hardest>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(i: &'a Inputs<'a>) -> Ctx<'a> {
         let mut n = 0;
-        m.is_moe
+        let moe_ordinal = i
+            .model
+            .is_moe
             .iter()
             .map(|&x| {
                 x.then(|| {
@@ -121,72 +133,79 @@ pub fn plan(i: &Inputs) -> Plan {
                     n - 1
                 })
             })
-            .collect()
-    };
-    let dense = dense_act(i);
-    let seq = memory::moe_seq_bytes(d);
-    let per_recv = memory::moe_bytes_per_received(d);
-    let max_bin = *i.bins.last().unwrap_or(&1);
-    let mut records = vec![];
-    let mut stages = vec![];
-    let mut worst: Option<Hardest> = None;
-    for stage in 0..l.pp {
+            .collect();
+        Ctx {
+            i,
+            moe_ordinal,
+            dense: dense_act(i),
+        }
+    }
+
+    /// Chunks per MoE layer of the stage, shared by all EP ranks (each chunk
+    /// is one all-to-all): (layer, MoE ordinal, C), and whether MACT found a
+    /// bin for every layer.
+    fn layer_chunks(&self, layers: &[u64], s_max: Option<f64>) -> (Vec<(u64, u64, u64)>, bool) {
+        let i = self.i;
+        let max_bin = *i.bins.last().unwrap_or(&1);
+        let mut feasible = true;
+        let chunks = layers
+            .iter()
+            .filter_map(|&x| self.moe_ordinal[x as usize].map(|o| (x, o)))
+            .map(|(x, o)| {
+                let s_layer = i.recv.per_layer[o as usize]
+                    .iter()
+                    .cloned()
+                    .fold(0.0, f64::max);
+                let c = match (i.fixed_chunks, s_max) {
+                    (Some(c), _) => c,
+                    (None, Some(sm)) => {
+                        ftk::mact::chunks(s_layer, sm, &i.bins).unwrap_or_else(|| {
+                            feasible = false;
+                            max_bin
+                        })
+                    }
+                    (None, None) => 1,
+                };
+                (x, o, c)
+            })
+            .collect();
+        (chunks, feasible)
+    }
+
+    fn stage(&self, stage: u64) -> StagePlan {
+        let (i, d) = (self.i, &self.i.dims);
+        let (m, l) = (i.model, &i.layout);
         let layers: Vec<u64> = (0..m.layers)
             .filter(|&x| l.stage_of(m.layers, x) == stage)
             .collect();
+        let has_dense = layers
+            .iter()
+            .any(|&x| self.moe_ordinal[x as usize].is_none());
         let sta = static_bytes(m, l, stage, &i.precision, i.zero);
         let m_g = memory::in_flight_microbatches(l.vpp, l.pp, stage);
         let per_chunk_inflight = m_g as f64 / l.vpp as f64;
         let ckpt = per_chunk_inflight * layers.len() as f64 * memory::checkpoint_bytes(d);
         let s_max = i.budget.map(|b| memory::s_prime_max(d, b, sta, ckpt));
-        // Chunks per MoE layer, shared by all EP ranks (each chunk is one all-to-all).
-        let mut layer_chunks = vec![];
-        let mut feasible = true;
-        for &x in &layers {
-            let Some(o) = moe_ordinal[x as usize] else {
-                continue;
-            };
-            let s_layer = i.recv.per_layer[o as usize]
-                .iter()
-                .cloned()
-                .fold(0.0, f64::max);
-            let c = match (i.fixed_chunks, s_max) {
-                (Some(c), _) => c,
-                (None, Some(sm)) => {
-                    memory::mact_chunks(s_layer, sm, &i.bins).unwrap_or_else(|| {
-                        feasible = false;
-                        max_bin
-                    })
-                }
-                (None, None) => 1,
-            };
-            layer_chunks.push((x, o, c));
+        let (layer_chunks, mut feasible) = self.layer_chunks(&layers, s_max);
+        if i.budget.is_some_and(|b| sta + ckpt + self.dense > b) && has_dense {
+            feasible = false;
         }
-        if let Some(b) = i.budget {
-            if sta + ckpt + dense > b && layers.iter().any(|&x| moe_ordinal[x as usize].is_none()) {
-                feasible = false;
-            }
-        }
-        let mut peak = Acts::default();
+        let mut records = vec![];
+        let mut hardest: Option<Hardest> = None;
         let (mut pn, mut pf, mut pc) = (0f64, 0f64, 0f64);
         for r in 0..l.ep as usize {
-            let act = |x: u64, c: f64| match moe_ordinal[x as usize] {
+            let act = |x: u64, c: f64| match self.moe_ordinal[x as usize] {
                 Some(o) => memory::moe_layer_act(d, i.recv.per_layer[o as usize][r], c),
-                None => dense,
+                None => self.dense,
             };
             let none: f64 = layers.iter().map(|&x| act(x, 1.0)).sum::<f64>() * per_chunk_inflight;
             let full = layers.iter().map(|&x| act(x, 1.0)).fold(0.0, f64::max);
-            let mut chunked = if layers.iter().any(|&x| moe_ordinal[x as usize].is_none()) {
-                dense
-            } else {
-                0.0
-            };
+            let mut chunked = if has_dense { self.dense } else { 0.0 };
             for &(x, o, c) in &layer_chunks {
                 let s_recv = i.recv.per_layer[o as usize][r];
                 let a_c = memory::moe_layer_act(d, s_recv, c as f64);
                 chunked = chunked.max(a_c);
                 let peak_r = sta + ckpt + a_c;
-                let fits = i.budget.map(|b| peak_r <= b);
                 let h = Hardest {
                     stage,
                     layer: x,
@@ -198,13 +217,11 @@ pub fn plan(i: &Inputs) -> Plan {
                     feasible,
                     peak: peak_r,
                 };
-                if worst.as_ref().is_none_or(|w| {
-                    h.key().partial_cmp(&w.key()) == Some(std::cmp::Ordering::Greater)
-                }) {
-                    worst = Some(h);
+                if hardest.as_ref().is_none_or(|w| h.harder_than(w)) {
+                    hardest = Some(h);
                 }
-                records.push(LayerRecord {
-                    kind: "mem_plan",
+                records.push(MemPlan {
+                    kind: Tag::default(),
                     layer: x,
                     moe_layer: o,
                     stage,
@@ -222,18 +239,14 @@ pub fn plan(i: &Inputs) -> Plan {
                     },
                     chunks: c,
                     peak_bytes: peak_r.round() as u64,
-                    fits,
+                    fits: i.budget.map(|b| peak_r <= b),
                 });
             }
             pn = pn.max(sta + none);
             pf = pf.max(sta + ckpt + full);
             pc = pc.max(sta + ckpt + chunked);
         }
-        peak.none = pn.round() as u64;
-        peak.full = pf.round() as u64;
-        peak.chunked = pc.round() as u64;
-        let fits = i.budget.map(|b| feasible && pc <= b);
-        stages.push(StageSummary {
+        let summary = StageSummary {
             stage,
             layers: layers.len() as u64,
             moe_layers: layer_chunks.len() as u64,
@@ -241,30 +254,19 @@ pub fn plan(i: &Inputs) -> Plan {
             static_bytes: sta.round() as u64,
             ckpt_bytes: ckpt.round() as u64,
             s_max: s_max.map(|x| x.floor().max(-1.0) as i64),
-            peak_bytes: peak,
+            peak_bytes: Acts {
+                none: pn.round() as u64,
+                full: pf.round() as u64,
+                chunked: pc.round() as u64,
+            },
             chunks: layer_chunks.iter().map(|x| x.2).max().unwrap_or(1),
-            fits,
-        });
-    }
-    records.sort_by_key(|r| (r.layer, r.rank));
-    let fits = i
-        .budget
-        .map(|_| stages.iter().all(|s| s.fits == Some(true)));
-    let chunks = stages.iter().map(|s| s.chunks).max().unwrap_or(1);
-    let min_peak = stages
-        .iter()
-        .map(|s| s.peak_bytes.chunked)
-        .max()
-        .unwrap_or(0);
-    let (dominant, why) = explain(i, worst, seq, per_recv, dense, &stages);
-    Plan {
-        records,
-        stages,
-        chunks,
-        fits,
-        dominant,
-        why,
-        min_peak,
+            fits: i.budget.map(|b| feasible && pc <= b),
+        };
+        StagePlan {
+            records,
+            summary,
+            hardest,
+        }
     }
 }
 
@@ -285,6 +287,11 @@ impl Hardest {
     /// Infeasible first, then the most chunks, then the highest peak.
     fn key(&self) -> (bool, u64, f64) {
         (!self.feasible, self.chunks, self.peak)
+    }
+
+    /// Strictly harder: on a tie the first one seen stays.
+    fn harder_than(&self, o: &Hardest) -> bool {
+        self.key().partial_cmp(&o.key()) == Some(std::cmp::Ordering::Greater)
     }
 }
 

@@ -2,20 +2,9 @@
 //! a what-if count, or uniform routing.
 
 use ftk::jsonl::Reader;
-use ftk::{Error, Result};
-use serde::Deserialize;
+use ftk::records::{self, RouteHist};
+use ftk::Result;
 use std::io::BufRead;
-
-#[derive(Deserialize)]
-struct Hist {
-    kind: Option<String>,
-    layer: Option<u64>,
-    step: Option<u64>,
-    experts: Option<u64>,
-    topk: Option<u64>,
-    tokens: Option<u64>,
-    counts: Option<Vec<u64>>,
-}
 
 /// s' per MoE layer (ordinal) and EP rank, in the formula's units (token
 /// copies a rank receives for a micro-batch of b·s tokens per source rank).
@@ -36,54 +25,53 @@ pub fn uniform(moe_layers: usize, ep: usize, bs: f64, topk: f64) -> Received {
     }
 }
 
+/// What the plan expects of the histograms, and the tokens it scales them to.
+#[derive(Clone, Copy, Debug)]
+pub struct Expect {
+    pub moe_layers: usize,
+    pub experts: u64,
+    pub topk: u64,
+    pub ep: usize,
+    /// b·s: tokens per micro-batch and source rank.
+    pub bs: f64,
+}
+
 /// Read route_hist records. Layer L is the model's L-th MoE layer; a layer
 /// seen at several steps takes, per rank, its worst step; layers with no
 /// record take the element-wise worst of the layers that have one. Counts are
 /// re-placed on this plan's EP ranks and scaled from the trace's tokens to
 /// the plan's ep·b·s tokens per micro-batch.
-pub fn from_hists(
-    src: &str,
-    input: Box<dyn BufRead>,
-    moe_layers: usize,
-    experts: u64,
-    topk: u64,
-    ep: usize,
-    bs: f64,
-) -> Result<Option<Received>> {
+pub fn from_hists(src: &str, input: Box<dyn BufRead>, want: &Expect) -> Result<Option<Received>> {
+    let Expect {
+        moe_layers,
+        experts,
+        topk,
+        ep,
+        bs,
+    } = *want;
     let mut r = Reader::new(src, input);
     let mut worst: Vec<Option<Vec<f64>>> = vec![None; moe_layers];
     let mut n = 0u64;
-    while let Some(h) = r.next_record::<Hist>()? {
-        if h.kind.as_deref() != Some("route_hist") {
-            continue;
-        }
-        let field = |v: Option<u64>, name: &str| {
-            v.ok_or_else(|| {
-                Error::input(format!(
-                    "{}: route_hist record has no '{name}' field",
-                    r.here()
-                ))
-            })
-        };
-        let layer = field(h.layer, "layer")?;
-        field(h.step, "step")?;
-        let (e, k, tokens) = (
-            field(h.experts, "experts")?,
-            field(h.topk, "topk")?,
-            field(h.tokens, "tokens")?,
-        );
-        let counts = h.counts.ok_or_else(|| {
-            Error::input(format!(
-                "{}: route_hist record has no 'counts' field",
-                r.here()
-            ))
-        })?;
-        if e != experts || counts.len() as u64 != experts {
+    while let Some(h) = records::next::<RouteHist, _>(&mut r)? {
+        let RouteHist {
+            layer,
+            experts: e,
+            topk: k,
+            tokens,
+            counts,
+            ..
+        } = h;
+        if counts.len() as u64 != e {
             ftk::bail!(
-                "{}: histogram has {} experts ({} counts) but the model has {experts}; route the trace with the same model",
+                "{}: 'counts' has {} entries but 'experts' is {e}; the record is corrupt",
                 r.here(),
-                e,
                 counts.len()
+            );
+        }
+        if e != experts {
+            ftk::bail!(
+                "{}: histogram has {e} experts but the model has {experts}; route the trace with the same model",
+                r.here()
             );
         }
         if k != topk {

@@ -7,9 +7,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn testdata(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata")
-        .join(p)
+    ftk_test::testdata(p)
 }
 
 fn config(name: &str) -> String {
@@ -19,22 +17,7 @@ fn config(name: &str) -> String {
 }
 
 fn run(args: &[&str]) -> (Option<i32>, Vec<Value>, String) {
-    let out = Command::cargo_bin("mem-plan")
-        .unwrap()
-        .args(args)
-        .arg("--uniform")
-        .output()
-        .unwrap();
-    let recs = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (
-        out.status.code(),
-        recs,
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    ftk_test::run_any(ftk_test::tool("mem-plan").args(args).arg("--uniform"))
 }
 
 fn summary(recs: &[Value]) -> &Value {
@@ -308,12 +291,11 @@ fn histograms_set_tokens_received() {
         None => String::new(),
     };
     let text = if text.is_empty() {
-        r#"{"kind":"route_hist","layer":0,"step":0,"experts":8,"topk":2,"tokens":4096,"counts":[4096,2048,512,512,256,256,256,256]}"#.to_string()
+        r#"{"kind":"route_hist","layer":0,"step":0,"experts":8,"topk":2,"tokens":4096,"counts":[4096,2048,512,512,256,256,256,256],"ep":1,"rank_counts":[8192],"max_vio":3.0,"a2a":[[8192]]}"#.to_string()
     } else {
         text
     };
-    let out = Command::cargo_bin("mem-plan")
-        .unwrap()
+    let out = ftk_test::tool("mem-plan")
         .args(["--model", &mix, "--ep", "8", "--dp", "8", "--seq", "2048"])
         .write_stdin(text)
         .output()
@@ -383,16 +365,21 @@ fn bad_input_exits_2_with_one_line_and_no_output() {
         (
             vec!["--model".into(), mix.clone()],
             Some(
-                r#"{"kind":"route_hist","layer":0,"step":0,"experts":4,"topk":2,"tokens":1,"counts":[1,1,0,0]}"#,
+                r#"{"kind":"route_hist","layer":0,"step":0,"experts":4,"topk":2,"tokens":1,"counts":[1,1,0,0],"ep":1,"rank_counts":[2],"max_vio":1.0,"a2a":[[2]]}"#,
             ),
             "experts",
         ),
         (
             vec!["--model".into(), mix.clone()],
             Some(
-                r#"{"kind":"route_hist","layer":0,"step":0,"experts":8,"topk":2,"tokens":1,"counts":[1,1,1,0,0,0,0,0]}"#,
+                r#"{"kind":"route_hist","layer":0,"step":0,"experts":8,"topk":2,"tokens":1,"counts":[1,1,1,0,0,0,0,0],"ep":1,"rank_counts":[3],"max_vio":3.0,"a2a":[[3]]}"#,
             ),
             "counts",
+        ),
+        (
+            vec!["--model".into(), mix.clone()],
+            Some(r#"{"kind":"route_hist","layer":0,"step":0,"experts":8}"#),
+            "missing field `topk`",
         ),
         (
             vec!["--model".into(), "/nonexistent/config.json".into()],
@@ -446,7 +433,7 @@ fn bad_input_exits_2_with_one_line_and_no_output() {
         ),
     ];
     for (args, stdin, needle) in cases {
-        let mut c = Command::cargo_bin("mem-plan").unwrap();
+        let mut c = ftk_test::tool("mem-plan");
         c.args(&args);
         match stdin {
             Some(s) => c.write_stdin(s),
@@ -463,4 +450,35 @@ fn bad_input_exits_2_with_one_line_and_no_output() {
         );
         assert!(!err.contains("panicked"));
     }
+}
+
+#[test]
+fn help_documents_the_records() {
+    let h = ftk_test::help("mem-plan", &[]);
+    ftk_test::assert_documented::<ftk::records::MemPlan>(&h);
+    ftk_test::assert_documented::<ftk::records::MemPlanSummary>(&h);
+}
+
+#[test]
+fn histograms_with_a_corrupt_count_list_say_so() {
+    // 3 counts for 8 experts: the record contradicts itself, which is not
+    // "the model has another expert count".
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path().join("h.jsonl");
+    std::fs::write(
+        &h,
+        r#"{"kind":"route_hist","layer":0,"step":0,"experts":8,"topk":2,"tokens":4,"counts":[4,2,2],"ep":1,"rank_counts":[8],"max_vio":1.0,"a2a":[[8]]}"#,
+    )
+    .unwrap();
+    let out = ftk_test::tool("mem-plan")
+        .args(["--model", &config("mixtral-8x7b"), "--hist"])
+        .arg(&h)
+        .output()
+        .unwrap();
+    ftk_test::assert_error(
+        "mem-plan",
+        &out,
+        2,
+        &["h.jsonl: line 1", "3 entries", "'experts' is 8"],
+    );
 }

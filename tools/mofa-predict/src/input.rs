@@ -246,11 +246,7 @@ fn ser_recompute<S: serde::Serializer>(
 }
 
 pub fn recompute_name(r: Recompute) -> &'static str {
-    match r {
-        Recompute::None => "none",
-        Recompute::Selective => "selective",
-        Recompute::Full => "full",
-    }
+    r.name()
 }
 
 impl Strategy {

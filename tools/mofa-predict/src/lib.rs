@@ -214,30 +214,20 @@ fn fallback(c: &Common) -> Result<Fallback> {
 
 /// EP imbalance from route_hist records.
 pub fn imbalance_from_hists(name: &str, r: impl std::io::BufRead) -> Result<f64> {
-    #[derive(serde::Deserialize)]
-    struct H {
-        kind: Option<String>,
-        max_vio: Option<f64>,
-        rank_counts: Option<Vec<f64>>,
-    }
     let mut rd = Reader::new(name, r);
     let (mut sum, mut n) = (0.0, 0u64);
-    while let Some(h) = rd.next_record::<H>()? {
-        if h.kind.as_deref() != Some("route_hist") {
-            continue;
-        }
-        let v = match (&h.rank_counts, h.max_vio) {
-            (Some(rc), _) if !rc.is_empty() && rc.iter().sum::<f64>() > 0.0 => {
-                let mean = rc.iter().sum::<f64>() / rc.len() as f64;
-                rc.iter().cloned().fold(0.0, f64::max) / mean - 1.0
-            }
-            (_, Some(m)) if m.is_finite() && m >= 0.0 => m,
-            _ => {
-                return Err(Error::input(format!(
-                    "{}: route_hist record without rank_counts or max_vio",
-                    rd.here()
-                )))
-            }
+    while let Some(h) = ftk::records::next::<ftk::records::RouteHist, _>(&mut rd)? {
+        let total = h.rank_counts.iter().sum::<u64>() as f64;
+        let v = if total > 0.0 {
+            let mean = total / h.rank_counts.len() as f64;
+            h.rank_counts.iter().copied().max().unwrap_or(0) as f64 / mean - 1.0
+        } else if h.max_vio.is_finite() && h.max_vio >= 0.0 {
+            h.max_vio
+        } else {
+            return Err(Error::input(format!(
+                "{}: route_hist record with no tokens in rank_counts and no usable max_vio",
+                rd.here()
+            )));
         };
         sum += v;
         n += 1;

@@ -437,7 +437,8 @@ pub fn iteration_flops(job: &Job) -> (f64, f64) {
     let extra = match job.strategy.recompute {
         Recompute::Full => layer_fwd,
         Recompute::Selective => attn_fwd,
-        Recompute::None => 0.0,
+        // mofa-predict's strategies offer none, selective and full only.
+        Recompute::None | Recompute::Chunked(_) | Recompute::Auto => 0.0,
     };
     (model_flops, model_flops + tokens * extra)
 }

@@ -131,28 +131,7 @@ pub fn count_topk(dtype: Dtype, bytes: &[u8], k: usize, experts: usize) -> Resul
     }
 }
 
-/// Indices of the k largest values of `row`, ties going to the lower index
-/// (softmax is monotone, so this is Mixtral's top-k of the routing weights).
-/// Returns `Err(col)` for the first NaN.
-#[inline]
-pub fn topk_row(row: &[f32], k: usize, out: &mut Vec<(f32, usize)>) -> Result<(), usize> {
-    out.clear();
-    for (i, &v) in row.iter().enumerate() {
-        if v.is_nan() {
-            return Err(i);
-        }
-        if out.len() < k {
-            // Insert keeping descending order; equal values keep index order.
-            let pos = out.iter().position(|&(w, _)| v > w).unwrap_or(out.len());
-            out.insert(pos, (v, i));
-        } else if v > out[k - 1].0 {
-            out.pop();
-            let pos = out.iter().position(|&(w, _)| v > w).unwrap_or(out.len());
-            out.insert(pos, (v, i));
-        }
-    }
-    Ok(())
-}
+use ftk::routing::topk_row;
 
 /// What went wrong in a logits block: a NaN at (row, col).
 pub struct NanAt(pub usize, pub usize);

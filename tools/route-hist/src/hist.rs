@@ -5,33 +5,8 @@
 //! "unit" — and hands it here. Everything in the record derives from units,
 //! so memory is O(experts + ep²) per open group, whatever the trace size.
 
-use serde::Serialize;
-
-/// Where experts live: `ep` ranks, experts placed contiguously.
-#[derive(Clone, Copy, Debug)]
-pub struct Placement {
-    pub experts: usize,
-    pub ep: usize,
-}
-
-impl Placement {
-    pub fn new(experts: usize, ep: usize) -> ftk::Result<Placement> {
-        if experts == 0 {
-            ftk::bail!("--experts must be at least 1");
-        }
-        if ep == 0 || !experts.is_multiple_of(ep) {
-            ftk::bail!(
-                "--ep {ep} does not divide the {experts} experts; experts are placed on EP ranks contiguously, so pick a divisor of {experts}"
-            );
-        }
-        Ok(Placement { experts, ep })
-    }
-
-    /// The EP rank holding expert `e`.
-    pub fn rank_of(&self, e: usize) -> usize {
-        e / (self.experts / self.ep)
-    }
-}
+use ftk::records::{RouteHist, Tag};
+use ftk::routing::Placement;
 
 /// Megatron-LM's expert capacity for one micro-batch:
 /// `ceil(tokens * topk / experts * capacity_factor)` (get_capacity applied to
@@ -110,7 +85,7 @@ impl Accum {
         let max = self.counts.iter().copied().max().unwrap_or(0) as f64;
         let max_vio = if mean > 0.0 { (max - mean) / mean } else { 0.0 };
         RouteHist {
-            kind: "route_hist",
+            kind: Tag::default(),
             layer: self.layer,
             step: self.step,
             experts: p.experts as u64,
@@ -124,24 +99,6 @@ impl Accum {
             dropped: with_dropped.then_some(self.dropped),
         }
     }
-}
-
-/// The `route_hist` record (see `--help` for each field's meaning).
-#[derive(Serialize, Debug, Clone, PartialEq, serde::Deserialize)]
-pub struct RouteHist {
-    pub kind: &'static str,
-    pub layer: u64,
-    pub step: u64,
-    pub experts: u64,
-    pub topk: u64,
-    pub tokens: u64,
-    pub counts: Vec<u64>,
-    pub ep: u64,
-    pub rank_counts: Vec<u64>,
-    pub max_vio: f64,
-    pub a2a: Vec<Vec<u64>>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub dropped: Option<u64>,
 }
 
 #[cfg(test)]

@@ -6,21 +6,20 @@ pub mod count;
 pub mod cuda;
 pub mod hist;
 pub mod route_record;
-pub mod synth;
 pub mod trace;
 
 use clap::Parser;
 use ftk::cli::Stdout;
 use ftk::io::Input;
 use ftk::model::ModelConfig;
+use ftk::routing::{LayerModel, Placement, Skew};
 use ftk::table::Table;
 use ftk::tensors::{sniff, TensorFile};
 use ftk::{Error, Result};
-use hist::{Accum, Placement};
+use hist::Accum;
 use rayon::prelude::*;
 use std::io::Read;
 use std::path::PathBuf;
-use synth::{LayerModel, Skew};
 use trace::{Groups, Settings};
 
 const AFTER_HELP: &str = "\

@@ -2,9 +2,10 @@
 //! safetensors files of `layer.{L}.topk` / `layer.{L}.logits` tensors (mapped).
 
 use crate::count;
-use crate::hist::{Accum, Placement};
+use crate::hist::Accum;
 use crate::route_record::{RecordSeed, NEED_EXPERTS};
 use ftk::jsonl::Reader;
+use ftk::routing::Placement;
 use ftk::tensors::{self, TensorFile};
 use ftk::{Error, Result};
 use std::collections::BTreeMap;
@@ -185,111 +186,125 @@ pub fn read_safetensors(
         )));
     }
     for (layer, lt) in &layers {
-        let acc = match lt {
-            LayerTensor::TopK(name) => {
-                let t = f.require(name)?;
-                t.expect_rank(2, "[tokens, k]")?;
-                if !tensors::is_int(t.dtype) {
-                    return Err(Error::input(format!(
-                        "{}: top-k expert ids must be an integer dtype (I8..I64, U8..U64), got {:?}",
-                        t.here(),
-                        t.dtype
-                    )));
-                }
-                let (tokens, k) = (t.shape[0], t.shape[1]);
-                let experts = s
-                    .experts
-                    .ok_or_else(|| Error::input(format!("{}: {NEED_EXPERTS}", t.here())))?;
-                if let Some(want) = s.topk {
-                    if want != k {
-                        return Err(Error::input(format!(
-                            "{}: has top-{k} rows but --topk is {want}",
-                            t.here()
-                        )));
-                    }
-                }
-                if tokens == 0 || k == 0 || k > experts {
-                    return Err(Error::input(format!(
-                        "{}: shape {:?} has no routed tokens or a top-k outside 1..={experts}",
-                        t.here(),
-                        t.shape
-                    )));
-                }
-                let p = Placement::new(experts, s.ep)?;
-                let w = tensors::dtype_bytes(t.dtype).expect("integer dtypes are whole bytes");
-                let mut acc = Accum::new(*layer, step, k as u64, p);
-                for (r, a, b) in blocks(tokens, s.ep) {
-                    let bytes = &t.data[a * k * w..b * k * w];
-                    if let (ftk::device::Device::Cuda(ordinal), Some(_)) =
-                        (s.device, crate::cuda::kernel_for(t.dtype))
-                    {
-                        let counted = crate::cuda::count_topk(ordinal, t.dtype, bytes, experts)
-                            .map_err(|m| Error::input(format!("{}: {m}", t.here())))?;
-                        if let Some(unit) = counted {
-                            acc.add_unit(p, r, (b - a) as u64, &unit, s.capacity_factor);
-                            continue;
-                        }
-                        // ids out of range: the CPU scan below names the first one
-                    }
-                    let unit =
-                        count::count_topk(t.dtype, bytes, k, experts).map_err(|(i, v)| {
-                            Error::input(format!(
-                            "{}: token {} names expert {v}, outside 0..{experts}; check --experts",
-                            t.here(),
-                            a + i / k
-                        ))
-                        })?;
-                    acc.add_unit(p, r, (b - a) as u64, &unit, s.capacity_factor);
-                }
-                (acc, p)
-            }
-            LayerTensor::Logits(name) => {
-                let t = f.require(name)?;
-                t.expect_rank(2, "[tokens, experts]")?;
-                if !tensors::is_float(t.dtype) {
-                    return Err(Error::input(format!(
-                        "{}: router logits must be F16, BF16, F32 or F64, got {:?}",
-                        t.here(),
-                        t.dtype
-                    )));
-                }
-                let (tokens, experts) = (t.shape[0], t.shape[1]);
-                if let Some(e) = s.experts.filter(|e| *e != experts) {
-                    return Err(Error::input(format!(
-                        "{}: logits have {experts} experts but --experts/--model says {e}",
-                        t.here()
-                    )));
-                }
-                let k = s.topk.ok_or_else(|| {
-                    Error::input(format!(
-                        "{}: routing from logits needs --topk K or --model config.json",
-                        t.here()
-                    ))
-                })?;
-                if tokens == 0 || k == 0 || k > experts {
-                    return Err(Error::input(format!(
-                        "{}: shape {:?} has no tokens or top-{k} is outside 1..={experts}",
-                        t.here(),
-                        t.shape
-                    )));
-                }
-                let p = Placement::new(experts, s.ep)?;
-                let mut acc = Accum::new(*layer, step, k as u64, p);
-                for (r, a, b) in blocks(tokens, s.ep) {
-                    let unit = count::count_logits(t.dtype, t.data, a, b - a, experts, k).map_err(
-                        |count::NanAt(row, col)| {
-                            Error::input(format!(
-                                "{}: NaN logit at token {row}, expert {col}",
-                                t.here()
-                            ))
-                        },
-                    )?;
-                    acc.add_unit(p, r, (b - a) as u64, &unit, s.capacity_factor);
-                }
-                (acc, p)
-            }
+        let (acc, p) = match lt {
+            LayerTensor::TopK(name) => topk_layer(&f.require(name)?, *layer, step, s)?,
+            LayerTensor::Logits(name) => logits_layer(&f.require(name)?, *layer, step, s)?,
         };
-        emit(&acc.0, acc.1)?;
+        emit(&acc, p)?;
     }
     Ok(layers.len() as u64)
+}
+
+/// One layer's integer top-k ids [tokens, k], counted per source-rank block.
+fn topk_layer(
+    t: &tensors::Tensor<'_>,
+    layer: u64,
+    step: u64,
+    s: &Settings,
+) -> Result<(Accum, Placement)> {
+    t.expect_rank(2, "[tokens, k]")?;
+    if !tensors::is_int(t.dtype) {
+        return Err(Error::input(format!(
+            "{}: top-k expert ids must be an integer dtype (I8..I64, U8..U64), got {:?}",
+            t.here(),
+            t.dtype
+        )));
+    }
+    let (tokens, k) = (t.shape[0], t.shape[1]);
+    let experts = s
+        .experts
+        .ok_or_else(|| Error::input(format!("{}: {NEED_EXPERTS}", t.here())))?;
+    if let Some(want) = s.topk {
+        if want != k {
+            return Err(Error::input(format!(
+                "{}: has top-{k} rows but --topk is {want}",
+                t.here()
+            )));
+        }
+    }
+    if tokens == 0 || k == 0 || k > experts {
+        return Err(Error::input(format!(
+            "{}: shape {:?} has no routed tokens or a top-k outside 1..={experts}",
+            t.here(),
+            t.shape
+        )));
+    }
+    let p = Placement::new(experts, s.ep)?;
+    let w = tensors::dtype_bytes(t.dtype).expect("integer dtypes are whole bytes");
+    let mut acc = Accum::new(layer, step, k as u64, p);
+    for (r, a, b) in blocks(tokens, s.ep) {
+        let bytes = &t.data[a * k * w..b * k * w];
+        if let (ftk::device::Device::Cuda(ordinal), Some(_)) =
+            (s.device, crate::cuda::kernel_for(t.dtype))
+        {
+            let counted = crate::cuda::count_topk(ordinal, t.dtype, bytes, experts)
+                .map_err(|m| Error::input(format!("{}: {m}", t.here())))?;
+            if let Some(unit) = counted {
+                acc.add_unit(p, r, (b - a) as u64, &unit, s.capacity_factor);
+                continue;
+            }
+            // ids out of range: the CPU scan below names the first one
+        }
+        let unit = count::count_topk(t.dtype, bytes, k, experts).map_err(|(i, v)| {
+            Error::input(format!(
+                "{}: token {} names expert {v}, outside 0..{experts}; check --experts",
+                t.here(),
+                a + i / k
+            ))
+        })?;
+        acc.add_unit(p, r, (b - a) as u64, &unit, s.capacity_factor);
+    }
+    Ok((acc, p))
+}
+
+/// One layer's float router logits [tokens, experts]: softmax, top-k, counted
+/// per source-rank block.
+fn logits_layer(
+    t: &tensors::Tensor<'_>,
+    layer: u64,
+    step: u64,
+    s: &Settings,
+) -> Result<(Accum, Placement)> {
+    t.expect_rank(2, "[tokens, experts]")?;
+    if !tensors::is_float(t.dtype) {
+        return Err(Error::input(format!(
+            "{}: router logits must be F16, BF16, F32 or F64, got {:?}",
+            t.here(),
+            t.dtype
+        )));
+    }
+    let (tokens, experts) = (t.shape[0], t.shape[1]);
+    if let Some(e) = s.experts.filter(|e| *e != experts) {
+        return Err(Error::input(format!(
+            "{}: logits have {experts} experts but --experts/--model says {e}",
+            t.here()
+        )));
+    }
+    let k = s.topk.ok_or_else(|| {
+        Error::input(format!(
+            "{}: routing from logits needs --topk K or --model config.json",
+            t.here()
+        ))
+    })?;
+    if tokens == 0 || k == 0 || k > experts {
+        return Err(Error::input(format!(
+            "{}: shape {:?} has no tokens or top-{k} is outside 1..={experts}",
+            t.here(),
+            t.shape
+        )));
+    }
+    let p = Placement::new(experts, s.ep)?;
+    let mut acc = Accum::new(layer, step, k as u64, p);
+    for (r, a, b) in blocks(tokens, s.ep) {
+        let unit = count::count_logits(t.dtype, t.data, a, b - a, experts, k).map_err(
+            |count::NanAt(row, col)| {
+                Error::input(format!(
+                    "{}: NaN logit at token {row}, expert {col}",
+                    t.here()
+                ))
+            },
+        )?;
+        acc.add_unit(p, r, (b - a) as u64, &unit, s.capacity_factor);
+    }
+    Ok((acc, p))
 }

@@ -1,24 +1,12 @@
 //! Properties of --synthetic routing that would fail if the sampler were wrong.
 
-use assert_cmd::Command;
 use serde_json::Value;
 
 fn run(args: &[&str]) -> Vec<Value> {
-    let out = Command::cargo_bin("route-hist")
-        .unwrap()
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    ftk_test::run_ok(
+        ftk_test::tool("route-hist").args(args),
+        &format!("{args:?}"),
+    )
 }
 
 fn u(v: &Value) -> Vec<u64> {
@@ -46,7 +34,7 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
         "4",
     ];
     let run = |seed: &str, threads: Option<&str>| {
-        let mut c = Command::cargo_bin("route-hist").unwrap();
+        let mut c = ftk_test::tool("route-hist");
         if let Some(t) = threads {
             c.env("RAYON_NUM_THREADS", t);
         }
@@ -211,39 +199,18 @@ fn dirichlet_concentration_controls_skew() {
 
 #[test]
 fn bad_synthetic_flags_exit_2() {
-    for args in [
-        vec![
-            "--synthetic",
-            "zipf:x",
-            "--tokens",
-            "10",
-            "--experts",
-            "8",
-            "--topk",
-            "2",
-        ],
-        vec!["--synthetic", "uniform", "--tokens", "10", "--experts", "8"],
-        vec![
-            "--synthetic",
-            "uniform",
-            "--tokens",
-            "10",
-            "--experts",
-            "8",
-            "--topk",
-            "9",
-        ],
-        vec![
-            "--synthetic",
-            "uniform",
-            "--tokens",
-            "0",
-            "--experts",
-            "8",
-            "--topk",
-            "2",
-        ],
-        vec![
+    // (flags replacing the defaults below, a needle of the one-line error;
+    // "" for flag values clap itself refuses, whose message is clap's)
+    let cases: [(&[&str], &str); 6] = [
+        (&["--synthetic", "zipf:x"], ""),
+        (&["--topk", ""], "--topk"),
+        (&["--topk", "9"], "--topk 9"),
+        (&["--tokens", "0"], "--tokens"),
+        (&["--ep", "3"], "--ep 3"),
+        (&["--capacity-factor", "-1"], ""),
+    ];
+    for (change, needle) in cases {
+        let mut args = vec![
             "--synthetic",
             "uniform",
             "--tokens",
@@ -252,28 +219,19 @@ fn bad_synthetic_flags_exit_2() {
             "8",
             "--topk",
             "2",
-            "--ep",
-            "3",
-        ],
-        vec![
-            "--synthetic",
-            "uniform",
-            "--tokens",
-            "10",
-            "--experts",
-            "8",
-            "--topk",
-            "2",
-            "--capacity-factor",
-            "-1",
-        ],
-    ] {
-        let out = Command::cargo_bin("route-hist")
-            .unwrap()
-            .args(&args)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(out.stdout.is_empty());
+        ];
+        match args.iter().position(|a| *a == change[0]) {
+            // an empty value drops the flag
+            Some(i) if change[1].is_empty() => drop(args.drain(i..i + 2)),
+            Some(i) => args[i + 1] = change[1],
+            None => args.extend(change),
+        }
+        let out = ftk_test::tool("route-hist").args(&args).output().unwrap();
+        if needle.is_empty() {
+            assert_eq!(out.status.code(), Some(2), "{args:?}");
+            assert!(out.stdout.is_empty(), "{args:?}");
+        } else {
+            ftk_test::assert_error("route-hist", &out, 2, &[needle]);
+        }
     }
 }

@@ -24,7 +24,7 @@ pub fn load(p: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f64>)> {
     for n in f.names() {
         let t = f.get(&n).unwrap();
         let mut v = vec![0.0; t.numel()];
-        fed_aggregate::kernel::decode(t.dtype, t.data, 0, &mut v);
+        fed_aggregate::cpu::decode(t.dtype, t.data, 0, &mut v);
         out.insert(n.clone(), (t.shape.to_vec(), v));
     }
     out

@@ -1,4 +1,4 @@
-//! Hot loops: decoding client bytes to f64, weighted accumulation, the
+//! CPU hot loops: decoding client bytes to f64, weighted accumulation, the
 //! coordinate-wise robust statistics, encoding results, and giving mapped
 //! pages back to the kernel once consumed.
 //!

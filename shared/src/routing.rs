@@ -1,14 +1,66 @@
-//! Synthetic routing: plan for the skew you expect before you have a trace.
+//! MoE routing shared by the tools: where experts live ([`Placement`]),
+//! Mixtral's top-k of one router row ([`topk_row`]) and synthetic routing
+//! (plan for the skew you expect before you have a trace: [`Skew`],
+//! [`LayerModel`]). The `route` and `route_hist` records are in
+//! [`crate::records`].
 //!
-//! Each layer gets a fixed expert popularity `p` (drawn once per layer from
+//! Synthetic routing: each layer gets a fixed expert popularity `p` (drawn once per layer from
 //! the seed), and every token picks `k` distinct experts by sampling from `p`
 //! without replacement (redraw on a repeat, which is exactly sampling from
 //! `p` renormalised over the experts not yet chosen).
 
-use crate::hist::Placement;
-use ftk::rng;
+use crate::rng;
 use rand::RngExt;
 use rand_distr::{Distribution, Gamma};
+
+/// Where experts live: `ep` ranks, experts placed contiguously.
+#[derive(Clone, Copy, Debug)]
+pub struct Placement {
+    pub experts: usize,
+    pub ep: usize,
+}
+
+impl Placement {
+    pub fn new(experts: usize, ep: usize) -> crate::Result<Placement> {
+        if experts == 0 {
+            crate::bail!("--experts must be at least 1");
+        }
+        if ep == 0 || !experts.is_multiple_of(ep) {
+            crate::bail!(
+                "--ep {ep} does not divide the {experts} experts; experts are placed on EP ranks contiguously, so pick a divisor of {experts}"
+            );
+        }
+        Ok(Placement { experts, ep })
+    }
+
+    /// The EP rank holding expert `e`.
+    pub fn rank_of(&self, e: usize) -> usize {
+        e / (self.experts / self.ep)
+    }
+}
+
+/// Indices of the k largest values of `row`, ties going to the lower index
+/// (softmax is monotone, so this is Mixtral's top-k of the routing weights).
+/// Returns `Err(col)` for the first NaN.
+#[inline]
+pub fn topk_row(row: &[f32], k: usize, out: &mut Vec<(f32, usize)>) -> Result<(), usize> {
+    out.clear();
+    for (i, &v) in row.iter().enumerate() {
+        if v.is_nan() {
+            return Err(i);
+        }
+        if out.len() < k {
+            // Insert keeping descending order; equal values keep index order.
+            let pos = out.iter().position(|&(w, _)| v > w).unwrap_or(out.len());
+            out.insert(pos, (v, i));
+        } else if v > out[k - 1].0 {
+            out.pop();
+            let pos = out.iter().position(|&(w, _)| v > w).unwrap_or(out.len());
+            out.insert(pos, (v, i));
+        }
+    }
+    Ok(())
+}
 
 /// A popularity model for `--synthetic`.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -5,18 +5,9 @@
 //! backward) and auto (MACT: C per layer from the tokens that arrive).
 
 use crate::moe::{self, Acts, Dispatch, LayerT, LayerW, Routing, Shape};
+use ftk::recompute::Recompute;
 use ftk::Result;
 use std::time::Instant;
-
-/// How activations are kept.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Recompute {
-    None,
-    Full,
-    Chunked(usize),
-    /// MACT: per layer, c = ceil(s'' / s'_max) rounded up to a bin.
-    Auto,
-}
 
 /// What MACT needs to choose chunks at run time.
 #[derive(Clone, Debug)]
@@ -107,7 +98,11 @@ impl Engine for CpuEngine<'_> {
         Ok(x.clone())
     }
     fn route(&mut self, l: usize, x: &Vec<f32>, forced: Option<&[u32]>) -> Result<Routing> {
-        Ok(moe::route(&self.sh, x, &self.layers[l], forced))
+        moe::route(&self.sh, x, &self.layers[l], forced).map_err(|tok| {
+            ftk::Error::input(format!(
+                "layer {l}: the router logits of token {tok} are NaN (x·gateᵀ overflowed or an input is NaN); check --input and --weights for NaN or huge values"
+            ))
+        })
     }
     fn ids<'a>(&self, r: &'a Routing) -> &'a [u32] {
         &r.idx
@@ -173,7 +168,7 @@ fn chunk_bounds(t: usize, c: usize, i: usize) -> (usize, usize) {
 fn choose_chunks(sh: &Shape, auto: &AutoCfg) -> usize {
     // All experts are local here, so s'' (copies arriving) is T·k.
     let s = (sh.tokens * sh.topk) as f64;
-    let want = mem_plan::memory::mact_chunks(s, auto.s_max, &auto.bins);
+    let want = ftk::mact::chunks(s, auto.s_max, &auto.bins);
     // No bin is large enough: take the largest and let the measurement show it.
     (want.or(auto.bins.last().copied()).unwrap_or(1) as usize).min(sh.tokens.max(1))
 }
@@ -189,6 +184,8 @@ pub struct StepCfg<'a> {
 
 /// Forward and backward of a stack of `layers` blocks with loss = Σ y·dy.
 /// Weight gradients accumulate into the engine's gradients (zero them first).
+/// One function on purpose (just over 100 lines): forward and backward of
+/// every mode side by side, so what each mode keeps alive is read in one place.
 pub fn step<E: Engine>(
     eng: &mut E,
     sh: &Shape,
@@ -213,8 +210,8 @@ pub fn step<E: Engine>(
         eng.ids(&r).iter().for_each(|&e| counts[e as usize] += 1);
         max_expert_tokens = max_expert_tokens.max(counts.into_iter().max().unwrap_or(0));
         let c = match mode {
-            Recompute::None | Recompute::Full => 1,
-            Recompute::Chunked(c) => c.min(t.max(1)),
+            Recompute::None | Recompute::Selective | Recompute::Full => 1,
+            Recompute::Chunked(c) => (c as usize).min(t.max(1)),
             Recompute::Auto => choose_chunks(sh, auto.expect("auto mode needs its settings")),
         };
         chunks.push(c);

@@ -1,0 +1,584 @@
+//! Every JSON-lines record kind the tools exchange, one struct per `kind`.
+//!
+//! Writers build these structs and readers decode them, so a field renamed
+//! here is renamed for every tool at once, and `tests/records.rs` checks
+//! that each struct round-trips and that the field lists in the tools'
+//! `--help` and README agree with it. Field order is output order: the
+//! fed-embed summaries keep the alphabetical order their first (map-based)
+//! writer produced, so their bytes did not change when they became structs.
+//!
+//! A record's `kind` is a zero-sized tag ([`Tag`]): it always serialises as
+//! the kind's name, and decoding a line of another kind into the struct fails
+//! instead of silently reading the wrong fields. [`next`] skips records of
+//! other kinds, as every reader here does.
+
+use crate::error::Result;
+use crate::jsonl::{KindOnly, Reader};
+use serde::{Deserialize, Serialize};
+use std::io::BufRead;
+
+/// A record type and the `kind` that names it on the wire.
+pub trait Record: Serialize + for<'de> Deserialize<'de> {
+    const KIND: &'static str;
+}
+
+/// The `kind` field of record `R`: serialises as `R::KIND`, accepts only it.
+pub struct Tag<R>(std::marker::PhantomData<fn() -> R>);
+
+impl<R> Default for Tag<R> {
+    fn default() -> Self {
+        Tag(std::marker::PhantomData)
+    }
+}
+impl<R> Clone for Tag<R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<R> Copy for Tag<R> {}
+impl<R> PartialEq for Tag<R> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl<R: Record> std::fmt::Debug for Tag<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", R::KIND)
+    }
+}
+
+impl<R: Record> Serialize for Tag<R> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(R::KIND)
+    }
+}
+
+impl<'de, R: Record> Deserialize<'de> for Tag<R> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let k = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        if k == R::KIND {
+            Ok(Tag::default())
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "kind is \"{k}\", expected \"{}\"",
+                R::KIND
+            )))
+        }
+    }
+}
+
+macro_rules! kinds {
+    ($($ty:ident => $name:literal),* $(,)?) => {
+        $(impl Record for $ty {
+            const KIND: &'static str = $name;
+        })*
+        /// Every kind defined here, for tests and documentation.
+        pub const ALL_KINDS: &[&str] = &[$($name),*];
+    };
+}
+
+kinds! {
+    Route => "route",
+    RouteHist => "route_hist",
+    MemPlan => "mem_plan",
+    MemPlanSummary => "mem_plan_summary",
+    ChunkRun => "chunk_run",
+    FedEmbedSubspace => "fed_embed_subspace",
+    FedEmbedD3aWeights => "fed_embed_d3a_weights",
+    FedEmbedEnsemble => "fed_embed_ensemble",
+    FedEmbedPrototypes => "fed_embed_prototypes",
+    FedEmbedPseudoLabel => "fed_embed_pseudo_label",
+    FedEmbedCluster => "fed_embed_cluster",
+    FedEmbedNoise => "fed_embed_noise",
+    FedEmbedKeys => "fed_embed_keys",
+    FedEmbedAdaptWeights => "fed_embed_adapt_weights",
+    FedEmbedPromptSample => "fed_embed_prompt_sample",
+}
+
+/// The next record of kind `R` from `r`, skipping other kinds; `None` at end.
+pub fn next<R: Record, B: BufRead>(r: &mut Reader<B>) -> Result<Option<R>> {
+    loop {
+        let kind = match r.next_line()? {
+            None => return Ok(None),
+            Some(line) => serde_json::from_str::<KindOnly>(line),
+        };
+        if kind.map_err(|e| r.decode_error(&e))?.kind.as_deref() != Some(R::KIND) {
+            continue;
+        }
+        return serde_json::from_str::<R>(r.current_line())
+            .map(Some)
+            .map_err(|e| r.decode_error(&e));
+    }
+}
+
+// ---------------------------------------------------------------- routing
+
+/// One micro-batch's routing from one source rank (route-hist's input).
+/// route-hist decodes it with a counting fast path (`route_record.rs`, no
+/// per-token vectors) over these same fields.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Route {
+    pub kind: Tag<Route>,
+    pub layer: u64,
+    pub step: u64,
+    #[serde(default)]
+    pub rank: u64,
+    /// Per token, its experts.
+    pub topk: Vec<Vec<u64>>,
+}
+
+/// Per-(layer, step) expert and EP-rank histogram (route-hist's output;
+/// read by mem-plan, chunk-run and mofa-predict).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RouteHist {
+    pub kind: Tag<RouteHist>,
+    pub layer: u64,
+    pub step: u64,
+    pub experts: u64,
+    pub topk: u64,
+    pub tokens: u64,
+    /// (token, expert) pairs routed to each expert.
+    pub counts: Vec<u64>,
+    pub ep: u64,
+    /// Token copies each EP rank receives (experts on ranks contiguously).
+    pub rank_counts: Vec<u64>,
+    /// (max(counts) - mean) / mean.
+    pub max_vio: f64,
+    /// [source rank][destination rank] token copies.
+    pub a2a: Vec<Vec<u64>>,
+    /// Pairs over Megatron's capacity (only with --capacity-factor).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub dropped: Option<u64>,
+}
+
+// ---------------------------------------------------------------- mem-plan
+
+/// Activation bytes under each recompute mode.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq)]
+pub struct Acts {
+    pub none: u64,
+    pub full: u64,
+    pub chunked: u64,
+}
+
+/// mem-plan's record per MoE layer and EP rank.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MemPlan {
+    pub kind: Tag<MemPlan>,
+    pub layer: u64,
+    pub moe_layer: u64,
+    pub stage: u64,
+    pub rank: u64,
+    pub tokens_received: u64,
+    /// Static memory of the whole GPU (all its layers, embedding/head).
+    pub static_bytes: u64,
+    /// This layer's share of it.
+    pub layer_static_bytes: u64,
+    pub ckpt_bytes: u64,
+    pub act_bytes: Acts,
+    pub chunks: u64,
+    pub peak_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub fits: Option<bool>,
+}
+
+/// TP, PP, EP, CP, DP, virtual pipeline stages and the world size.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+pub struct Layout {
+    pub tp: u64,
+    pub pp: u64,
+    pub ep: u64,
+    pub cp: u64,
+    pub dp: u64,
+    pub vpp: u64,
+    pub world: u64,
+}
+
+/// One pipeline stage of a mem-plan summary.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StageSummary {
+    pub stage: u64,
+    pub layers: u64,
+    pub moe_layers: u64,
+    pub m_g: u64,
+    pub static_bytes: u64,
+    pub ckpt_bytes: u64,
+    /// s'_max of eq. (8): token copies one MoE layer may receive unchunked.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub s_max: Option<i64>,
+    pub peak_bytes: Acts,
+    pub chunks: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub fits: Option<bool>,
+}
+
+/// mem-plan's last record: the plan as a whole.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MemPlanSummary {
+    pub kind: Tag<MemPlanSummary>,
+    pub model: String,
+    pub params: u64,
+    pub layers: u64,
+    pub moe_layers: u64,
+    pub layout: Layout,
+    pub micro_batch: u64,
+    pub seq: u64,
+    pub dtype: String,
+    pub optimizer: String,
+    pub zero: u64,
+    pub routing: String,
+    pub hist_records: u64,
+    pub hist_layers: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub device_bytes: Option<u64>,
+    pub alpha: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub budget_bytes: Option<u64>,
+    pub chunk_bins: Vec<u64>,
+    pub chunks: u64,
+    pub peak_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub fits: Option<bool>,
+    pub dominant: String,
+    pub why: String,
+    pub stages: Vec<StageSummary>,
+}
+
+// ---------------------------------------------------------------- chunk-run
+
+/// One chunk-run step under one recompute mode.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ChunkRun {
+    pub kind: Tag<ChunkRun>,
+    pub step: u64,
+    pub recompute: String,
+    pub chunks: u64,
+    pub chunks_per_layer: Vec<u64>,
+    pub layers: u64,
+    pub tokens: u64,
+    pub max_expert_tokens: u64,
+    pub peak_act_bytes: u64,
+    pub predicted_act_bytes: u64,
+    pub peak_bytes: u64,
+    pub device: String,
+    pub dtype: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub device_reserved_bytes: Option<u64>,
+    pub fwd_ms: f64,
+    pub bwd_ms: f64,
+    pub step_ms: f64,
+    pub tokens_per_s: f64,
+    pub loss: f64,
+}
+
+// ---------------------------------------------------------------- fed-embed
+// Fields in alphabetical order (see the module comment).
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FedEmbedSubspace {
+    pub dim: u64,
+    pub energy: f64,
+    pub kind: Tag<FedEmbedSubspace>,
+    pub numerical_rank: u64,
+    pub output: String,
+    pub rank: u64,
+    pub samples: u64,
+    pub sigma_max: f64,
+    pub sigma_r: f64,
+}
+
+/// One teacher (client basis) in a d3a-weights summary.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct D3aClient {
+    pub basis: String,
+    pub client: u64,
+    pub mean_cos: f64,
+    pub mean_weight: f64,
+    pub rank: u64,
+    pub top_teacher: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FedEmbedD3aWeights {
+    pub clients: u64,
+    pub kind: Tag<FedEmbedD3aWeights>,
+    pub output: String,
+    /// Share of samples whose top teacher is their own domain's client
+    /// (only when the features carry domains).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub own_domain_top: Option<f64>,
+    pub per_client: Vec<D3aClient>,
+    pub samples: u64,
+    pub temperature: f64,
+    pub top_k: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FedEmbedEnsemble {
+    pub classes: u64,
+    pub combine: String,
+    pub kind: Tag<FedEmbedEnsemble>,
+    pub mean_entropy: f64,
+    pub output: String,
+    pub samples: u64,
+    pub teachers: u64,
+    pub temperature: f64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FedEmbedPrototypes {
+    pub classes: u64,
+    pub dim: u64,
+    pub kind: Tag<FedEmbedPrototypes>,
+    pub max_count: i64,
+    pub min_count: i64,
+    pub output: String,
+    pub samples: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FedEmbedPseudoLabel {
+    /// Only when the features file has true labels.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub accuracy: Option<f64>,
+    pub classes: u64,
+    pub kind: Tag<FedEmbedPseudoLabel>,
+    pub mean_confidence: f64,
+    pub metric: String,
+    pub output: String,
+    pub rejected: u64,
+    pub samples: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FedEmbedCluster {
+    pub centroid_rows: u64,
+    pub classes: u64,
+    pub dim: u64,
+    pub inertia: f64,
+    pub k: u64,
+    pub kind: Tag<FedEmbedCluster>,
+    pub output: String,
+    pub raw_rows: u64,
+    pub rows: u64,
+    pub samples: u64,
+    pub seed: u64,
+    pub skipped_unlabelled: u64,
+}
+
+/// What `noise` did to the shared rows. The DP fields (`clip` .. `epsilon`)
+/// are present only with --clip.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FedEmbedNoise {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub clip: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub clipped_fraction: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub clipped_rows: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub delta: Option<f64>,
+    pub dim: u64,
+    /// null when sigma is 0: no privacy.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        default,
+        deserialize_with = "present"
+    )]
+    pub epsilon: Option<Option<f64>>,
+    pub kind: Tag<FedEmbedNoise>,
+    /// Largest row norm before clipping.
+    pub max_row_norm: f64,
+    /// Mean row norm after clipping and noise: what is uploaded.
+    pub mean_norm_after: f64,
+    /// Mean row norm of the input.
+    pub mean_norm_before: f64,
+    /// Mean row norm after clipping, before noise: the signal that is uploaded.
+    pub mean_norm_clipped: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub noise_multiplier: Option<f64>,
+    /// Mean L2 norm of the noise added to a row.
+    pub noise_norm: f64,
+    pub output: String,
+    pub rows: u64,
+    pub seed: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sensitivity: Option<f64>,
+    pub sigma: f64,
+    pub tensor: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FedEmbedKeys {
+    pub ctx: u64,
+    pub dim: u64,
+    pub domains: u64,
+    pub kind: Tag<FedEmbedKeys>,
+    pub output: String,
+    pub seed: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FedEmbedAdaptWeights {
+    pub domains: u64,
+    pub kind: Tag<FedEmbedAdaptWeights>,
+    pub output: String,
+    pub prompts_shape: Vec<u64>,
+    pub samples: u64,
+    pub temperature: f64,
+    pub top_domain_counts: Vec<u64>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FedEmbedPromptSample {
+    pub kind: Tag<FedEmbedPromptSample>,
+    pub mc_samples: u64,
+    pub mean_var: f64,
+    pub output: String,
+    pub output_kind: String,
+    pub prompt_shape: Vec<u64>,
+    pub samples: u64,
+    pub seed: u64,
+}
+
+// ---------------------------------------------------------------- schema
+
+/// The field names of record `R`, in declaration (= output) order, as its
+/// `Deserialize` impl declares them.
+pub fn fields<R: Record>() -> &'static [&'static str] {
+    let mut got: &'static [&'static str] = &[];
+    let _ = R::deserialize(FieldsOf(&mut got));
+    got
+}
+
+/// A deserializer that only learns the field list of the struct asked for.
+struct FieldsOf<'a>(&'a mut &'static [&'static str]);
+
+#[derive(Debug)]
+struct Stop;
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("field list read")
+    }
+}
+
+impl std::error::Error for Stop {}
+
+impl serde::de::Error for Stop {
+    fn custom<T: std::fmt::Display>(_: T) -> Self {
+        Stop
+    }
+}
+
+impl<'de> serde::Deserializer<'de> for FieldsOf<'_> {
+    type Error = Stop;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(
+        self,
+        _: V,
+    ) -> std::result::Result<V::Value, Stop> {
+        Err(Stop)
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _: V,
+    ) -> std::result::Result<V::Value, Stop> {
+        *self.0 = fields;
+        Err(Stop)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf option unit unit_struct newtype_struct seq tuple
+        tuple_struct map enum identifier ignored_any
+    }
+}
+
+/// The field names a help text documents for `kind`: the quoted names at
+/// the top level of the first `{"kind":"<kind>", ...}` in `text` (nested
+/// `{...}` and `[...]` are skipped), and whether the list ends in `...`
+/// (some fields left out on purpose).
+pub fn documented_fields(text: &str, kind: &str) -> Option<(Vec<String>, bool)> {
+    let start = text.find(&format!("{{\"kind\":\"{kind}\""))?;
+    let b = text.as_bytes();
+    let (mut depth, mut i) = (0usize, start);
+    let (mut names, mut elided, mut after_colon) = (vec![], false, false);
+    while i < b.len() {
+        match b[i] {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some((names, elided));
+                }
+            }
+            b':' if depth == 1 => after_colon = true,
+            b',' if depth == 1 => after_colon = false,
+            b'.' if depth == 1 && text[i..].starts_with("...") => {
+                elided = true;
+                i += 2;
+            }
+            b'"' => {
+                let end = i + 1 + text[i + 1..].find('"')?;
+                if depth == 1 && !after_colon {
+                    names.push(text[i + 1..end].to_string());
+                }
+                i = end;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// A field that may be absent (outer `None`) or present as null (`Some(None)`).
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_writes_its_kind_and_refuses_others() {
+        let t: Tag<RouteHist> = Tag::default();
+        assert_eq!(serde_json::to_string(&t).unwrap(), "\"route_hist\"");
+        assert!(serde_json::from_str::<Tag<RouteHist>>("\"route\"").is_err());
+        assert!(serde_json::from_str::<Tag<RouteHist>>("\"route_hist\"").is_ok());
+    }
+
+    #[test]
+    fn field_lists_come_from_the_structs() {
+        assert_eq!(fields::<Route>(), ["kind", "layer", "step", "rank", "topk"]);
+        let help =
+            "out: {\"kind\":\"route\",\"layer\":L,\"step\",\"rank\",\"topk\":[[e,e],...]} more";
+        let (names, elided) = documented_fields(help, "route").unwrap();
+        assert_eq!(names, ["kind", "layer", "step", "rank", "topk"]);
+        assert!(!elided);
+        let (names, elided) =
+            documented_fields("{\"kind\":\"x\",\"a\":{\"b\",\"c\"},...}", "x").unwrap();
+        assert_eq!((names, elided), (vec!["kind".into(), "a".into()], true));
+        assert!(documented_fields("nothing here", "x").is_none());
+    }
+
+    #[test]
+    fn next_skips_other_kinds_and_names_the_line() {
+        let data = "{\"kind\":\"route\",\"layer\":0,\"step\":0,\"topk\":[[1]]}\n\
+                    {\"kind\":\"chunk_run\"}\n\
+                    {\"kind\":\"route\",\"layer\":1}\n";
+        let mut r = Reader::new("t.jsonl", data.as_bytes());
+        let a: Route = next(&mut r).unwrap().unwrap();
+        assert_eq!((a.layer, a.rank, a.topk.clone()), (0, 0, vec![vec![1]]));
+        let e = next::<Route, _>(&mut r).unwrap_err().to_string();
+        assert!(e.contains("t.jsonl: line 3") && e.contains("step"), "{e}");
+        assert!(next::<Route, _>(&mut r).unwrap().is_none());
+    }
+}
