@@ -678,7 +678,22 @@ pub fn strategy_from_obj(
     let pp = o.pos("pp", Some(1))?;
     let cp = o.pos("cp", Some(1))?;
     let ep = o.pos("ep", Some(1))?;
-    let vpp = o.pos("vpp", Some(1))?;
+    // An interleaved schedule named without its virtual stages gets 4 (the
+    // largest Megatron's examples use), fewer when the layers run out;
+    // otherwise Megatron's default, no interleaving.
+    let interleaved = o
+        .opt_str("pp_schedule")?
+        .is_some_and(|p| p.to_ascii_lowercase().contains("interleav"));
+    let vpp_default = if interleaved && o.opt_u64("vpp")?.is_none() {
+        let pp = o.opt_u64("pp")?.unwrap_or(1).max(1);
+        (1..=4u64)
+            .rev()
+            .find(|v| pp * v <= model.layers)
+            .unwrap_or(1)
+    } else {
+        1
+    };
+    let vpp = o.pos("vpp", Some(vpp_default))?;
     let mbs = o.pos("mbs", Some(1))?;
     let mp = tp * pp * cp;
     let given_dp = o.opt_u64("dp")?;
@@ -1179,6 +1194,14 @@ mod tests {
         let (j, a) = job_and_assumed(&v, &Fallback::default(), "t").unwrap();
         assert!(!j.strategy.overlap_grad_reduce);
         assert!(a.contains(&"strategy.overlap_grad_reduce=false".to_string()));
+        // An interleaved schedule without its virtual stages: 4 of them.
+        let mut w = v.clone();
+        w["strategy"]["pp_schedule"] = json!("interleaved 1F1B");
+        let (j, a) = job_and_assumed(&w, &Fallback::default(), "t").unwrap();
+        assert_eq!(j.strategy.vpp, 4);
+        assert!(a.contains(&"strategy.vpp=4".to_string()));
+        w["strategy"]["pp_schedule"] = json!("1f1b");
+        assert_eq!(job(w).unwrap().strategy.vpp, 1);
         // grad_accum must agree with gbs/(mbs·dp): 512/(1·16) = 32.
         v["strategy"]["grad_accum"] = json!(32);
         assert!(job(v.clone()).is_ok());

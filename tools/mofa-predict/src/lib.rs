@@ -57,7 +57,8 @@ Measurement rows (calibrate) add \"measured\": {\"metric\", \"value\"}, \"source
 \"where\"} and optional \"confidence\", \"framework\", \"note\", \"split\", \"regime\".
 
 Defaults: cluster figures from the gpu preset (or --cluster), gpus = tp·pp·cp·dp,
-gpus_per_node 8; strategy tp pp cp ep vpp mbs 1, dp = gpus/(tp·pp·cp), gbs = mbs·dp,
+gpus_per_node 8; strategy tp pp cp ep vpp mbs 1 (vpp 4 when pp_schedule names an interleaved
+schedule), dp = gpus/(tp·pp·cp), gbs = mbs·dp,
 recompute selective, zero 1, sp = (tp > 1), attn_kernel fa2 (flash_attn false = none),
 overlap_grad_reduce true (false for a DeepSpeed pipeline, whose
 engine reduces gradients after the schedule), overlap_param_gather = overlap_grad_reduce,
