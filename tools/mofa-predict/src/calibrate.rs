@@ -524,6 +524,16 @@ mod tests {
         );
     }
 
+    #[test]
+    fn llama3_table4_is_counted_once() {
+        let rows = embedded_rows().unwrap();
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        assert!(ids.contains(&"llama3-405b-g8192-cp1-s8192"));
+        assert!(!ids.contains(&"llama3-405B-8192-cp1"));
+        assert!(rows.iter().all(|r| r.source != "dubey2024"));
+        check(&rows).unwrap();
+    }
+
     /// The property leave-one-source-out rests on: the constants that
     /// predict source S are fitted without S's rows. Garbling S's
     /// measurements must leave S's fold (fit and predictions) exactly as it
