@@ -483,7 +483,11 @@ pub fn attn_core(job: &Job, hw: &Hw, c: &Calib) -> (f64, f64) {
         AttnKernel::Fa3 => 1.0,
     };
     let q = s / cp;
-    let rate = hw.attn * c.attn_eff * gen * q / (q + c.attn_s0);
+    // Smaller heads run the kernel slower (less work per tile per load):
+    // FlashAttention-2 at head dim 64 reaches about 0.8 of its rate at 128
+    // (Dao 2023, Fig. 4-7); hd/(hd + 43) normalised at 128 gives that.
+    let per_head = ((hd / (hd + 43.0)) / (128.0 / 171.0)).min(1.0);
+    let rate = hw.attn * c.attn_eff * gen * per_head * q / (q + c.attn_s0);
     let flops = 4.0 * heads_local * q * s * hd * 0.5;
     let f = flops / rate;
     (f, 2.5 * f / c.attn_bwd_rate)
