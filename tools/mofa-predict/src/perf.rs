@@ -80,7 +80,7 @@ pub const CALIB: Calib = Calib {
     coll_lat_s: 10e-6,
     ring_step_s: 4e-6,
     nic_par: 1.0,
-    attn_eff: 0.714,
+    attn_eff: 0.762,
     attn_s0: 512.0,
     attn_bwd_rate: 0.75,
     dp_bucket_params: 40e6,
