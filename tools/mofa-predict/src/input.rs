@@ -216,6 +216,12 @@ pub struct Strategy {
     /// main grads = 4; FSDP PURE / DeepSpeed fp16 = 2).
     pub grad_bytes: f64,
     pub moe_imbalance: f64,
+    /// ZeRO-3 gathers and reduce-scatters leave through each rank's own
+    /// NIC (a flat ring) instead of a node's every NIC: DeepSpeed's stage 3
+    /// gathers each parameter's partitions with per-rank collectives over
+    /// the flat data-parallel group, with no intra-node stage (set for
+    /// `framework` naming DeepSpeed with zero 3).
+    pub z3_rank_nic: bool,
     #[serde(serialize_with = "ser_cp_comm")]
     pub cp_comm: CpComm,
 }
@@ -942,6 +948,8 @@ pub fn strategy_from_obj(
         etp,
         grad_bytes,
         moe_imbalance,
+        z3_rank_nic: zero == 3
+            && framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed")),
         cp_comm,
     })
 }

@@ -952,9 +952,20 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
         // backward (once for a checkpointed layer's recompute forward and
         // backward) and the 16-bit gradients are reduce-scattered, module by
         // module; with prefetch the schedule of `zero3` decides what hides.
+        // DeepSpeed's stage 3 moves each rank's shard through its own NIC.
         3 => {
+            let flat = |g: Group| {
+                if st.z3_rank_nic {
+                    Group { nic_par: 0.0, ..g }
+                } else {
+                    g
+                }
+            };
+            let g = Z3Groups {
+                d: flat(gd),
+                e: flat(ge),
+            };
             if st.overlap_grad_reduce {
-                let g = Z3Groups { d: gd, e: ge };
                 let ctx = Z3Stage {
                     stage: stage as u64,
                     dense: &dense_cost,
@@ -971,6 +982,7 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
                 );
                 mf * (zero3::micro_batch_s(&blocks, zero3::PREFETCH_BUCKET) - busy).max(0.0)
             } else {
+                let p16 = g.d.gather_s(pd * 2.0, c) + g.e.gather_s(pe * 2.0, c);
                 mf * (2.0 + st.grad_bytes / 2.0) * p16
             }
         }
@@ -1231,6 +1243,31 @@ mod tests {
         let b = &o.breakdown;
         let c = (b.compute_s + b.recompute_s) / 2.0;
         assert!(b.dp_comm_exposed_s >= 2.0 * (3.0 * p16 - c) - 1e-9);
+    }
+
+    #[test]
+    fn deepspeed_zero3_sends_each_shard_through_its_ranks_nic() {
+        let mk = |framework: &str| {
+            let v = serde_json::json!({"framework":framework,
+                "model":{"arch":"gpt","layers":24,"hidden":4096,"heads":32,"vocab":51200,"seq":2048},
+                "cluster":{"gpu":"A100-80GB","gpus":64},"strategy":{"tp":1,"mbs":1,"gbs":128,"zero":3,
+                "recompute":"full","overlap_grad_reduce":false}});
+            let j = job_from_value(&v, &Fallback::default(), "t").unwrap();
+            (predict_time(&j, &CALIB), j)
+        };
+        let (fsdp, j) = mk("PyTorch FSDP");
+        let (ds, jd) = mk("DeepSpeed");
+        assert!(!j.strategy.z3_rank_nic && jd.strategy.z3_rank_nic);
+        // 64 ranks on 8 nodes: NVLink stage, then all 7/8 of the buffer
+        // through the rank's own NIC (not 1/8 of it through each of eight).
+        let (pd, _) = mem_plan::layout::stage_params(&j.model, &layout(&j), 0);
+        let b = pd * 2.0;
+        let p16 = (7.0 / 8.0 * b / 300e9 + 7.0 / 8.0 * b / 25e9) / CALIB.comm_eff
+            + CALIB.coll_lat_s
+            + 63.0 * CALIB.ring_step_s;
+        let want = 2.0 * 3.0 * p16;
+        assert!((ds.breakdown.dp_comm_exposed_s - want).abs() < 1e-9 * want);
+        assert!(ds.breakdown.dp_comm_exposed_s > 4.0 * fsdp.breakdown.dp_comm_exposed_s);
     }
 
     #[test]
