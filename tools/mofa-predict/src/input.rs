@@ -222,6 +222,9 @@ pub struct Strategy {
     /// the flat data-parallel group, with no intra-node stage (set for
     /// `framework` naming DeepSpeed with zero 3).
     pub z3_rank_nic: bool,
+    /// MoE tokens dispatched by DeepEP: a token crosses to each remote
+    /// node holding one of its experts once, and NVLink fans it out there.
+    pub deepep: bool,
     #[serde(serialize_with = "ser_cp_comm")]
     pub cp_comm: CpComm,
 }
@@ -872,6 +875,7 @@ pub fn strategy_from_obj(
             ))
         }
     };
+    let deepep = o.opt_str("moe_dispatcher")? == Some("deepep");
     if let Some(d) = o.opt_str("moe_dispatcher")? {
         if !matches!(d, "alltoall" | "deepep" | "allgather") {
             return Err(o.err(
@@ -948,6 +952,7 @@ pub fn strategy_from_obj(
         etp,
         grad_bytes,
         moe_imbalance,
+        deepep,
         z3_rank_nic: zero == 3
             && framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed")),
         cp_comm,

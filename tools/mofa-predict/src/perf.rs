@@ -298,6 +298,34 @@ impl Group {
         let net = (n - g) / n * bytes / self.inter;
         nvl.max(net) / c.comm_eff + self.lat(c)
     }
+
+    /// DeepEP's dispatch (or combine) of a rank's `tokens` tokens of `row`
+    /// bytes to `topk` of `experts` experts spread evenly over the group's
+    /// nodes: a token crosses to each remote node holding at least one of
+    /// its experts once (RDMA to the GPU on the same rail), and NVLink
+    /// carries its copies to the experts' GPUs inside both nodes (Zhao et
+    /// al. 2025, DeepEP's internode kernels).
+    pub fn deepep_s(&self, tokens: f64, row: f64, topk: f64, experts: f64, c: &Calib) -> f64 {
+        if self.n <= 1 || tokens <= 0.0 {
+            return 0.0;
+        }
+        if self.k <= 1 {
+            return self.alltoall_s(tokens * topk * row, c);
+        }
+        let (n, g, k) = (self.n as f64, self.g as f64, self.k as f64);
+        // Probability that none of a token's topk experts (drawn without
+        // replacement, as a router's top-k is) sits on a given node.
+        let per_node = experts / k;
+        let miss = (0..topk as u64)
+            .map(|i| ((experts - per_node - i as f64) / (experts - i as f64)).max(0.0))
+            .product::<f64>();
+        let net = tokens * row * (k - 1.0) * (1.0 - miss) / self.inter;
+        // Copies for this node's other GPUs, and the remote copies fanned
+        // out on the far side (each GPU relays as much as it sends).
+        let copies = tokens * topk * row;
+        let nvl = ((g - 1.0) / n + (n - g) / n * (g - 1.0) / g) * copies / self.intra;
+        nvl.max(net) / c.comm_eff + self.lat(c)
+    }
 }
 
 /// Achieved GEMM time for an m×k by k×n product.
@@ -668,8 +696,15 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     // EP: dispatch + combine all-to-all, forward and backward.
     let ep = match moe {
         Some(e) if st.ep > 1 => {
-            let bytes = tok * (st.etp as f64 / t) * e.topk as f64 * h * 2.0;
-            let a2a = (4.0 + 2.0 * rc_passes) * hw.group(st.etp, st.ep).alltoall_s(bytes * imb, c);
+            let tokens = tok * (st.etp as f64 / t) * imb;
+            let grp = hw.group(st.etp, st.ep);
+            let (k, ne) = (e.topk as f64, e.experts as f64);
+            let one = if st.deepep {
+                grp.deepep_s(tokens, h * 2.0, k, ne, c)
+            } else {
+                grp.alltoall_s(tokens * k * h * 2.0, c)
+            };
+            let a2a = (4.0 + 2.0 * rc_passes) * one;
             if st.ep_comm_overlap {
                 // Hidden under another micro-batch's compute (Megatron's
                 // 1F1B A2A overlap): only what outlasts it shows.
@@ -1268,6 +1303,38 @@ mod tests {
         let want = 2.0 * 3.0 * p16;
         assert!((ds.breakdown.dp_comm_exposed_s - want).abs() < 1e-9 * want);
         assert!(ds.breakdown.dp_comm_exposed_s > 4.0 * fsdp.breakdown.dp_comm_exposed_s);
+    }
+
+    #[test]
+    fn deepep_sends_a_token_once_per_remote_node() {
+        let c = Calib {
+            coll_lat_s: 0.0,
+            ..CALIB
+        };
+        let hw = Hw {
+            intra: 450e9,
+            inter: 50e9,
+            gpn: 8,
+            ..Hw::of(&gpt_job(2, 1024, 8, 8, "none"))
+        };
+        // EP 32 over 4 nodes, 128 experts (32 per node), top-8.
+        let g = hw.group(1, 32);
+        let (tok, row) = (4096.0, 8192.0);
+        let miss: f64 = (0..8)
+            .map(|i| (96.0 - i as f64) / (128.0 - i as f64))
+            .product();
+        let net = tok * row * 3.0 * (1.0 - miss) / 50e9 / c.comm_eff;
+        assert!((g.deepep_s(tok, row, 8.0, 128.0, &c) - net).abs() < 1e-12);
+        // NCCL's all-to-all sends all 8 copies, 3/4 of them off the node.
+        let a2a = g.alltoall_s(tok * 8.0 * row, &c);
+        assert!((a2a - tok * 8.0 * row * 0.75 / 50e9 / c.comm_eff).abs() < 1e-12);
+        assert!(net < 0.5 * a2a);
+        // Inside one node there is nothing to deduplicate.
+        let n8 = hw.group(1, 8);
+        assert_eq!(
+            n8.deepep_s(tok, row, 8.0, 128.0, &c),
+            n8.alltoall_s(tok * 8.0 * row, &c)
+        );
     }
 
     #[test]
