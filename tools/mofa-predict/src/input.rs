@@ -62,12 +62,13 @@ pub const ROOT_KEYS: &[&str] = &[
     "strategy",
     "run",
     "seq",
+    // What the job ran under: DeepSpeed's pipeline and ZeRO-3 differ.
+    "framework",
     // Annotations of measurement rows (calibrate's corpus), not used by the model.
     "measured",
     "source",
     "split",
     "confidence",
-    "framework",
     "note",
     "notes",
     "regime",

@@ -47,14 +47,17 @@ fields take the defaults below and the output lists them in \"assumed\".
      \"recompute\" (none|selective|full), \"zero\" (0-3), \"sp\", \"flash_attn\",
      \"attn_kernel\" (none|fa1|fa2|fa3), \"overlap_grad_reduce\", \"overlap_param_gather\",
      \"tp_comm_overlap\", \"ep_comm_overlap\", \"etp\", \"moe_imbalance\" (max/mean − 1 of tokens
-     per EP rank), \"moe_force_balance\", \"moe_dispatcher\" (alltoall|deepep|allgather),
+     per EP rank), \"moe_force_balance\", \"moe_dispatcher\"
+     (alltoall|allgather|deepep: a token crosses once per remote node),
      \"cp_comm\" (ring|allgather), \"grad_accum\" (checked = gbs/(mbs·dp)), \"precision\" (bf16|fp16),
      \"fsdp_mixed_precision\" (DEFAULT|FULL: fp32 gradient reduction, PURE: 16-bit), \"pp_schedule\"},
    \"run\": {\"tokens\", \"gpu_failure_rate_per_hour\", \"node_failure_rate_per_hour\",
      \"ckpt_gbps_per_node\" (GB/s one node writes), \"ckpt_write_gbps\" (filesystem cap, GB/s),
      \"restart_s\", \"ckpt_interval_s\"}}
 Measurement rows (calibrate) add \"measured\": {\"metric\", \"value\"}, \"source\": {\"paper\",
-\"where\"} and optional \"confidence\", \"framework\", \"note\", \"split\", \"regime\".
+\"where\"} and optional \"confidence\", \"note\", \"split\", \"regime\". Any job may name its
+\"framework\": one naming DeepSpeed reduces pipeline gradients after the schedule and sends
+ZeRO-3 traffic through each rank's own NIC.
 
 Defaults: cluster figures from the gpu preset (or --cluster), gpus = tp·pp·cp·dp,
 gpus_per_node 8; strategy tp pp cp ep vpp mbs 1 (vpp 4 when pp_schedule names an interleaved
