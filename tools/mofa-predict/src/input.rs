@@ -223,6 +223,10 @@ pub struct Strategy {
     /// the flat data-parallel group, with no intra-node stage (set for
     /// `framework` naming DeepSpeed with zero 3).
     pub z3_rank_nic: bool,
+    /// Selective recompute is torchtitan's op-level policy: every op's
+    /// output is saved except every second matmul's and the non-matmul
+    /// ops' (norms, activations, rotary), which re-run in the backward.
+    pub sac_op: bool,
     /// MoE tokens dispatched by DeepEP: a token crosses to each remote
     /// node holding one of its experts once, and NVLink fans it out there.
     pub deepep: bool,
@@ -954,6 +958,8 @@ pub fn strategy_from_obj(
         grad_bytes,
         moe_imbalance,
         deepep,
+        sac_op: recompute == Recompute::Selective
+            && framework.is_some_and(|f| f.to_ascii_lowercase().contains("torchtitan")),
         z3_rank_nic: zero == 3
             && framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed")),
         cp_comm,

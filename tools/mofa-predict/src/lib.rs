@@ -57,7 +57,8 @@ fields take the defaults below and the output lists them in \"assumed\".
 Measurement rows (calibrate) add \"measured\": {\"metric\", \"value\"}, \"source\": {\"paper\",
 \"where\"} and optional \"confidence\", \"note\", \"split\", \"regime\". Any job may name its
 \"framework\": one naming DeepSpeed reduces pipeline gradients after the schedule and sends
-ZeRO-3 traffic through each rank's own NIC.
+ZeRO-3 traffic through each rank's own NIC; one naming torchtitan re-runs, under selective
+recompute, what its op-level policy does not save (every second matmul, the non-matmul ops).
 
 Defaults: cluster figures from the gpu preset (or --cluster), gpus = tp·pp·cp·dp,
 gpus_per_node 8; strategy tp pp cp ep vpp mbs 1 (vpp 4 when pp_schedule names an interleaved

@@ -648,6 +648,8 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     let bwd = 2.0 * gemm + attn_bwd + 2.0 * elem;
     let recompute = match st.recompute {
         Recompute::Full => fwd,
+        // Half the forward's matmuls and all its elementwise work re-run.
+        Recompute::Selective if st.sac_op => 0.5 * gemm + elem,
         Recompute::Selective if st.attn_kernel == AttnKernel::None => attn_fwd,
         _ => 0.0,
     };
@@ -1303,6 +1305,31 @@ mod tests {
         let want = 2.0 * 3.0 * p16;
         assert!((ds.breakdown.dp_comm_exposed_s - want).abs() < 1e-9 * want);
         assert!(ds.breakdown.dp_comm_exposed_s > 4.0 * fsdp.breakdown.dp_comm_exposed_s);
+    }
+
+    #[test]
+    fn torchtitan_selective_recompute_reruns_half_the_matmuls() {
+        let mk = |framework: &str, rc: &str| {
+            let v = serde_json::json!({"framework":framework,
+                "model":{"arch":"llama","layers":8,"hidden":4096,"heads":32,"kv_heads":8,"ffn":14336,
+                "vocab":128256,"seq":8192},"cluster":{"gpu":"H100","gpus":8},
+                "strategy":{"tp":1,"mbs":1,"gbs":8,"zero":3,"recompute":rc}});
+            let j = job_from_value(&v, &Fallback::default(), "t").unwrap();
+            let hw = Hw::of(&j);
+            (layer_cost(&j, 0, &hw, &CALIB), j)
+        };
+        let (mega, _) = mk("Megatron-Core", "selective");
+        let (tt, j) = mk("torchtitan", "selective");
+        let (full, _) = mk("torchtitan", "full");
+        assert!(j.strategy.sac_op);
+        // Flash attention under Megatron's selective policy: nothing re-runs.
+        assert_eq!(mega.recompute, 0.0);
+        let hw = Hw::of(&j);
+        let gemm: f64 = weight_modules(&j, 0).0.iter().map(|w| w.gemm_s(&hw, &CALIB)).sum();
+        let (af, _) = attn_core(&j, &hw, &CALIB);
+        let elem = full.fwd - gemm - af;
+        assert!((tt.recompute - (0.5 * gemm + elem)).abs() < 1e-12);
+        assert!(tt.recompute > 0.4 * full.recompute && tt.recompute < 0.6 * full.recompute);
     }
 
     #[test]
