@@ -1325,7 +1325,11 @@ mod tests {
         // Flash attention under Megatron's selective policy: nothing re-runs.
         assert_eq!(mega.recompute, 0.0);
         let hw = Hw::of(&j);
-        let gemm: f64 = weight_modules(&j, 0).0.iter().map(|w| w.gemm_s(&hw, &CALIB)).sum();
+        let gemm: f64 = weight_modules(&j, 0)
+            .0
+            .iter()
+            .map(|w| w.gemm_s(&hw, &CALIB))
+            .sum();
         let (af, _) = attn_core(&j, &hw, &CALIB);
         let elem = full.fwd - gemm - af;
         assert!((tt.recompute - (0.5 * gemm + elem)).abs() < 1e-12);
