@@ -60,9 +60,9 @@ pub struct Cluster {
 }
 
 /// Calibrated best-GEMM efficiencies (fraction of peak), from
-/// `mofa-predict calibrate` on the calibration rows (see the README).
-pub const A100_GEMM_EFF: f64 = 0.769;
-pub const H100_GEMM_EFF: f64 = 0.677;
+/// `mofa-predict calibrate --fit` on every source of the corpus (see the README).
+pub const A100_GEMM_EFF: f64 = 0.679;
+pub const H100_GEMM_EFF: f64 = 0.647;
 /// Not calibrated (no published run with a complete configuration in the
 /// data set): assumed equal to H100's for Blackwell, lower for MI300X whose
 /// BF16 GEMM libraries reached about half of peak in public 2024 benchmarks,
@@ -79,38 +79,116 @@ pub const PRESETS: &[&str] = &[
     "V100",
     "A100-40GB",
     "A100-80GB",
+    "A100-PCIe-40GB",
+    "A100-PCIe-80GB",
     "H100",
+    "H100-PCIe",
     "H200",
     "B200",
     "MI300X",
 ];
 
-/// The preset for `name` (case-insensitive; "H100 SXM", "A100" = A100-80GB).
-pub fn preset(name: &str) -> Option<Cluster> {
-    let key: String = name
-        .to_ascii_uppercase()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
+/// The preset a GPU name means, as vendors and `nvidia-smi` spell them:
+/// "NVIDIA H100 80GB HBM3", "H100-SXM5-80GB", "A100-SXM4-80GB",
+/// "A100-PCIE-40GB", "NVIDIA A100 80GB PCIe", "AMD Instinct MI300X".
+/// Case, punctuation and the words NVIDIA/AMD/Tesla/Instinct and memory
+/// types do not matter; PCIe cards are their own presets (lower clocks and
+/// power, HBM2e, no NVSwitch), never the SXM figures.
+pub fn resolve(name: &str) -> Option<&'static str> {
+    let up = name.to_ascii_uppercase();
+    let toks: Vec<&str> = up
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|t| !t.is_empty())
         .collect();
-    let (gpu, peak, hbm_gb, hbm_gbs, intra, inter, eff) = match key.as_str() {
-        "V100" | "V100SXM2" | "V10032GB" => {
-            ("V100", 125.0, 32.0, 900.0, 150.0, 12.5, A100_GEMM_EFF)
+    let has = |w: &str| toks.contains(&w);
+    let pcie = toks.iter().any(|t| t.starts_with("PCIE"));
+    let nvl = has("NVL");
+    // Memory size: a token like "80GB" (or "80" followed by "GB").
+    let mut gb = None;
+    for (i, t) in toks.iter().enumerate() {
+        if let Some(n) = t.strip_suffix("GB") {
+            gb = n.parse::<u32>().ok().or(gb);
+        } else if toks.get(i + 1) == Some(&"GB") {
+            gb = t.parse::<u32>().ok().or(gb);
         }
-        "A10040GB" | "A10040" => ("A100-40GB", 312.0, 40.0, 1555.0, 300.0, 25.0, A100_GEMM_EFF),
-        "A100" | "A10080GB" | "A10080" | "A100SXM" => {
-            ("A100-80GB", 312.0, 80.0, 2039.0, 300.0, 25.0, A100_GEMM_EFF)
+    }
+    // The family token, also when glued to a suffix ("H100SXM5", "A10080GB").
+    let fam = ["V100", "A100", "H100", "H200", "B200", "MI300X"]
+        .into_iter()
+        .find(|f| toks.iter().any(|t| t.starts_with(f)))?;
+    let glued: String = toks.concat();
+    let gb = gb.or_else(|| {
+        let rest = &glued[glued.find(fam)? + fam.len()..];
+        let d: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        d.parse().ok().filter(|_| rest[d.len()..].starts_with("GB"))
+    });
+    // Anything else after the family must be a known word, or the name is
+    // some other part (an "A100X", a "H100 CNX") and must not silently get
+    // a preset.
+    let known = [
+        "NVIDIA", "AMD", "TESLA", "INSTINCT", "SXM", "SXM2", "SXM4", "SXM5", "PCIE", "HBM2",
+        "HBM2E", "HBM3", "HBM3E", "GB", "NVL", "OAM",
+    ];
+    for t in &toks {
+        let ok = known.contains(t)
+            || t.starts_with(fam)
+                && t[fam.len()..]
+                    .trim_start_matches(|c: char| c.is_ascii_digit())
+                    .trim_start_matches("GB")
+                    .trim_start_matches("SXM")
+                    .trim_start_matches(|c: char| c.is_ascii_digit())
+                    .is_empty()
+            || t.strip_suffix("GB")
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+            || t.parse::<u32>().is_ok()
+            // A power-limit variant ("H100-SXM5-96GB-HBM2e-500W") is the
+            // part; figures that differ are given with it.
+            || t.strip_suffix('W').is_some_and(|n| n.parse::<u32>().is_ok());
+        if !ok {
+            return None;
         }
-        "H100" | "H100SXM" | "H100SXM5" | "H10080GB" => {
-            ("H100", 989.0, 80.0, 3350.0, 450.0, 50.0, H100_GEMM_EFF)
-        }
-        "H200" | "H200SXM" => ("H200", 989.0, 141.0, 4800.0, 450.0, 50.0, H100_GEMM_EFF),
-        "B200" => ("B200", 2250.0, 180.0, 8000.0, 900.0, 50.0, H100_GEMM_EFF),
-        "MI300X" => ("MI300X", 1307.4, 192.0, 5300.0, 448.0, 50.0, 0.5),
-        _ => return None,
+    }
+    Some(match fam {
+        "V100" => "V100",
+        "A100" => match (pcie, gb) {
+            (true, Some(40)) => "A100-PCIe-40GB",
+            (true, _) => "A100-PCIe-80GB",
+            (false, Some(40)) => "A100-40GB",
+            _ => "A100-80GB",
+        },
+        "H100" if pcie || nvl => "H100-PCIe",
+        "H100" => "H100",
+        "H200" => "H200",
+        "B200" => "B200",
+        _ => "MI300X",
+    })
+}
+
+/// The preset for `name` (see [`resolve`] for the spellings accepted).
+pub fn preset(name: &str) -> Option<Cluster> {
+    let gpu = resolve(name)?;
+    // (peak, hbm GB, hbm GB/s, intra GB/s, inter GB/s per GPU per direction, gemm_eff)
+    let (peak, hbm_gb, hbm_gbs, intra, inter, eff) = match gpu {
+        "V100" => (125.0, 32.0, 900.0, 150.0, 12.5, A100_GEMM_EFF),
+        "A100-40GB" => (312.0, 40.0, 1555.0, 300.0, 25.0, A100_GEMM_EFF),
+        "A100-80GB" => (312.0, 80.0, 2039.0, 300.0, 25.0, A100_GEMM_EFF),
+        // A100 PCIe data sheet: same 312 TFLOPS peak at a 250-300 W limit
+        // (sustained clocks fall under load), 1,555 / 1,935 GB/s HBM2e;
+        // GPUs talk over PCIe Gen4 x16 (32 GB/s per direction; the NVLink
+        // bridge joins pairs only). One 200 Gb/s NIC per two GPUs assumed.
+        "A100-PCIe-40GB" => (312.0, 40.0, 1555.0, 32.0, 12.5, PCIE_CLOCK * A100_GEMM_EFF),
+        "A100-PCIe-80GB" => (312.0, 80.0, 1935.0, 32.0, 12.5, PCIE_CLOCK * A100_GEMM_EFF),
+        "H100" => (989.0, 80.0, 3350.0, 450.0, 50.0, H100_GEMM_EFF),
+        // H100 PCIe data sheet: 756 TFLOPS BF16 dense, 80 GB HBM2e at
+        // 2,000 GB/s, PCIe Gen5 (64 GB/s per direction); 400 Gb/s per two GPUs.
+        "H100-PCIe" => (756.0, 80.0, 2000.0, 64.0, 25.0, H100_GEMM_EFF),
+        "H200" => (989.0, 141.0, 4800.0, 450.0, 50.0, H100_GEMM_EFF),
+        "B200" => (2250.0, 180.0, 8000.0, 900.0, 50.0, H100_GEMM_EFF),
+        _ => (1307.4, 192.0, 5300.0, 448.0, 50.0, 0.5),
     };
     let attn_tflops = match gpu {
         "H100" | "H200" => H100_ATTN_TFLOPS,
-        "A100-40GB" | "A100-80GB" => 0.6 * peak,
+        g if g.starts_with("A100") => 0.6 * peak,
         _ => ATTN_PEAK_FRACTION * peak,
     };
     Some(Cluster {
@@ -126,6 +204,12 @@ pub fn preset(name: &str) -> Option<Cluster> {
         attn_tflops,
     })
 }
+
+/// A PCIe A100 holds its boost clock less under a 250-300 W cap than the
+/// 400 W SXM part: NVIDIA's data sheet gives the same peak, and MLPerf
+/// training results of PCIe systems run about 10% behind SXM per GPU on
+/// GEMM-bound work. An assumption (no calibration rows).
+pub const PCIE_CLOCK: f64 = 0.9;
 
 /// The preset or an error listing the names.
 pub fn preset_or_err(name: &str, what: &str) -> Result<Cluster> {
@@ -149,6 +233,38 @@ mod tests {
         assert_eq!(preset("H100 SXM").unwrap().peak_tflops, 989.0);
         assert_eq!(preset("a100").unwrap().hbm_gb, 80.0);
         assert!(preset("TPUv4").is_none());
+        // What nvidia-smi, vendors and cloud consoles print.
+        for (name, want) in [
+            ("NVIDIA H100 80GB HBM3", "H100"),
+            ("H100-SXM5-80GB", "H100"),
+            ("h100_sxm", "H100"),
+            ("NVIDIA H100 PCIe", "H100-PCIe"),
+            ("H100 NVL", "H100-PCIe"),
+            ("A100-SXM4-80GB", "A100-80GB"),
+            ("NVIDIA A100-SXM4-40GB", "A100-40GB"),
+            ("A100 40GB", "A100-40GB"),
+            ("A100-PCIE-40GB", "A100-PCIe-40GB"),
+            ("NVIDIA A100 80GB PCIe", "A100-PCIe-80GB"),
+            ("A100-80GB", "A100-80GB"),
+            ("H200", "H200"),
+            ("NVIDIA H200 141GB HBM3e", "H200"),
+            ("MI300X", "MI300X"),
+            ("AMD Instinct MI300X", "MI300X"),
+            ("Tesla V100-SXM2-32GB", "V100"),
+            ("B200", "B200"),
+            ("H100-SXM5-96GB-HBM2e-500W", "H100"),
+        ] {
+            assert_eq!(resolve(name), Some(want), "{name}");
+        }
+        for other in ["A100X", "H100 CNX", "MI250X", "RTX 4090", "A10", "H20"] {
+            assert_eq!(resolve(other), None, "{other}");
+        }
+        // PCIe parts are not the SXM figures.
+        let (sxm, pcie) = (
+            preset("A100-SXM4-80GB").unwrap(),
+            preset("A100 80GB PCIe").unwrap(),
+        );
+        assert!(pcie.hbm_gbs < sxm.hbm_gbs && pcie.intra_node_gbps < sxm.intra_node_gbps);
         assert!(preset_or_err("TPUv4", "cluster.gpu")
             .unwrap_err()
             .to_string()

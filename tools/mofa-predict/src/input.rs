@@ -20,6 +20,7 @@ use ftk::model::{Attention, Mlp, ModelConfig, Moe};
 use ftk::{Error, Result};
 use mem_plan::memory::Recompute;
 use serde_json::{Map, Value};
+use std::cell::RefCell;
 
 /// Llama 3 (Dubey et al. 2024, "The Llama 3 Herd of Models", §3.3.4 and
 /// Table 5): 419 unexpected interruptions in a 54-day snapshot of pre-training
@@ -27,6 +28,10 @@ use serde_json::{Map, Value};
 pub const LLAMA3_GPU_FAILURES_PER_HOUR: f64 = 419.0 / (54.0 * 24.0 * 16384.0);
 /// Llama 3 §3.3.4: Tectonic "sustains 2 TB/s" (7 TB/s peak) for checkpoints.
 pub const LLAMA3_CKPT_WRITE_GBS: f64 = 2000.0;
+/// Narayanan et al. 2021 §5.10: the 1T model's 13.8 TB checkpoint was
+/// written at 273 GB/s from 384 nodes (Selene, Lustre): 0.71 GB/s per node.
+/// The per-node rate of the checkpoint model, fitted on that one report.
+pub const MEGATRON_1T_CKPT_GBS_PER_NODE: f64 = 273.0 / 384.0;
 /// Restart cost (detect, reschedule, reload, warm up): an assumption, not a
 /// published number; override with run.restart_s.
 pub const DEFAULT_RESTART_S: f64 = 600.0;
@@ -49,6 +54,138 @@ run: gpu_failure_rate_per_hour 1.97e-5 (Llama 3: 419 interruptions / 54 days / 1
 node_failure_rate_per_hour 0, ckpt_write_gbps 2000 (Llama 3's Tectonic, GB/s aggregate),
 restart_s 600 (assumed), ckpt_interval_s = Young/Daly optimum; null means the default.";
 
+/// The keys each object of the schema takes.
+pub const ROOT_KEYS: &[&str] = &[
+    "id",
+    "model",
+    "cluster",
+    "strategy",
+    "run",
+    "seq",
+    // What the job ran under: DeepSpeed's pipeline and ZeRO-3 differ.
+    "framework",
+    // Annotations of measurement rows (calibrate's corpus), not used by the model.
+    "measured",
+    "source",
+    "split",
+    "confidence",
+    "note",
+    "notes",
+    "regime",
+];
+pub const MODEL_KEYS: &[&str] = &[
+    "arch",
+    "layers",
+    "hidden",
+    "heads",
+    "kv_heads",
+    "ffn",
+    "vocab",
+    "seq",
+    "params_b",
+    "head_dim",
+    "tie_embeddings",
+    "moe",
+    "name",
+    "active_params_b",
+    "mla",
+];
+pub const MLA_KEYS: &[&str] = &[
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+];
+pub const MOE_KEYS: &[&str] = &[
+    "experts",
+    "topk",
+    "expert_ffn",
+    "shared_experts",
+    "shared_ffn",
+    "moe_layers",
+];
+pub const CLUSTER_KEYS: &[&str] = &[
+    "gpu",
+    "peak_tflops",
+    "gpus",
+    "gpus_per_node",
+    "hbm_gb",
+    "hbm_gbs",
+    "intra_node_gbps",
+    "inter_node_gbps",
+    "nic_gbps_per_node",
+    "gemm_eff",
+    "attn_tflops",
+];
+pub const STRATEGY_KEYS: &[&str] = &[
+    "tp",
+    "pp",
+    "dp",
+    "cp",
+    "ep",
+    "vpp",
+    "mbs",
+    "gbs",
+    "recompute",
+    "zero",
+    "sp",
+    "flash_attn",
+    "attn_kernel",
+    "overlap_grad_reduce",
+    "moe_imbalance",
+    "cp_comm",
+    "overlap_param_gather",
+    "tp_comm_overlap",
+    "ep_comm_overlap",
+    "etp",
+    "moe_dispatcher",
+    "moe_force_balance",
+    "grad_accum",
+    "precision",
+    "fsdp_mixed_precision",
+    "pp_schedule",
+];
+pub const RUN_KEYS: &[&str] = &[
+    "tokens",
+    "gpu_failure_rate_per_hour",
+    "node_failure_rate_per_hour",
+    "ckpt_write_gbps",
+    "ckpt_gbps_per_node",
+    "restart_s",
+    "ckpt_interval_s",
+];
+
+/// The attention kernel, by generation: what it costs depends on it far
+/// more than on anything else at long context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// Unfused: scores as batched GEMMs, softmax/dropout passes through HBM
+    /// (Megatron 2021-22, `flash_attn: false`).
+    None,
+    /// FlashAttention (v1, Dao et al. 2022) or its Triton port.
+    Fa1,
+    /// FlashAttention-2 (Dao 2023): what `flash_attn: true` means.
+    Fa2,
+    /// FlashAttention-3 / cuDNN fused attention on Hopper (Shah et al. 2024).
+    Fa3,
+}
+
+impl AttnKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttnKernel::None => "none",
+            AttnKernel::Fa1 => "fa1",
+            AttnKernel::Fa2 => "fa2",
+            AttnKernel::Fa3 => "fa3",
+        }
+    }
+}
+
+fn ser_attn<S: serde::Serializer>(k: &AttnKernel, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(k.name())
+}
+
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Strategy {
     pub tp: u64,
@@ -64,8 +201,35 @@ pub struct Strategy {
     pub zero: u64,
     pub sp: bool,
     pub flash_attn: bool,
+    #[serde(serialize_with = "ser_attn")]
+    pub attn_kernel: AttnKernel,
     pub overlap_grad_reduce: bool,
+    /// ZeRO 1/2 parameter all-gather under the next forward.
+    pub overlap_param_gather: bool,
+    /// Tensor-parallel collectives pipelined with the GEMMs (Megatron/TE
+    /// userbuffers, PyTorch async TP).
+    pub tp_comm_overlap: bool,
+    /// MoE all-to-all hidden under another micro-batch's compute.
+    pub ep_comm_overlap: bool,
+    /// Expert tensor parallel size (Megatron's default: tp).
+    pub etp: u64,
+    /// Bytes per gradient element in the data-parallel reduction (fp32
+    /// main grads = 4; FSDP PURE / DeepSpeed fp16 = 2).
+    pub grad_bytes: f64,
     pub moe_imbalance: f64,
+    /// ZeRO-3 gathers and reduce-scatters leave through each rank's own
+    /// NIC (a flat ring) instead of a node's every NIC: DeepSpeed's stage 3
+    /// gathers each parameter's partitions with per-rank collectives over
+    /// the flat data-parallel group, with no intra-node stage (set for
+    /// `framework` naming DeepSpeed with zero 3).
+    pub z3_rank_nic: bool,
+    /// Selective recompute is torchtitan's op-level policy: every op's
+    /// output is saved except every second matmul's and the non-matmul
+    /// ops' (norms, activations, rotary), which re-run in the backward.
+    pub sac_op: bool,
+    /// MoE tokens dispatched by DeepEP: a token crosses to each remote
+    /// node holding one of its experts once, and NVLink fans it out there.
+    pub deepep: bool,
     #[serde(serialize_with = "ser_cp_comm")]
     pub cp_comm: CpComm,
 }
@@ -124,7 +288,11 @@ pub struct Run {
     pub tokens: Option<f64>,
     pub gpu_failure_rate_per_hour: f64,
     pub node_failure_rate_per_hour: f64,
+    /// Filesystem cap on the aggregate checkpoint write rate, GB/s.
     pub ckpt_write_gbps: f64,
+    /// What one node writes, GB/s (the checkpoint rate is
+    /// min(nodes · this, ckpt_write_gbps)).
+    pub ckpt_gbps_per_node: f64,
     pub restart_s: f64,
     pub ckpt_interval_s: Option<f64>,
 }
@@ -136,6 +304,7 @@ impl Default for Run {
             gpu_failure_rate_per_hour: LLAMA3_GPU_FAILURES_PER_HOUR,
             node_failure_rate_per_hour: 0.0,
             ckpt_write_gbps: LLAMA3_CKPT_WRITE_GBS,
+            ckpt_gbps_per_node: MEGATRON_1T_CKPT_GBS_PER_NODE,
             restart_s: DEFAULT_RESTART_S,
             ckpt_interval_s: None,
         }
@@ -153,11 +322,13 @@ pub struct Job {
     pub run: Run,
 }
 
-/// A JSON object with the dotted path of its fields, for messages.
+/// A JSON object with the dotted path of its fields, for messages, and the
+/// list the defaults it hands out are written to.
 pub struct Obj<'a> {
     map: &'a Map<String, Value>,
     path: String,
     here: &'a str,
+    assumed: Option<&'a RefCell<Vec<String>>>,
 }
 
 impl<'a> Obj<'a> {
@@ -166,7 +337,37 @@ impl<'a> Obj<'a> {
             map,
             path: path.into(),
             here,
+            assumed: None,
         }
+    }
+
+    /// Record the defaults taken for missing or null fields in `list`.
+    pub fn recording(mut self, list: &'a RefCell<Vec<String>>) -> Self {
+        self.assumed = Some(list);
+        self
+    }
+
+    /// Note that `key` took the default `val` (cluster and strategy
+    /// fields only: model defaults are the architecture's conventions).
+    pub fn assume(&self, key: &str, val: impl std::fmt::Display) {
+        let full = self.name(key);
+        let tracked = ["cluster.", "strategy."]
+            .iter()
+            .any(|p| full.starts_with(p));
+        if let (Some(a), true) = (self.assumed, tracked) {
+            a.borrow_mut().push(format!("{full}={val}"));
+        }
+    }
+
+    /// Reject keys outside `known` (a misspelt key would leave its default
+    /// in place and change the answer without a word).
+    pub fn check_keys(&self, known: &[&str]) -> Result<()> {
+        for k in self.map.keys() {
+            if !known.contains(&k.as_str()) {
+                return Err(self.err(k, crate::keys::unknown(k, known)));
+            }
+        }
+        Ok(())
     }
 
     fn name(&self, key: &str) -> String {
@@ -205,7 +406,11 @@ impl<'a> Obj<'a> {
 
     /// A positive integer, with a default when absent.
     pub fn pos(&self, key: &str, default: Option<u64>) -> Result<u64> {
-        match self.opt_u64(key)?.or(default) {
+        let given = self.opt_u64(key)?;
+        if let (None, Some(d)) = (given, default) {
+            self.assume(key, d);
+        }
+        match given.or(default) {
             Some(0) => Err(self.err(key, "must be a positive integer, got 0")),
             Some(x) => Ok(x),
             None => Err(self.err(key, "missing (required)")),
@@ -225,7 +430,11 @@ impl<'a> Obj<'a> {
 
     /// A number > 0 (or >= 0 with `zero_ok`), with a default.
     pub fn num(&self, key: &str, default: Option<f64>, zero_ok: bool) -> Result<f64> {
-        match self.opt_f64(key)?.or(default) {
+        let given = self.opt_f64(key)?;
+        if let (None, Some(d)) = (given, default) {
+            self.assume(key, d);
+        }
+        match given.or(default) {
             Some(x) if x > 0.0 || (zero_ok && x == 0.0) => Ok(x),
             Some(x) => Err(self.err(
                 key,
@@ -259,6 +468,7 @@ impl<'a> Obj<'a> {
                 map: m,
                 path: self.name(key),
                 here: self.here,
+                assumed: self.assumed,
             })),
             Some(v) => Err(self.err(key, format!("must be an object, got {v}"))),
         }
@@ -268,6 +478,7 @@ impl<'a> Obj<'a> {
 /// The model object of the schema as a [`ModelConfig`] (so parameter counts
 /// and memory use mem-plan's code) plus the sequence length.
 pub fn model_from_obj(o: &Obj) -> Result<(ModelConfig, Option<u64>)> {
+    o.check_keys(MODEL_KEYS)?;
     let arch = o.opt_str("arch")?.unwrap_or("llama").to_string();
     let gpt = matches!(arch.as_str(), "gpt" | "gpt2" | "gpt3" | "bloom" | "opt");
     let layers = o.pos("layers", None)?;
@@ -293,9 +504,29 @@ pub fn model_from_obj(o: &Obj) -> Result<(ModelConfig, Option<u64>)> {
         }
     }
     let tie = o.opt_bool("tie_embeddings")?.unwrap_or(gpt);
+    // Multi-head latent attention (DeepSeek-V2/V3): `heads` query heads.
+    let attention = match o.obj("mla")? {
+        None => Attention::Gqa {
+            heads,
+            kv_heads,
+            head_dim,
+        },
+        Some(a) => {
+            a.check_keys(MLA_KEYS)?;
+            Attention::Mla {
+                heads,
+                q_lora_rank: a.opt_u64("q_lora_rank")?.filter(|&r| r > 0),
+                kv_lora_rank: a.pos("kv_lora_rank", None)?,
+                qk_nope_head_dim: a.pos("qk_head_dim", None)?,
+                qk_rope_head_dim: a.pos("qk_rope_head_dim", None)?,
+                v_head_dim: a.pos("v_head_dim", Some(head_dim))?,
+            }
+        }
+    };
     let (moe, is_moe) = match o.obj("moe")? {
         None => (None, vec![false; layers as usize]),
         Some(m) => {
+            m.check_keys(MOE_KEYS)?;
             let experts = m.pos("experts", None)?;
             let topk = m.pos("topk", None)?;
             if topk > experts {
@@ -335,11 +566,7 @@ pub fn model_from_obj(o: &Obj) -> Result<(ModelConfig, Option<u64>)> {
             ffn,
             max_seq: seq,
             tie_embeddings: tie,
-            attention: Attention::Gqa {
-                heads,
-                kv_heads,
-                head_dim,
-            },
+            attention,
             attention_bias: gpt,
             qk_norm: false,
             learned_positions: gpt,
@@ -366,32 +593,66 @@ pub fn cluster_from_obj(
             ))
         });
     };
-    let base = match o.opt_str("gpu")? {
-        Some(name) => match cluster::preset(name) {
-            Some(c) => Some(c),
-            // An unknown name is fine when every number is given.
-            None if o.has("peak_tflops") => None,
-            None => Some(cluster::preset_or_err(
-                name,
-                &format!("{here}: cluster.gpu"),
-            )?),
-        },
+    o.check_keys(CLUSTER_KEYS)?;
+    let name = o.opt_str("gpu")?;
+    let base = match name {
+        Some(n) => cluster::preset(n),
         None => fallback.cloned(),
     };
+    if let (Some(n), None) = (name, &base) {
+        // A GPU without a preset is fine when the figures it needs are given.
+        let need = ["peak_tflops", "hbm_gb", "hbm_gbs", "intra_node_gbps"];
+        let mut missing: Vec<&str> = need.iter().copied().filter(|k| !o.has(k)).collect();
+        if !o.has("inter_node_gbps") && !o.has("nic_gbps_per_node") {
+            missing.push("inter_node_gbps (or nic_gbps_per_node)");
+        }
+        if !missing.is_empty() {
+            return Err(o.err(
+                "gpu",
+                format!(
+                    "unknown GPU '{n}' and no {} given; use a preset ({}) or give those figures",
+                    missing.join(", "),
+                    cluster::PRESETS.join(", ")
+                ),
+            ));
+        }
+    }
     let b = base.as_ref();
+    let gpn = o.pos("gpus_per_node", Some(b.map_or(8, |c| c.gpus_per_node)))?;
+    // "8x400 Gb/s NICs per node" is 3200 Gb/s per node: / 8 bits / 8 GPUs
+    // = 50 GB/s per GPU per direction.
+    let inter = match (
+        o.opt_f64("inter_node_gbps")?,
+        o.opt_f64("nic_gbps_per_node")?,
+    ) {
+        // Both given: fine when they say the same.
+        (Some(g), Some(n)) if (g - n / 8.0 / gpn as f64).abs() <= 0.01 * g.abs() => g,
+        (Some(g), Some(n)) => {
+            return Err(o.err(
+                "nic_gbps_per_node",
+                format!(
+                    "{n} Gb/s per node is {} GB/s per GPU over {gpn} GPUs, but inter_node_gbps is {g}; give one of them",
+                    n / 8.0 / gpn as f64
+                ),
+            ))
+        }
+        (None, Some(n)) if n > 0.0 => n / 8.0 / gpn as f64,
+        (None, Some(n)) => return Err(o.err("nic_gbps_per_node", format!("must be > 0, got {n}"))),
+        _ => o.num("inter_node_gbps", b.map(|c| c.inter_node_gbps), false)?,
+    };
     let c = Cluster {
-        gpu: o
-            .opt_str("gpu")?
-            .map(str::to_string)
-            .or_else(|| b.map(|c| c.gpu.clone()))
+        gpu: b
+            .filter(|_| name.is_none_or(|n| cluster::resolve(n).is_some()))
+            .map(|c| c.gpu.clone())
+            .or(name.map(str::to_string))
             .unwrap_or_else(|| "custom".into()),
         peak_tflops: o.num("peak_tflops", b.map(|c| c.peak_tflops), false)?,
         gpus: o.opt_u64("gpus")?.or(b.map(|c| c.gpus)).unwrap_or(0),
-        gpus_per_node: o.pos("gpus_per_node", Some(b.map_or(8, |c| c.gpus_per_node)))?,
+        gpus_per_node: gpn,
         hbm_gb: o.num("hbm_gb", b.map(|c| c.hbm_gb), false)?,
         hbm_gbs: o.num("hbm_gbs", b.map(|c| c.hbm_gbs), false)?,
         intra_node_gbps: o.num("intra_node_gbps", b.map(|c| c.intra_node_gbps), false)?,
-        inter_node_gbps: o.num("inter_node_gbps", b.map(|c| c.inter_node_gbps), false)?,
+        inter_node_gbps: inter,
         gemm_eff: o.num(
             "gemm_eff",
             Some(b.map_or(cluster::H100_GEMM_EFF, |c| c.gemm_eff)),
@@ -418,15 +679,39 @@ pub fn cluster_from_obj(
 }
 
 /// Strategy fields; `gpus` = 0 when the cluster does not say.
-pub fn strategy_from_obj(o: &Obj, model: &ModelConfig, gpus: u64) -> Result<Strategy> {
+/// `framework` (the record's root field, e.g. "Megatron-DeepSpeed") picks
+/// framework defaults where frameworks differ.
+pub fn strategy_from_obj(
+    o: &Obj,
+    model: &ModelConfig,
+    gpus: u64,
+    framework: Option<&str>,
+) -> Result<Strategy> {
+    o.check_keys(STRATEGY_KEYS)?;
     let tp = o.pos("tp", Some(1))?;
     let pp = o.pos("pp", Some(1))?;
     let cp = o.pos("cp", Some(1))?;
     let ep = o.pos("ep", Some(1))?;
-    let vpp = o.pos("vpp", Some(1))?;
+    // An interleaved schedule named without its virtual stages gets 4 (the
+    // largest Megatron's examples use), fewer when the layers run out;
+    // otherwise Megatron's default, no interleaving.
+    let interleaved = o
+        .opt_str("pp_schedule")?
+        .is_some_and(|p| p.to_ascii_lowercase().contains("interleav"));
+    let vpp_default = if interleaved && o.opt_u64("vpp")?.is_none() {
+        let pp = o.opt_u64("pp")?.unwrap_or(1).max(1);
+        (1..=4u64)
+            .rev()
+            .find(|v| pp * v <= model.layers)
+            .unwrap_or(1)
+    } else {
+        1
+    };
+    let vpp = o.pos("vpp", Some(vpp_default))?;
     let mbs = o.pos("mbs", Some(1))?;
     let mp = tp * pp * cp;
-    let dp = match (o.opt_u64("dp")?, gpus) {
+    let given_dp = o.opt_u64("dp")?;
+    let dp = match (given_dp, gpus) {
         (Some(0), _) => return Err(o.err("dp", "must be a positive integer, got 0")),
         (Some(d), 0) => d,
         (Some(d), g) if d * mp == g => d,
@@ -445,6 +730,9 @@ pub fn strategy_from_obj(o: &Obj, model: &ModelConfig, gpus: u64) -> Result<Stra
             ))
         }
     };
+    if given_dp.is_none() {
+        o.assume("dp", dp);
+    }
     let gbs = o.pos("gbs", Some(mbs * dp))?;
     if !gbs.is_multiple_of(mbs * dp) {
         return Err(o.err(
@@ -452,7 +740,10 @@ pub fn strategy_from_obj(o: &Obj, model: &ModelConfig, gpus: u64) -> Result<Stra
             format!("must be a multiple of mbs·dp = {}, got {gbs}", mbs * dp),
         ));
     }
-    let recompute = match o.opt_str("recompute")?.unwrap_or("selective") {
+    let recompute = match o.opt_str("recompute")?.unwrap_or_else(|| {
+        o.assume("recompute", "selective");
+        "selective"
+    }) {
         "none" => Recompute::None,
         "selective" => Recompute::Selective,
         "full" => Recompute::Full,
@@ -463,7 +754,10 @@ pub fn strategy_from_obj(o: &Obj, model: &ModelConfig, gpus: u64) -> Result<Stra
             ))
         }
     };
-    let zero = o.opt_u64("zero")?.unwrap_or(1);
+    let zero = o.opt_u64("zero")?.unwrap_or_else(|| {
+        o.assume("zero", 1);
+        1
+    });
     if zero > 3 {
         return Err(o.err("zero", format!("must be 0, 1, 2 or 3, got {zero}")));
     }
@@ -484,11 +778,13 @@ pub fn strategy_from_obj(o: &Obj, model: &ModelConfig, gpus: u64) -> Result<Stra
     if vpp > 1 && pp == 1 {
         return Err(o.err("vpp", "needs pp > 1 (interleaving splits a pipeline stage)"));
     }
-    if pp * vpp > model.layers {
+    // Megatron may give the embedding and the loss a pipeline slot each
+    // (--account-for-embedding/loss-in-pipeline-split).
+    if pp * vpp > model.layers + 2 {
         return Err(o.err(
             "pp",
             format!(
-                "pp·vpp = {} exceeds the model's {} layers",
+                "pp·vpp = {} exceeds the model's {} layers (+2 for embedding and loss)",
                 pp * vpp,
                 model.layers
             ),
@@ -504,15 +800,18 @@ pub fn strategy_from_obj(o: &Obj, model: &ModelConfig, gpus: u64) -> Result<Stra
         None if ep > 1 => return Err(o.err("ep", format!("is {ep} but the model has no experts"))),
         _ => {}
     }
-    if !(dp * cp).is_multiple_of(ep) {
-        return Err(o.err(
-            "ep",
-            format!("must divide dp·cp = {} (expert groups form inside data × context parallel ranks), got {ep}", dp * cp),
-        ));
-    }
-    let sp = o.opt_bool("sp")?.unwrap_or(tp > 1);
+
+    let sp = o.opt_bool("sp")?.unwrap_or_else(|| {
+        o.assume("sp", tp > 1);
+        tp > 1
+    });
     let moe_imbalance = o.num("moe_imbalance", Some(0.0), true)?;
-    let cp_comm = match o.opt_str("cp_comm")?.unwrap_or("ring") {
+    let cp_comm = match o.opt_str("cp_comm")?.unwrap_or_else(|| {
+        if cp > 1 {
+            o.assume("cp_comm", "ring");
+        }
+        "ring"
+    }) {
         "ring" => CpComm::Ring,
         "allgather" => CpComm::AllGather,
         other => {
@@ -522,6 +821,108 @@ pub fn strategy_from_obj(o: &Obj, model: &ModelConfig, gpus: u64) -> Result<Stra
             ))
         }
     };
+    let etp = o.opt_u64("etp")?.unwrap_or_else(|| {
+        if model.moe.is_some() {
+            o.assume("etp", tp);
+        }
+        tp
+    });
+    if etp == 0 || !tp.is_multiple_of(etp) {
+        return Err(o.err(
+            "etp",
+            format!("must be a positive divisor of tp ({tp}), got {etp}"),
+        ));
+    }
+    // Megatron-Core's parallel folding: expert groups (etp·ep ranks) form
+    // inside the tp·cp·dp ranks of a pipeline stage.
+    if !(tp * dp * cp).is_multiple_of(ep * etp) {
+        return Err(o.err(
+            "ep",
+            format!(
+                "ep·etp = {} must divide tp·cp·dp = {} (expert groups form inside a pipeline stage's ranks), got ep {ep}",
+                ep * etp,
+                tp * dp * cp
+            ),
+        ));
+    }
+    if let Some(ga) = o.opt_u64("grad_accum")? {
+        if ga * mbs * dp != gbs {
+            return Err(o.err(
+                "grad_accum",
+                format!(
+                    "is {ga} but gbs/(mbs·dp) = {gbs}/({mbs}·{dp}) = {}",
+                    gbs as f64 / (mbs * dp) as f64
+                ),
+            ));
+        }
+    }
+    match o.opt_str("precision")? {
+        None | Some("bf16" | "fp16") => {}
+        Some(p) => {
+            return Err(o.err(
+                "precision",
+                format!("must be bf16 or fp16 (FP8 is not modelled), got '{p}'"),
+            ))
+        }
+    }
+    // Gradient reduction dtype: Megatron reduces fp32 main grads; ZeRO-3
+    // (DeepSpeed, FSDP) reduce-scatters in the 16-bit compute type unless
+    // FSDP's DEFAULT/FULL mixed precision keeps fp32 for the reduction.
+    let zero_given = o.opt_u64("zero")?.unwrap_or(1);
+    let grad_bytes = match o.opt_str("fsdp_mixed_precision")? {
+        None if zero_given == 3 => 2.0,
+        None | Some("DEFAULT" | "FULL") => 4.0,
+        Some("PURE") => 2.0,
+        Some(other) => {
+            return Err(o.err(
+                "fsdp_mixed_precision",
+                format!("must be DEFAULT, FULL or PURE, got '{other}'"),
+            ))
+        }
+    };
+    let deepep = o.opt_str("moe_dispatcher")? == Some("deepep");
+    if let Some(d) = o.opt_str("moe_dispatcher")? {
+        if !matches!(d, "alltoall" | "deepep" | "allgather") {
+            return Err(o.err(
+                "moe_dispatcher",
+                format!("must be alltoall, deepep or allgather, got '{d}'"),
+            ));
+        }
+    }
+    o.opt_str("pp_schedule")?;
+    o.opt_bool("moe_force_balance")?;
+    let attn_kernel = match (o.opt_bool("flash_attn")?, o.opt_str("attn_kernel")?) {
+        (Some(false), None | Some("none")) | (None, Some("none")) => AttnKernel::None,
+        (Some(false), Some(k)) => {
+            return Err(o.err("attn_kernel", format!("is '{k}' but flash_attn is false")))
+        }
+        (Some(true), Some("none")) => {
+            return Err(o.err("attn_kernel", "is 'none' but flash_attn is true"))
+        }
+        (_, Some("fa1")) => AttnKernel::Fa1,
+        (_, Some("fa2")) => AttnKernel::Fa2,
+        (_, Some("fa3")) => AttnKernel::Fa3,
+        (_, Some(other)) => {
+            return Err(o.err(
+                "attn_kernel",
+                format!("must be none, fa1, fa2 or fa3, got '{other}'"),
+            ))
+        }
+        (f, None) => {
+            if f.is_none() {
+                o.assume("attn_kernel", "fa2");
+            }
+            AttnKernel::Fa2
+        }
+    };
+    // DeepSpeed's PipelineEngine reduces gradients after the whole
+    // schedule (TrainSchedule ends with ReduceTiedGrads, ReduceGrads,
+    // OptimizerStep), so nothing overlaps there; Megatron and FSDP overlap.
+    let ds_pipe = pp > 1 && framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed"));
+    let overlap_grad_reduce = o.opt_bool("overlap_grad_reduce")?.unwrap_or_else(|| {
+        o.assume("overlap_grad_reduce", !ds_pipe);
+        !ds_pipe
+    });
     Ok(Strategy {
         tp,
         pp,
@@ -534,9 +935,33 @@ pub fn strategy_from_obj(o: &Obj, model: &ModelConfig, gpus: u64) -> Result<Stra
         recompute,
         zero,
         sp,
-        flash_attn: o.opt_bool("flash_attn")?.unwrap_or(true),
-        overlap_grad_reduce: o.opt_bool("overlap_grad_reduce")?.unwrap_or(true),
+        flash_attn: attn_kernel != AttnKernel::None,
+        attn_kernel,
+        overlap_grad_reduce,
+        overlap_param_gather: o.opt_bool("overlap_param_gather")?.unwrap_or_else(|| {
+            o.assume("overlap_param_gather", overlap_grad_reduce);
+            overlap_grad_reduce
+        }),
+        tp_comm_overlap: o.opt_bool("tp_comm_overlap")?.unwrap_or_else(|| {
+            if tp > 1 {
+                o.assume("tp_comm_overlap", false);
+            }
+            false
+        }),
+        ep_comm_overlap: o.opt_bool("ep_comm_overlap")?.unwrap_or_else(|| {
+            if ep > 1 {
+                o.assume("ep_comm_overlap", false);
+            }
+            false
+        }),
+        etp,
+        grad_bytes,
         moe_imbalance,
+        deepep,
+        sac_op: recompute == Recompute::Selective
+            && framework.is_some_and(|f| f.to_ascii_lowercase().contains("torchtitan")),
+        z3_rank_nic: zero == 3
+            && framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed")),
         cp_comm,
     })
 }
@@ -544,6 +969,7 @@ pub fn strategy_from_obj(o: &Obj, model: &ModelConfig, gpus: u64) -> Result<Stra
 pub fn run_from_obj(o: Option<&Obj>) -> Result<Run> {
     let d = Run::default();
     let Some(o) = o else { return Ok(d) };
+    o.check_keys(RUN_KEYS)?;
     let tokens = match o.opt_f64("tokens")? {
         Some(t) if t > 0.0 => Some(t),
         Some(t) => return Err(o.err("tokens", format!("must be > 0, got {t}"))),
@@ -563,6 +989,7 @@ pub fn run_from_obj(o: Option<&Obj>) -> Result<Run> {
         )?,
         node_failure_rate_per_hour: o.num("node_failure_rate_per_hour", Some(0.0), true)?,
         ckpt_write_gbps: o.num("ckpt_write_gbps", Some(d.ckpt_write_gbps), false)?,
+        ckpt_gbps_per_node: o.num("ckpt_gbps_per_node", Some(d.ckpt_gbps_per_node), false)?,
         restart_s: o.num("restart_s", Some(d.restart_s), true)?,
         ckpt_interval_s: interval,
     })
@@ -578,10 +1005,18 @@ pub struct Fallback {
 
 /// Build a job from one record. `here` prefixes every message.
 pub fn job_from_value(v: &Value, fb: &Fallback, here: &str) -> Result<Job> {
+    job_and_assumed(v, fb, here).map(|(j, _)| j)
+}
+
+/// A job and the defaults it took for missing or null cluster, strategy
+/// and run fields (`strategy.mbs=1`, `cluster.hbm_gbs=3350`, ...).
+pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec<String>)> {
     let Value::Object(map) = v else {
         return Err(Error::input(format!("{here}: expected a JSON object")));
     };
-    let root = Obj::new(map, "", here);
+    let assumed = RefCell::new(vec![]);
+    let root = Obj::new(map, "", here).recording(&assumed);
+    root.check_keys(ROOT_KEYS)?;
     let (model, seq) = match root.obj("model")? {
         Some(m) => model_from_obj(&m)?,
         None => match &fb.model {
@@ -598,10 +1033,20 @@ pub fn job_from_value(v: &Value, fb: &Fallback, here: &str) -> Result<Job> {
         Some(s) if s > 0 => s,
         _ => return Err(root.err("model.seq", "missing; give model.seq or --seq")),
     };
-    let cluster_obj = root.obj("cluster")?;
+    let empty = Map::new();
+    let cluster_obj = match root.obj("cluster")? {
+        // Flags' cluster: its preset figures are defaults like any other.
+        None if fb.cluster.is_some() => Some(Obj {
+            map: &empty,
+            path: "cluster".into(),
+            here,
+            assumed: Some(&assumed),
+        }),
+        o => o,
+    };
     let mut cluster = cluster_from_obj(cluster_obj.as_ref(), fb.cluster.as_ref(), here)?;
     let strategy = match root.obj("strategy")? {
-        Some(s) => strategy_from_obj(&s, &model, cluster.gpus)?,
+        Some(s) => strategy_from_obj(&s, &model, cluster.gpus, root.opt_str("framework")?)?,
         None => return Err(root.err("strategy", "missing; give a strategy object or --strategy")),
     };
     if !seq.is_multiple_of(strategy.cp) {
@@ -613,16 +1058,18 @@ pub fn job_from_value(v: &Value, fb: &Fallback, here: &str) -> Result<Job> {
     let world = strategy.tp * strategy.pp * strategy.cp * strategy.dp;
     if cluster.gpus == 0 {
         cluster.gpus = world;
+        root.assume("cluster.gpus", world);
     }
     let run = run_from_obj(root.obj("run")?.as_ref())?;
-    Ok(Job {
+    let job = Job {
         id: map.get("id").cloned().unwrap_or(Value::Null),
         model,
         seq,
         cluster,
         strategy,
         run,
-    })
+    };
+    Ok((job, assumed.into_inner()))
 }
 
 /// `tp=8,pp=4,recompute=full,sp=true` as a JSON object (numbers, booleans,
@@ -751,6 +1198,90 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("model.vocab: missing"));
+    }
+
+    #[test]
+    fn framework_defaults_corpus_fields_and_their_checks() {
+        // DeepSpeed's pipeline engine reduces gradients after the schedule.
+        let mut v = base();
+        v["strategy"]["pp"] = json!(2);
+        v["strategy"]["gbs"] = json!(512);
+        v["strategy"].as_object_mut().unwrap().remove("zero");
+        let (j, a) = job_and_assumed(&v, &Fallback::default(), "t").unwrap();
+        assert!(j.strategy.overlap_grad_reduce);
+        assert!(a.contains(&"strategy.overlap_grad_reduce=true".to_string()));
+        v["framework"] = json!("Megatron-DeepSpeed");
+        let (j, a) = job_and_assumed(&v, &Fallback::default(), "t").unwrap();
+        assert!(!j.strategy.overlap_grad_reduce);
+        assert!(a.contains(&"strategy.overlap_grad_reduce=false".to_string()));
+        // An interleaved schedule without its virtual stages: 4 of them.
+        let mut w = v.clone();
+        w["strategy"]["pp_schedule"] = json!("interleaved 1F1B");
+        let (j, a) = job_and_assumed(&w, &Fallback::default(), "t").unwrap();
+        assert_eq!(j.strategy.vpp, 4);
+        assert!(a.contains(&"strategy.vpp=4".to_string()));
+        w["strategy"]["pp_schedule"] = json!("1f1b");
+        assert_eq!(job(w).unwrap().strategy.vpp, 1);
+        // grad_accum must agree with gbs/(mbs·dp): 512/(1·16) = 32.
+        v["strategy"]["grad_accum"] = json!(32);
+        assert!(job(v.clone()).is_ok());
+        v["strategy"]["grad_accum"] = json!(8);
+        assert!(job(v.clone())
+            .unwrap_err()
+            .to_string()
+            .contains("strategy.grad_accum: is 8"));
+        // FSDP mixed precision sets the gradient bytes; ZeRO-3 reduces in 16 bits.
+        let mut z = base();
+        z["strategy"]["zero"] = json!(3);
+        assert_eq!(job(z.clone()).unwrap().strategy.grad_bytes, 2.0);
+        z["strategy"]["fsdp_mixed_precision"] = json!("DEFAULT");
+        assert_eq!(job(z.clone()).unwrap().strategy.grad_bytes, 4.0);
+        z["strategy"]["precision"] = json!("fp8");
+        assert!(job(z)
+            .unwrap_err()
+            .to_string()
+            .contains("FP8 is not modelled"));
+        // inter_node_gbps and nic_gbps_per_node: both fine when they agree.
+        let mut c = base();
+        c["cluster"]["inter_node_gbps"] = json!(50);
+        c["cluster"]["nic_gbps_per_node"] = json!(3200);
+        assert_eq!(job(c.clone()).unwrap().cluster.inter_node_gbps, 50.0);
+        c["cluster"]["nic_gbps_per_node"] = json!(1600);
+        assert!(job(c).unwrap_err().to_string().contains("give one of them"));
+    }
+
+    #[test]
+    fn mla_and_expert_folding() {
+        // DeepSeek-V3's attention as the corpus writes it.
+        let v = json!({"model":{"arch":"llama","layers":61,"hidden":7168,"heads":128,"head_dim":128,"ffn":18432,
+            "vocab":129280,"seq":4096,"mla":{"q_lora_rank":1536,"kv_lora_rank":512,"qk_head_dim":128,
+            "qk_rope_head_dim":64,"v_head_dim":128},"moe":{"experts":256,"topk":8,"expert_ffn":2048,
+            "shared_experts":1,"shared_ffn":2048,"moe_layers":58}},
+            "cluster":{"gpu":"H100","gpus":512},
+            "strategy":{"tp":2,"pp":8,"dp":32,"ep":64,"etp":1,"mbs":1,"gbs":4096}});
+        let j = job(v.clone()).unwrap();
+        assert!(matches!(
+            j.model.attention,
+            Attention::Mla {
+                heads: 128,
+                q_lora_rank: Some(1536),
+                kv_lora_rank: 512,
+                qk_nope_head_dim: 128,
+                qk_rope_head_dim: 64,
+                v_head_dim: 128
+            }
+        ));
+        // 671B total parameters (DeepSeek-V3's published count, without MTP).
+        let p = j.model.total_params() as f64 / 1e9;
+        assert!((p - 671.0).abs() < 10.0, "{p}");
+        // Expert groups (etp·ep = 64) fold into a stage's tp·dp = 64 ranks;
+        // 128 do not.
+        let mut bad = v;
+        bad["strategy"]["ep"] = json!(128);
+        assert!(job(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("strategy.ep: ep·etp = 128"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod calibrate;
 pub mod cluster;
 pub mod ft;
 pub mod input;
+pub mod keys;
 pub mod mem;
 pub mod perf;
 pub mod predict;
@@ -21,28 +22,72 @@ use ftk::jsonl::Reader;
 use ftk::model::ModelConfig;
 use ftk::table::Table;
 use ftk::{Error, Result};
-use input::{Fallback, Job};
+use input::Fallback;
 use predict::Prediction;
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
 
 const AFTER_HELP: &str = "\
+Input: one JSON object per line (or one job from --strategy and the flags). Every key is
+checked: an unknown key is an error with a suggestion. Missing or null cluster and strategy
+fields take the defaults below and the output lists them in \"assumed\".
+  {\"id\": any,
+   \"model\": {\"arch\" (llama|gpt|bloom|opt), \"layers\", \"hidden\", \"heads\", \"kv_heads\", \"ffn\",
+     \"vocab\", \"seq\", \"head_dim\", \"tie_embeddings\", \"params_b\" (informational),
+     \"mla\": null | {\"q_lora_rank\", \"kv_lora_rank\", \"qk_head_dim\", \"qk_rope_head_dim\", \"v_head_dim\"},
+     \"moe\": null | {\"experts\", \"topk\", \"expert_ffn\", \"shared_experts\", \"shared_ffn\", \"moe_layers\"}},
+   \"cluster\": {\"gpu\" (preset or vendor name: \"NVIDIA H100 80GB HBM3\", \"A100-SXM4-80GB\",
+     \"A100-PCIE-40GB\", \"MI300X\", ...), \"gpus\", \"gpus_per_node\",
+     \"peak_tflops\" (dense BF16 TFLOP/s), \"hbm_gb\", \"hbm_gbs\" (GB/s),
+     \"intra_node_gbps\" (NVLink, GB/s per GPU per direction),
+     \"inter_node_gbps\" (network, GB/s per GPU per direction) or
+     \"nic_gbps_per_node\" (Gb/s summed over a node's NICs: 8x400 Gb/s = 3200, which on
+     8 GPUs is 3200/8 bits/8 GPUs = 50 GB/s per GPU), \"gemm_eff\", \"attn_tflops\"},
+   \"strategy\": {\"tp\", \"pp\", \"dp\", \"cp\", \"ep\", \"vpp\", \"mbs\", \"gbs\" (sequences),
+     \"recompute\" (none|selective|full), \"zero\" (0-3), \"sp\", \"flash_attn\",
+     \"attn_kernel\" (none|fa1|fa2|fa3), \"overlap_grad_reduce\", \"overlap_param_gather\",
+     \"tp_comm_overlap\", \"ep_comm_overlap\", \"etp\", \"moe_imbalance\" (max/mean − 1 of tokens
+     per EP rank), \"moe_force_balance\", \"moe_dispatcher\"
+     (alltoall|allgather|deepep: a token crosses once per remote node),
+     \"cp_comm\" (ring|allgather), \"grad_accum\" (checked = gbs/(mbs·dp)), \"precision\" (bf16|fp16),
+     \"fsdp_mixed_precision\" (DEFAULT|FULL: fp32 gradient reduction, PURE: 16-bit), \"pp_schedule\"},
+   \"run\": {\"tokens\", \"gpu_failure_rate_per_hour\", \"node_failure_rate_per_hour\",
+     \"ckpt_gbps_per_node\" (GB/s one node writes), \"ckpt_write_gbps\" (filesystem cap, GB/s),
+     \"restart_s\", \"ckpt_interval_s\"}}
+Measurement rows (calibrate) add \"measured\": {\"metric\", \"value\"}, \"source\": {\"paper\",
+\"where\"} and optional \"confidence\", \"note\", \"split\", \"regime\". Any job may name its
+\"framework\": one naming DeepSpeed reduces pipeline gradients after the schedule and sends
+ZeRO-3 traffic through each rank's own NIC; one naming torchtitan re-runs, under selective
+recompute, what its op-level policy does not save (every second matmul, the non-matmul ops).
+
+Defaults: cluster figures from the gpu preset (or --cluster), gpus = tp·pp·cp·dp,
+gpus_per_node 8; strategy tp pp cp ep vpp mbs 1 (vpp 4 when pp_schedule names an interleaved
+schedule), dp = gpus/(tp·pp·cp), gbs = mbs·dp,
+recompute selective, zero 1, sp = (tp > 1), attn_kernel fa2 (flash_attn false = none),
+overlap_grad_reduce true (false for a DeepSpeed pipeline, whose
+engine reduces gradients after the schedule), overlap_param_gather = overlap_grad_reduce,
+tp_comm_overlap false, ep_comm_overlap false, etp = tp, moe_imbalance 0, cp_comm ring; run: Llama 3's failure rate
+(419 interruptions / 54 days / 16,384 GPUs), ckpt_gbps_per_node 0.71 (Megatron 1T: 273 GB/s
+from 384 nodes), ckpt_write_gbps 2000 (Llama 3's Tectonic), restart_s 600 (assumed),
+ckpt_interval_s = Daly's optimum. A bad line gets {\"kind\":\"error\",\"id\",\"error\"} on stdout and
+a line on stderr; the other lines are predicted and the exit code is 2 at the end.
+
 Output: one {\"kind\":\"mofa_predict\",\"id\",\"iter_s\",\"tflops_per_gpu\" (model FLOPs),
 \"hw_tflops_per_gpu\" (with recompute),\"mfu\",\"tokens_per_s\",\"mem_gb_per_gpu\",\"fits\",
 \"breakdown\":{\"compute_s\",\"recompute_s\",\"tp_comm_s\",\"cp_comm_s\",\"ep_comm_s\",\"pp_bubble_s\",
-\"pp_p2p_s\",\"dp_comm_exposed_s\",\"optimizer_s\"},\"ft\":{\"job_mtbf_h\",\"ckpt_s\",\"restart_s\",
-\"ckpt_interval_s\",\"expected_failures\",\"goodput\"},\"train_days\",\"params_b\",\"gpus\",\"bottleneck\"}
-per input line. Bandwidths are GB/s per GPU per direction; cluster presets: V100, A100-40GB,
-A100-80GB, H100, H200, B200, MI300X.
+\"pp_p2p_s\",\"dp_comm_exposed_s\",\"optimizer_s\"} (sums to iter_s),\"ft\":{\"job_mtbf_h\",\"ckpt_s\",
+\"restart_s\",\"ckpt_interval_s\",\"expected_failures\",\"goodput\"},\"train_days\",\"params_b\",\"gpus\",
+\"bottleneck\",\"assumed\":[\"strategy.mbs=1\",...]} per input line. Presets: V100, A100-40GB,
+A100-80GB, A100-PCIe-40GB, A100-PCIe-80GB, H100, H100-PCIe, H200, B200, MI300X.
 
 Examples:
-  mofa-predict --model llama3-70b.json --seq 8192 --cluster H100 --gpus 1024 \\
+  mofa-predict --model llama3-70b/ --seq 8192 --cluster H100 --gpus 1024 \\
     --strategy tp=8,pp=4,vpp=5,mbs=1,gbs=1024,recompute=selective,zero=1 --tokens 15e12 --table
   mofa-predict < jobs.jsonl > predictions.jsonl
   route-hist --synthetic zipf:1.2 --model mixtral.json --ep 8 > hist.jsonl
   mofa-predict --model mixtral.json --cluster H100 --gpus 1024 --strategy tp=2,pp=4,ep=8,gbs=1024 --route-hist hist.jsonl
   mofa-predict tune --model llama3-70b.json --seq 8192 --cluster H100 --gpus 1024 --gbs 1024 --top 10 --table
-  mofa-predict calibrate testdata/mofa-predict/measurements.jsonl --table";
+  mofa-predict calibrate --table";
 
 /// MoFa performance model: iteration time, MFU, memory, fault tolerance; strategy tuner.
 #[derive(Parser, Debug)]
@@ -57,13 +102,13 @@ pub struct Args {
 
 #[derive(clap::Args, Debug, Default)]
 pub struct Common {
-    /// Hugging Face config.json (or ftk model JSON): the model for records without one.
+    /// Hugging Face config.json or model directory (its config.json): the model for records without one.
     #[arg(long, value_name = "CONFIG")]
     pub model: Option<PathBuf>,
     /// Sequence length when the model comes from --model.
     #[arg(long)]
     pub seq: Option<u64>,
-    /// Cluster preset (V100, A100-40GB, A100-80GB, H100, H200, B200, MI300X).
+    /// GPU preset or vendor name (H100, "NVIDIA H100 80GB HBM3", A100-SXM4-80GB, A100-PCIE-40GB, H200, MI300X, ...).
     #[arg(long, value_name = "NAME")]
     pub cluster: Option<String>,
     /// Number of GPUs.
@@ -85,7 +130,8 @@ pub struct Common {
 pub struct PredictArgs {
     /// JSON-lines jobs ('-' or absent: stdin) unless --strategy is given.
     pub input: Option<PathBuf>,
-    /// One job from flags: 'tp=8,pp=4,dp=32,cp=1,ep=1,vpp=1,mbs=1,gbs=1024,recompute=selective,zero=1,sp=true'.
+    /// One job from flags: 'tp=8,pp=4,dp=32,cp=1,ep=1,vpp=1,mbs=1,gbs=1024,recompute=selective,zero=1,sp=true'
+    /// (any strategy key of the schema; unknown keys are errors).
     #[arg(long)]
     pub strategy: Option<String>,
     #[command(flatten)]
@@ -104,22 +150,50 @@ pub enum Cmd {
         /// How many strategies to print.
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// Leave the timing fields (elapsed_s, strategies_per_s) out of stdout, so the same
+        /// inputs give the same bytes; the rate goes to stderr instead.
+        #[arg(long)]
+        no_timing: bool,
     },
-    /// Predict the published measurements and report MAPE on the calibration and validation rows.
+    /// Predict the published measurements; report the leave-one-source-out error (each source
+    /// predicted by constants fitted on all the others) and the fault-tolerance model's error on
+    /// published reliability reports.
     Calibrate {
-        /// The measurements (input schema + measured, split, source).
-        #[arg(default_value = "testdata/mofa-predict/measurements.jsonl")]
-        data: PathBuf,
-        /// Refit gemm_eff (A100, H100), gemm_x0 and elem_bytes on the calibration rows.
+        /// Measurement files or directories (their *.jsonl and corpus/*.jsonl); default: the
+        /// corpus compiled into the binary (testdata/mofa-predict/measurements.jsonl and corpus/).
+        data: Vec<PathBuf>,
+        /// Also fit the constants on every source and print them (what the code ships).
         #[arg(long)]
         fit: bool,
+        /// Tables for people: every row, then per-source LOSO MAPE and the mean.
         #[arg(long)]
         table: bool,
+        /// Nelder-Mead iterations per fit.
+        #[arg(long, default_value_t = 100)]
+        iters: usize,
     },
 }
 
+/// `--model`: a config.json, or a Hugging Face model directory holding one.
+pub fn model_path(p: &std::path::Path) -> Result<PathBuf> {
+    if p.is_dir() {
+        let c = p.join("config.json");
+        if !c.is_file() {
+            ftk::bail!(
+                "--model {}: a directory without config.json; give a Hugging Face model directory or its config.json",
+                p.display()
+            );
+        }
+        return Ok(c);
+    }
+    Ok(p.to_path_buf())
+}
+
 fn fallback(c: &Common) -> Result<Fallback> {
-    let model = c.model.as_deref().map(ModelConfig::from_file).transpose()?;
+    let model = match &c.model {
+        Some(p) => Some(ModelConfig::from_file(&model_path(p)?)?),
+        None => None,
+    };
     let cluster = match &c.cluster {
         Some(n) => {
             let mut cl = cluster::preset_or_err(n, "--cluster")?;
@@ -184,7 +258,7 @@ fn with_flags(mut v: Value, c: &Common, imbalance: Option<f64>) -> Value {
     v
 }
 
-fn print_predictions(out: &mut Stdout, preds: &[Prediction]) -> Result<()> {
+fn print_predictions(out: &mut Stdout, preds: &[(Prediction, Vec<String>)]) -> Result<()> {
     let mut t = Table::new([
         "id",
         "iter s",
@@ -197,7 +271,7 @@ fn print_predictions(out: &mut Stdout, preds: &[Prediction]) -> Result<()> {
         "days",
         "bottleneck",
     ]);
-    for p in preds {
+    for (p, _) in preds {
         t.row(vec![
             match &p.id {
                 Value::String(s) => s.clone(),
@@ -215,7 +289,10 @@ fn print_predictions(out: &mut Stdout, preds: &[Prediction]) -> Result<()> {
         ]);
     }
     t.print(out)?;
-    if let [p] = preds {
+    for (p, a) in preds.iter().filter(|(_, a)| !a.is_empty()) {
+        out.line(&format!("assumed ({}): {}", p.id, a.join(", ")))?;
+    }
+    if let [(p, _)] = preds {
         out.line("")?;
         let mut t = Table::new(["term", "seconds", "share"]);
         for (name, s) in p.breakdown.terms() {
@@ -238,7 +315,41 @@ fn print_predictions(out: &mut Stdout, preds: &[Prediction]) -> Result<()> {
     Ok(())
 }
 
+/// A prediction record with the defaults its job took.
+#[derive(serde::Serialize)]
+struct Out<'a> {
+    #[serde(flatten)]
+    p: &'a Prediction,
+    assumed: &'a [String],
+}
+
+/// An input path that does not exist but looks like a mistyped subcommand
+/// (`mofa-predict tun`) gets that said, not "cannot open tun".
+fn check_input_path(p: &std::path::Path) -> Result<()> {
+    if p.as_os_str() == "-" || p.exists() {
+        return Ok(());
+    }
+    let word = p.to_string_lossy();
+    if !word.contains(['/', '.']) {
+        if let Some(s) = keys::suggest(&word, &["tune", "calibrate", "help"]) {
+            ftk::bail!("unknown subcommand '{word}'; did you mean '{s}'? (an input file of that name does not exist)");
+        }
+    }
+    Ok(())
+}
+
+/// The id of a record that failed, when the line is an object with one.
+fn id_of(line: &str) -> Value {
+    serde_json::from_str::<Value>(line)
+        .ok()
+        .and_then(|v| v.get("id").cloned())
+        .unwrap_or(Value::Null)
+}
+
 fn run_predict(a: PredictArgs) -> Result<()> {
+    if let Some(p) = &a.input {
+        check_input_path(p)?;
+    }
     let fb = fallback(&a.common)?;
     let imbalance = match &a.common.route_hist {
         Some(p) => {
@@ -249,15 +360,26 @@ fn run_predict(a: PredictArgs) -> Result<()> {
     };
     let c = perf::CALIB;
     let mut out = Stdout::new();
-    let mut preds = vec![];
-    let mut emit = |out: &mut Stdout, p: Prediction, table: bool| -> Result<()> {
+    let mut preds: Vec<(Prediction, Vec<String>)> = vec![];
+    let table = a.common.table;
+    let mut emit = |out: &mut Stdout, p: Prediction, assumed: Vec<String>| -> Result<()> {
         if table {
-            preds.push(p);
+            preds.push((p, assumed));
             Ok(())
         } else {
-            ftk::jsonl::write_record(out, &p)
+            ftk::jsonl::write_record(
+                out,
+                &Out {
+                    p: &p,
+                    assumed: &assumed,
+                },
+            )
         }
     };
+    let mut n = 0u64;
+    // The latest bad row's error: printed when the next one comes, returned
+    // at the end (so every bad row is one stderr line and the exit code is 2).
+    let mut held: Option<Error> = None;
     if let Some(s) = &a.strategy {
         if a.input.is_some() {
             ftk::bail!("give either --strategy (one job from flags) or an input file, not both");
@@ -267,25 +389,54 @@ fn run_predict(a: PredictArgs) -> Result<()> {
         rec.insert("id".into(), json!(s));
         rec.insert("strategy".into(), Value::Object(strat));
         let v = with_flags(Value::Object(rec), &a.common, imbalance);
-        let job = input::job_from_value(&v, &fb, "--strategy")?;
-        emit(&mut out, predict::predict(&job, &c), a.common.table)?;
+        let (job, assumed) = input::job_and_assumed(&v, &fb, "--strategy")?;
+        emit(&mut out, predict::predict(&job, &c), assumed)?;
     } else {
         let inp = Input::open(a.input.as_deref().unwrap_or(std::path::Path::new("-")))?;
         let mut rd = Reader::new(inp.name.clone(), inp.reader);
         while let Some(line) = rd.next_line()? {
-            let v: Value = serde_json::from_str(line).map_err(|e| rd.decode_error(&e))?;
-            let v = with_flags(v, &a.common, imbalance);
-            let job = input::job_from_value(&v, &fb, &rd.here())?;
-            emit(&mut out, predict::predict(&job, &c), a.common.table)?;
+            n += 1;
+            let line = line.to_string();
+            let res = serde_json::from_str::<Value>(&line)
+                .map_err(|e| rd.decode_error(&e))
+                .and_then(|v| {
+                    let v = with_flags(v, &a.common, imbalance);
+                    input::job_and_assumed(&v, &fb, &rd.here())
+                });
+            match res {
+                Ok((job, assumed)) => emit(&mut out, predict::predict(&job, &c), assumed)?,
+                Err(e) => {
+                    // One bad row does not stop the stream (ripgrep's
+                    // per-file rule): record it, go on, exit 2 at the end.
+                    let id = id_of(&line);
+                    if !table {
+                        ftk::jsonl::write_record(
+                            &mut out,
+                            &json!({"kind": "error", "id": id, "error": e.to_string()}),
+                        )?;
+                    }
+                    out.flush()?;
+                    if let Some(prev) = held.replace(e) {
+                        eprintln!("mofa-predict: error: {prev}");
+                    }
+                }
+            }
+        }
+        if n == 0 {
+            ftk::bail!(
+                "{}: no jobs (empty input); give JSON lines (schema in --help) or --model/--cluster/--gpus/--strategy",
+                inp.name
+            );
         }
     }
-    if a.common.table {
+    if table {
         print_predictions(&mut out, &preds)?;
     }
-    out.flush()
+    out.flush()?;
+    held.map_or(Ok(()), Err)
 }
 
-fn run_tune(c: Common, gbs: u64, top: usize) -> Result<()> {
+fn run_tune(c: Common, gbs: u64, top: usize, no_timing: bool) -> Result<()> {
     let fb = fallback(&c)?;
     if fb.model.is_none() || fb.cluster.is_none() || c.gpus.is_none() {
         ftk::bail!("tune needs --model, --cluster and --gpus");
@@ -294,13 +445,15 @@ fn run_tune(c: Common, gbs: u64, top: usize) -> Result<()> {
         ftk::bail!("--gbs and --top must be at least 1");
     }
     let gpus = c.gpus.unwrap_or(1);
-    let rec = with_flags(
-        json!({"id": "tune", "strategy": {"gbs": gbs, "dp": gpus}}),
-        &c,
-        None,
-    );
-    let base: Job = input::job_from_value(&rec, &fb, "tune")?;
-    let mut base = base;
+    // The base job on one data-parallel rank (any gbs is valid there); the
+    // enumeration then skips every layout whose dp does not divide gbs.
+    let mut fb1 = fb;
+    if let Some(cl) = &mut fb1.cluster {
+        cl.gpus = 0;
+    }
+    let rec = with_flags(json!({"id": "tune", "strategy": {"gbs": gbs}}), &c, None);
+    let (mut base, assumed) = input::job_and_assumed(&rec, &fb1, "tune")?;
+    base.cluster.gpus = gpus;
     if let Some(p) = &c.route_hist {
         let i = Input::open(p)?;
         base.strategy.moe_imbalance = imbalance_from_hists(&i.name.clone(), i.reader)?;
@@ -308,9 +461,25 @@ fn run_tune(c: Common, gbs: u64, top: usize) -> Result<()> {
     let t0 = std::time::Instant::now();
     let o = tune::tune(&base, &tune::Space::default(), &perf::CALIB, top);
     let secs = t0.elapsed().as_secs_f64();
+    if o.candidates == 0 {
+        ftk::bail!(
+            "no valid strategy for --gbs {gbs} on --gpus {gpus}: gbs must be a multiple of dp = gpus/(tp·pp·cp) for some tp (dividing the heads and the node), pp and cp"
+        );
+    }
+    let rate = o.candidates as f64 / secs.max(1e-9);
     let mut out = Stdout::new();
-    let summary = json!({"kind": "mofa_tune_summary", "candidates": o.candidates, "fitting": o.fitting,
-        "elapsed_s": secs, "strategies_per_s": o.candidates as f64 / secs.max(1e-9)});
+    let mut summary = json!({"kind": "mofa_tune_summary", "candidates": o.candidates, "fitting": o.fitting,
+        // The layout fields are what tune chooses, not defaults.
+        "assumed": assumed.iter().filter(|a| a.starts_with("cluster.") && !a.starts_with("cluster.gpus=")).collect::<Vec<_>>()});
+    if no_timing {
+        eprintln!(
+            "mofa-predict: {} strategies in {secs:.3} s, {rate:.0} strategies/s",
+            o.candidates
+        );
+    } else {
+        summary["elapsed_s"] = json!(secs);
+        summary["strategies_per_s"] = json!(rate);
+    }
     if o.top.is_empty() {
         ftk::jsonl::write_record(&mut out, &summary)?;
         out.flush()?;
@@ -344,12 +513,14 @@ fn run_tune(c: Common, gbs: u64, top: usize) -> Result<()> {
             ]);
         }
         t.print(&mut out)?;
-        out.line(&format!(
-            "{} strategies, {} fit; {:.0} strategies/s",
-            o.candidates,
-            o.fitting,
-            o.candidates as f64 / secs.max(1e-9)
-        ))?;
+        if no_timing {
+            out.line(&format!("{} strategies, {} fit", o.candidates, o.fitting))?;
+        } else {
+            out.line(&format!(
+                "{} strategies, {} fit; {rate:.0} strategies/s",
+                o.candidates, o.fitting
+            ))?;
+        }
     } else {
         for r in &o.top {
             ftk::jsonl::write_record(&mut out, r)?;
@@ -359,89 +530,179 @@ fn run_tune(c: Common, gbs: u64, top: usize) -> Result<()> {
     out.flush()
 }
 
-fn run_calibrate(data: PathBuf, fit: bool, table: bool) -> Result<()> {
-    let inp = Input::open(&data)?;
-    let mut rows = calibrate::read_rows(&inp.name.clone(), inp.reader)?;
-    let base = perf::CALIB;
-    let (c, fitted) = if fit {
-        let start = [
-            cluster::A100_GEMM_EFF,
-            cluster::H100_GEMM_EFF,
-            base.gemm_x0,
-            base.elem_bytes,
-        ];
-        let (x, c) = calibrate::fit(&mut rows, &base, start);
-        (c, Some(x))
+/// The measurement files a calibrate argument names: a file, or a
+/// directory's *.jsonl and its corpus/*.jsonl, sorted.
+fn data_files(p: &std::path::Path) -> Result<Vec<PathBuf>> {
+    if !p.is_dir() {
+        return Ok(vec![p.to_path_buf()]);
+    }
+    let mut out = vec![];
+    for d in [p.to_path_buf(), p.join("corpus")] {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        let mut v: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|f| f.is_file() && f.extension().is_some_and(|x| x == "jsonl"))
+            .collect();
+        v.sort();
+        out.extend(v);
+    }
+    if out.is_empty() {
+        ftk::bail!(
+            "{}: no *.jsonl measurement files in this directory",
+            p.display()
+        );
+    }
+    Ok(out)
+}
+
+fn run_calibrate(data: Vec<PathBuf>, fit: bool, table: bool, iters: usize) -> Result<()> {
+    let rows = if data.is_empty() {
+        calibrate::embedded_rows()?
     } else {
-        (base, None)
+        let mut rows = vec![];
+        for p in &data {
+            for f in data_files(p)? {
+                let inp = Input::open(&f)?;
+                rows.extend(calibrate::read_rows(&inp.name.clone(), inp.reader)?);
+            }
+        }
+        calibrate::dedupe(rows)
     };
+    calibrate::check(&rows)?;
+    let base = perf::CALIB;
+    let folds = calibrate::loso(&rows, &base, iters);
+    let mut loso_pred = vec![f64::NAN; rows.len()];
+    for f in &folds {
+        for &(i, p) in &f.predictions {
+            loso_pred[i] = p;
+        }
+    }
+    let fitted = fit.then(|| {
+        let mut all = rows.clone();
+        calibrate::fit(&mut all, &base, calibrate::start(&base), iters).0
+    });
     let mut out = Stdout::new();
     let mut t = Table::new([
         "id",
-        "split",
-        "conf",
+        "source",
         "metric",
         "measured",
         "predicted",
         "APE %",
+        "LOSO pred",
+        "LOSO APE %",
         "fits",
     ]);
-    for r in &rows {
-        let pred = predict::predict(&r.job, &c);
-        let p = calibrate::predicted(r, &c);
+    let mut in_sample: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for (i, r) in rows.iter().enumerate() {
+        let pred = predict::predict(&r.job, &base);
+        let p = calibrate::metric_of(&pred, &r.metric, &r.job);
         let o = calibrate::RowOut {
             kind: "mofa_calib_row",
             id: &r.id,
             source: &r.source,
-            split: &r.split,
             confidence: &r.confidence,
             metric: &r.metric,
             measured: r.value,
             predicted: p,
-            ape: (p - r.value).abs() / r.value * 100.0,
+            ape: calibrate::ape(p, r.value),
+            loso_predicted: loso_pred[i],
+            loso_ape: calibrate::ape(loso_pred[i], r.value),
+            loso_speed_error: calibrate::speed_error(loso_pred[i], r.value, &r.metric),
             fits: pred.fits,
+        };
+        if calibrate::counted(r) {
+            in_sample.entry(&r.source).or_default().push(o.ape);
+        }
+        let sig = |x: f64| {
+            if x.abs() >= 100.0 {
+                format!("{x:.0}")
+            } else if x.abs() >= 1.0 {
+                format!("{x:.1}")
+            } else {
+                format!("{x:.4}")
+            }
         };
         if table {
             t.row(vec![
-                r.id.clone(),
-                r.split.clone(),
-                r.confidence.clone(),
-                r.metric.replace("_tflops_per_gpu", ""),
-                format!("{:.1}", r.value),
-                format!("{p:.1}"),
+                format!(
+                    "{}{}",
+                    r.id,
+                    if calibrate::counted(r) { "" } else { " (low)" }
+                ),
+                r.source.clone(),
+                r.metric.replace("_tflops_per_gpu", "_tflops"),
+                sig(r.value),
+                sig(p),
                 format!("{:.1}", o.ape),
+                sig(loso_pred[i]),
+                format!("{:.1}", o.loso_ape),
                 if pred.fits { "yes".into() } else { "NO".into() },
             ]);
         } else {
             ftk::jsonl::write_record(&mut out, &o)?;
         }
     }
-    let calib = calibrate::split(&rows, "calib");
-    let valid = calibrate::split(&rows, "valid");
-    let low: Vec<&calibrate::Row> = rows.iter().filter(|r| r.confidence == "low").collect();
+    let mut st = Table::new(["source", "rows", "LOSO MAPE %", "in-sample MAPE %"]);
     let mut by_source = Map::new();
-    for r in &valid {
-        by_source.entry(r.source.clone()).or_insert(json!(null));
+    for f in folds.iter().filter(|f| f.n > 0) {
+        let ins = calibrate::mean(in_sample.get(f.source.as_str()).map_or(&[][..], |v| v));
+        by_source.insert(
+            f.source.clone(),
+            json!({"n": f.n, "loso_mape": f.mape, "insample_mape": ins,
+                   "fitted_without": calibrate::PARAMS.iter().zip(f.fitted).map(|(k, v)| (k.to_string(), json!(v))).collect::<Map<_, _>>()}),
+        );
+        st.row(vec![
+            f.source.clone(),
+            f.n.to_string(),
+            format!("{:.1}", f.mape),
+            format!("{ins:.1}"),
+        ]);
     }
-    for (k, v) in by_source.iter_mut() {
-        let rs: Vec<&calibrate::Row> = valid.iter().copied().filter(|r| &r.source == k).collect();
-        *v = json!({"n": rs.len(), "mape": calibrate::mean(&calibrate::apes(&rs, &c))});
-    }
+    let counted: Vec<&calibrate::Fold> = folds.iter().filter(|f| f.n > 0).collect();
+    let per: Vec<f64> = counted.iter().map(|f| f.mape).collect();
+    let loso_mean = calibrate::mean(&per);
+    let worst = counted.iter().max_by(|a, b| a.mape.total_cmp(&b.mape));
+    let ins_mean = calibrate::mean(
+        &in_sample
+            .values()
+            .map(|v| calibrate::mean(v))
+            .collect::<Vec<_>>(),
+    );
+    let ftr = ft::reliability_report();
     let summary = json!({
         "kind": "mofa_calibrate",
-        "n_calib": calib.len(),
-        "n_valid": valid.len(),
-        "n_low_confidence": low.len(),
-        "mape_calib": calibrate::mean(&calibrate::apes(&calib, &c)),
-        "mape_valid": calibrate::mean(&calibrate::apes(&valid, &c)),
-        "mape_low_confidence": calibrate::mean(&calibrate::apes(&low, &c)),
-        "baseline_constant_mfu_mape_valid": calibrate::constant_mfu_baseline(&rows),
-        "valid_by_source": by_source,
-        "calib": c,
-        "fitted": fitted.map(|x| json!({"a100_gemm_eff": x[0], "h100_gemm_eff": x[1], "gemm_x0": x[2], "elem_bytes": x[3]})),
+        "n_rows": rows.len(),
+        "n_counted": rows.iter().filter(|r| calibrate::counted(r)).count(),
+        "n_sources": counted.len(),
+        "loso_mape_mean_over_sources": loso_mean,
+        "loso_mape_worst_source": worst.map(|w| json!({"source": w.source, "mape": w.mape})),
+        "loso_by_source": by_source,
+        "insample_mape_mean_over_sources": ins_mean,
+        "baseline_constant_mfu_loso_mape": calibrate::constant_mfu_baseline(&rows),
+        "calib": base,
+        "gemm_eff": {"a100": cluster::A100_GEMM_EFF, "h100": cluster::H100_GEMM_EFF},
+        "fitted_on_all": fitted.map(|x| calibrate::PARAMS.iter().zip(x).map(|(k, v)| (k.to_string(), json!(v))).collect::<Map<_, _>>()),
+        "fit_iters": iters,
+        "ft": ftr,
     });
     if table {
         t.print(&mut out)?;
+        out.line("")?;
+        st.row(vec![
+            "mean over sources".into(),
+            rows.iter()
+                .filter(|r| calibrate::counted(r))
+                .count()
+                .to_string(),
+            format!("{loso_mean:.1}"),
+            format!("{ins_mean:.1}"),
+        ]);
+        st.print(&mut out)?;
+        out.line("")?;
+        ft::print_report(&mut out, &ftr)?;
         out.line("")?;
     }
     ftk::jsonl::write_record(&mut out, &summary)?;
@@ -452,7 +713,17 @@ fn run_calibrate(data: PathBuf, fit: bool, table: bool) -> Result<()> {
 pub fn run(a: Args) -> Result<()> {
     match a.cmd {
         None => run_predict(a.predict),
-        Some(Cmd::Tune { common, gbs, top }) => run_tune(common, gbs, top),
-        Some(Cmd::Calibrate { data, fit, table }) => run_calibrate(data, fit, table),
+        Some(Cmd::Tune {
+            common,
+            gbs,
+            top,
+            no_timing,
+        }) => run_tune(common, gbs, top, no_timing),
+        Some(Cmd::Calibrate {
+            data,
+            fit,
+            table,
+            iters,
+        }) => run_calibrate(data, fit, table, iters),
     }
 }

@@ -11,11 +11,12 @@
 //! context, then data (expert groups inside data × context), then pipeline:
 //! a group stays on NVLink when `stride · size <= gpus_per_node`.
 
-use crate::input::{CpComm, Job};
+use crate::input::{AttnKernel, CpComm, Job};
 use crate::zero3;
 use ftk::model::{Attention, Mlp, ModelConfig};
 use mem_plan::layout::Layout;
 use mem_plan::memory::Recompute;
+use std::rc::Rc;
 
 /// Calibrated and assumed constants of the time model (see README).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
@@ -32,16 +33,57 @@ pub struct Calib {
     /// Passes over the s×s score matrix (2 bytes each) without flash
     /// attention: fused scale-mask-softmax and dropout, forward + backward. Assumed.
     pub softmax_passes: f64,
+    /// Fixed cost of one collective step (kernel launch, synchronisation,
+    /// first byte): NCCL's small-message all-reduce on one DGX node takes
+    /// 10-20 µs (nccl-tests), an inter-node tree adds a step per level. Assumed.
+    pub coll_lat_s: f64,
+    /// Latency of one step of a ring that crosses nodes (NCCL's LL128
+    /// protocol: a few microseconds per inter-node hop). Assumed.
+    pub ring_step_s: f64,
+    /// Query length at which a flash-attention kernel runs at half its
+    /// long-sequence rate (fewer tiles per head, causal-mask overhead): the
+    /// FlashAttention-2 paper's benchmarks (Dao 2023, Fig. 4-6) rise by about
+    /// 2x from 512 to 16k tokens. Assumed.
+    pub attn_s0: f64,
+    /// Flash-attention backward rate over its forward rate (FLOP/s of
+    /// causal work): FlashAttention-2's backward runs at about three
+    /// quarters of its forward on A100 and H100 (Dao 2023 Fig. 5-7; Shah et
+    /// al. 2024 Fig. 5-6). Assumed.
+    pub attn_bwd_rate: f64,
+    /// How much of a node's NIC parallelism a collective spanning nodes
+    /// gets: the inter-node stage moves 1/g_eff of the data per GPU with
+    /// g_eff = 1 + (g − 1)·nic_par for g group members on a node (1: NCCL's
+    /// ideal hierarchical rings, one per NIC; 0: every rank's data through
+    /// its own NIC, a flat ring). Fitted.
+    pub nic_par: f64,
+    /// Achieved fraction of the flash-attention kernel's benchmark rate
+    /// inside a training step. Fitted.
+    pub attn_eff: f64,
+    /// Gradient bucket of overlapped data-parallel reduction, parameters:
+    /// Megatron-Core's DDP default (40M, `bucket_size`); the last bucket's
+    /// reduction cannot hide under the backward. Cited default.
+    pub dp_bucket_params: f64,
 }
 
-/// The constants `mofa-predict calibrate` fitted on the calibration rows
-/// (testdata/mofa-predict/measurements.jsonl, split = "calib"). The
-/// per-GPU `gemm_eff` lives with the cluster presets.
+/// The constants `mofa-predict calibrate --fit` (100 iterations) fitted on every
+/// source of the corpus (each source weighted once); the per-GPU
+/// `gemm_eff` lives with the cluster presets. The rest are cited or assumed.
 pub const CALIB: Calib = Calib {
+    // gemm_x0 and elem_bytes keep the values the previous calibration
+    // fitted on six Narayanan 2021 and Llama 3 rows; not refitted (FREE).
     gemm_x0: 34.7,
     elem_bytes: 50.8,
-    comm_eff: 0.7,
+    // NCCL's bus bandwidth on NVLink and InfiniBand is typically 75-85% of
+    // the link rate (nccl-tests on DGX A100/H100). Assumed.
+    comm_eff: 0.8,
     softmax_passes: 6.0,
+    coll_lat_s: 10e-6,
+    ring_step_s: 4e-6,
+    nic_par: 1.0,
+    attn_eff: 0.762,
+    attn_s0: 512.0,
+    attn_bwd_rate: 0.75,
+    dp_bucket_params: 40e6,
 };
 
 /// Per-iteration seconds by cause, on the pipeline stage that sets the pace.
@@ -123,6 +165,10 @@ pub struct Hw {
     pub intra: f64,
     pub inter: f64,
     pub gpn: u64,
+    /// Hopper or later (FlashAttention-3 runs there).
+    pub hopper: bool,
+    /// [`Calib::nic_par`], carried to the groups.
+    pub nic_par: f64,
 }
 
 impl Hw {
@@ -136,6 +182,8 @@ impl Hw {
             intra: c.intra_node_gbps * 1e9,
             inter: c.inter_node_gbps * 1e9,
             gpn: c.gpus_per_node,
+            hopper: matches!(c.gpu.as_str(), "H100" | "H100-PCIe" | "H200" | "B200"),
+            nic_par: CALIB.nic_par,
         }
     }
 
@@ -146,6 +194,137 @@ impl Hw {
         } else {
             self.inter
         }
+    }
+
+    /// A group of `n` ranks placed `stride` apart: how many share a node.
+    pub fn group(&self, stride: u64, n: u64) -> Group {
+        let g = if stride * n <= self.gpn {
+            n
+        } else {
+            (self.gpn / stride.max(1)).clamp(1, n)
+        };
+        Group {
+            n,
+            g,
+            k: n.div_ceil(g),
+            intra: self.intra,
+            inter: self.inter,
+            nic_par: self.nic_par,
+        }
+    }
+}
+
+/// A communication group as placed on the machine: `n` ranks, `g` of them
+/// on each of `k` nodes. Collectives are hierarchical, as NCCL runs them
+/// across nodes: a stage over NVLink inside each node, then a stage across
+/// nodes in which each of a node's `g` ranks carries `1/g` of the data over
+/// its own NIC (rail-optimised nodes: one NIC per GPU), so a group that
+/// spans whole nodes uses every NIC of the node.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Group {
+    pub n: u64,
+    pub g: u64,
+    pub k: u64,
+    pub intra: f64,
+    pub inter: f64,
+    /// See [`Calib::nic_par`].
+    pub nic_par: f64,
+}
+
+impl Group {
+    /// Group members per node whose NICs carry the inter-node stage.
+    fn g_eff(&self) -> f64 {
+        1.0 + (self.g as f64 - 1.0) * self.nic_par
+    }
+
+    /// Latency of one collective: a step inside the node, and two steps
+    /// per level of a tree over the nodes.
+    fn lat(&self, c: &Calib) -> f64 {
+        if self.n <= 1 {
+            return 0.0;
+        }
+        let levels = if self.k > 1 {
+            (self.k as f64).log2().ceil()
+        } else {
+            0.0
+        };
+        c.coll_lat_s * (1.0 + 2.0 * levels)
+    }
+
+    /// All-reduce of `bytes`: reduce-scatter and all-gather inside the
+    /// node, all-reduce of each rank's 1/g share across the nodes.
+    pub fn allreduce_s(&self, bytes: f64, c: &Calib) -> f64 {
+        if self.n <= 1 || bytes <= 0.0 {
+            return 0.0;
+        }
+        let (g, k) = (self.g as f64, self.k as f64);
+        let ge = self.g_eff();
+        (2.0 * (g - 1.0) / g * bytes / self.intra + 2.0 * (k - 1.0) / k * bytes / ge / self.inter)
+            / c.comm_eff
+            + self.lat(c)
+    }
+
+    /// All-gather or reduce-scatter whose full buffer is `bytes`.
+    pub fn gather_s(&self, bytes: f64, c: &Calib) -> f64 {
+        if self.n <= 1 || bytes <= 0.0 {
+            return 0.0;
+        }
+        let (g, k) = (self.g as f64, self.k as f64);
+        let ge = self.g_eff();
+        ((g - 1.0) / g * bytes / self.intra + (k - 1.0) / k * bytes / ge / self.inter) / c.comm_eff
+            + self.ring_lat(c)
+    }
+
+    /// NCCL runs all-gather and reduce-scatter as rings only (no tree):
+    /// n − 1 steps, each paying a hop's latency, which at thousands of ranks
+    /// and small shards (ZeRO-3 module gathers) outweighs the bytes.
+    fn ring_lat(&self, c: &Calib) -> f64 {
+        if self.k > 1 {
+            c.coll_lat_s + (self.n - 1) as f64 * c.ring_step_s
+        } else {
+            self.lat(c)
+        }
+    }
+
+    /// All-to-all in which every rank holds `bytes` and sends (n-1)/n of
+    /// it: the share for peers on the node goes over NVLink while the rest
+    /// leaves through the rank's NIC at the same time.
+    pub fn alltoall_s(&self, bytes: f64, c: &Calib) -> f64 {
+        if self.n <= 1 || bytes <= 0.0 {
+            return 0.0;
+        }
+        let (n, g) = (self.n as f64, self.g as f64);
+        let nvl = (g - 1.0) / n * bytes / self.intra;
+        let net = (n - g) / n * bytes / self.inter;
+        nvl.max(net) / c.comm_eff + self.lat(c)
+    }
+
+    /// DeepEP's dispatch (or combine) of a rank's `tokens` tokens of `row`
+    /// bytes to `topk` of `experts` experts spread evenly over the group's
+    /// nodes: a token crosses to each remote node holding at least one of
+    /// its experts once (RDMA to the GPU on the same rail), and NVLink
+    /// carries its copies to the experts' GPUs inside both nodes (Zhao et
+    /// al. 2025, DeepEP's internode kernels).
+    pub fn deepep_s(&self, tokens: f64, row: f64, topk: f64, experts: f64, c: &Calib) -> f64 {
+        if self.n <= 1 || tokens <= 0.0 {
+            return 0.0;
+        }
+        if self.k <= 1 {
+            return self.alltoall_s(tokens * topk * row, c);
+        }
+        let (n, g, k) = (self.n as f64, self.g as f64, self.k as f64);
+        // Probability that none of a token's topk experts (drawn without
+        // replacement, as a router's top-k is) sits on a given node.
+        let per_node = experts / k;
+        let miss = (0..topk as u64)
+            .map(|i| ((experts - per_node - i as f64) / (experts - i as f64)).max(0.0))
+            .product::<f64>();
+        let net = tokens * row * (k - 1.0) * (1.0 - miss) / self.inter;
+        // Copies for this node's other GPUs, and the remote copies fanned
+        // out on the far side (each GPU relays as much as it sends).
+        let copies = tokens * topk * row;
+        let nvl = ((g - 1.0) / n + (n - g) / n * (g - 1.0) / g) * copies / self.intra;
+        nvl.max(net) / c.comm_eff + self.lat(c)
     }
 }
 
@@ -265,11 +444,21 @@ pub fn iteration_flops(job: &Job) -> (f64, f64) {
     let mut layer_model = 0.0;
     let mut layer_fwd = 0.0;
     let mut attn_fwd = 0.0;
-    for i in 0..m.layers as usize {
-        let p = active_matmul_params(m, i);
-        layer_model += 6.0 * p + 12.0 * s * a * hd;
-        layer_fwd += 2.0 * p + 4.0 * s * a * hd;
-        attn_fwd += 4.0 * s * a * hd;
+    // Layers come in two kinds at most (dense, MoE): count each kind once
+    // (tune calls this for every candidate).
+    let n_moe = m.is_moe.iter().filter(|x| **x).count();
+    let n_dense = m.layers as usize - n_moe;
+    for (n, i) in [
+        (n_dense, m.is_moe.iter().position(|x| !x)),
+        (n_moe, m.is_moe.iter().position(|x| *x)),
+    ] {
+        let (Some(i), true) = (i, n > 0) else {
+            continue;
+        };
+        let (n, p) = (n as f64, active_matmul_params(m, i));
+        layer_model += n * (6.0 * p + 12.0 * s * a * hd);
+        layer_fwd += n * (2.0 * p + 4.0 * s * a * hd);
+        attn_fwd += n * 4.0 * s * a * hd;
     }
     let head = 6.0 * m.vocab as f64 * h;
     let model_flops = tokens * (layer_model + head);
@@ -293,25 +482,48 @@ fn rc_passes_of(r: Recompute) -> f64 {
 
 /// Forward and backward seconds of the attention core (scores, softmax,
 /// values) of one layer and micro-batch on one GPU.
-fn attn_core(job: &Job, hw: &Hw, c: &Calib) -> (f64, f64) {
+///
+/// Fused kernels run at a rate that depends on their generation (the
+/// cluster's `attn_tflops` is FlashAttention-2's forward rate;
+/// FlashAttention-1 runs at half of it, Dao 2023 abstract and Fig. 4;
+/// FlashAttention-3 on Hopper at [`FA3_SPEEDUP`] times it, Shah et al. 2024
+/// Fig. 5), on the query length (`attn_s0`) and, for the backward, at
+/// `attn_bwd_rate` of the forward rate; causal kernels compute half the s²
+/// work. The unfused path (Megatron 2021-22) multiplies the full masked
+/// matrix as batched GEMMs of inner size h_d and streams the scores through
+/// HBM.
+pub fn attn_core(job: &Job, hw: &Hw, c: &Calib) -> (f64, f64) {
     let st = &job.strategy;
     let (t, cp) = (st.tp as f64, st.cp as f64);
     let s = job.seq as f64;
     let (a, _, hd) = attn_dims(&job.model);
-    // Causal flash attention computes half the s×s work; the unfused path
-    // (Megatron 2021-22) multiplies the full masked matrix as batched GEMMs
-    // of inner size h_d and streams the scores through HBM.
     let heads_local = st.mbs as f64 * a / t;
-    if st.flash_attn {
-        let flops = 4.0 * heads_local * (s / cp) * s * hd * 0.5;
-        let f = flops / hw.attn;
-        (f, 2.5 * f)
-    } else {
-        let g = 2.0 * heads_local * gemm_s(s / cp, s, hd, hw, c);
-        let sm = heads_local * (s / cp) * s * 2.0 * c.softmax_passes / hw.hbm;
-        (g + sm / 3.0, 2.0 * g + 2.0 * sm / 3.0)
-    }
+    let gen = match st.attn_kernel {
+        AttnKernel::None => {
+            let g = 2.0 * heads_local * gemm_s(s / cp, s, hd, hw, c);
+            let sm = heads_local * (s / cp) * s * 2.0 * c.softmax_passes / hw.hbm;
+            return (g + sm / 3.0, 2.0 * g + 2.0 * sm / 3.0);
+        }
+        AttnKernel::Fa1 => 0.5,
+        AttnKernel::Fa2 => 1.0,
+        AttnKernel::Fa3 if hw.hopper => FA3_SPEEDUP,
+        // FlashAttention-3 needs Hopper's TMA and wgmma; elsewhere FA-2 runs.
+        AttnKernel::Fa3 => 1.0,
+    };
+    let q = s / cp;
+    // Smaller heads run the kernel slower (less work per tile per load):
+    // FlashAttention-2 at head dim 64 reaches about 0.8 of its rate at 128
+    // (Dao 2023, Fig. 4-7); hd/(hd + 43) normalised at 128 gives that.
+    let per_head = ((hd / (hd + 43.0)) / (128.0 / 171.0)).min(1.0);
+    let rate = hw.attn * c.attn_eff * gen * per_head * q / (q + c.attn_s0);
+    let flops = 4.0 * heads_local * q * s * hd * 0.5;
+    let f = flops / rate;
+    (f, 2.5 * f / c.attn_bwd_rate)
 }
+
+/// FlashAttention-3 over FlashAttention-2 on H100 (BF16, causal, head dim
+/// 128, 2k-16k tokens: 1.5-2.0x, Shah et al. 2024 abstract and Fig. 5).
+pub const FA3_SPEEDUP: f64 = 1.7;
 
 /// A weight-holding module of a layer (what ZeRO-3 gathers as one piece):
 /// its forward GEMMs as (m, n, k, count) and its parameters per GPU.
@@ -361,14 +573,19 @@ pub fn weight_modules(job: &Job, i: usize) -> (Vec<WeightModule>, usize) {
         Some(e) => {
             let (ne, k, fe) = (e.experts as f64, e.topk as f64, e.expert_ffn as f64);
             let local = ne / st.ep as f64;
-            let per_expert = tok * k * st.ep as f64 / ne * (1.0 + st.moe_imbalance);
+            // Expert tensor parallelism splits each expert `etp` ways. With
+            // etp < tp (Megatron-Core's parallel folding) each rank of an
+            // expert group brings its etp/tp share of the sequence-parallel
+            // tokens.
+            let te = st.etp as f64;
+            let per_expert = tok * k * st.ep as f64 / ne * (1.0 + st.moe_imbalance) * (te / t);
             mods.push(dense(vec![(tok, ne, h, 1.0)]));
             mods.push(WeightModule {
                 gemms: vec![
-                    (per_expert, 2.0 * fe / t, h, local),
-                    (per_expert, h, fe / t, local),
+                    (per_expert, 2.0 * fe / te, h, local),
+                    (per_expert, h, fe / te, local),
                 ],
-                params: local * 3.0 * h * fe / t,
+                params: local * 3.0 * h * fe / te,
                 expert: true,
             });
             if e.shared_experts > 0 {
@@ -431,7 +648,9 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     let bwd = 2.0 * gemm + attn_bwd + 2.0 * elem;
     let recompute = match st.recompute {
         Recompute::Full => fwd,
-        Recompute::Selective if !st.flash_attn => attn_fwd,
+        // Half the forward's matmuls and all its elementwise work re-run.
+        Recompute::Selective if st.sac_op => 0.5 * gemm + elem,
+        Recompute::Selective if st.attn_kernel == AttnKernel::None => attn_fwd,
         _ => 0.0,
     };
     let rc_passes = rc_passes_of(st.recompute);
@@ -439,8 +658,15 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     // TP: 2 all-reduces forward, 2 backward (SP: all-gather + reduce-scatter,
     // the same volume), 2 more when full recompute re-runs the forward.
     let tp = if st.tp > 1 {
-        let bw = hw.link(1, st.tp);
-        (4.0 + 2.0 * rc_passes) * allreduce_s(tok * h * 2.0, st.tp, bw, c)
+        let all = (4.0 + 2.0 * rc_passes) * hw.group(1, st.tp).allreduce_s(tok * h * 2.0, c);
+        if st.tp_comm_overlap {
+            // Pipelined with the GEMMs chunk by chunk (one chunk per TP
+            // rank): what the GEMMs cannot cover, and at least one chunk.
+            let g = gemm * (3.0 + rc_passes);
+            (all - g).max(all / st.tp as f64)
+        } else {
+            all
+        }
     } else {
         0.0
     };
@@ -462,7 +688,7 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
             // forward is recomputed), reduce-scatter dK/dV after the
             // backward: on the critical path (Llama 3 §3.3.2).
             CpComm::AllGather => {
-                let ag = gather_s(kv * cp, st.cp, bw, c);
+                let ag = hw.group(st.tp, st.cp).gather_s(kv * cp, c);
                 ag * (1.0 + rc_passes) + ag
             }
         }
@@ -472,9 +698,22 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     // EP: dispatch + combine all-to-all, forward and backward.
     let ep = match moe {
         Some(e) if st.ep > 1 => {
-            let bw = hw.link(st.tp * st.cp, st.ep);
-            let bytes = tok * e.topk as f64 * h * 2.0;
-            (4.0 + 2.0 * rc_passes) * gather_s(bytes, st.ep, bw, c) * imb
+            let tokens = tok * (st.etp as f64 / t) * imb;
+            let grp = hw.group(st.etp, st.ep);
+            let (k, ne) = (e.topk as f64, e.experts as f64);
+            let one = if st.deepep {
+                grp.deepep_s(tokens, h * 2.0, k, ne, c)
+            } else {
+                grp.alltoall_s(tokens * k * h * 2.0, c)
+            };
+            let a2a = (4.0 + 2.0 * rc_passes) * one;
+            if st.ep_comm_overlap {
+                // Hidden under another micro-batch's compute (Megatron's
+                // 1F1B A2A overlap): only what outlasts it shows.
+                (a2a - (fwd + bwd)).max(0.0)
+            } else {
+                a2a
+            }
         }
         _ => 0.0,
     };
@@ -491,10 +730,8 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
 /// The data-parallel groups ZeRO-3 gathers over: dense weights over
 /// DP × CP, expert weights over DP × CP / EP.
 pub struct Z3Groups {
-    pub dgrp: u64,
-    pub egrp: u64,
-    pub bw_d: f64,
-    pub bw_e: f64,
+    pub d: Group,
+    pub e: Group,
 }
 
 /// What the ZeRO-3 schedule needs of the pipeline stage that sets the pace.
@@ -558,16 +795,13 @@ pub fn zero3_layer(
             comm += lc.ep;
         }
         let comm = comm / phases;
-        let (grp, bw) = if w.expert {
-            (g.egrp, g.bw_e)
-        } else {
-            (g.dgrp, g.bw_d)
-        };
-        let xfer = gather_s(w.params * 2.0, grp, bw, c);
+        let grp = if w.expert { &g.e } else { &g.d };
+        let xfer = grp.gather_s(w.params * 2.0, c);
+        let rs = grp.gather_s(w.params * st.grad_bytes, c);
         out.push(zero3::Module {
             params: w.params,
             gather_s: xfer,
-            rs_s: xfer,
+            rs_s: rs,
             fwd_s: fwd + comm,
             rc_s: if full { fwd + comm } else { 0.0 },
             bwd_s: bwd + comm,
@@ -589,24 +823,29 @@ pub fn zero3_blocks(
     g: &Z3Groups,
     hw: &Hw,
     c: &Calib,
-) -> Vec<zero3::Block> {
+) -> Vec<Rc<zero3::Block>> {
     let m = &job.model;
     let l = layout(job);
     let t = job.strategy.tp as f64;
     let mut blocks = vec![];
     let embed = |params: f64, fwd: f64, bwd: f64, rs: bool| {
-        let xfer = gather_s(params * 2.0, g.dgrp, g.bw_d, c);
-        zero3::Block {
+        let xfer = g.d.gather_s(params * 2.0, c);
+        let rs_s = if rs {
+            g.d.gather_s(params * job.strategy.grad_bytes, c)
+        } else {
+            0.0
+        };
+        Rc::new(zero3::Block {
             modules: vec![zero3::Module {
                 params,
                 gather_s: xfer,
-                rs_s: if rs { xfer } else { 0.0 },
+                rs_s,
                 fwd_s: fwd,
                 rc_s: 0.0,
                 bwd_s: bwd,
             }],
             recomputed: false,
-        }
+        })
     };
     if ctx.stage == 0 {
         let p = m.embedding_params() as f64 / t;
@@ -614,17 +853,17 @@ pub fn zero3_blocks(
     }
     let dense_i = m.is_moe.iter().position(|x| !x).unwrap_or(0);
     let moe_i = m.is_moe.iter().position(|x| *x);
-    let dense = zero3_layer(job, dense_i, ctx.dense, g, hw, c);
+    let dense = Rc::new(zero3_layer(job, dense_i, ctx.dense, g, hw, c));
     let moe = match (moe_i, ctx.moe) {
-        (Some(i), Some(lc)) => Some(zero3_layer(job, i, lc, g, hw, c)),
+        (Some(i), Some(lc)) => Some(Rc::new(zero3_layer(job, i, lc, g, hw, c))),
         _ => None,
     };
-    for i in (0..m.layers).filter(|&i| l.stage_of(m.layers, i) == ctx.stage) {
+    for i in (0..m.layers).filter(|&i| stage_of(&l, m.layers, i) == ctx.stage) {
         let b = match (&moe, m.is_moe[i as usize]) {
             (Some(b), true) => b,
             _ => &dense,
         };
-        blocks.push(b.clone());
+        blocks.push(Rc::clone(b));
     }
     if ctx.stage == l.pp - 1 {
         let p = (m.vocab * m.hidden) as f64 / t;
@@ -644,6 +883,20 @@ pub struct Timing {
     pub stage: u64,
 }
 
+/// mem-plan's `Layout::stage_of` without its linear search: chunk j of
+/// C = pp·vpp holds layers [j·L/C, (j+1)·L/C).
+pub fn stage_of(l: &Layout, layers: u64, i: u64) -> u64 {
+    let c = l.pp * l.vpp;
+    let mut j = (i * c / layers.max(1)).min(c - 1);
+    while j > 0 && i < j * layers / c {
+        j -= 1;
+    }
+    while j + 1 < c && i >= (j + 1) * layers / c {
+        j += 1;
+    }
+    j % l.pp
+}
+
 pub fn layout(job: &Job) -> Layout {
     let s = &job.strategy;
     Layout {
@@ -659,7 +912,10 @@ pub fn layout(job: &Job) -> Layout {
 
 /// Iteration time and its breakdown.
 pub fn predict_time(job: &Job, c: &Calib) -> Timing {
-    let hw = Hw::of(job);
+    let hw = Hw {
+        nic_par: c.nic_par,
+        ..Hw::of(job)
+    };
     let m = &job.model;
     let st = &job.strategy;
     let l = layout(job);
@@ -677,7 +933,7 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
         .map(|i| layer_cost(job, i, &hw, c));
     let mut stages = vec![LayerCost::default(); st.pp as usize];
     for i in 0..m.layers {
-        let sgi = l.stage_of(m.layers, i) as usize;
+        let sgi = stage_of(&l, m.layers, i) as usize;
         let lc = if m.is_moe[i as usize] {
             moe_cost.as_ref().unwrap_or(&dense_cost)
         } else {
@@ -694,14 +950,14 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
     stages[last].bwd += 2.0 * head_g + head_elem;
     // vocab-parallel cross entropy: 3 tiny all-reduces; the embedding's
     // forward all-reduce (or reduce-scatter) on stage 0 and its backward.
-    let emb_tp = 2.0 * allreduce_s(tok * h * 2.0, st.tp, hw.link(1, st.tp), c);
+    let emb_tp = 2.0 * hw.group(1, st.tp).allreduce_s(tok * h * 2.0, c);
     stages[0].tp += emb_tp;
     // Pipeline point-to-point per micro-batch: activations forward, grads
     // backward, once per model chunk, split across the TP ranks
     // (scatter/gather, Narayanan et al. 2021 §4.1).
     let p2p = if st.pp > 1 {
         let bw = hw.link(st.tp * st.cp * st.dp, st.pp);
-        2.0 * st.vpp as f64 * tok * h * 2.0 / t / (bw * c.comm_eff)
+        2.0 * st.vpp as f64 * (tok * h * 2.0 / t / (bw * c.comm_eff) + c.coll_lat_s)
     } else {
         0.0
     };
@@ -720,32 +976,33 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
     // the parameter all-gather after the sharded optimizer step.
     let (pd, pe) = mem_plan::layout::stage_params(m, &l, stage as u64);
     let dgrp = st.dp * st.cp;
-    let egrp = (dgrp / st.ep).max(1);
-    let bw_d = hw.link(st.tp, dgrp);
-    let bw_e = hw.link(st.tp * st.cp * st.ep, egrp);
+    // Expert weights are replicated over the ranks of a stage outside their
+    // etp·ep expert group.
+    let egrp = (dgrp * st.tp / (st.etp * st.ep)).max(1);
+    let gd = hw.group(st.tp, dgrp);
+    let ge = hw.group(st.etp * st.ep, egrp);
     // 2-byte (bf16/fp16) all-gather or reduce-scatter of the stage's weights.
-    let p16 = gather_s(pd * 2.0, dgrp, bw_d, c) + gather_s(pe * 2.0, egrp, bw_e, c);
+    let p16 = gd.gather_s(pd * 2.0, c) + ge.gather_s(pe * 2.0, c);
     let dp_exposed = match st.zero {
-        // ZeRO-3 (DeepSpeed stage 3 / FSDP full shard): per micro-batch, the
-        // weights are all-gathered before the forward, all-gathered again
-        // for the backward (the recompute forward of a layer runs right
-        // before its backward and reuses that gather) and the 16-bit
-        // gradients are reduce-scattered as each layer's backward ends.
-        // Prefetch overlaps each phase's traffic with that phase's compute
-        // and tensor-parallel time, so a phase lasts the longer of the two.
         // ZeRO-3 (DeepSpeed stage 3 / FSDP full shard): per micro-batch the
         // weights are all-gathered for the forward and again for the
         // backward (once for a checkpointed layer's recompute forward and
         // backward) and the 16-bit gradients are reduce-scattered, module by
         // module; with prefetch the schedule of `zero3` decides what hides.
+        // DeepSpeed's stage 3 moves each rank's shard through its own NIC.
         3 => {
+            let flat = |g: Group| {
+                if st.z3_rank_nic {
+                    Group { nic_par: 0.0, ..g }
+                } else {
+                    g
+                }
+            };
+            let g = Z3Groups {
+                d: flat(gd),
+                e: flat(ge),
+            };
             if st.overlap_grad_reduce {
-                let g = Z3Groups {
-                    dgrp,
-                    egrp,
-                    bw_d,
-                    bw_e,
-                };
                 let ctx = Z3Stage {
                     stage: stage as u64,
                     dense: &dense_cost,
@@ -762,26 +1019,38 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
                 );
                 mf * (zero3::micro_batch_s(&blocks, zero3::PREFETCH_BUCKET) - busy).max(0.0)
             } else {
-                mf * 3.0 * p16
+                let p16 = g.d.gather_s(pd * 2.0, c) + g.e.gather_s(pe * 2.0, c);
+                mf * (2.0 + st.grad_bytes / 2.0) * p16
             }
         }
+        // Gradients (fp32 main grads, Megatron's default for bf16) are
+        // all-reduced (ZeRO 0) or reduce-scattered (ZeRO 1/2, then the 2-byte
+        // parameters all-gathered after the sharded step). Overlapped, the
+        // reduction runs bucket by bucket as the last micro-batch's backward
+        // produces gradients, and the gather under the next forward; only
+        // the last bucket (first, for the gather) must wait.
         z => {
             let (grad, param) = if z == 0 {
-                (
-                    allreduce_s(pd * 4.0, dgrp, bw_d, c) + allreduce_s(pe * 4.0, egrp, bw_e, c),
-                    0.0,
-                )
+                let gb = st.grad_bytes;
+                (gd.allreduce_s(pd * gb, c) + ge.allreduce_s(pe * gb, c), 0.0)
             } else {
-                (
-                    gather_s(pd * 4.0, dgrp, bw_d, c) + gather_s(pe * 4.0, egrp, bw_e, c),
-                    p16,
-                )
+                let gb = st.grad_bytes;
+                (gd.gather_s(pd * gb, c) + ge.gather_s(pe * gb, c), p16)
             };
-            if st.overlap_grad_reduce {
-                (grad - sc.bwd).max(0.0) + (param - sc.fwd).max(0.0)
+            let last = (c.dp_bucket_params / (pd + pe).max(1.0)).min(1.0);
+            let comm = sc.tp + sc.cp + sc.ep;
+            let hide = |x: f64, win: f64| (x * (1.0 - last) - win).max(0.0) + x * last;
+            let g = if st.overlap_grad_reduce {
+                hide(grad, sc.bwd + sc.recompute + comm / 2.0)
             } else {
-                grad + param
-            }
+                grad
+            };
+            let p = if st.overlap_param_gather {
+                hide(param, sc.fwd + comm / 2.0)
+            } else {
+                param
+            };
+            g + p
         }
     };
     // Optimizer: Adam reads and writes ~32 bytes per local parameter.
@@ -842,6 +1111,35 @@ mod tests {
     }
 
     #[test]
+    fn stage_of_matches_mem_plans_search() {
+        for (layers, pp, vpp) in [
+            (32, 4, 1),
+            (94, 32, 3),
+            (126, 16, 4),
+            (7, 3, 2),
+            (61, 8, 1),
+            (5, 5, 1),
+        ] {
+            let l = Layout {
+                tp: 1,
+                pp,
+                ep: 1,
+                cp: 1,
+                dp: 1,
+                vpp,
+                world: pp,
+            };
+            for i in 0..layers {
+                assert_eq!(
+                    stage_of(&l, layers, i),
+                    l.stage_of(layers, i),
+                    "{layers} {pp} {vpp} {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn params_match_megatron_table1() {
         // Table 1 "Number of parameters (billion)": 12 l h² (1 + 13/12h + (V+s)/12lh).
         for (pb, a, h, l) in [
@@ -855,9 +1153,22 @@ mod tests {
         }
     }
 
+    /// The shipped constants with the link efficiency the hand figures use.
+    const TC: Calib = Calib {
+        comm_eff: 0.7,
+        ..CALIB
+    };
+
+    /// ... and no collective latency, for schedules checked against pure traffic.
+    const Z0: Calib = Calib {
+        coll_lat_s: 0.0,
+        ring_step_s: 0.0,
+        ..TC
+    };
+
     #[test]
     fn collectives_and_bubble_by_hand() {
-        let c = CALIB;
+        let c = TC;
         // 1 GB ring all-reduce over 8 ranks at 100 GB/s: 2·7/8·1e9/(1e11·0.7) s.
         assert!((allreduce_s(1e9, 8, 1e11, &c) - 1.75e9 / 7e10).abs() < 1e-12);
         assert_eq!(allreduce_s(1e9, 1, 1e11, &c), 0.0);
@@ -873,6 +1184,8 @@ mod tests {
             intra: 3e11,
             inter: 2.5e10,
             gpn: 8,
+            hopper: false,
+            nic_par: 1.0,
         };
         let sat = 4096.0 / (4096.0 + c.gemm_x0);
         let want = 2.0 * 4096f64.powi(3) / (312e12 * 0.769 * sat.powi(3));
@@ -880,6 +1193,37 @@ mod tests {
         // Placement: TP 8 inside an 8-GPU node, DP across nodes.
         assert_eq!(hw.link(1, 8), 3e11);
         assert_eq!(hw.link(8, 2), 2.5e10);
+        // Hierarchical collectives (no latency here): TP 16 over two nodes
+        // reduces inside each node over NVLink, then each GPU all-reduces
+        // its 1/8 share with its peer on the other node over its own NIC.
+        let c0 = Calib {
+            coll_lat_s: 0.0,
+            ..c
+        };
+        let tp16 = hw.group(1, 16);
+        assert_eq!((tp16.g, tp16.k), (8, 2));
+        let want = (2.0 * 7.0 / 8.0 * 1e9 / 3e11 + 2.0 * 0.5 * 1e9 / 8.0 / 2.5e10) / 0.7;
+        assert!((tp16.allreduce_s(1e9, &c0) - want).abs() < 1e-12);
+        // ... about 7x faster than a flat ring on one NIC per GPU.
+        let flat = allreduce_s(1e9, 16, 2.5e10, &c0);
+        assert!(flat / tp16.allreduce_s(1e9, &c0) > 6.0);
+        // One rank per node (DP behind TP 8): the flat ring on the NIC.
+        let dp = hw.group(8, 4);
+        assert_eq!((dp.g, dp.k), (1, 4));
+        assert!((dp.allreduce_s(1e9, &c0) - allreduce_s(1e9, 4, 2.5e10, &c0)).abs() < 1e-12);
+        // Inside a node: the NVLink ring.
+        assert!((hw.group(1, 8).gather_s(1e9, &c0) - gather_s(1e9, 8, 3e11, &c0)).abs() < 1e-12);
+        // All-to-all over 16 ranks on 2 nodes: 7/16 over NVLink while 8/16
+        // leave through the NIC; the NIC sets the time.
+        let a2a = tp16.alltoall_s(1.6e9, &c0);
+        assert!((a2a - 0.5 * 1.6e9 / 2.5e10 / 0.7).abs() < 1e-12);
+        // Latency: one step inside a node, 1 + 2·log2(k) steps over k nodes.
+        let tiny = 1e-3;
+        let bw_part = |g: Group| g.allreduce_s(tiny, &c0);
+        let lat = |g: Group| g.allreduce_s(tiny, &c) - bw_part(g);
+        assert!((lat(hw.group(1, 8)) - c.coll_lat_s).abs() < 1e-15);
+        assert!((lat(hw.group(8, 64)) - 13.0 * c.coll_lat_s).abs() < 1e-15);
+        assert_eq!(hw.group(8, 64).allreduce_s(0.0, &c), 0.0);
     }
 
     #[test]
@@ -917,10 +1261,15 @@ mod tests {
             (predict_time(&j, &CALIB), j)
         };
         let (t, j) = mk(false);
-        // 64 ranks over 8 nodes: the DP ring crosses nodes, 25 GB/s per GPU.
+        // 64 ranks over 8 nodes: reduce inside the node on NVLink (300 GB/s),
+        // then 1/8 of the data per GPU across the 8 nodes on its NIC (25 GB/s).
         let (pd, pe) = mem_plan::layout::stage_params(&j.model, &layout(&j), 0);
         assert_eq!(pe, 0.0);
-        let p16 = 63.0 / 64.0 * pd * 2.0 / (25e9 * CALIB.comm_eff);
+        let b = pd * 2.0;
+        // (+ a ring's latency: one launch and 63 inter-node steps)
+        let p16 = (7.0 / 8.0 * b / 300e9 + 7.0 / 8.0 * b / 8.0 / 25e9) / CALIB.comm_eff
+            + CALIB.coll_lat_s
+            + 63.0 * CALIB.ring_step_s;
         // 2 micro-batches, each: all-gather (forward), all-gather (recompute
         // + backward), reduce-scatter; nothing per iteration.
         let want = 2.0 * 3.0 * p16;
@@ -934,13 +1283,99 @@ mod tests {
     }
 
     #[test]
+    fn deepspeed_zero3_sends_each_shard_through_its_ranks_nic() {
+        let mk = |framework: &str| {
+            let v = serde_json::json!({"framework":framework,
+                "model":{"arch":"gpt","layers":24,"hidden":4096,"heads":32,"vocab":51200,"seq":2048},
+                "cluster":{"gpu":"A100-80GB","gpus":64},"strategy":{"tp":1,"mbs":1,"gbs":128,"zero":3,
+                "recompute":"full","overlap_grad_reduce":false}});
+            let j = job_from_value(&v, &Fallback::default(), "t").unwrap();
+            (predict_time(&j, &CALIB), j)
+        };
+        let (fsdp, j) = mk("PyTorch FSDP");
+        let (ds, jd) = mk("DeepSpeed");
+        assert!(!j.strategy.z3_rank_nic && jd.strategy.z3_rank_nic);
+        // 64 ranks on 8 nodes: NVLink stage, then all 7/8 of the buffer
+        // through the rank's own NIC (not 1/8 of it through each of eight).
+        let (pd, _) = mem_plan::layout::stage_params(&j.model, &layout(&j), 0);
+        let b = pd * 2.0;
+        let p16 = (7.0 / 8.0 * b / 300e9 + 7.0 / 8.0 * b / 25e9) / CALIB.comm_eff
+            + CALIB.coll_lat_s
+            + 63.0 * CALIB.ring_step_s;
+        let want = 2.0 * 3.0 * p16;
+        assert!((ds.breakdown.dp_comm_exposed_s - want).abs() < 1e-9 * want);
+        assert!(ds.breakdown.dp_comm_exposed_s > 4.0 * fsdp.breakdown.dp_comm_exposed_s);
+    }
+
+    #[test]
+    fn torchtitan_selective_recompute_reruns_half_the_matmuls() {
+        let mk = |framework: &str, rc: &str| {
+            let v = serde_json::json!({"framework":framework,
+                "model":{"arch":"llama","layers":8,"hidden":4096,"heads":32,"kv_heads":8,"ffn":14336,
+                "vocab":128256,"seq":8192},"cluster":{"gpu":"H100","gpus":8},
+                "strategy":{"tp":1,"mbs":1,"gbs":8,"zero":3,"recompute":rc}});
+            let j = job_from_value(&v, &Fallback::default(), "t").unwrap();
+            let hw = Hw::of(&j);
+            (layer_cost(&j, 0, &hw, &CALIB), j)
+        };
+        let (mega, _) = mk("Megatron-Core", "selective");
+        let (tt, j) = mk("torchtitan", "selective");
+        let (full, _) = mk("torchtitan", "full");
+        assert!(j.strategy.sac_op);
+        // Flash attention under Megatron's selective policy: nothing re-runs.
+        assert_eq!(mega.recompute, 0.0);
+        let hw = Hw::of(&j);
+        let gemm: f64 = weight_modules(&j, 0)
+            .0
+            .iter()
+            .map(|w| w.gemm_s(&hw, &CALIB))
+            .sum();
+        let (af, _) = attn_core(&j, &hw, &CALIB);
+        let elem = full.fwd - gemm - af;
+        assert!((tt.recompute - (0.5 * gemm + elem)).abs() < 1e-12);
+        assert!(tt.recompute > 0.4 * full.recompute && tt.recompute < 0.6 * full.recompute);
+    }
+
+    #[test]
+    fn deepep_sends_a_token_once_per_remote_node() {
+        let c = Calib {
+            coll_lat_s: 0.0,
+            ..CALIB
+        };
+        let hw = Hw {
+            intra: 450e9,
+            inter: 50e9,
+            gpn: 8,
+            ..Hw::of(&gpt_job(2, 1024, 8, 8, "none"))
+        };
+        // EP 32 over 4 nodes, 128 experts (32 per node), top-8.
+        let g = hw.group(1, 32);
+        let (tok, row) = (4096.0, 8192.0);
+        let miss: f64 = (0..8)
+            .map(|i| (96.0 - i as f64) / (128.0 - i as f64))
+            .product();
+        let net = tok * row * 3.0 * (1.0 - miss) / 50e9 / c.comm_eff;
+        assert!((g.deepep_s(tok, row, 8.0, 128.0, &c) - net).abs() < 1e-12);
+        // NCCL's all-to-all sends all 8 copies, 3/4 of them off the node.
+        let a2a = g.alltoall_s(tok * 8.0 * row, &c);
+        assert!((a2a - tok * 8.0 * row * 0.75 / 50e9 / c.comm_eff).abs() < 1e-12);
+        assert!(net < 0.5 * a2a);
+        // Inside one node there is nothing to deduplicate.
+        let n8 = hw.group(1, 8);
+        assert_eq!(
+            n8.deepep_s(tok, row, 8.0, 128.0, &c),
+            n8.alltoall_s(tok * 8.0 * row, &c)
+        );
+    }
+
+    #[test]
     fn zero3_schedule_is_bound_by_traffic_or_by_compute() {
         let mk = |inter: f64| {
             let v = serde_json::json!({"model":{"arch":"gpt","layers":24,"hidden":4096,"heads":32,"vocab":51200,"seq":2048},
-                "cluster":{"gpu":"A100-80GB","gpus":64,"inter_node_gbps":inter},"strategy":{"tp":1,"mbs":1,"gbs":128,"zero":3,
-                "recompute":"full","overlap_grad_reduce":true}});
+                "cluster":{"gpu":"A100-80GB","gpus":64,"inter_node_gbps":inter,"intra_node_gbps":inter.max(300.0)},
+                "strategy":{"tp":1,"mbs":1,"gbs":128,"zero":3,"recompute":"full","overlap_grad_reduce":true}});
             let j = job_from_value(&v, &Fallback::default(), "t").unwrap();
-            (predict_time(&j, &CALIB), j)
+            (predict_time(&j, &Z0), j)
         };
         // A 0.25 GB/s link: the link never rests, so a micro-batch lasts its
         // traffic. Per micro-batch (tp 1, 2-byte weights): the forward gathers
@@ -953,12 +1388,13 @@ mod tests {
         let layers = 24.0 * 12.0 * h * h;
         let e = j.model.embedding_params() as f64;
         let elems = 2.0 * (e + layers + v * h) + (layers + e);
-        let link = 63.0 / 64.0 * elems * 2.0 / (0.25e9 * CALIB.comm_eff);
+        let per_byte = (7.0 / 8.0 / 300e9 + 7.0 / 64.0 / 0.25e9) / Z0.comm_eff;
+        let link = elems * 2.0 * per_byte;
         let b = &t.breakdown;
         let per_mb = (b.compute_s + b.recompute_s + b.dp_comm_exposed_s) / 2.0;
         assert!(per_mb >= link * (1.0 - 1e-12), "{per_mb} vs {link}");
         assert!(per_mb < link * 1.002, "{per_mb} vs {link}");
-        // A fast link: only the first gather and the last reduce-scatter
+        // Fast links: only the first gather and the last reduce-scatter
         // (the embedding's, tiny here) are left in the open.
         let (f, _) = mk(1e6);
         let busy = f.breakdown.compute_s + f.breakdown.recompute_s;
@@ -980,7 +1416,9 @@ mod tests {
         // per TP rank, 128 wide, 2 bytes; all-gathered over 8 ranks on the
         // NIC (stride 8) forward, reduce-scattered backward.
         let kv = 8192.0 * 2.0 * 128.0 * 2.0;
-        let ag = 7.0 / 8.0 * kv * 8.0 / (50e9 * CALIB.comm_eff);
+        let ag = 7.0 / 8.0 * kv * 8.0 / (50e9 * CALIB.comm_eff)
+            + CALIB.coll_lat_s
+            + 7.0 * CALIB.ring_step_s;
         let want = 2.0 * 8.0 * 2.0 * ag; // 2 micro-batches, 8 layers
         let got = mk("allgather").breakdown.cp_comm_s;
         assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");

@@ -89,6 +89,10 @@ pub fn enumerate(base: &Job, sp: &Space) -> Vec<Job> {
                                         recompute,
                                         zero,
                                         sp: tp > 1,
+                                        etp: tp,
+                                        // The same defaults a job gets:
+                                        // ZeRO-3 reduces 16-bit gradients.
+                                        grad_bytes: if zero == 3 { 2.0 } else { 4.0 },
                                         ..base.strategy.clone()
                                     };
                                     out.push(j);

@@ -38,6 +38,8 @@
 /// `runtime/zero/constants.py`, `ZERO_OPTIMIZATION_PREFETCH_BUCKET_SIZE_DEFAULT`).
 pub const PREFETCH_BUCKET: f64 = 5e7;
 
+use std::borrow::Borrow;
+
 /// One parameter-holding module of a micro-batch's schedule (seconds).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Module {
@@ -75,21 +77,25 @@ struct Step {
 }
 
 /// Compute-stream seconds of the micro-batch without any ZeRO-3 traffic.
-pub fn busy_s(blocks: &[Block]) -> f64 {
+pub fn busy_s<B: Borrow<Block>>(blocks: &[B]) -> f64 {
     blocks
         .iter()
-        .flat_map(|b| &b.modules)
+        .flat_map(|b| &b.borrow().modules)
         .map(|m| m.fwd_s + m.rc_s + m.bwd_s)
         .sum()
 }
 
 /// Seconds one micro-batch takes: forward over `blocks` in order, then the
 /// backward (recompute forward + backward of each block) in reverse.
-pub fn micro_batch_s(blocks: &[Block], bucket: f64) -> f64 {
-    let mods: Vec<Module> = blocks.iter().flat_map(|b| b.modules.clone()).collect();
+///
+/// Blocks may be shared (`Rc<Block>`): the layers of a stage repeat one or
+/// two blocks, and tune runs this for every ZeRO-3 candidate.
+pub fn micro_batch_s<B: Borrow<Block>>(blocks: &[B], bucket: f64) -> f64 {
+    let blocks: Vec<&Block> = blocks.iter().map(|b| b.borrow()).collect();
+    let mods: Vec<&Module> = blocks.iter().flat_map(|b| &b.modules).collect();
     let mut first = Vec::with_capacity(blocks.len());
     let mut n = 0;
-    for b in blocks {
+    for b in &blocks {
         first.push(n);
         n += b.modules.len();
     }
