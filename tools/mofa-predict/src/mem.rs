@@ -16,20 +16,16 @@ pub fn peak_bytes(job: &Job) -> f64 {
     let st = &job.strategy;
     let l = layout(job);
     let moe = m.moe.as_ref();
-    let d = Dims {
-        dt: 2.0,
-        b: st.mbs as f64,
-        s: job.seq as f64,
-        h: m.hidden as f64,
-        a: m.heads() as f64,
-        hd: m.head_dim() as f64,
-        ka: m.kv_heads() as f64,
-        en: moe.map_or(0.0, |x| x.experts as f64),
-        ge: moe.map_or(0.0, |x| x.expert_ffn as f64),
-        gd: m.ffn as f64,
-        t: st.tp as f64,
-        c: st.cp as f64,
-    };
+    let d = Dims::new(
+        m,
+        ftk::memory::RunShape {
+            dt: 2.0,
+            micro_batch: st.mbs,
+            seq: job.seq,
+            tp: st.tp,
+            cp: st.cp,
+        },
+    );
     // Uniform routing: an EP rank receives b·s·k token copies (mem-plan's
     // `uniform`), times the imbalance factor.
     let s_recv = d.b * d.s * moe.map_or(0.0, |x| x.topk as f64) * (1.0 + st.moe_imbalance);
