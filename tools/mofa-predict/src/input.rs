@@ -495,6 +495,21 @@ pub fn model_from_obj(o: &Obj) -> Result<(ModelConfig, Option<u64>)> {
     let ffn = o.pos("ffn", gpt.then_some(4 * hidden))?;
     let vocab = o.pos("vocab", None)?;
     let seq = o.opt_u64("seq")?;
+    // The same ceilings as ftk's config.json reader: a corrupt size must be
+    // refused here, before per-layer vectors and loops are sized by it.
+    for (v, key, max) in [
+        (layers, "layers", 1u64 << 16),
+        (hidden, "hidden", 1 << 20),
+        (heads, "heads", 1 << 16),
+        (kv_heads, "kv_heads", 1 << 16),
+        (head_dim, "head_dim", 1 << 16),
+        (ffn, "ffn", 1 << 22),
+        (vocab, "vocab", 1 << 32),
+    ] {
+        if v > max {
+            return Err(o.err(key, format!("must be at most {max}, got {v}")));
+        }
+    }
     if seq == Some(0) {
         return Err(o.err("seq", "must be a positive integer, got 0"));
     }

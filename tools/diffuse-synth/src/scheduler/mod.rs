@@ -265,8 +265,10 @@ impl Config {
             "num_train_timesteps" => {
                 let n = v
                     .as_u64()
-                    .filter(|&n| n >= 2)
-                    .ok_or_else(|| format!("expected an integer >= 2, got {v}"))?;
+                    // Published schedulers train on 1000; the ceiling keeps a corrupt
+                    // value from sizing the beta/alpha tables (found by the fuzzer).
+                    .filter(|&n| (2..=1 << 20).contains(&n))
+                    .ok_or_else(|| format!("expected an integer from 2 to 1048576, got {v}"))?;
                 self.num_train_timesteps = n as usize;
             }
             "beta_start" => self.beta_start = num(v)?,
