@@ -74,9 +74,10 @@ pub struct Args {
     /// Tokens per step (ignored with --input).
     #[arg(long, default_value_t = 4096)]
     pub tokens: usize,
-    /// Stacked MoE blocks.
-    #[arg(long, default_value_t = 1)]
-    pub layers: usize,
+    /// Stacked MoE blocks [default: every consecutive '{l}' block of --weights from 0,
+    /// else 1]. Fewer than the file holds runs the first N.
+    #[arg(long)]
+    pub layers: Option<usize>,
     /// Renormalise the top-k weights (Mixtral: true; Qwen2-MoE style: false).
     #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub norm_topk_prob: Option<bool>,
@@ -135,9 +136,14 @@ fn parse_recompute(s: &str) -> std::result::Result<Recompute, String> {
 }
 
 impl Args {
+    /// The number of stacked blocks (`run` fills it from --weights when not given).
+    pub fn layers(&self) -> usize {
+        self.layers.unwrap_or(1)
+    }
+
     /// Flag checks that need no file.
     pub fn check(&self) -> Result<()> {
-        if self.layers == 0 || self.steps == 0 {
+        if self.layers == Some(0) || self.steps == 0 {
             ftk::bail!("--layers and --steps must be at least 1");
         }
         self.mact.check()?;

@@ -114,7 +114,7 @@ impl Run<'_> {
             f: sh.ffn as f64,
             e: sh.experts as f64,
             k: sh.topk as f64,
-            layers: a.layers as f64,
+            layers: a.layers() as f64,
             elem: a.elem_bytes(),
         };
         let mut out = Stdout::new();
@@ -156,7 +156,7 @@ impl Run<'_> {
                 forced: self.forced,
                 auto: auto.as_ref(),
             };
-            let r = step::step(eng, sh, a.layers, x, dy, &cfg)?;
+            let r = step::step(eng, sh, a.layers(), x, dy, &cfg)?;
             let step_ms = t0.elapsed().as_secs_f64() * 1e3;
             let peak = eng.peak();
             let reserved = match (reserved0, eng.reserved()?) {
@@ -179,7 +179,7 @@ impl Run<'_> {
                 recompute: mode.name().to_string(),
                 chunks: c_max as u64,
                 chunks_per_layer: r.chunks.iter().map(|&c| c as u64).collect(),
-                layers: a.layers as u64,
+                layers: a.layers() as u64,
                 tokens: sh.tokens as u64,
                 max_expert_tokens: r.max_expert_tokens as u64,
                 peak_act_bytes: peak.saturating_sub(base) as u64,

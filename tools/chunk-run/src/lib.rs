@@ -105,7 +105,7 @@ fn resolve_shape(a: &Args, wfile: Option<&TensorFile>, tokens: usize) -> Result<
 /// Forced routing for every layer: [T·k] expert ids each.
 fn forced_routing(a: &Args, sh: &Shape) -> Result<Option<Vec<Vec<u32>>>> {
     let models: Vec<LayerModel> = if let Some(skew) = a.synthetic {
-        (0..a.layers)
+        (0..a.layers())
             .map(|l| LayerModel::new(skew, sh.experts, a.seed, l as u64))
             .collect()
     } else if let Some(p) = &a.route {
@@ -128,7 +128,7 @@ fn forced_routing(a: &Args, sh: &Shape) -> Result<Option<Vec<Vec<u32>>>> {
             ftk::bail!("{}: no route_hist records", input.name);
         }
         let layers: Vec<&Vec<f64>> = by_layer.values().collect();
-        (0..a.layers)
+        (0..a.layers())
             .map(|l| LayerModel::from_weights(layers[l % layers.len()]))
             .collect()
     } else {
@@ -154,7 +154,7 @@ fn forced_routing(a: &Args, sh: &Shape) -> Result<Option<Vec<Vec<u32>>>> {
 }
 
 /// Run the tool.
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
     a.check()?;
     if a.quiet {
         ftk::cli::set_quiet();
@@ -166,6 +166,18 @@ pub fn run(a: Args) -> Result<()> {
             .map_err(|e| Error::input(format!("--threads: {e}")))?;
     }
     let wfile = a.weights.as_deref().map(TensorFile::open).transpose()?;
+    if let (Some(f), None, true) = (&wfile, a.layers, a.prefix.contains("{l}")) {
+        // Every block the file holds, so a checkpoint shard is not silently cut to layer 0.
+        let n = weights::count_layers(f, &a.prefix);
+        if n == 0 {
+            ftk::bail!(
+                "{}: no tensor '{}gate.weight'; check --prefix",
+                f.name(),
+                weights::layer_prefix(&a.prefix, 0)
+            );
+        }
+        a.layers = Some(n);
+    }
     let prefix = layer_prefix(&a, wfile.is_some())?;
     let infile = a.input.as_deref().map(TensorFile::open).transpose()?;
     // Open --grads-out before the work (after the inputs, so one of them
@@ -189,7 +201,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let sh = resolve_shape(&a, wfile.as_ref(), tokens)?;
-    sizes::check(&sh, a.layers)?;
+    sizes::check(&sh, a.layers())?;
     let (x, dy) = match &infile {
         Some(f) => {
             let (_, x, dy) = weights::load_inputs(f, sh.hidden)?;
@@ -200,7 +212,7 @@ pub fn run(a: Args) -> Result<()> {
             weights::random_tensor(tokens * sh.hidden, a.seed, 1),
         ),
     };
-    let layers: Vec<LayerW> = (0..a.layers)
+    let layers: Vec<LayerW> = (0..a.layers())
         .map(|l| match &wfile {
             Some(f) => weights::load_layer(f, &weights::layer_prefix(&prefix, l), &sh),
             None => Ok(weights::random_layer(&sh, a.seed, l)),
@@ -211,7 +223,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.dtype == "bf16" && device == Device::Cpu {
         ftk::bail!("--dtype bf16 runs on CUDA only (--device cuda); the CPU path is f32");
     }
-    let mut grads: Vec<LayerW> = (0..a.layers).map(|_| LayerW::zeros(&sh)).collect();
+    let mut grads: Vec<LayerW> = (0..a.layers()).map(|_| LayerW::zeros(&sh)).collect();
     let run = Run {
         a: &a,
         sh,
@@ -252,7 +264,7 @@ pub fn run(a: Args) -> Result<()> {
 
 /// Each layer needs its own tensor names: '{l}' in --prefix, or one layer.
 fn layer_prefix(a: &Args, from_file: bool) -> Result<String> {
-    Ok(match (a.prefix.contains("{l}"), a.layers, from_file) {
+    Ok(match (a.prefix.contains("{l}"), a.layers(), from_file) {
         (true, _, _) | (false, 1, _) => a.prefix.clone(),
         (false, _, false) => format!("{}layers.{{l}}.", a.prefix),
         (false, n, true) => ftk::bail!("--layers {n} reads {n} blocks from --weights: put '{{l}}' in --prefix (e.g. 'layers.{{l}}.')"),

@@ -34,6 +34,17 @@ fn read(f: &TensorFile, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
     Ok(v)
 }
 
+/// How many consecutive blocks, from layer 0, have a router under `prefix`
+/// ('{l}' replaced by the layer).
+pub fn count_layers(f: &TensorFile, prefix: &str) -> usize {
+    (0..)
+        .take_while(|&l| {
+            f.get(&format!("{}gate.weight", layer_prefix(prefix, l)))
+                .is_some()
+        })
+        .count()
+}
+
 /// Infer (hidden, ffn, experts) from a layer's tensors.
 pub fn infer_shape(f: &TensorFile, p: &str) -> Result<(usize, usize, usize)> {
     let gname = format!("{p}gate.weight");

@@ -143,3 +143,52 @@ fn skewed_case_is_skewed_and_counted() {
     let rec: Value = serde_json::from_slice(&res.stdout).unwrap();
     assert!(rec["max_expert_tokens"].as_u64().unwrap() >= max);
 }
+
+#[test]
+fn weights_with_a_layer_pattern_run_every_block_unless_layers_is_given() {
+    // skewed.weights holds layers.0 and layers.1: without --layers both run
+    // (the README's shard example must not silently stop at layer 0).
+    let layers_run = |extra: &[&str]| {
+        let res = ftk_test::tool("chunk-run")
+            .current_dir(data())
+            .args([
+                "--weights",
+                "skewed.weights.safetensors",
+                "--input",
+                "skewed.input.safetensors",
+                "--topk",
+                "2",
+                "--prefix",
+                "layers.{l}.",
+                "--no-timing",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let rec: Value = serde_json::from_slice(&res.stdout).unwrap();
+        rec["layers"].as_u64().unwrap()
+    };
+    assert_eq!(layers_run(&[]), 2);
+    assert_eq!(layers_run(&["--layers", "1"]), 1);
+    let res = ftk_test::tool("chunk-run")
+        .current_dir(data())
+        .args([
+            "--weights",
+            "skewed.weights.safetensors",
+            "--input",
+            "skewed.input.safetensors",
+            "--topk",
+            "2",
+            "--prefix",
+            "blocks.{l}.",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("check --prefix"));
+}
