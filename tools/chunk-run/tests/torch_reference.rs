@@ -148,23 +148,18 @@ fn skewed_case_is_skewed_and_counted() {
 fn weights_with_a_layer_pattern_run_every_block_unless_layers_is_given() {
     // skewed.weights holds layers.0 and layers.1: without --layers both run
     // (the README's shard example must not silently stop at layer 0).
-    let layers_run = |extra: &[&str]| {
-        let res = ftk_test::tool("chunk-run")
+    let run = |prefix: &str, extra: &[&str]| {
+        ftk_test::tool("chunk-run")
             .current_dir(data())
-            .args([
-                "--weights",
-                "skewed.weights.safetensors",
-                "--input",
-                "skewed.input.safetensors",
-                "--topk",
-                "2",
-                "--prefix",
-                "layers.{l}.",
-                "--no-timing",
-            ])
+            .args(["--weights", "skewed.weights.safetensors"])
+            .args(["--input", "skewed.input.safetensors", "--topk", "2"])
+            .args(["--prefix", prefix, "--no-timing"])
             .args(extra)
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    let layers_run = |extra: &[&str]| {
+        let res = run("layers.{l}.", extra);
         assert!(
             res.status.success(),
             "{}",
@@ -175,20 +170,7 @@ fn weights_with_a_layer_pattern_run_every_block_unless_layers_is_given() {
     };
     assert_eq!(layers_run(&[]), 2);
     assert_eq!(layers_run(&["--layers", "1"]), 1);
-    let res = ftk_test::tool("chunk-run")
-        .current_dir(data())
-        .args([
-            "--weights",
-            "skewed.weights.safetensors",
-            "--input",
-            "skewed.input.safetensors",
-            "--topk",
-            "2",
-            "--prefix",
-            "blocks.{l}.",
-        ])
-        .output()
-        .unwrap();
+    let res = run("blocks.{l}.", &[]);
     assert_eq!(res.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&res.stderr).contains("check --prefix"));
 }
