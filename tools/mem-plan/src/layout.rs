@@ -1,32 +1,25 @@
 //! Parallel layout, stage assignment and static memory per GPU.
 
 use ftk::model::ModelConfig;
+use ftk::records;
 use ftk::Result;
 
-/// TP, PP, EP, CP, DP and virtual pipeline stages.
+/// TP, PP, EP, CP, DP, virtual pipeline stages and the world size, checked
+/// against the model: the summary record's `layout`, with the stage
+/// arithmetic mem-plan needs (fields read through `Deref`).
 #[derive(Clone, Copy, Debug)]
-pub struct Layout {
-    pub tp: u64,
-    pub pp: u64,
-    pub ep: u64,
-    pub cp: u64,
-    pub dp: u64,
-    pub vpp: u64,
-    pub world: u64,
+pub struct Layout(records::Layout);
+
+impl std::ops::Deref for Layout {
+    type Target = records::Layout;
+    fn deref(&self) -> &records::Layout {
+        &self.0
+    }
 }
 
-impl From<Layout> for ftk::records::Layout {
+impl From<Layout> for records::Layout {
     fn from(l: Layout) -> Self {
-        let (tp, pp, ep, cp, dp, vpp, world) = (l.tp, l.pp, l.ep, l.cp, l.dp, l.vpp, l.world);
-        ftk::records::Layout {
-            tp,
-            pp,
-            ep,
-            cp,
-            dp,
-            vpp,
-            world,
-        }
+        l.0
     }
 }
 
@@ -79,7 +72,7 @@ impl Layout {
                 "--vpp needs --pp > 1 (interleaving splits a pipeline stage into model chunks)"
             );
         }
-        Ok(Layout {
+        Ok(Layout(records::Layout {
             tp,
             pp,
             ep,
@@ -87,7 +80,7 @@ impl Layout {
             dp,
             vpp,
             world: tp * pp * cp * dp,
-        })
+        }))
     }
 
     /// Pipeline rank holding layer `i`: layers split into pp·vpp contiguous
