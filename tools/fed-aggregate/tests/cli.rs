@@ -597,6 +597,13 @@ impl Bad {
         rows[3].1 = bad.to_path_buf();
         manifest_of(self.dir.path(), "m.jsonl", &rows)
     }
+    /// fedavg over the round-1 clients with `bad` in place of r1_c3 must
+    /// fail with exit 2 naming every needle.
+    fn fedavg_bad(&self, bad: &Path, needles: &[&str]) {
+        let m = self.manifest_with(bad);
+        let o = self.p("o.safetensors");
+        run_bad(&["--strategy", "fedavg", "-o", s(&o), s(&m)], needles);
+    }
     fn copy_client(&self, name: &str) -> PathBuf {
         let dst = self.p(&format!("{name}.safetensors"));
         std::fs::copy(client(Path::new("r1_c3.safetensors")), &dst).unwrap();
@@ -678,26 +685,9 @@ fn truncated_and_corrupt_client_files() {
     assert_untouched(&b, &m, &["client 'r1_c3'", "truncated"]);
     let c = b.copy_client("corrupt");
     std::fs::write(&c, b"\x10\0\0\0\0\0\0\0{not json at all}").unwrap();
-    let m = b.manifest_with(&c);
-    run_bad(
-        &[
-            "--strategy",
-            "fedavg",
-            "-o",
-            s(&b.p("o.safetensors")),
-            s(&m),
-        ],
-        &["client 'r1_c3'", "not valid safetensors JSON"],
-    );
-    let m = b.manifest_with(&b.p("missing.safetensors"));
-    run_bad(
-        &[
-            "--strategy",
-            "fedavg",
-            "-o",
-            s(&b.p("o.safetensors")),
-            s(&m),
-        ],
+    b.fedavg_bad(&c, &["client 'r1_c3'", "not valid safetensors JSON"]);
+    b.fedavg_bad(
+        &b.p("missing.safetensors"),
         &["client 'r1_c3'", "missing.safetensors"],
     );
     assert!(!b.p("o.safetensors").exists());
