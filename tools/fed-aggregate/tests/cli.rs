@@ -102,31 +102,33 @@ fn two_level_partial_merge_equals_one_shot() {
     }
 }
 
+/// FedRA over testdata's allocation (its client files name blocks.N.).
+const FEDRA: [&str; 6] = [
+    "--strategy",
+    "fedra",
+    "--alloc",
+    "fedra_alloc.jsonl",
+    "--layer-pattern",
+    r"blocks\.(\d+)\.",
+];
+
 #[test]
 fn fedra_partials_merge_to_the_public_code_result() {
     let t = tempfile::tempdir().unwrap();
     let m = std::fs::read_to_string(data().join("m_fedra.jsonl")).unwrap();
     let lines: Vec<&str> = m.lines().collect();
-    let fed = [
-        "--strategy",
-        "fedra",
-        "--alloc",
-        "fedra_alloc.jsonl",
-        "--layer-pattern",
-        r"blocks\.(\d+)\.",
-    ];
     let mut ps = Vec::new();
     for (i, part) in [&lines[..1], &lines[1..]].iter().enumerate() {
         // Paths in m_fedra.jsonl are relative to testdata/fed-aggregate (the cwd).
         let p = t.path().join(format!("p{i}.safetensors"));
-        let o = cmd()
-            .args(fed)
-            .arg("--partial-out")
-            .arg(&p)
-            .write_stdin(part.join("\n"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ftk_test::output_ok(
+            cmd()
+                .args(FEDRA)
+                .arg("--partial-out")
+                .arg(&p)
+                .write_stdin(part.join("\n")),
+            "fedra leaf",
+        );
         ps.push(p);
     }
     let out = t.path().join("o.safetensors");
@@ -427,17 +429,7 @@ fn fedra_without_global_needs_every_layer_held() {
     let t = tempfile::tempdir().unwrap();
     let o = t.path().join("o.safetensors");
     run_bad(
-        &[
-            "--strategy",
-            "fedra",
-            "--alloc",
-            "fedra_alloc.jsonl",
-            "--layer-pattern",
-            r"blocks\.(\d+)\.",
-            "-o",
-            s(&o),
-            "m_fedra.jsonl",
-        ],
+        &[&FEDRA[..], &["-o", s(&o), "m_fedra.jsonl"]].concat(),
         &["is held by none of this round's clients", "--global"],
     );
 }

@@ -292,6 +292,23 @@ fn kmeans_from_fixed_centroids_equals_sklearn() {
     }
 }
 
+/// k-means++ (k = 8) over client 0's features with `seed`, writing `o`.
+fn kmeans_pp(seed: u64, o: &str) -> Value {
+    let sd = seed.to_string();
+    run(&[
+        "cluster",
+        "--features",
+        "client0.safetensors",
+        "--no-labels",
+        "--k",
+        "8",
+        "--seed",
+        &sd,
+        "-o",
+        o,
+    ])
+}
+
 #[test]
 fn kmeans_plus_plus_is_as_good_as_sklearns() {
     // k-means++ draws differ between ftk's ChaCha stream and numpy, so the
@@ -305,21 +322,7 @@ fn kmeans_plus_plus_is_as_good_as_sklearns() {
     let mut got: Vec<f64> = (0..10)
         .map(|seed| {
             let o = out(&t, &format!("pp{seed}.safetensors"));
-            let sd = seed.to_string();
-            run(&[
-                "cluster",
-                "--features",
-                "client0.safetensors",
-                "--no-labels",
-                "--k",
-                "8",
-                "--seed",
-                &sd,
-                "-o",
-                &o,
-            ])["inertia"]
-                .as_f64()
-                .unwrap()
+            kmeans_pp(seed, &o)["inertia"].as_f64().unwrap()
         })
         .collect();
     got.sort_by(f64::total_cmp);
@@ -332,18 +335,7 @@ fn kmeans_plus_plus_is_as_good_as_sklearns() {
     assert!(got[0] <= want, "best {} vs sklearn median {want}", got[0]);
     // Seeds matter and runs are reproducible byte for byte.
     let a = out(&t, "again.safetensors");
-    run(&[
-        "cluster",
-        "--features",
-        "client0.safetensors",
-        "--no-labels",
-        "--k",
-        "8",
-        "--seed",
-        "3",
-        "-o",
-        &a,
-    ]);
+    kmeans_pp(3, &a);
     assert_eq!(
         std::fs::read(&a).unwrap(),
         std::fs::read(out(&t, "pp3.safetensors")).unwrap()
