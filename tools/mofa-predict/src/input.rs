@@ -245,11 +245,17 @@ pub enum CpComm {
     AllGather,
 }
 
+impl CpComm {
+    pub fn name(self) -> &'static str {
+        match self {
+            CpComm::Ring => "ring",
+            CpComm::AllGather => "allgather",
+        }
+    }
+}
+
 fn ser_cp_comm<S: serde::Serializer>(c: &CpComm, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(match c {
-        CpComm::Ring => "ring",
-        CpComm::AllGather => "allgather",
-    })
+    s.serialize_str(c.name())
 }
 
 fn ser_recompute<S: serde::Serializer>(
@@ -264,6 +270,36 @@ pub fn recompute_name(r: Recompute) -> &'static str {
 }
 
 impl Strategy {
+    /// The strategy as output records carry it.
+    pub fn record(&self) -> ftk::records::MofaStrategy {
+        ftk::records::MofaStrategy {
+            tp: self.tp,
+            pp: self.pp,
+            dp: self.dp,
+            cp: self.cp,
+            ep: self.ep,
+            vpp: self.vpp,
+            mbs: self.mbs,
+            gbs: self.gbs,
+            recompute: recompute_name(self.recompute).to_string(),
+            zero: self.zero,
+            sp: self.sp,
+            flash_attn: self.flash_attn,
+            attn_kernel: self.attn_kernel.name().to_string(),
+            overlap_grad_reduce: self.overlap_grad_reduce,
+            overlap_param_gather: self.overlap_param_gather,
+            tp_comm_overlap: self.tp_comm_overlap,
+            ep_comm_overlap: self.ep_comm_overlap,
+            etp: self.etp,
+            grad_bytes: self.grad_bytes,
+            moe_imbalance: self.moe_imbalance,
+            z3_rank_nic: self.z3_rank_nic,
+            sac_op: self.sac_op,
+            deepep: self.deepep,
+            cp_comm: self.cp_comm.name().to_string(),
+        }
+    }
+
     /// `tp=8,pp=4,...` as printed in tables and accepted by `--strategy`.
     pub fn compact(&self) -> String {
         format!(
