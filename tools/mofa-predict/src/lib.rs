@@ -45,7 +45,9 @@ fields take the defaults below and the output lists them in \"assumed\".
      \"intra_node_gbps\" (NVLink, GB/s per GPU per direction),
      \"inter_node_gbps\" (network, GB/s per GPU per direction) or
      \"nic_gbps_per_node\" (Gb/s summed over a node's NICs: 8x400 Gb/s = 3200, which on
-     8 GPUs is 3200/8 bits/8 GPUs = 50 GB/s per GPU), \"gemm_eff\", \"attn_tflops\"},
+     8 GPUs is 3200/8 bits/8 GPUs = 50 GB/s per GPU), \"gemm_eff\", \"attn_tflops\",
+     \"power_w\" (a power limit below the rating: the clock falls as its cube root),
+     \"rated_power_w\" (the power peak_tflops holds at; presets know it)},
    \"strategy\": {\"tp\", \"pp\", \"dp\", \"cp\", \"ep\", \"vpp\", \"mbs\", \"gbs\" (sequences),
      \"recompute\" (none|selective|full), \"zero\" (0-3), \"sp\", \"flash_attn\",
      \"attn_kernel\" (none|fa1|fa2|fa3), \"overlap_grad_reduce\", \"overlap_param_gather\",

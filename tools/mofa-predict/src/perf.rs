@@ -163,9 +163,9 @@ impl Hw {
     pub fn of(job: &Job) -> Hw {
         let c = &job.cluster;
         Hw {
-            peak: c.peak_tflops * 1e12,
+            peak: c.peak_tflops * 1e12 * c.clock,
             eff: c.gemm_eff,
-            attn: c.attn_tflops * 1e12,
+            attn: c.attn_tflops * 1e12 * c.clock,
             hbm: c.hbm_gbs * 1e9,
             intra: c.intra_node_gbps * 1e9,
             inter: c.inter_node_gbps * 1e9,
