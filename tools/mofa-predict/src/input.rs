@@ -733,7 +733,10 @@ pub fn cluster_from_obj(
     let clock = match o.opt_f64("power_w")? {
         None => {
             if o.has("rated_power_w") {
-                return Err(o.err("rated_power_w", "given without power_w (the limit the GPUs ran at)"));
+                return Err(o.err(
+                    "rated_power_w",
+                    "given without power_w; give power_w (the limit the GPUs ran at) or leave both out",
+                ));
             }
             1.0
         }
@@ -746,7 +749,7 @@ pub fn cluster_from_obj(
                 (None, None) => {
                     return Err(o.err(
                         "power_w",
-                        "needs rated_power_w (the power peak_tflops holds at) for a GPU without a preset",
+                        "needs rated_power_w for a GPU without a preset; give the power its peak_tflops holds at",
                     ))
                 }
             };
@@ -1352,7 +1355,9 @@ mod tests {
         assert!(job(v).is_err());
         // The A100 PCIe assumption (0.9 at 250-300 W against 400 W) is what
         // the cube law gives at 275 W.
-        assert!((crate::cluster::power_clock(275.0, 400.0) - crate::cluster::PCIE_CLOCK).abs() < 0.02);
+        assert!(
+            (crate::cluster::power_clock(275.0, 400.0) - crate::cluster::PCIE_CLOCK).abs() < 0.02
+        );
     }
 
     #[test]
