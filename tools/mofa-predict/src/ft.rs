@@ -190,8 +190,8 @@ pub const MTBF_REPORTS: &[MtbfReport] = &[
         counts: Counts::All,
     },
     MtbfReport {
-        name: "meta-rsc1",
-        cite: "Kokolis et al. 2024 (arXiv 2410.21680): mean time to failure of a 1,024-GPU job, 7.9 h, on Meta's RSC-1",
+        name: "meta-rsc",
+        cite: "Kokolis et al. 2024 (arXiv 2410.21680): mean time to failure of a 1,024-GPU job, 7.9 h, on Meta's A100 research clusters (RSC-1, RSC-2)",
         generation: "A100, 2022-23, multi-tenant research cluster",
         gpus: 1024.0,
         mtbf_h: 7.9,
@@ -264,9 +264,9 @@ pub fn reliability_report() -> FtReport {
         mtbf_default_mape: default.iter().sum::<f64>() / default.len() as f64,
         mtbf_h: mtbf,
         note:
-            "generations differ: Llama 3 is a 2024 H100 production cluster; BLOOM, OPT and RSC-1 \
+            "generations differ: Llama 3 is a 2024 H100 production cluster; BLOOM, OPT and Meta's RSC \
                ran on 2021-23 A100 clusters, OPT's during bring-up (its restarts include software \
-               faults and manual restarts) and RSC-1's shared by many research jobs; BLOOM counts \
+               faults and manual restarts) and RSC's shared by many research jobs; BLOOM counts \
                GPU failures only, predicted as Llama 3's hardware share (78%) of its interruptions"
                 .into(),
     }
