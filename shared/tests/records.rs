@@ -114,6 +114,11 @@ fn every_kind_round_trips_with_all_its_fields_in_order() {
         check::<ClientUpdate>(&ex),
         check::<FedraAlloc>(&ex),
         check::<Aggregate>(&ex),
+        check::<MofaPredict>(&ex),
+        check::<MofaTune>(&ex),
+        check::<MofaTuneSummary>(&ex),
+        check::<MofaCalibRow>(&ex),
+        check::<MofaCalibrate>(&ex),
     ];
     let mut all = all_kinds();
     let mut seen = checked.to_vec();
