@@ -214,6 +214,7 @@ fn summary_record_schema_help_and_table() {
     ftk_test::assert_documented::<records::ClientUpdate>(&h);
     let readme = std::fs::read_to_string(data().join("../../README.md")).unwrap();
     ftk_test::assert_documented::<records::Aggregate>(&readme);
+    ftk_test::assert_documented::<records::ClientUpdate>(&readme);
     let alloc_help = ftk_test::help("fed-aggregate", &["fedra-alloc"]);
     ftk_test::assert_documented::<records::FedraAlloc>(&alloc_help);
     // Every registered strategy has its block in the table and its name in
