@@ -152,7 +152,7 @@ pub struct MergeArgs {
 #[derive(clap::Args, Debug)]
 pub struct Common {
     /// Aggregation strategy (merge: defaults to the partials' strategy).
-    #[arg(long, value_name = "NAME", value_parser = strategy::NameParser)]
+    #[arg(long, value_parser = strategy::NameParser)]
     pub strategy: Option<&'static Spec>,
     #[command(flatten)]
     pub flags: StrategyFlags,
