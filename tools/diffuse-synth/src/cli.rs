@@ -33,7 +33,7 @@ array jobs produce exactly the rows of one unsharded run.
 
 Output (-o): safetensors with `latents` (final latents, before decoding) and `images`
 ([B,3,H,W] in [0,1]); --png-dir writes index-numbered PNGs. One JSON line per sample on
-stdout: {\"kind\":\"sample\",\"index\",\"seed\",\"class\",\"client\",\"path\"}.
+stdout: {\"kind\":\"sample\",\"class\",\"client\",\"index\",\"path\",\"seed\"}.
 
 FedCADO (--classifier C.safetensors --classifier-arch resnet18|resnet34|resnet50|json:FILE --class K):
 torchvision ResNets are read from their state_dict names (conv1, bn1, layer1.0.conv1, ...,

@@ -19,7 +19,7 @@ use ftk::tensors::{write_safetensors, OutTensor, TensorFile};
 use ftk::{bail, Error, Result};
 use rand::RngExt;
 use rand_distr::StandardNormal;
-use serde_json::json;
+use ftk::records::{DiffuseSynthDescription, Tag};
 use std::path::{Path, PathBuf};
 
 /// Learn a FedDEO description embedding on a client's images.
@@ -48,7 +48,8 @@ pub struct DescribeArgs {
     /// `noise` [S,C,h,w] (to reproduce a PyTorch run)
     #[arg(long, value_name = "FILE")]
     pub train_noise: Option<PathBuf>,
-    /// output safetensors (`prompt_embeds` [1,L,D])
+    /// output safetensors (`prompt_embeds` [1,L,D]); stdout gets one JSON line:
+    /// {"kind":"description","images","loss_first","loss_last","path","steps"}
     #[arg(short = 'o', long, value_name = "FILE")]
     pub output: PathBuf,
 }
@@ -264,16 +265,16 @@ pub fn describe(a: DescribeArgs) -> Result<()> {
         None,
     )?;
     let mut out = Stdout::new();
-    out.line(
-        &json!({
-            "kind": "description",
-            "steps": steps,
-            "images": n,
-            "loss_first": losses.first(),
-            "loss_last": losses.last(),
-            "path": a.output.display().to_string(),
-        })
-        .to_string(),
+    ftk::jsonl::write_record(
+        &mut out,
+        &DiffuseSynthDescription {
+            images: n as u64,
+            kind: Tag::default(),
+            loss_first: losses.first().copied(),
+            loss_last: losses.last().copied(),
+            path: a.output.display().to_string(),
+            steps: steps as u64,
+        },
     )?;
     out.flush()
 }

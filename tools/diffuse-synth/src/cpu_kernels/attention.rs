@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shap
 use candle_nn as nn;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, f32_cpu, fast, with_slice};
+use super::{contiguous_f32, f32_cpu, fast, with_scratch, with_slice};
 
 use super::math::{erf, exp, exp_g, max_lanes};
 use super::SCORES;
@@ -47,7 +47,7 @@ fn softmax_unnorm_body<const FMA: bool>(rows: &mut [f32], n: usize, inv: &mut [f
 }
 
 /// [`softmax_unnorm_body`] compiled for AVX-512 or AVX2 with FMA when the CPU has them.
-fn softmax_unnorm(rows: &mut [f32], n: usize, inv: &mut [f32]) {
+pub(crate) fn softmax_unnorm(rows: &mut [f32], n: usize, inv: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
@@ -268,7 +268,23 @@ struct Attn {
 }
 
 impl Attn {
+    /// The narrow-head kernels' view of this call, when they handle its width.
+    fn small(&self) -> Option<super::attention_small::Shape> {
+        let d = self.hd / self.heads;
+        super::attention_small::handles(d).then_some(super::attention_small::Shape {
+            b: self.b,
+            lq: self.lq,
+            lk: self.lk,
+            heads: self.heads,
+            d,
+            scale: self.scale,
+        })
+    }
+
     fn forward(&self, qv: &[f32], kv: &[f32], vv: &[f32]) -> Vec<f32> {
+        if let Some(g) = self.small() {
+            return super::attention_small::forward(g, qv, kv, vv);
+        }
         let Attn {
             b,
             lq,
@@ -286,11 +302,7 @@ impl Attn {
             let (bi, h) = (bh / heads, bh % heads);
             let q0 = qb * QB;
             let m = QB.min(lq - q0);
-            SCORES.with_borrow_mut(|s| {
-                if s.len() < m * lk {
-                    s.resize(m * lk, 0.0);
-                }
-                let s = &mut s[..m * lk];
+            with_scratch(&SCORES, m * lk, |s| {
                 let mut inv = [0f32; QB];
                 let qoff = (bi * lq + q0) * hd + h * d;
                 let kvoff = bi * lk * hd + h * d;
@@ -344,6 +356,9 @@ impl Attn {
     /// Long because the five strided GEMMs share one unsafe block whose offsets are
     /// checked together.
     fn grads(&self, qv: &[f32], kv: &[f32], vv: &[f32], dov: &[f32]) -> [Vec<f32>; 3] {
+        if let Some(g) = self.small() {
+            return super::attention_small::grads(g, qv, kv, vv, dov);
+        }
         let Attn {
             b,
             lq,
