@@ -15,11 +15,11 @@ use crate::scheduler::{Config, Kind, Prediction};
 use candle_core::{Device, Tensor, Var};
 use clap::Args;
 use ftk::cli::Stdout;
+use ftk::records::{DiffuseSynthDescription, Tag};
 use ftk::tensors::{write_safetensors, OutTensor, TensorFile};
 use ftk::{bail, Error, Result};
 use rand::RngExt;
 use rand_distr::StandardNormal;
-use ftk::records::{DiffuseSynthDescription, Tag};
 use std::path::{Path, PathBuf};
 
 /// Learn a FedDEO description embedding on a client's images.

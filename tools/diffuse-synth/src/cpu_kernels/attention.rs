@@ -47,7 +47,7 @@ fn softmax_unnorm_body<const FMA: bool>(rows: &mut [f32], n: usize, inv: &mut [f
 }
 
 /// [`softmax_unnorm_body`] compiled for AVX-512 or AVX2 with FMA when the CPU has them.
-pub(crate) fn softmax_unnorm(rows: &mut [f32], n: usize, inv: &mut [f32]) {
+fn softmax_unnorm(rows: &mut [f32], n: usize, inv: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
@@ -268,23 +268,7 @@ struct Attn {
 }
 
 impl Attn {
-    /// The narrow-head kernels' view of this call, when they handle its width.
-    fn small(&self) -> Option<super::attention_small::Shape> {
-        let d = self.hd / self.heads;
-        super::attention_small::handles(d).then_some(super::attention_small::Shape {
-            b: self.b,
-            lq: self.lq,
-            lk: self.lk,
-            heads: self.heads,
-            d,
-            scale: self.scale,
-        })
-    }
-
     fn forward(&self, qv: &[f32], kv: &[f32], vv: &[f32]) -> Vec<f32> {
-        if let Some(g) = self.small() {
-            return super::attention_small::forward(g, qv, kv, vv);
-        }
         let Attn {
             b,
             lq,
@@ -356,9 +340,6 @@ impl Attn {
     /// Long because the five strided GEMMs share one unsafe block whose offsets are
     /// checked together.
     fn grads(&self, qv: &[f32], kv: &[f32], vv: &[f32], dov: &[f32]) -> [Vec<f32>; 3] {
-        if let Some(g) = self.small() {
-            return super::attention_small::grads(g, qv, kv, vv, dov);
-        }
         let Attn {
             b,
             lq,

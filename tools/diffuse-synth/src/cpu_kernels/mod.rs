@@ -52,7 +52,6 @@ macro_rules! multiversion {
 }
 
 mod attention;
-mod attention_small;
 mod conv;
 mod linear;
 mod math;
@@ -121,7 +120,11 @@ thread_local! {
 /// work, and a rayon thread waiting for it runs other queued tasks (another sample's
 /// conv, another test's) that ask for the same buffer. Such a nested call gets a fresh
 /// one instead of a `RefCell` "already borrowed" panic.
-pub(crate) fn with_scratch<R>(key: &'static Scratch, n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(crate) fn with_scratch<R>(
+    key: &'static Scratch,
+    n: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
     let mut v = key.take();
     if v.len() < n {
         v.resize(n, 0.0);

@@ -398,8 +398,9 @@ fn nested_convs_on_one_pool_thread_get_their_own_buffers() {
     });
 }
 
-/// The narrow-head kernels (head width 8 and 16), forward and the three input
-/// gradients, against plain tensor ops; Lk 37 leaves a remainder after 16-wide chunks.
+/// Attention with the head widths of small SD-1.x UNets' first levels (8 and 16),
+/// forward and the three input gradients, against plain tensor ops (Lk 37: no
+/// multiple of any vector width).
 #[test]
 fn narrow_head_attention_matches_tensor_ops() {
     for d in [8usize, 16] {
