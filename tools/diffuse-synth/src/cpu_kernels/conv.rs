@@ -124,15 +124,21 @@ impl Geom {
         } = *self;
         let (np, kk) = (ho * wo, ci * kh * kw);
         let direct = self.direct();
-        let mut out = vec![0f32; b * co * np];
+        // written once: the bias rows, or zeros the GEMM overwrites
+        let mut out = match bias {
+            Some(bv) => {
+                let mut v = Vec::with_capacity(b * co * np);
+                for _ in 0..b {
+                    bv.iter()
+                        .for_each(|&bb| v.extend(std::iter::repeat_n(bb, np)));
+                }
+                v
+            }
+            None => vec![0f32; b * co * np],
+        };
         let rows = self.band_rows(kk);
         let one = |n: usize, o: &mut [f32]| {
             let xs = &xv[n * ci * h * wd..(n + 1) * ci * h * wd];
-            if let Some(bv) = bias {
-                for (row, &bb) in o.chunks_mut(np).zip(bv) {
-                    row.fill(bb);
-                }
-            }
             if direct {
                 // out[co, np] (+)= W[co, ci] · x[ci, np]
                 ftk::linalg::matmul(o, wv, xs, co, np, kk, bias.is_some());
@@ -198,7 +204,7 @@ impl Geom {
                 ftk::linalg::matmul_at(o, wv, g, ci, np, co, false);
                 return;
             }
-            o.fill(0.0);
+            // `dx` starts zeroed: col2im accumulates into it
             let rows = self.band_rows(kk);
             let nmax = rows * wo;
             with_scratch(&COLS, kk * nmax, |col| {
