@@ -163,6 +163,14 @@ pub struct Args {
     /// no progress bar on stderr (shown only when stderr is a terminal)
     #[arg(long)]
     pub quiet: bool,
+    /// Where the UNet and VAE run: auto (CUDA when a GPU is present and this build has
+    /// CUDA support), cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: ftk::device::DeviceArg,
+    /// UNet and VAE weights and activations on CUDA: f32, bf16 or f16 (f32 accumulation;
+    /// latents, schedulers and gradients stay f32); the CPU path is f32
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    pub dtype: String,
     /// class label recorded in the manifest
     #[arg(long)]
     pub class: Option<i64>,
