@@ -11,7 +11,7 @@ MIXTRAL := testdata/configs/mixtral-8x7b/config.json
 MODEL2 := testdata/mem-plan/memfine-model2.json
 LLAMA70B := testdata/configs/llama-3-70b/config.json
 
-.PHONY: all build demo test test-python lint machete bench gen clean fuzz
+.PHONY: all build demo test test-python lint machete bench gen clean fuzz cuda-check cuda-build
 
 all: build
 
@@ -116,6 +116,17 @@ $(NVRTC_VENV)/.installed:
 	$(PYTHON) -m venv $(NVRTC_VENV)
 	$(NVRTC_VENV)/bin/pip install -q nvidia-cuda-nvrtc-cu12==12.9.86
 	touch $@
+
+# diffuse-synth with candle's CUDA backend (cargo feature `cuda`): nvcc from the CUDA 13.0
+# wheels into .venv-nvcc, candle patched to load the CUDA libraries at run time (see
+# tools/diffuse-synth/cuda/build.sh). Not in `make test`: the PTX build and a second
+# check of candle and diffuse-synth cost minutes on CI's 2 cores. No GPU needed for either;
+# bench/diffuse_synth_gpu.py runs the result on one.
+cuda-check:
+	tools/diffuse-synth/cuda/build.sh check
+
+cuda-build:
+	tools/diffuse-synth/cuda/build.sh build
 
 # cargo-machete: `make test` fails on a dependency no source file uses. Installed once
 # into $(CARGO_HOME)/bin at a pinned version (it runs on stable; cargo-udeps needs nightly).
