@@ -118,10 +118,10 @@ $(NVRTC_VENV)/.installed:
 	touch $@
 
 # diffuse-synth with candle's CUDA backend (cargo feature `cuda`): nvcc from the CUDA 13.0
-# wheels into .venv-nvcc, candle patched to load the CUDA libraries at run time (see
-# tools/diffuse-synth/cuda/build.sh). Not in `make test`: the PTX build and a second
-# check of candle and diffuse-synth cost minutes on CI's 2 cores. No GPU needed for either;
-# bench/diffuse_synth_gpu.py runs the result on one.
+# wheels (venv in ~/.cache/ftk), candle patched to load the CUDA libraries at run time (see
+# tools/diffuse-synth/cuda/build.sh). `make test` runs cuda-check (candle's PTX kernels
+# compiled by nvcc, clippy of the cuda code; about 1.5 CPU-minutes over a warm target).
+# No GPU needed for either; bench/diffuse_synth_gpu.py runs the result on one.
 cuda-check:
 	tools/diffuse-synth/cuda/build.sh check
 
@@ -146,6 +146,7 @@ test: $(NVRTC_VENV)/.installed machete
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	LD_LIBRARY_PATH="$$(echo $(CURDIR)/$(NVRTC_VENV)/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib)" \
 	  FTK_REQUIRE_NVRTC=1 $(CARGO) test --workspace
+	$(MAKE) cuda-check
 	$(MAKE) test-python
 
 # python/ (ftk.flwr, ftk.trace) against real Flower and transformers. The venv is

@@ -9,7 +9,7 @@
 # Three things stock crates do not give, set up here without touching the workspace:
 # 1. nvcc: candle-kernels compiles its .cu files to PTX at build time. The cu12 nvcc wheel
 #    ships only ptxas; the CUDA 13.0 wheels ship nvcc (+ nvvm, crt, cudart and cccl
-#    headers). Installed into .venv-nvcc. The PTX they emit (ISA 9.0) needs a driver
+#    headers). Installed into ~/.cache/ftk/nvcc-<pins hash>. The PTX they emit (ISA 9.0) needs a driver
 #    for CUDA 13.0 or newer (R580+) on the GPU machine.
 # 2. candle-core 0.11.1 asks cudarc for `dynamic-linking` (libcuda, cuBLAS... needed to
 #    start the binary; cudarc's build refuses it next to ftk's `dynamic-loading`): a copy
@@ -25,9 +25,11 @@ mode=${1:-check}
 shift || true
 
 PY=${PYTHON:-python3}
-VENV=$ROOT/.venv-nvcc
 PINS="nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85"
-STAMP=$VENV/.installed-$(echo "$PINS" | sha256sum | cut -c1-12)
+# Outside the clone, keyed by the pins (as the Makefile's Python venv): CI's fresh clones
+# download the ~150 MB of wheels once per machine, not once per run.
+VENV=${FTK_NVCC_VENV:-${HOME}/.cache/ftk/nvcc-$(echo "$PINS" | sha256sum | cut -c1-12)}
+STAMP=$VENV/.installed
 if [ ! -f "$STAMP" ]; then
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
