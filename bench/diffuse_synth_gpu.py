@@ -463,7 +463,7 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     env = cuda_lib_env()
     probe = subprocess.run([a.bin, "--model", str(TD / "tiny-sd"), "--prompt-embeds", str(TD / "pipeline.safetensors"),
-                            "--steps", "1", "--seed", "0", "--batch", "1", "--device", "cuda",
+                            "--steps", "1", "--seed", "0", "--batch", "2", "--device", "cuda",
                             "-o", str(a.work / "probe.safetensors")], capture_output=True, text=True, env=env)
     if probe.returncode != 0:
         emit({"bench": "diffuse_synth_gpu", "skipped": probe.stderr.strip()[-500:], "exit": probe.returncode})
