@@ -76,21 +76,33 @@ def rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b)) / scale
 
 
-def cuda_lib_env() -> dict:
+def cuda_lib_env(work: Path) -> dict:
     """The environment for diffuse-synth: LD_LIBRARY_PATH extended with the CUDA library
     folders PyTorch's wheels bring (cuBLAS, cuBLASLt, cuRAND), which are not on the
-    loader's path by default."""
+    loader's path by default, and a folder of unversioned links for libraries found only
+    under CUDA 13 names (the loader tries libX.so and libX.so.12, not .so.13)."""
     env = dict(os.environ, FTK_NO_PROGRESS="1")
     dirs = []
     for sp in sys.path:
         nv = Path(sp) / "nvidia"
         if nv.is_dir():
-            dirs += [str(d) for d in sorted(nv.glob("*/lib")) if d.is_dir()]
-    for d in ("/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"):
+            dirs += [str(d) for d in sorted(nv.glob("*/lib")) + sorted(nv.glob("cu*/lib")) if d.is_dir()]
+    for d in ("/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/lib/x86_64-linux-gnu"):
         if Path(d).is_dir():
             dirs.append(d)
+    links = work / "cuda-links"
+    links.mkdir(parents=True, exist_ok=True)
+    for lib in ("libcublas", "libcublasLt", "libcurand"):
+        if any((Path(d) / f"{lib}.so").exists() or (Path(d) / f"{lib}.so.12").exists() for d in dirs):
+            continue
+        found = [f for d in dirs for f in sorted(Path(d).glob(f"{lib}.so.*"))]
+        if found:
+            dst = links / f"{lib}.so"
+            if dst.is_symlink() or dst.exists():
+                dst.unlink()
+            dst.symlink_to(found[-1])
     old = env.get("LD_LIBRARY_PATH")
-    env["LD_LIBRARY_PATH"] = ":".join(dirs + ([old] if old else []))
+    env["LD_LIBRARY_PATH"] = ":".join([str(links)] + dirs + ([old] if old else []))
     return env
 
 
@@ -461,7 +473,7 @@ def main() -> None:
     a.case = a.case or ["agree"]
     a.batches = a.batches or [1, 8]
     a.work.mkdir(parents=True, exist_ok=True)
-    env = cuda_lib_env()
+    env = cuda_lib_env(a.work)
     probe = subprocess.run([a.bin, "--model", str(TD / "tiny-sd"), "--prompt-embeds", str(TD / "pipeline.safetensors"),
                             "--steps", "1", "--seed", "0", "--batch", "2", "--device", "cuda",
                             "-o", str(a.work / "probe.safetensors")], capture_output=True, text=True, env=env)
