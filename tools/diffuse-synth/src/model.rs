@@ -162,6 +162,14 @@ fn release_pages(b: &[u8]) {
     }
 }
 
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// The UNet with what the pipeline needs from its config.
 pub struct Unet {
     pub model: UNet2DConditionModel,
@@ -300,7 +308,12 @@ pub fn load_unet_on(model_dir: &Path, place: &Placement) -> Result<Unet> {
         norm_num_groups: f.usize_or("norm_num_groups", 32)?,
         norm_eps: f.f64_or("norm_eps", 1e-5)?,
         cross_attention_dim: cross,
-        sliced_attention_size: None,
+        // On a GPU the [batch x heads, tokens, tokens] scores of 512x512 images take GBs
+        // per layer: attention in slices of `g` (a divisor of every block's head count,
+        // since candle drops a remainder slice), i.e. one row's heads at a time.
+        sliced_attention_size: (!place.device.is_cpu())
+            .then(|| heads.iter().fold(0, |g, &h| gcd(g, h)))
+            .filter(|&g| g > 0),
         use_linear_projection: f.bool_or("use_linear_projection", false)?,
         projection_class_embeddings_input_dim: class_dim,
     };
