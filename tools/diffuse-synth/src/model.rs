@@ -308,10 +308,11 @@ pub fn load_unet_on(model_dir: &Path, place: &Placement) -> Result<Unet> {
         norm_num_groups: f.usize_or("norm_num_groups", 32)?,
         norm_eps: f.f64_or("norm_eps", 1e-5)?,
         cross_attention_dim: cross,
-        // On a GPU the [batch x heads, tokens, tokens] scores of 512x512 images take GBs
-        // per layer: attention in slices of `g` (a divisor of every block's head count,
-        // since candle drops a remainder slice), i.e. one row's heads at a time.
-        sliced_attention_size: (!place.device.is_cpu())
+        // Off the CPU kernels (a GPU, or another dtype) attention is candle's, whose
+        // [batch x heads, tokens, tokens] scores take GBs per layer at 512x512: in slices
+        // of `g` (a divisor of every block's head count, since candle drops a remainder
+        // slice), i.e. one row's heads at a time.
+        sliced_attention_size: (!place.device.is_cpu() || place.dtype != DType::F32)
             .then(|| heads.iter().fold(0, |g, &h| gcd(g, h)))
             .filter(|&g| g > 0),
         use_linear_projection: f.bool_or("use_linear_projection", false)?,
