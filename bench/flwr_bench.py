@@ -48,6 +48,18 @@ def rss_now_mib() -> float:
     return float("nan")
 
 
+def fs_type(path: str) -> str:
+    """The filesystem type holding `path` (tmpfs, ext4, ...), from /proc/mounts."""
+    real = os.path.realpath(path)
+    best, kind = "", "?"
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mnt, fstype, *_ = line.split()
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, kind = mnt, fstype
+    return kind
+
+
 def worker(args) -> None:
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -92,18 +104,27 @@ def worker(args) -> None:
     rss_before = rss_now_mib()
     import ftk.flwr as ff
 
-    spans = []
-    orig = ff.write_arrayrecord
+    spans: dict[str, list] = {"write": [], "run": [], "read": []}
 
-    def timed_write(*a, **k):
-        t = time.perf_counter()
-        orig(*a, **k)
-        spans.append((t, time.perf_counter()))
+    def timed(name, fn):
+        def wrapped(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spans[name].append((t, time.perf_counter()))
 
-    ff.write_arrayrecord = timed_write
-    t0 = time.perf_counter()
-    arrays, _ = strat.aggregate_train(1, replies)
-    dt = time.perf_counter() - t0
+        return wrapped
+
+    ff.write_arrayrecord = timed("write", ff.write_arrayrecord)
+    ff._run = timed("run", ff._run)
+    ff.read_arrayrecord = timed("read", ff.read_arrayrecord)
+    try:
+        t0 = time.perf_counter()
+        arrays, _ = strat.aggregate_train(1, replies)
+        dt = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     out = {
         "variant": args.variant,
         "s": dt,
@@ -111,12 +132,13 @@ def worker(args) -> None:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.variant == "ftk":
-        # wall time of the (threaded) client-file writes
-        out["write_s"] = max(b for _, b in spans) - min(a for a, _ in spans)
+        # wall time of each part: the (threaded) client-file writes, the
+        # fed-aggregate process, reading its output back into an ArrayRecord
+        for name, sp in spans.items():
+            out[f"{name}_s"] = max(b for _, b in sp) - min(a for a, _ in sp)
         out["fed_aggregate_ms"] = strat.last_summary["ms"]
         out["child_peak_rss_mib"] = int(rss_file.read_text().split()[-1]) / 1024
     np.save(OUT / f"result-{args.variant}-{n}.npy", arrays["layers.0.weight"].numpy())
-    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out))
 
 
@@ -148,6 +170,8 @@ def run_case(name: str, clients: int, mib: float, tensors: int, work: str | None
         "ftk_s": round(ftk["s"], 3),
         "ratio": round(nat["s"] / ftk["s"], 3),
         "ftk_write_s": round(ftk["write_s"], 3),
+        "ftk_run_s": round(ftk["run_s"], 3),
+        "ftk_read_s": round(ftk["read_s"], 3),
         "ftk_fed_aggregate_s": ftk["fed_aggregate_ms"] / 1000,
         "native_peak_rss_mib": round(nat["peak_rss_mib"]),
         "ftk_peak_rss_mib": round(ftk["peak_rss_mib"]),
@@ -173,7 +197,11 @@ def main() -> None:
     ap.add_argument("--small-kib", type=float, default=64)
     ap.add_argument("--cases", default="big,big-krum,small", help="big (FedAvg), big-krum (Krum: Flower stacks every client), small")
     ap.add_argument("--strategy", default="fedavg", help=argparse.SUPPRESS)
-    ap.add_argument("--work", help="where FtkStrategy writes client files (default bench/out/flwr; e.g. /dev/shm to leave the disk out)")
+    ap.add_argument(
+        "--work",
+        help="where FtkStrategy writes client files (default bench/out/flwr, on disk); "
+        "a comma-separated list runs every case in each, e.g. bench/out/flwr,/dev/shm/ftk-flwr",
+    )
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.variant:
@@ -181,17 +209,21 @@ def main() -> None:
         return
     if not (ROOT / "target" / "release" / "fed-aggregate").exists():
         sys.exit("flwr_bench: error: target/release/fed-aggregate missing; run `cargo build --release -p fed-aggregate`")
+    works = (args.work or str(OUT)).split(",")
     for case in args.cases.split(","):
-        if case == "big":
-            line = run_case("big", args.clients, args.mib, args.tensors, args.work)
-        elif case == "big-krum":
-            line = run_case("big-krum", args.clients, args.mib, args.tensors, args.work, "krum")
-        else:
-            line = run_case("small", args.small_clients, args.small_kib / 1024, 4, args.work)
-        line["work_dir"] = args.work or str(OUT)
-        print(json.dumps(line), flush=True)
-        if line["max_diff_over_scale"] > 1e-5:
-            sys.exit(1)
+        for work in works:
+            Path(work).mkdir(parents=True, exist_ok=True)
+            if case == "big":
+                line = run_case("big", args.clients, args.mib, args.tensors, work)
+            elif case == "big-krum":
+                line = run_case("big-krum", args.clients, args.mib, args.tensors, work, "krum")
+            else:
+                line = run_case("small", args.small_clients, args.small_kib / 1024, 4, work)
+            line["work_dir"] = work
+            line["work_fs"] = fs_type(work)
+            print(json.dumps(line), flush=True)
+            if line["max_diff_over_scale"] > 1e-5:
+                sys.exit(1)
 
 
 if __name__ == "__main__":
