@@ -144,6 +144,10 @@ class MuxGrid(Grid):
         self._done: dict[int, list[Message] | BaseException] = {}
         self._ticket = 0
         self.steps = 0
+        # per step: [seconds from the previous step's end (the loops' own work),
+        # seconds on the wire (push until the last reply)]
+        self.timing: list[list[float]] = []
+        self._last = time.time()
 
     def run_loops(self, jobs) -> None:
         """Run each callable in its own thread; re-raise the first failure."""
@@ -222,6 +226,7 @@ class MuxGrid(Grid):
         if not groups:
             return out
         self.steps += 1
+        t0 = time.time()
         sent = []
         for (node, mtype), parts in groups.items():
             content = RecordDict()
@@ -246,6 +251,8 @@ class MuxGrid(Grid):
                         out[t].append(Message(content=sub, reply_to=m))
             if left:
                 time.sleep(self.poll)
+        self._last, start = time.time(), self._last
+        self.timing.append([round(t0 - start, 2), round(self._last - t0, 2)])
         return out
 
 
@@ -334,7 +341,7 @@ def _run_cases(grid: Grid, out: Path, n: int, rounds: int, seed: int, cases: lis
     g = MuxGrid(grid)
     t0 = time.time()
     g.run_loops([lambda c=c, v=v: _run_one(g, out, n, rounds, seed, c, v, frac_eval) for c, v in jobs])
-    (out / "mux.json").write_text(json.dumps({"loops": len(jobs), "steps": g.steps, "s": time.time() - t0}))
+    (out / "mux.json").write_text(json.dumps({"loops": len(jobs), "steps": g.steps, "s": round(time.time() - t0, 1), "server_s,wire_s": g.timing}))
 
 
 def _run_one(grid: Grid, out: Path, n: int, rounds: int, seed: int, case: str, variant: str, frac_eval: float) -> None:
