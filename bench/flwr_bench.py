@@ -17,8 +17,14 @@ ftk the peak RSS of fed-aggregate (RUSAGE_CHILDREN) and the hand-off split
 binary). One JSON line per case with
 ratio = native_s / ftk_s; models compared (max |diff| / scale).
 
+The client files go to --work (default bench/out/flwr, on disk; a comma list
+runs every case in each) or, with --scratch, only they go there (FtkStrategy's
+scratch_dir); every work file is removed after each case.
+
     cargo build --release -p fed-aggregate
-    .venv/bin/python bench/flwr_bench.py                      # 50 x 50 MiB, then 2000 x 64 KiB
+    .venv/bin/python bench/flwr_bench.py                      # 50 x 50 MiB (FedAvg, Krum), then 2000 x 64 KiB
+    .venv/bin/python bench/flwr_bench.py --cases big,small --work bench/out/flwr,/dev/shm/ftk-flwr
+    .venv/bin/python bench/flwr_bench.py --cases big --scratch /dev/shm/ftk-flwr
     .venv/bin/python bench/flwr_bench.py --cases big --mib 100
 """
 
@@ -97,7 +103,7 @@ def worker(args) -> None:
         )
         wrapper.chmod(0o755)
         os.environ["FTK_BENCH_RSS"] = str(rss_file)
-        strat = FtkStrategy(strat, work_dir=work, fed_aggregate=str(wrapper))
+        strat = FtkStrategy(strat, work_dir=work, fed_aggregate=str(wrapper), scratch_dir=args.scratch)
         # What configure_train does first: the current global to the work dir.
         strat._sent = global0
         strat._global = work / "global-r0.safetensors"
@@ -142,7 +148,7 @@ def worker(args) -> None:
     print(json.dumps(out))
 
 
-def run_case(name: str, clients: int, mib: float, tensors: int, work: str | None, strategy: str = "fedavg") -> dict:
+def run_case(name: str, clients: int, mib: float, tensors: int, work: str | None, strategy: str = "fedavg", scratch: str | None = None) -> dict:
     import numpy as np
 
     res = {}
@@ -151,6 +157,8 @@ def run_case(name: str, clients: int, mib: float, tensors: int, work: str | None
         cmd += ["--strategy", strategy]
         if work:
             cmd += ["--work", work]
+        if scratch:
+            cmd += ["--scratch", scratch]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             sys.exit(f"flwr_bench: error: {variant} worker failed: {p.stderr.strip()[-2000:]}")
@@ -202,6 +210,7 @@ def main() -> None:
         help="where FtkStrategy writes client files (default bench/out/flwr, on disk); "
         "a comma-separated list runs every case in each, e.g. bench/out/flwr,/dev/shm/ftk-flwr",
     )
+    ap.add_argument("--scratch", help="FtkStrategy(scratch_dir=...): client files there, work dir for the model (e.g. /dev/shm/ftk-flwr)")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.variant:
@@ -214,16 +223,25 @@ def main() -> None:
         for work in works:
             Path(work).mkdir(parents=True, exist_ok=True)
             if case == "big":
-                line = run_case("big", args.clients, args.mib, args.tensors, work)
+                line = run_case("big", args.clients, args.mib, args.tensors, work, scratch=args.scratch)
             elif case == "big-krum":
-                line = run_case("big-krum", args.clients, args.mib, args.tensors, work, "krum")
+                line = run_case("big-krum", args.clients, args.mib, args.tensors, work, "krum", args.scratch)
             else:
-                line = run_case("small", args.small_clients, args.small_kib / 1024, 4, work)
+                line = run_case("small", args.small_clients, args.small_kib / 1024, 4, work, scratch=args.scratch)
             line["work_dir"] = work
-            line["work_fs"] = fs_type(work)
+            line["client_files_fs"] = fs_type(args.scratch or work)
+            if args.scratch:
+                line["scratch_dir"] = args.scratch
             print(json.dumps(line), flush=True)
             if line["max_diff_over_scale"] > 1e-5:
                 sys.exit(1)
+    for d in [*works, args.scratch]:
+        # leave no empty scratch dirs behind (the client files are already gone)
+        if d and d != str(OUT):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
 
 
 if __name__ == "__main__":

@@ -484,3 +484,17 @@ def test_muxgrid_gives_each_loop_the_replies_it_gets_alone(tmp_path):
             # (sampling order differs, so float32 sums may round differently)
             np.testing.assert_allclose(a.arrays[k].numpy(), b.arrays[k].numpy(), rtol=1e-5, atol=1e-6, err_msg=c)
         assert a.evaluate_metrics_clientapp.keys() == b.evaluate_metrics_clientapp.keys()
+
+
+def test_scratch_dir_holds_client_files_only_during_the_round(tmp_path):
+    grid = FakeGrid(4)
+    init = _rec({"w": np.linspace(-1, 1, 8, dtype=np.float32)})
+    outs = {}
+    for name, scratch in (("work", None), ("scratch", tmp_path / "shm")):
+        s = FtkStrategy(fs.FedAdam(min_available_nodes=4, min_train_nodes=4), work_dir=tmp_path / name, scratch_dir=scratch)
+        out, _ = _round(s, grid, init, 1, _client)
+        outs[name] = out["w"].numpy()
+    np.testing.assert_array_equal(outs["work"], outs["scratch"])
+    assert list((tmp_path / "shm").iterdir()) == []
+    # the persistent state stays in work_dir
+    assert (tmp_path / "scratch" / "state.safetensors").exists() and not list((tmp_path / "scratch").glob("round-*"))
