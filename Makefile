@@ -151,8 +151,11 @@ $(PY_VENV)/.installed:
 	touch $@
 
 # The debug binaries `cargo test` just built serve the tests (no release build).
+# `cargo test --workspace --no-run` is a no-op after `make test`'s own test run;
+# a `cargo build -p ...` of a package subset resolves other dependency features and
+# recompiled the whole dependency tree (5 minutes of CI).
 test-python: $(PY_VENV)/.installed
-	$(CARGO) build -p fed-aggregate -p route-hist -p mem-plan
+	$(CARGO) test --workspace --no-run
 	cd python && FTK_BIN=$(CURDIR)/target/debug PYTHONPATH=$(CURDIR)/python \
 	  $(PY_VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=5 tests
 

@@ -93,6 +93,11 @@ kinds! {
     FedEmbedKeys => "fed_embed_keys",
     FedEmbedAdaptWeights => "fed_embed_adapt_weights",
     FedEmbedPromptSample => "fed_embed_prompt_sample",
+    MofaPredict => "mofa_predict",
+    MofaTune => "mofa_tune",
+    MofaTuneSummary => "mofa_tune_summary",
+    MofaCalibRow => "mofa_calib_row",
+    MofaCalibrate => "mofa_calibrate",
 }
 
 /// The next record of kind `R` from `r`, skipping other kinds; `None` at end.
@@ -439,6 +444,229 @@ pub struct FedEmbedPromptSample {
     pub prompt_shape: Vec<u64>,
     pub samples: u64,
     pub seed: u64,
+}
+
+// ---------------------------------------------------------------- mofa-predict
+
+/// Seconds per iteration by cause on the pipeline stage that sets the pace;
+/// the terms sum to `iter_s`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq)]
+pub struct MofaBreakdown {
+    pub compute_s: f64,
+    pub recompute_s: f64,
+    pub tp_comm_s: f64,
+    pub cp_comm_s: f64,
+    pub ep_comm_s: f64,
+    pub pp_bubble_s: f64,
+    pub pp_p2p_s: f64,
+    pub dp_comm_exposed_s: f64,
+    pub optimizer_s: f64,
+}
+
+/// mofa-predict's fault-tolerance block.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct MofaFt {
+    /// Mean time between job interruptions, hours (null without failures).
+    pub job_mtbf_h: Option<f64>,
+    pub ckpt_s: f64,
+    pub restart_s: f64,
+    /// Checkpoint interval used (given, or Daly's optimum); null without failures.
+    pub ckpt_interval_s: Option<f64>,
+    /// Expected interruptions over the run (null without run.tokens).
+    pub expected_failures: Option<f64>,
+    /// Useful training time / wall time.
+    pub goodput: f64,
+}
+
+/// One job's prediction (mofa-predict's output per input line).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MofaPredict {
+    pub kind: Tag<MofaPredict>,
+    /// The input line's `id`, as given (any JSON value; null when absent).
+    pub id: serde_json::Value,
+    pub iter_s: f64,
+    /// Model FLOP/s per GPU (no recompute), TFLOP/s.
+    pub tflops_per_gpu: f64,
+    /// Hardware FLOP/s per GPU including recomputed FLOPs, TFLOP/s.
+    pub hw_tflops_per_gpu: f64,
+    pub mfu: f64,
+    pub tokens_per_s: f64,
+    pub mem_gb_per_gpu: f64,
+    pub fits: bool,
+    pub breakdown: MofaBreakdown,
+    pub ft: MofaFt,
+    /// Wall-clock days for run.tokens including failures (null without it).
+    pub train_days: Option<f64>,
+    pub params_b: f64,
+    pub gpus: u64,
+    /// The largest breakdown term, or `fault_tolerance`.
+    pub bottleneck: String,
+    /// Defaults the job took, as `field=value`.
+    pub assumed: Vec<String>,
+}
+
+/// The parallel layout and options of one strategy as mofa-predict resolved it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MofaStrategy {
+    pub tp: u64,
+    pub pp: u64,
+    pub dp: u64,
+    pub cp: u64,
+    pub ep: u64,
+    pub vpp: u64,
+    pub mbs: u64,
+    pub gbs: u64,
+    /// `none`, `selective` or `full`.
+    pub recompute: String,
+    pub zero: u64,
+    pub sp: bool,
+    pub flash_attn: bool,
+    /// `none`, `fa1`, `fa2` or `fa3`.
+    pub attn_kernel: String,
+    pub overlap_grad_reduce: bool,
+    pub overlap_param_gather: bool,
+    pub tp_comm_overlap: bool,
+    pub ep_comm_overlap: bool,
+    pub etp: u64,
+    pub grad_bytes: f64,
+    pub moe_imbalance: f64,
+    pub z3_rank_nic: bool,
+    pub sac_op: bool,
+    pub deepep: bool,
+    /// `ring` or `allgather`.
+    pub cp_comm: String,
+}
+
+/// One ranked strategy of `mofa-predict tune`: the prediction's fields
+/// after the rank and the strategy.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MofaTune {
+    pub rank: u64,
+    pub strategy: MofaStrategy,
+    pub kind: Tag<MofaTune>,
+    /// The strategy in `tp=..,pp=..` form.
+    pub id: serde_json::Value,
+    pub iter_s: f64,
+    pub tflops_per_gpu: f64,
+    pub hw_tflops_per_gpu: f64,
+    pub mfu: f64,
+    pub tokens_per_s: f64,
+    pub mem_gb_per_gpu: f64,
+    pub fits: bool,
+    pub breakdown: MofaBreakdown,
+    pub ft: MofaFt,
+    pub train_days: Option<f64>,
+    pub params_b: f64,
+    pub gpus: u64,
+    pub bottleneck: String,
+}
+
+/// The last line of `mofa-predict tune` (fields in alphabetical order, as
+/// its first, map-based writer produced them).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MofaTuneSummary {
+    /// Cluster defaults the base job took.
+    pub assumed: Vec<String>,
+    pub candidates: u64,
+    /// Absent under --no-timing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_s: Option<f64>,
+    /// Candidates that fit in memory.
+    pub fitting: u64,
+    pub kind: Tag<MofaTuneSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategies_per_s: Option<f64>,
+}
+
+/// One corpus row as `mofa-predict calibrate` predicted it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MofaCalibRow {
+    pub kind: Tag<MofaCalibRow>,
+    pub id: String,
+    pub source: String,
+    pub confidence: String,
+    pub metric: String,
+    pub measured: f64,
+    /// With the shipped constants (in-sample).
+    pub predicted: f64,
+    pub ape: f64,
+    /// With constants fitted without this row's source (null when the
+    /// source was not predicted).
+    pub loso_predicted: Option<f64>,
+    pub loso_ape: Option<f64>,
+    /// + too fast, − too slow (percent of the measured rate).
+    pub loso_speed_error: Option<f64>,
+    pub fits: bool,
+}
+
+/// One source left out: its rows' mean error and the constants fitted
+/// without it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MofaSourceLoso {
+    pub fitted_without: std::collections::BTreeMap<String, f64>,
+    pub insample_mape: f64,
+    pub loso_mape: f64,
+    pub n: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MofaWorstSource {
+    pub mape: f64,
+    pub source: String,
+}
+
+/// A fault-tolerance figure fitted on one published report and predicted
+/// for another.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MofaCrossCheck {
+    pub ape: f64,
+    pub fit_on: String,
+    pub predict: String,
+    pub predicted: f64,
+    pub published: f64,
+}
+
+/// The fault-tolerance model against published reliability reports.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MofaFtReport {
+    /// Checkpoint write rate, GB/s.
+    pub ckpt_gbs: Vec<MofaCrossCheck>,
+    /// Mean APE of the shipped default failure rate on the reports it was
+    /// not fitted on.
+    pub mtbf_default_mape: f64,
+    /// Job MTBF, hours.
+    pub mtbf_h: Vec<MofaCrossCheck>,
+    pub note: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MofaGemmEff {
+    pub a100: f64,
+    pub h100: f64,
+}
+
+/// The summary line of `mofa-predict calibrate` (fields in alphabetical
+/// order, as its first, map-based writer produced them).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MofaCalibrate {
+    /// Leave-one-source-out MAPE of a constant-MFU-per-GPU predictor.
+    pub baseline_constant_mfu_loso_mape: f64,
+    /// The time model's constants as shipped.
+    pub calib: std::collections::BTreeMap<String, f64>,
+    pub fit_iters: u64,
+    /// Constants refitted on every source (null without --fit).
+    pub fitted_on_all: Option<std::collections::BTreeMap<String, f64>>,
+    pub ft: MofaFtReport,
+    pub gemm_eff: MofaGemmEff,
+    pub insample_mape_mean_over_sources: f64,
+    pub kind: Tag<MofaCalibrate>,
+    pub loso_by_source: std::collections::BTreeMap<String, MofaSourceLoso>,
+    /// The headline: mean over sources of each source's LOSO MAPE.
+    pub loso_mape_mean_over_sources: f64,
+    pub loso_mape_worst_source: Option<MofaWorstSource>,
+    pub n_counted: u64,
+    pub n_rows: u64,
+    pub n_sources: u64,
 }
 
 // ---------------------------------------------------------------- schema

@@ -104,6 +104,11 @@ fn every_kind_round_trips_with_all_its_fields_in_order() {
         check::<FedEmbedKeys>(&ex),
         check::<FedEmbedAdaptWeights>(&ex),
         check::<FedEmbedPromptSample>(&ex),
+        check::<MofaPredict>(&ex),
+        check::<MofaTune>(&ex),
+        check::<MofaTuneSummary>(&ex),
+        check::<MofaCalibRow>(&ex),
+        check::<MofaCalibrate>(&ex),
     ];
     let mut all = ALL_KINDS.to_vec();
     let mut seen = checked.to_vec();

@@ -391,8 +391,11 @@ LLAMA = {  # name: (layers, hidden, heads, kv_heads, ffn, vocab), from torchtita
 # Grand Teton H100: 96 GB HBM2e at 2.4 TB/s, 500 W, 400 Gb/s RDMA per GPU (docs/performance.md, Jan 2025).
 # intra_node_gbps: H100 SXM NVLink 4, 900 GB/s bidirectional = 450 GB/s per direction (NVIDIA data sheet; the
 # doc only says "fully connected with NVLink"); inter_node_gbps: 400 Gb/s per GPU / 8 = 50 GB/s per direction.
+# power_w: the doc's 500 W; rated_power_w: the H100 SXM5's 700 W, at which
+# the peak_tflops given (the SXM figure the doc's MFU uses) holds.
 GRAND_TETON = {"gpu": "H100-SXM5-96GB-HBM2e-500W", "peak_tflops": 989.0, "hbm_gb": 96, "hbm_gbs": 2400,
-               "intra_node_gbps": 450, "inter_node_gbps": 50, "gpus_per_node": 8, "nic_gbps_per_node": 3200}
+               "intra_node_gbps": 450, "inter_node_gbps": 50, "gpus_per_node": 8, "nic_gbps_per_node": 3200,
+               "power_w": 500, "rated_power_w": 700}
 TT_FLOPS = ("torchtitan get_num_flop_per_token: 6*N (N without the embedding) + 12*L*H*Dh*T per token "
             "(non-causal attention, no recompute); MFU over the GPU's listed peak")
 TITAN = [
@@ -1226,7 +1229,7 @@ MODEL = {"arch", "name", "layers", "hidden", "heads", "kv_heads", "head_dim", "f
 MLA = {"q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_rope_head_dim", "v_head_dim"}
 MOE = {"experts", "topk", "expert_ffn", "shared_experts", "shared_ffn", "moe_layers"}
 CLUSTER = {"gpu", "gpus", "gpus_per_node", "nic_gbps_per_node", "peak_tflops", "hbm_gb", "hbm_gbs",
-           "intra_node_gbps", "inter_node_gbps"}
+           "intra_node_gbps", "inter_node_gbps", "power_w", "rated_power_w"}
 STRATEGY = {"tp", "pp", "vpp", "cp", "ep", "etp", "dp", "mbs", "gbs", "grad_accum", "recompute", "zero",
             "sp", "flash_attn", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap",
             "cp_comm", "precision", "fsdp_mixed_precision", "pp_schedule", "ep_comm_overlap",
@@ -1322,8 +1325,10 @@ def check_row(r, slug, where):
     gpn = pos_int(c, "gpus_per_node", where + ": cluster", False)
     need(gpn is None or gpus % gpn == 0 or gpus < gpn, where, "cluster.gpus must be whole nodes")
     pos_num(c, "nic_gbps_per_node", where + ": cluster", False)
-    for k in ("peak_tflops", "hbm_gb", "hbm_gbs", "intra_node_gbps", "inter_node_gbps"):
+    for k in ("peak_tflops", "hbm_gb", "hbm_gbs", "intra_node_gbps", "inter_node_gbps", "power_w",
+              "rated_power_w"):
         pos_num(c, k, where + ": cluster", False)
+    need(("rated_power_w" in c) <= ("power_w" in c), where, "cluster.rated_power_w without power_w")
     need(gpu in GPUS or all(k in c for k in ("intra_node_gbps", "inter_node_gbps")), where,
          "a GPU that is not a preset needs intra_node_gbps and inter_node_gbps too")
     s = r.get("strategy")

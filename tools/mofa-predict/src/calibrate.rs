@@ -457,25 +457,6 @@ pub fn constant_mfu_baseline(rows: &[Row]) -> f64 {
     mean(&per)
 }
 
-#[derive(Serialize)]
-pub struct RowOut<'a> {
-    pub kind: &'static str,
-    pub id: &'a str,
-    pub source: &'a str,
-    pub confidence: &'a str,
-    pub metric: &'a str,
-    pub measured: f64,
-    /// With the shipped constants (fitted on everything: in-sample).
-    pub predicted: f64,
-    pub ape: f64,
-    /// With constants fitted without this row's source.
-    pub loso_predicted: f64,
-    pub loso_ape: f64,
-    /// + too fast, − too slow (percent of the measured rate).
-    pub loso_speed_error: f64,
-    pub fits: bool,
-}
-
 /// Refuse an empty corpus and duplicate ids (a row counted twice would
 /// weigh twice).
 pub fn check(rows: &[Row]) -> Result<()> {

@@ -57,6 +57,10 @@ pub struct Cluster {
     pub inter_node_gbps: f64,
     pub gemm_eff: f64,
     pub attn_tflops: f64,
+    /// Sustained tensor-core clock over the one `peak_tflops` assumes: below
+    /// 1 when the GPU runs under a power limit lower than its rating
+    /// (`cluster.power_w`, see [`power_clock`]).
+    pub clock: f64,
 }
 
 /// Calibrated best-GEMM efficiencies (fraction of peak), from
@@ -202,7 +206,35 @@ pub fn preset(name: &str) -> Option<Cluster> {
         inter_node_gbps: inter,
         gemm_eff: eff,
         attn_tflops,
+        clock: 1.0,
     })
+}
+
+/// The board power a preset's `peak_tflops` is rated at, watts (vendor data
+/// sheets: V100 SXM2 300, A100 SXM4 400, A100 PCIe 250 (40GB) / 300 (80GB),
+/// H100 SXM5 700, H100 PCIe 350, H200 SXM 700, B200 1000, MI300X 750).
+pub fn rated_power_w(gpu: &str) -> Option<f64> {
+    Some(match gpu {
+        "V100" => 300.0,
+        "A100-40GB" | "A100-80GB" => 400.0,
+        "A100-PCIe-40GB" => 250.0,
+        "A100-PCIe-80GB" => 300.0,
+        "H100" | "H200" => 700.0,
+        "H100-PCIe" => 350.0,
+        "B200" => 1000.0,
+        "MI300X" => 750.0,
+        _ => return None,
+    })
+}
+
+/// Sustained clock under a power limit, as a fraction of the rated clock:
+/// dynamic power goes as f·V² and the voltage follows the clock along the
+/// DVFS curve, so power goes as f³ and the clock as (limit/rating)^(1/3).
+/// An assumption, not fitted; it gives 0.88 for an A100 PCIe's 275 W
+/// against the SXM's 400 W, the [`PCIE_CLOCK`] figure. Memory bandwidth
+/// keeps its clock.
+pub fn power_clock(limit_w: f64, rated_w: f64) -> f64 {
+    (limit_w / rated_w).min(1.0).cbrt()
 }
 
 /// A PCIe A100 holds its boost clock less under a 250-300 W cap than the

@@ -117,6 +117,8 @@ pub const CLUSTER_KEYS: &[&str] = &[
     "nic_gbps_per_node",
     "gemm_eff",
     "attn_tflops",
+    "power_w",
+    "rated_power_w",
 ];
 pub const STRATEGY_KEYS: &[&str] = &[
     "tp",
@@ -245,11 +247,17 @@ pub enum CpComm {
     AllGather,
 }
 
+impl CpComm {
+    pub fn name(self) -> &'static str {
+        match self {
+            CpComm::Ring => "ring",
+            CpComm::AllGather => "allgather",
+        }
+    }
+}
+
 fn ser_cp_comm<S: serde::Serializer>(c: &CpComm, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(match c {
-        CpComm::Ring => "ring",
-        CpComm::AllGather => "allgather",
-    })
+    s.serialize_str(c.name())
 }
 
 fn ser_recompute<S: serde::Serializer>(
@@ -264,6 +272,36 @@ pub fn recompute_name(r: Recompute) -> &'static str {
 }
 
 impl Strategy {
+    /// The strategy as output records carry it.
+    pub fn record(&self) -> ftk::records::MofaStrategy {
+        ftk::records::MofaStrategy {
+            tp: self.tp,
+            pp: self.pp,
+            dp: self.dp,
+            cp: self.cp,
+            ep: self.ep,
+            vpp: self.vpp,
+            mbs: self.mbs,
+            gbs: self.gbs,
+            recompute: recompute_name(self.recompute).to_string(),
+            zero: self.zero,
+            sp: self.sp,
+            flash_attn: self.flash_attn,
+            attn_kernel: self.attn_kernel.name().to_string(),
+            overlap_grad_reduce: self.overlap_grad_reduce,
+            overlap_param_gather: self.overlap_param_gather,
+            tp_comm_overlap: self.tp_comm_overlap,
+            ep_comm_overlap: self.ep_comm_overlap,
+            etp: self.etp,
+            grad_bytes: self.grad_bytes,
+            moe_imbalance: self.moe_imbalance,
+            z3_rank_nic: self.z3_rank_nic,
+            sac_op: self.sac_op,
+            deepep: self.deepep,
+            cp_comm: self.cp_comm.name().to_string(),
+        }
+    }
+
     /// `tp=8,pp=4,...` as printed in tables and accepted by `--strategy`.
     pub fn compact(&self) -> String {
         format!(
@@ -674,6 +712,7 @@ pub fn cluster_from_obj(
             false,
         )?,
         attn_tflops: 0.0,
+        clock: 1.0,
     };
     let peak = c.peak_tflops;
     let c = Cluster {
@@ -690,7 +729,34 @@ pub fn cluster_from_obj(
     if c.gemm_eff > 1.0 {
         return Err(o.err("gemm_eff", format!("must be in (0, 1], got {}", c.gemm_eff)));
     }
-    Ok(c)
+    // A power limit below the part's rating lowers the sustained clock.
+    let clock = match o.opt_f64("power_w")? {
+        None => {
+            if o.has("rated_power_w") {
+                return Err(o.err(
+                    "rated_power_w",
+                    "given without power_w; give power_w (the limit the GPUs ran at) or leave both out",
+                ));
+            }
+            1.0
+        }
+        Some(w) if w <= 0.0 => return Err(o.err("power_w", format!("must be > 0, got {w}"))),
+        Some(w) => {
+            let rated = match (o.opt_f64("rated_power_w")?, cluster::rated_power_w(&c.gpu)) {
+                (Some(r), _) if r > 0.0 => r,
+                (Some(r), _) => return Err(o.err("rated_power_w", format!("must be > 0, got {r}"))),
+                (None, Some(r)) => r,
+                (None, None) => {
+                    return Err(o.err(
+                        "power_w",
+                        "needs rated_power_w for a GPU without a preset; give the power its peak_tflops holds at",
+                    ))
+                }
+            };
+            cluster::power_clock(w, rated)
+        }
+    };
+    Ok(Cluster { clock, ..c })
 }
 
 /// Strategy fields; `gpus` = 0 when the cluster does not say.
@@ -1263,6 +1329,35 @@ mod tests {
         assert_eq!(job(c.clone()).unwrap().cluster.inter_node_gbps, 50.0);
         c["cluster"]["nic_gbps_per_node"] = json!(1600);
         assert!(job(c).unwrap_err().to_string().contains("give one of them"));
+    }
+
+    #[test]
+    fn a_power_limit_lowers_the_clock_by_its_cube_root() {
+        let mut v = base();
+        v["cluster"]["gpu"] = json!("H100");
+        assert_eq!(job(v.clone()).unwrap().cluster.clock, 1.0);
+        v["cluster"]["power_w"] = json!(350);
+        let c = job(v.clone()).unwrap().cluster.clock;
+        assert!((c - 0.5f64.cbrt()).abs() < 1e-12, "{c}");
+        // Above the rating: the rated clock, not more.
+        v["cluster"]["power_w"] = json!(900);
+        assert_eq!(job(v.clone()).unwrap().cluster.clock, 1.0);
+        // A GPU without a preset needs the power its peak holds at.
+        let mut g = v.clone();
+        g["cluster"] = json!({"gpu":"X1","peak_tflops":500,"hbm_gb":64,"hbm_gbs":2000,
+            "intra_node_gbps":100,"inter_node_gbps":25,"gpus":8,"power_w":300});
+        let e = job(g.clone()).unwrap_err().to_string();
+        assert!(e.contains("rated_power_w"), "{e}");
+        g["cluster"]["rated_power_w"] = json!(600);
+        assert!((job(g).unwrap().cluster.clock - 0.5f64.cbrt()).abs() < 1e-12);
+        v["cluster"].as_object_mut().unwrap().remove("power_w");
+        v["cluster"]["rated_power_w"] = json!(700);
+        assert!(job(v).is_err());
+        // The A100 PCIe assumption (0.9 at 250-300 W against 400 W) is what
+        // the cube law gives at 275 W.
+        assert!(
+            (crate::cluster::power_clock(275.0, 400.0) - crate::cluster::PCIE_CLOCK).abs() < 0.02
+        );
     }
 
     #[test]

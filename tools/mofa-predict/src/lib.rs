@@ -20,11 +20,14 @@ use ftk::cli::Stdout;
 use ftk::io::Input;
 use ftk::jsonl::Reader;
 use ftk::model::ModelConfig;
+use ftk::records::{self, Tag};
 use ftk::table::Table;
 use ftk::{Error, Result};
 use input::Fallback;
+use perf::Terms;
 use predict::Prediction;
 use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 const AFTER_HELP: &str = "\
@@ -42,7 +45,9 @@ fields take the defaults below and the output lists them in \"assumed\".
      \"intra_node_gbps\" (NVLink, GB/s per GPU per direction),
      \"inter_node_gbps\" (network, GB/s per GPU per direction) or
      \"nic_gbps_per_node\" (Gb/s summed over a node's NICs: 8x400 Gb/s = 3200, which on
-     8 GPUs is 3200/8 bits/8 GPUs = 50 GB/s per GPU), \"gemm_eff\", \"attn_tflops\"},
+     8 GPUs is 3200/8 bits/8 GPUs = 50 GB/s per GPU), \"gemm_eff\", \"attn_tflops\",
+     \"power_w\" (a power limit below the rating: the clock falls as its cube root),
+     \"rated_power_w\" (the power peak_tflops holds at; presets know it)},
    \"strategy\": {\"tp\", \"pp\", \"dp\", \"cp\", \"ep\", \"vpp\", \"mbs\", \"gbs\" (sequences),
      \"recompute\" (none|selective|full), \"zero\" (0-3), \"sp\", \"flash_attn\",
      \"attn_kernel\" (none|fa1|fa2|fa3), \"overlap_grad_reduce\", \"overlap_param_gather\",
@@ -88,6 +93,20 @@ Examples:
   mofa-predict --model mixtral.json --cluster H100 --gpus 1024 --strategy tp=2,pp=4,ep=8,gbs=1024 --route-hist hist.jsonl
   mofa-predict tune --model llama3-70b.json --seq 8192 --cluster H100 --gpus 1024 --gbs 1024 --top 10 --table
   mofa-predict calibrate --table";
+
+const TUNE_HELP: &str = "\
+Output: the best --top strategies, each {\"kind\":\"mofa_tune\",\"rank\",\"strategy\":{\"tp\",\"pp\",...},
+\"id\" (the strategy as tp=..,pp=..),\"iter_s\",...,\"bottleneck\"} (mofa_predict's fields after rank and
+strategy, without assumed), then {\"kind\":\"mofa_tune_summary\",\"assumed\",\"candidates\",\"elapsed_s\",
+\"fitting\",\"strategies_per_s\"} (elapsed_s and strategies_per_s absent under --no-timing).";
+
+const CALIBRATE_HELP: &str = "\
+Output: per measurement {\"kind\":\"mofa_calib_row\",\"id\",\"source\",\"confidence\",\"metric\",\"measured\",
+\"predicted\" (shipped constants),\"ape\",\"loso_predicted\" (constants fitted without its source),\"loso_ape\",
+\"loso_speed_error\" (+ too fast),\"fits\"}, then {\"kind\":\"mofa_calibrate\",\"baseline_constant_mfu_loso_mape\",
+\"calib\":{...},\"fit_iters\",\"fitted_on_all\",\"ft\":{\"ckpt_gbs\",\"mtbf_default_mape\",\"mtbf_h\",\"note\"},
+\"gemm_eff\",\"insample_mape_mean_over_sources\",\"loso_by_source\":{...},\"loso_mape_mean_over_sources\" (the
+headline),\"loso_mape_worst_source\",\"n_counted\",\"n_rows\",\"n_sources\"}.";
 
 /// MoFa performance model: iteration time, MFU, memory, fault tolerance; strategy tuner.
 #[derive(Parser, Debug)]
@@ -141,6 +160,7 @@ pub struct PredictArgs {
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Enumerate valid strategies, rank them by time-to-train including fault tolerance.
+    #[command(after_help = TUNE_HELP)]
     Tune {
         #[command(flatten)]
         common: Common,
@@ -158,6 +178,7 @@ pub enum Cmd {
     /// Predict the published measurements; report the leave-one-source-out error (each source
     /// predicted by constants fitted on all the others) and the fault-tolerance model's error on
     /// published reliability reports.
+    #[command(after_help = CALIBRATE_HELP)]
     Calibrate {
         /// Measurement files or directories (their *.jsonl and corpus/*.jsonl); default: the
         /// corpus compiled into the binary (testdata/mofa-predict/measurements.jsonl and corpus/).
@@ -315,14 +336,6 @@ fn print_predictions(out: &mut Stdout, preds: &[(Prediction, Vec<String>)]) -> R
     Ok(())
 }
 
-/// A prediction record with the defaults its job took.
-#[derive(serde::Serialize)]
-struct Out<'a> {
-    #[serde(flatten)]
-    p: &'a Prediction,
-    assumed: &'a [String],
-}
-
 /// An input path that does not exist but looks like a mistyped subcommand
 /// (`mofa-predict tun`) gets that said, not "cannot open tun".
 fn check_input_path(p: &std::path::Path) -> Result<()> {
@@ -367,13 +380,7 @@ fn run_predict(a: PredictArgs) -> Result<()> {
             preds.push((p, assumed));
             Ok(())
         } else {
-            ftk::jsonl::write_record(
-                out,
-                &Out {
-                    p: &p,
-                    assumed: &assumed,
-                },
-            )
+            ftk::jsonl::write_record(out, &p.record(assumed))
         }
     };
     let mut n = 0u64;
@@ -468,17 +475,27 @@ fn run_tune(c: Common, gbs: u64, top: usize, no_timing: bool) -> Result<()> {
     }
     let rate = o.candidates as f64 / secs.max(1e-9);
     let mut out = Stdout::new();
-    let mut summary = json!({"kind": "mofa_tune_summary", "candidates": o.candidates, "fitting": o.fitting,
+    let mut summary = records::MofaTuneSummary {
         // The layout fields are what tune chooses, not defaults.
-        "assumed": assumed.iter().filter(|a| a.starts_with("cluster.") && !a.starts_with("cluster.gpus=")).collect::<Vec<_>>()});
+        assumed: assumed
+            .iter()
+            .filter(|a| a.starts_with("cluster.") && !a.starts_with("cluster.gpus="))
+            .cloned()
+            .collect(),
+        candidates: o.candidates as u64,
+        elapsed_s: None,
+        fitting: o.fitting as u64,
+        kind: Tag::default(),
+        strategies_per_s: None,
+    };
     if no_timing {
         eprintln!(
             "mofa-predict: {} strategies in {secs:.3} s, {rate:.0} strategies/s",
             o.candidates
         );
     } else {
-        summary["elapsed_s"] = json!(secs);
-        summary["strategies_per_s"] = json!(rate);
+        summary.elapsed_s = Some(secs);
+        summary.strategies_per_s = Some(rate);
     }
     if o.top.is_empty() {
         ftk::jsonl::write_record(&mut out, &summary)?;
@@ -523,7 +540,7 @@ fn run_tune(c: Common, gbs: u64, top: usize, no_timing: bool) -> Result<()> {
         }
     } else {
         for r in &o.top {
-            ftk::jsonl::write_record(&mut out, r)?;
+            ftk::jsonl::write_record(&mut out, &r.record())?;
         }
         ftk::jsonl::write_record(&mut out, &summary)?;
     }
@@ -555,6 +572,26 @@ fn data_files(p: &std::path::Path) -> Result<Vec<PathBuf>> {
         );
     }
     Ok(out)
+}
+
+/// Fitted constants by name.
+fn named(x: &calibrate::X) -> BTreeMap<String, f64> {
+    calibrate::PARAMS
+        .iter()
+        .zip(x)
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect()
+}
+
+/// The time model's constants by name.
+fn calib_map(c: &perf::Calib) -> BTreeMap<String, f64> {
+    match serde_json::to_value(c) {
+        Ok(Value::Object(m)) => m
+            .into_iter()
+            .filter_map(|(k, v)| v.as_f64().map(|x| (k, x)))
+            .collect(),
+        _ => BTreeMap::new(),
+    }
 }
 
 fn run_calibrate(data: Vec<PathBuf>, fit: bool, table: bool, iters: usize) -> Result<()> {
@@ -599,18 +636,19 @@ fn run_calibrate(data: Vec<PathBuf>, fit: bool, table: bool, iters: usize) -> Re
     for (i, r) in rows.iter().enumerate() {
         let pred = predict::predict(&r.job, &base);
         let p = calibrate::metric_of(&pred, &r.metric, &r.job);
-        let o = calibrate::RowOut {
-            kind: "mofa_calib_row",
-            id: &r.id,
-            source: &r.source,
-            confidence: &r.confidence,
-            metric: &r.metric,
+        let finite = |x: f64| Some(x).filter(|x| x.is_finite());
+        let o = records::MofaCalibRow {
+            kind: Tag::default(),
+            id: r.id.clone(),
+            source: r.source.clone(),
+            confidence: r.confidence.clone(),
+            metric: r.metric.clone(),
             measured: r.value,
             predicted: p,
             ape: calibrate::ape(p, r.value),
-            loso_predicted: loso_pred[i],
-            loso_ape: calibrate::ape(loso_pred[i], r.value),
-            loso_speed_error: calibrate::speed_error(loso_pred[i], r.value, &r.metric),
+            loso_predicted: finite(loso_pred[i]),
+            loso_ape: finite(calibrate::ape(loso_pred[i], r.value)),
+            loso_speed_error: finite(calibrate::speed_error(loso_pred[i], r.value, &r.metric)),
             fits: pred.fits,
         };
         if calibrate::counted(r) {
@@ -638,7 +676,7 @@ fn run_calibrate(data: Vec<PathBuf>, fit: bool, table: bool, iters: usize) -> Re
                 sig(p),
                 format!("{:.1}", o.ape),
                 sig(loso_pred[i]),
-                format!("{:.1}", o.loso_ape),
+                format!("{:.1}", calibrate::ape(loso_pred[i], r.value)),
                 if pred.fits { "yes".into() } else { "NO".into() },
             ]);
         } else {
@@ -646,13 +684,17 @@ fn run_calibrate(data: Vec<PathBuf>, fit: bool, table: bool, iters: usize) -> Re
         }
     }
     let mut st = Table::new(["source", "rows", "LOSO MAPE %", "in-sample MAPE %"]);
-    let mut by_source = Map::new();
+    let mut by_source = BTreeMap::new();
     for f in folds.iter().filter(|f| f.n > 0) {
         let ins = calibrate::mean(in_sample.get(f.source.as_str()).map_or(&[][..], |v| v));
         by_source.insert(
             f.source.clone(),
-            json!({"n": f.n, "loso_mape": f.mape, "insample_mape": ins,
-                   "fitted_without": calibrate::PARAMS.iter().zip(f.fitted).map(|(k, v)| (k.to_string(), json!(v))).collect::<Map<_, _>>()}),
+            records::MofaSourceLoso {
+                fitted_without: named(&f.fitted),
+                insample_mape: ins,
+                loso_mape: f.mape,
+                n: f.n as u64,
+            },
         );
         st.row(vec![
             f.source.clone(),
@@ -672,22 +714,28 @@ fn run_calibrate(data: Vec<PathBuf>, fit: bool, table: bool, iters: usize) -> Re
             .collect::<Vec<_>>(),
     );
     let ftr = ft::reliability_report();
-    let summary = json!({
-        "kind": "mofa_calibrate",
-        "n_rows": rows.len(),
-        "n_counted": rows.iter().filter(|r| calibrate::counted(r)).count(),
-        "n_sources": counted.len(),
-        "loso_mape_mean_over_sources": loso_mean,
-        "loso_mape_worst_source": worst.map(|w| json!({"source": w.source, "mape": w.mape})),
-        "loso_by_source": by_source,
-        "insample_mape_mean_over_sources": ins_mean,
-        "baseline_constant_mfu_loso_mape": calibrate::constant_mfu_baseline(&rows),
-        "calib": base,
-        "gemm_eff": {"a100": cluster::A100_GEMM_EFF, "h100": cluster::H100_GEMM_EFF},
-        "fitted_on_all": fitted.map(|x| calibrate::PARAMS.iter().zip(x).map(|(k, v)| (k.to_string(), json!(v))).collect::<Map<_, _>>()),
-        "fit_iters": iters,
-        "ft": ftr,
-    });
+    let summary = records::MofaCalibrate {
+        baseline_constant_mfu_loso_mape: calibrate::constant_mfu_baseline(&rows),
+        calib: calib_map(&base),
+        fit_iters: iters as u64,
+        fitted_on_all: fitted.map(|x| named(&x)),
+        ft: ftr.clone(),
+        gemm_eff: records::MofaGemmEff {
+            a100: cluster::A100_GEMM_EFF,
+            h100: cluster::H100_GEMM_EFF,
+        },
+        insample_mape_mean_over_sources: ins_mean,
+        kind: Tag::default(),
+        loso_by_source: by_source,
+        loso_mape_mean_over_sources: loso_mean,
+        loso_mape_worst_source: worst.map(|w| records::MofaWorstSource {
+            mape: w.mape,
+            source: w.source.clone(),
+        }),
+        n_counted: rows.iter().filter(|r| calibrate::counted(r)).count() as u64,
+        n_rows: rows.len() as u64,
+        n_sources: counted.len() as u64,
+    };
     if table {
         t.print(&mut out)?;
         out.line("")?;

@@ -86,35 +86,23 @@ pub const CALIB: Calib = Calib {
     dp_bucket_params: 40e6,
 };
 
-/// Per-iteration seconds by cause, on the pipeline stage that sets the pace.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
-pub struct Breakdown {
-    pub compute_s: f64,
-    pub recompute_s: f64,
-    pub tp_comm_s: f64,
-    pub cp_comm_s: f64,
-    pub ep_comm_s: f64,
-    pub pp_bubble_s: f64,
-    pub pp_p2p_s: f64,
-    pub dp_comm_exposed_s: f64,
-    pub optimizer_s: f64,
+/// Per-iteration seconds by cause, on the pipeline stage that sets the pace
+/// (the output record's `breakdown`).
+pub use ftk::records::MofaBreakdown as Breakdown;
+
+/// The sum and the named terms of a [`Breakdown`].
+pub trait Terms {
+    fn total(&self) -> f64;
+    /// (name, seconds) of every term, for bottleneck naming.
+    fn terms(&self) -> [(&'static str, f64); 9];
 }
 
-impl Breakdown {
-    pub fn total(&self) -> f64 {
-        self.compute_s
-            + self.recompute_s
-            + self.tp_comm_s
-            + self.cp_comm_s
-            + self.ep_comm_s
-            + self.pp_bubble_s
-            + self.pp_p2p_s
-            + self.dp_comm_exposed_s
-            + self.optimizer_s
+impl Terms for Breakdown {
+    fn total(&self) -> f64 {
+        self.terms().iter().map(|t| t.1).sum()
     }
 
-    /// (name, seconds) of every term, for bottleneck naming.
-    pub fn terms(&self) -> [(&'static str, f64); 9] {
+    fn terms(&self) -> [(&'static str, f64); 9] {
         [
             ("compute", self.compute_s),
             ("recompute", self.recompute_s),
@@ -175,9 +163,9 @@ impl Hw {
     pub fn of(job: &Job) -> Hw {
         let c = &job.cluster;
         Hw {
-            peak: c.peak_tflops * 1e12,
+            peak: c.peak_tflops * 1e12 * c.clock,
             eff: c.gemm_eff,
-            attn: c.attn_tflops * 1e12,
+            attn: c.attn_tflops * 1e12 * c.clock,
             hbm: c.hbm_gbs * 1e9,
             intra: c.intra_node_gbps * 1e9,
             inter: c.inter_node_gbps * 1e9,

@@ -3,13 +3,13 @@
 use crate::ft::{self, Ft};
 use crate::input::Job;
 use crate::mem;
-use crate::perf::{self, Breakdown, Calib};
-use serde::Serialize;
+use crate::perf::{self, Breakdown, Calib, Terms};
+use ftk::records::{MofaPredict, MofaStrategy, MofaTune, Tag};
 
-/// `{"kind":"mofa_predict", ...}`: the wire format (see `--help`).
-#[derive(Clone, Debug, Serialize)]
+/// One job's prediction; [`Prediction::record`] is its wire format
+/// (`{"kind":"mofa_predict", ...}`, see `--help`).
+#[derive(Clone, Debug)]
 pub struct Prediction {
-    pub kind: &'static str,
     pub id: serde_json::Value,
     pub iter_s: f64,
     /// Model FLOP/s per GPU (Megatron's convention, no recompute), TFLOP/s.
@@ -51,7 +51,6 @@ pub fn predict(job: &Job, c: &Calib) -> Prediction {
     let (ft, wall) = ft::fault_tolerance(job, solve);
     let mem = mem::peak_bytes(job);
     Prediction {
-        kind: "mofa_predict",
         id: job.id.clone(),
         iter_s: t.iter_s,
         tflops_per_gpu: tflops,
@@ -66,5 +65,53 @@ pub fn predict(job: &Job, c: &Calib) -> Prediction {
         train_days: wall.map(|w| w / 86400.0),
         params_b: job.model.total_params() as f64 / 1e9,
         gpus: job.cluster.gpus,
+    }
+}
+
+impl Prediction {
+    /// The `mofa_predict` record, with the defaults the job took.
+    pub fn record(&self, assumed: Vec<String>) -> MofaPredict {
+        MofaPredict {
+            kind: Tag::default(),
+            id: self.id.clone(),
+            iter_s: self.iter_s,
+            tflops_per_gpu: self.tflops_per_gpu,
+            hw_tflops_per_gpu: self.hw_tflops_per_gpu,
+            mfu: self.mfu,
+            tokens_per_s: self.tokens_per_s,
+            mem_gb_per_gpu: self.mem_gb_per_gpu,
+            fits: self.fits,
+            breakdown: self.breakdown,
+            ft: self.ft,
+            train_days: self.train_days,
+            params_b: self.params_b,
+            gpus: self.gpus,
+            bottleneck: self.bottleneck.to_string(),
+            assumed,
+        }
+    }
+
+    /// The `mofa_tune` record of the strategy ranked `rank`; its id is the
+    /// strategy in compact form.
+    pub fn tune_record(&self, rank: usize, strategy: MofaStrategy, id: String) -> MofaTune {
+        MofaTune {
+            rank: rank as u64,
+            strategy,
+            kind: Tag::default(),
+            id: serde_json::Value::String(id),
+            iter_s: self.iter_s,
+            tflops_per_gpu: self.tflops_per_gpu,
+            hw_tflops_per_gpu: self.hw_tflops_per_gpu,
+            mfu: self.mfu,
+            tokens_per_s: self.tokens_per_s,
+            mem_gb_per_gpu: self.mem_gb_per_gpu,
+            fits: self.fits,
+            breakdown: self.breakdown,
+            ft: self.ft,
+            train_days: self.train_days,
+            params_b: self.params_b,
+            gpus: self.gpus,
+            bottleneck: self.bottleneck.to_string(),
+        }
     }
 }

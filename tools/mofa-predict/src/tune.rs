@@ -6,7 +6,6 @@ use crate::perf::Calib;
 use crate::predict::{predict, Prediction};
 use mem_plan::memory::Recompute;
 use rayon::prelude::*;
-use serde::Serialize;
 
 /// The search space's knobs.
 pub struct Space {
@@ -112,12 +111,18 @@ pub fn wall_s_per_token(p: &Prediction) -> f64 {
     1.0 / (p.tokens_per_s * p.ft.goodput)
 }
 
-#[derive(Serialize)]
 pub struct Ranked {
     pub rank: usize,
     pub strategy: Strategy,
-    #[serde(flatten)]
     pub prediction: Prediction,
+}
+
+impl Ranked {
+    /// The `mofa_tune` record.
+    pub fn record(&self) -> ftk::records::MofaTune {
+        self.prediction
+            .tune_record(self.rank, self.strategy.record(), self.strategy.compact())
+    }
 }
 
 pub struct Outcome {
@@ -144,14 +149,10 @@ pub fn tune(base: &Job, space: &Space, c: &Calib, top: usize) -> Outcome {
         .into_iter()
         .take(top)
         .enumerate()
-        .map(|(r, (i, mut p))| {
-            p.kind = "mofa_tune";
-            p.id = serde_json::Value::String(jobs[i].strategy.compact());
-            Ranked {
-                rank: r + 1,
-                strategy: jobs[i].strategy.clone(),
-                prediction: p,
-            }
+        .map(|(r, (i, p))| Ranked {
+            rank: r + 1,
+            strategy: jobs[i].strategy.clone(),
+            prediction: p,
         })
         .collect();
     Outcome {

@@ -563,3 +563,85 @@ fn llama3_70b_on_1024_h100_is_in_llama3s_band() {
     // 15T tokens at this rate: months, not days or years.
     assert!((60.0..400.0).contains(&f("train_days")), "{p}");
 }
+
+/// Every record kind mofa-predict writes is documented, field for field,
+/// in the help of the command that writes it, and each line it writes
+/// decodes into its `ftk::records` struct.
+#[test]
+fn help_documents_every_record_kind_and_the_output_decodes() {
+    use ftk::records::{MofaCalibRow, MofaCalibrate, MofaPredict, MofaTune, MofaTuneSummary};
+    ftk_test::assert_documented::<MofaPredict>(&ftk_test::help("mofa-predict", &[]));
+    let tune = ftk_test::help("mofa-predict", &["tune"]);
+    ftk_test::assert_documented::<MofaTune>(&tune);
+    ftk_test::assert_documented::<MofaTuneSummary>(&tune);
+    let cal = ftk_test::help("mofa-predict", &["calibrate"]);
+    ftk_test::assert_documented::<MofaCalibRow>(&cal);
+    ftk_test::assert_documented::<MofaCalibrate>(&cal);
+
+    let lines = |args: &[&str], stdin: &str| -> Vec<String> {
+        let out = Command::cargo_bin("mofa-predict")
+            .unwrap()
+            .current_dir(root(""))
+            .args(args)
+            .write_stdin(stdin)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    // Decoded and encoded again: the same fields in the same order (values
+    // may move in the last float digit with serde_json's default parser).
+    fn same_keys<R: serde::Serialize + serde::de::DeserializeOwned>(line: &str) -> R {
+        let keys = |l: &str| -> Vec<String> {
+            l.match_indices("\":")
+                .map(|(end, _)| l[l[..end].rfind('"').unwrap() + 1..end].to_string())
+                .collect()
+        };
+        let r: R = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            keys(&serde_json::to_string(&r).unwrap()),
+            keys(line),
+            "{line}"
+        );
+        r
+    }
+    let p = lines(&[], JOB);
+    let r: MofaPredict = same_keys(&p[0]);
+    assert_eq!(r.id, "g");
+    let t = lines(
+        &[
+            "tune",
+            "--model",
+            LLAMA_DIR,
+            "--seq",
+            "4096",
+            "--cluster",
+            "H100",
+            "--gpus",
+            "16",
+            "--gbs",
+            "64",
+            "--top",
+            "2",
+        ],
+        "",
+    );
+    assert_eq!(t.len(), 3);
+    for (i, l) in t[..2].iter().enumerate() {
+        let r: MofaTune = same_keys(l);
+        assert_eq!(r.rank, i as u64 + 1);
+    }
+    let s: MofaTuneSummary = same_keys(&t[2]);
+    assert!(s.elapsed_s.is_some() && s.candidates >= s.fitting);
+    let c = lines(&["calibrate", "--iters", "0"], "");
+    let (last, rows) = c.split_last().unwrap();
+    let s: MofaCalibrate = same_keys(last);
+    assert_eq!(rows.len() as u64, s.n_rows);
+    for r in rows {
+        let _: MofaCalibRow = same_keys(r);
+    }
+}
