@@ -169,7 +169,7 @@ $(PY_VENV)/.installed:
 test-python: $(PY_VENV)/.installed
 	$(CARGO) test --workspace --no-run
 	cd python && FTK_BIN=$(CURDIR)/target/debug PYTHONPATH=$(CURDIR)/python \
-	  $(PY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	  $(PY_VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=5 tests
 
 # Fuzzing on stable: FTK_FUZZ_COUNT inputs per parser target (seeded by
 # FTK_FUZZ_SEED); `make test` runs a short smoke of the same targets.
