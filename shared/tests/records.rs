@@ -114,6 +114,8 @@ fn every_kind_round_trips_with_all_its_fields_in_order() {
         check::<ClientUpdate>(&ex),
         check::<FedraAlloc>(&ex),
         check::<Aggregate>(&ex),
+        check::<DiffuseSynthSample>(&ex),
+        check::<DiffuseSynthDescription>(&ex),
         check::<MofaPredict>(&ex),
         check::<MofaTune>(&ex),
         check::<MofaTuneSummary>(&ex),
