@@ -42,7 +42,7 @@ pub const SPEC: Spec = Spec {
     build,
 };
 
-fn check(c: &Config) -> std::result::Result<(), String> {
+fn check(c: &Config) -> super::ValueResult<()> {
     if !c.dpmsolver_pp && !c.final_sigma_min {
         return Err(
             "final_sigmas_type \"zero\" is not supported for algorithm_type \"dpmsolver\" \

@@ -114,7 +114,7 @@ pub struct Spec {
     /// common ones.
     pub defaults: fn(&mut Config),
     /// Cross-key checks the class makes at construction.
-    pub check: fn(&Config) -> std::result::Result<(), String>,
+    pub check: fn(&Config) -> ValueResult<()>,
     /// Whether the class has Karras sigmas (use_karras_sigmas).
     pub karras: bool,
     /// Whether --steps may exceed num_train_timesteps.
@@ -124,11 +124,38 @@ pub struct Spec {
     pub build: fn(&mut Schedule, eta: f64) -> Result<Box<dyn Algorithm>>,
 }
 
+/// A config value that diffusers (or diffuse-synth) refuses. It names the value, not
+/// where it came from: the caller adds the file and key, or the flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueError(String);
+
+impl std::fmt::Display for ValueError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ValueError {}
+
+impl From<String> for ValueError {
+    fn from(m: String) -> Self {
+        ValueError(m)
+    }
+}
+
+impl From<&str> for ValueError {
+    fn from(m: &str) -> Self {
+        ValueError(m.to_owned())
+    }
+}
+
+pub type ValueResult<T> = std::result::Result<T, ValueError>;
+
 /// For [`Spec::defaults`] of a scheduler with none of its own.
 fn no_defaults(_: &mut Config) {}
 
 /// For [`Spec::check`] of a scheduler with no cross-key rule.
-fn no_check(_: &Config) -> std::result::Result<(), String> {
+fn no_check(_: &Config) -> ValueResult<()> {
     Ok(())
 }
 
@@ -245,21 +272,21 @@ impl Config {
     /// Set one config key from its JSON value, refusing what diffusers refuses and
     /// what this implementation does not support.
     /// (One arm per diffusers config key, hence over 100 lines.)
-    pub fn set(&mut self, key: &str, v: &Value) -> std::result::Result<(), String> {
-        fn num(v: &Value) -> std::result::Result<f64, String> {
+    pub fn set(&mut self, key: &str, v: &Value) -> ValueResult<()> {
+        fn num(v: &Value) -> ValueResult<f64> {
             v.as_f64()
-                .ok_or_else(|| format!("expected a number, got {v}"))
+                .ok_or_else(|| format!("expected a number, got {v}").into())
         }
-        fn boolean(v: &Value) -> std::result::Result<bool, String> {
+        fn boolean(v: &Value) -> ValueResult<bool> {
             v.as_bool()
-                .ok_or_else(|| format!("expected true or false, got {v}"))
+                .ok_or_else(|| format!("expected true or false, got {v}").into())
         }
-        fn string(v: &Value) -> std::result::Result<&str, String> {
+        fn string(v: &Value) -> ValueResult<&str> {
             v.as_str()
-                .ok_or_else(|| format!("expected a string, got {v}"))
+                .ok_or_else(|| format!("expected a string, got {v}").into())
         }
-        fn unsupported(what: &str) -> std::result::Result<(), String> {
-            Err(format!("{what} is not supported by diffuse-synth"))
+        fn unsupported(what: &str) -> ValueResult<()> {
+            Err(format!("{what} is not supported by diffuse-synth").into())
         }
         match key {
             "num_train_timesteps" => {
@@ -282,7 +309,7 @@ impl Config {
                     Value::Array(a) => {
                         Some(a.iter().map(num).collect::<std::result::Result<_, _>>()?)
                     }
-                    _ => return Err(format!("expected null or a list of numbers, got {v}")),
+                    _ => return Err(format!("expected null or a list of numbers, got {v}").into()),
                 }
             }
             "prediction_type" => self.prediction_type = parse_prediction(string(v)?)?,
@@ -316,7 +343,9 @@ impl Config {
                     "zero" => false,
                     "sigma_min" => true,
                     other => {
-                        return Err(format!("expected \"zero\" or \"sigma_min\", got {other:?}"))
+                        return Err(
+                            format!("expected \"zero\" or \"sigma_min\", got {other:?}").into()
+                        )
                     }
                 }
             }
@@ -332,7 +361,7 @@ impl Config {
                     // quirk: diffusers maps the DEIS/UniPC names onto midpoint
                     "midpoint" | "logrho" | "bh1" | "bh2" => false,
                     "heun" => true,
-                    other => return Err(format!("unknown solver_type {other:?}")),
+                    other => return Err(format!("unknown solver_type {other:?}").into()),
                 }
             }
             "algorithm_type" => {
@@ -374,14 +403,15 @@ impl Config {
     }
 
     /// Cross-key checks diffusers makes at construction.
-    fn check(&self) -> std::result::Result<(), String> {
+    fn check(&self) -> ValueResult<()> {
         if let Some(b) = &self.trained_betas {
             if b.len() != self.num_train_timesteps {
                 return Err(format!(
                     "trained_betas has {} values but num_train_timesteps is {}",
                     b.len(),
                     self.num_train_timesteps
-                ));
+                )
+                .into());
             }
         }
         (self.kind.spec().check)(self)?;
@@ -398,35 +428,34 @@ impl Config {
     }
 }
 
-pub fn parse_beta_schedule(s: &str) -> std::result::Result<BetaSchedule, String> {
+pub fn parse_beta_schedule(s: &str) -> ValueResult<BetaSchedule> {
     match s {
         "linear" => Ok(BetaSchedule::Linear),
         "scaled_linear" => Ok(BetaSchedule::ScaledLinear),
         "squaredcos_cap_v2" => Ok(BetaSchedule::SquaredCosCapV2),
         o => Err(format!(
             "beta_schedule {o:?} is not supported (linear, scaled_linear, squaredcos_cap_v2)"
-        )),
+        )
+        .into()),
     }
 }
 
-pub fn parse_spacing(s: &str) -> std::result::Result<Spacing, String> {
+pub fn parse_spacing(s: &str) -> ValueResult<Spacing> {
     match s {
         "leading" => Ok(Spacing::Leading),
         "trailing" => Ok(Spacing::Trailing),
         "linspace" => Ok(Spacing::Linspace),
-        o => Err(format!(
-            "timestep_spacing {o:?} is not one of leading, trailing, linspace"
-        )),
+        o => {
+            Err(format!("timestep_spacing {o:?} is not one of leading, trailing, linspace").into())
+        }
     }
 }
 
-pub fn parse_prediction(s: &str) -> std::result::Result<Prediction, String> {
+pub fn parse_prediction(s: &str) -> ValueResult<Prediction> {
     match s {
         "epsilon" => Ok(Prediction::Epsilon),
         "v_prediction" => Ok(Prediction::VPrediction),
-        o => Err(format!(
-            "prediction_type {o:?} is not supported (epsilon, v_prediction)"
-        )),
+        o => Err(format!("prediction_type {o:?} is not supported (epsilon, v_prediction)").into()),
     }
 }
 
