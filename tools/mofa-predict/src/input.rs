@@ -5,7 +5,8 @@
 //! ```text
 //! {"id", "model": {"arch","layers","hidden","heads","kv_heads","ffn","vocab","seq",
 //!   "params_b","head_dim","tie_embeddings",
-//!   "moe": null | {"experts","topk","expert_ffn","shared_experts","shared_ffn","moe_layers"}},
+//!   "moe": null | {"experts","topk","expert_ffn","shared_experts","shared_ffn","moe_layers",
+//!                  "expert_bias"}},
 //!  "cluster": {"gpu","peak_tflops","gpus","gpus_per_node","hbm_gb","hbm_gbs",
 //!   "intra_node_gbps","inter_node_gbps","gemm_eff","attn_tflops"},
 //!  "strategy": {"tp","pp","dp","cp","ep","vpp","mbs","gbs","recompute","zero","sp",
@@ -104,6 +105,7 @@ pub const MOE_KEYS: &[&str] = &[
     "shared_experts",
     "shared_ffn",
     "moe_layers",
+    "expert_bias",
 ];
 pub const CLUSTER_KEYS: &[&str] = &[
     "gpu",
@@ -358,6 +360,9 @@ pub struct Job {
     pub cluster: Cluster,
     pub strategy: Strategy,
     pub run: Run,
+    /// `model.moe.expert_bias`: the experts' linear layers carry biases
+    /// (gpt-oss); Megatron-Core adds the second one outside the grouped GEMM.
+    pub expert_bias: bool,
 }
 
 /// A JSON object with the dotted path of its fields, for messages, and the
@@ -595,6 +600,7 @@ pub fn model_from_obj(o: &Obj) -> Result<(ModelConfig, Option<u64>)> {
                     format!("exceeds model.layers ({layers}), got {moe_layers}"),
                 ));
             }
+            m.opt_bool("expert_bias")?;
             let first_dense = layers - moe_layers;
             (
                 Some(Moe {
@@ -1142,6 +1148,13 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         root.assume("cluster.gpus", world);
     }
     let run = run_from_obj(root.obj("run")?.as_ref())?;
+    let expert_bias = match root.obj("model")? {
+        Some(m) => match m.obj("moe")? {
+            Some(e) => e.opt_bool("expert_bias")?.unwrap_or(false),
+            None => false,
+        },
+        None => false,
+    };
     let job = Job {
         id: map.get("id").cloned().unwrap_or(Value::Null),
         model,
@@ -1149,6 +1162,7 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         cluster,
         strategy,
         run,
+        expert_bias,
     };
     Ok((job, assumed.into_inner()))
 }

@@ -632,8 +632,23 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     let sp_div = if st.sp { t } else { 1.0 };
     let elem = tok * (c.elem_bytes * h / sp_div + 6.0 * elem_ffn) / hw.hbm;
 
-    let fwd = gemm + attn_fwd + elem;
-    let bwd = 2.0 * gemm + attn_bwd + 2.0 * elem;
+    // Expert biases (gpt-oss): Megatron-Core adds the second expert linear's
+    // bias, scaled by the router probability, outside the grouped GEMM in
+    // eager PyTorch (`TEGroupedMLP._apply_bias`: per expert `t + b·p` with
+    // fp32 probabilities, `torch.cat`, cast back to bf16). Per routed token
+    // copy and hidden unit that moves 28 bytes forward (write b·p 4, read
+    // t 2 + 4, write 4, cat 4 + 4, cast 4 + 2) and about 36 backward
+    // (casts back 6 + 6, the bias and probability gradients' products and
+    // reductions 12 + 12).
+    let (bias_f, bias_b) = match moe {
+        Some(e) if job.expert_bias => {
+            let n = tok * e.topk as f64 * imb * h / hw.hbm;
+            (28.0 * n, 36.0 * n)
+        }
+        _ => (0.0, 0.0),
+    };
+    let fwd = gemm + attn_fwd + elem + bias_f;
+    let bwd = 2.0 * gemm + attn_bwd + 2.0 * elem + bias_b;
     let recompute = match st.recompute {
         Recompute::Full => fwd,
         // Half the forward's matmuls and all its elementwise work re-run.
