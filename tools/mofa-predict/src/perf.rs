@@ -1340,6 +1340,33 @@ mod tests {
     }
 
     #[test]
+    fn expert_bias_adds_its_fp32_passes_to_moe_layers_only() {
+        let mk = |bias: bool| {
+            let v = serde_json::json!({"model":{"arch":"llama","layers":4,"hidden":2880,"heads":64,
+                "kv_heads":8,"head_dim":64,"ffn":2880,"vocab":32000,"seq":4096,
+                "moe":{"experts":128,"topk":4,"expert_ffn":2880,"moe_layers":2,"expert_bias":bias}},
+                "cluster":{"gpu":"H100","gpus":8},
+                "strategy":{"tp":1,"pp":1,"ep":8,"mbs":1,"gbs":8,"recompute":"none"}});
+            job_from_value(&v, &Fallback::default(), "t").unwrap()
+        };
+        let (plain, biased) = (mk(false), mk(true));
+        let hw = Hw::of(&plain);
+        // A dense layer (the first) is untouched; a MoE layer pays 28 bytes
+        // forward and 36 backward per routed token copy and hidden unit.
+        let d0 = layer_cost(&plain, 0, &hw, &CALIB);
+        let d1 = layer_cost(&biased, 0, &hw, &CALIB);
+        assert_eq!((d0.fwd, d0.bwd), (d1.fwd, d1.bwd));
+        let e0 = layer_cost(&plain, 3, &hw, &CALIB);
+        let e1 = layer_cost(&biased, 3, &hw, &CALIB);
+        let n = 4096.0 * 4.0 * 2880.0 / hw.hbm;
+        assert!((e1.fwd - e0.fwd - 28.0 * n).abs() < 1e-12);
+        assert!((e1.bwd - e0.bwd - 36.0 * n).abs() < 1e-12);
+        let v = serde_json::json!({"model":{"layers":2,"hidden":64,"heads":4,"vocab":100,"seq":64,
+            "moe":{"experts":4,"topk":2,"expert_bias":1}},"strategy":{"tp":1}});
+        assert!(job_from_value(&v, &Fallback::default(), "t").is_err());
+    }
+
+    #[test]
     fn deepep_sends_a_token_once_per_remote_node() {
         let c = Calib {
             coll_lat_s: 0.0,
