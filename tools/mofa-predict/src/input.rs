@@ -44,7 +44,7 @@ pub const CKPT_BYTES_PER_PARAM: f64 = 14.0;
 pub const DEFAULTS_HELP: &str = "\
 Defaults: model.arch llama (SwiGLU; gpt = GELU MLP, learned positions, tied embeddings),
 kv_heads = heads, head_dim = hidden/heads, ffn = 4·hidden for gpt; moe.expert_ffn = ffn,
-shared_experts 0, moe_layers = layers (dense layers first). cluster: every field from the
+shared_experts 0, moe_layers = layers (dense layers first), expert_bias false. cluster: every field from the
 gpu preset, gpus = tp·pp·cp·dp, gpus_per_node 8. strategy: tp pp cp ep vpp mbs 1,
 dp = gpus/(tp·pp·cp), gbs = mbs·dp, recompute selective, zero 1, sp = (tp > 1),
 flash_attn true, overlap_grad_reduce true, moe_imbalance 0 (max_vio of route-hist),
