@@ -1153,7 +1153,9 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
             Some(e) => e.opt_bool("expert_bias")?.unwrap_or(false),
             None => false,
         },
-        None => false,
+        // A Hugging Face gpt-oss config: its experts always carry biases
+        // (`GptOssExperts.gate_up_proj_bias`, `down_proj_bias`).
+        None => model.moe.is_some() && model.arch == "gpt_oss",
     };
     let job = Job {
         id: map.get("id").cloned().unwrap_or(Value::Null),
@@ -1204,6 +1206,29 @@ mod tests {
 
     fn job(v: Value) -> Result<Job> {
         job_from_value(&v, &Fallback::default(), "t: line 1")
+    }
+
+    #[test]
+    fn a_gpt_oss_config_brings_expert_biases() {
+        let cfg = |t: &str| {
+            let text = format!(
+                r#"{{"model_type":"{t}","hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,
+                "num_key_value_heads":2,"head_dim":16,"intermediate_size":64,"vocab_size":128,
+                "num_local_experts":8,"num_experts_per_tok":2}}"#
+            );
+            ModelConfig::from_json_str(&text, "config.json").unwrap()
+        };
+        let v = json!({"strategy":{"tp":1,"ep":2},"cluster":{"gpu":"H100","gpus":2}});
+        for (t, want) in [("gpt_oss", true), ("mixtral", false)] {
+            let fb = Fallback {
+                model: Some(cfg(t)),
+                seq: Some(64),
+                cluster: None,
+            };
+            let j = job_from_value(&v, &fb, "t").unwrap();
+            assert!(j.model.moe.is_some(), "{t}");
+            assert_eq!(j.expert_bias, want, "{t}");
+        }
     }
 
     fn base() -> Value {

@@ -39,7 +39,7 @@ fields take the defaults below and the output lists them in \"assumed\".
      \"vocab\", \"seq\", \"head_dim\", \"tie_embeddings\", \"params_b\" (informational),
      \"mla\": null | {\"q_lora_rank\", \"kv_lora_rank\", \"qk_head_dim\", \"qk_rope_head_dim\", \"v_head_dim\"},
      \"moe\": null | {\"experts\", \"topk\", \"expert_ffn\", \"shared_experts\", \"shared_ffn\", \"moe_layers\",
-       \"expert_bias\" (the experts' linear layers carry biases, as gpt-oss's do)}},
+       \"expert_bias\" (the experts' linear layers carry biases; a --model gpt-oss config sets it)}},
    \"cluster\": {\"gpu\" (preset or vendor name: \"NVIDIA H100 80GB HBM3\", \"A100-SXM4-80GB\",
      \"A100-PCIE-40GB\", \"MI300X\", ...), \"gpus\", \"gpus_per_node\",
      \"peak_tflops\" (dense BF16 TFLOP/s), \"hbm_gb\", \"hbm_gbs\" (GB/s),
