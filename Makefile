@@ -11,7 +11,7 @@ MIXTRAL := testdata/configs/mixtral-8x7b/config.json
 MODEL2 := testdata/mem-plan/memfine-model2.json
 LLAMA70B := testdata/configs/llama-3-70b/config.json
 
-.PHONY: all build demo test test-python lint machete bench gen clean fuzz
+.PHONY: all build demo test test-python lint machete bench gen clean fuzz cuda-check cuda-build
 
 all: build
 
@@ -117,6 +117,17 @@ $(NVRTC_VENV)/.installed:
 	$(NVRTC_VENV)/bin/pip install -q nvidia-cuda-nvrtc-cu12==12.9.86
 	touch $@
 
+# diffuse-synth with candle's CUDA backend (cargo feature `cuda`): nvcc from the CUDA 13.0
+# wheels (venv in ~/.cache/ftk), candle patched to load the CUDA libraries at run time (see
+# tools/diffuse-synth/cuda/build.sh). `make test` runs cuda-check (candle's PTX kernels
+# compiled by nvcc, clippy of the cuda code; about 1.5 CPU-minutes over a warm target).
+# No GPU needed for either; bench/diffuse_synth_gpu.py runs the result on one.
+cuda-check:
+	tools/diffuse-synth/cuda/build.sh check
+
+cuda-build:
+	tools/diffuse-synth/cuda/build.sh build
+
 # cargo-machete: `make test` fails on a dependency no source file uses. Installed once
 # into $(CARGO_HOME)/bin at a pinned version (it runs on stable; cargo-udeps needs nightly).
 CARGO_HOME ?= $(HOME)/.cargo
@@ -135,6 +146,7 @@ test: $(NVRTC_VENV)/.installed machete
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	LD_LIBRARY_PATH="$$(echo $(CURDIR)/$(NVRTC_VENV)/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib)" \
 	  FTK_REQUIRE_NVRTC=1 $(CARGO) test --workspace
+	$(MAKE) cuda-check
 	$(MAKE) test-python
 
 # python/ (ftk.flwr, ftk.trace) against real Flower and transformers. The venv is
@@ -157,7 +169,7 @@ $(PY_VENV)/.installed:
 test-python: $(PY_VENV)/.installed
 	$(CARGO) test --workspace --no-run
 	cd python && FTK_BIN=$(CURDIR)/target/debug PYTHONPATH=$(CURDIR)/python \
-	  $(PY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	  $(PY_VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=5 tests
 
 # Fuzzing on stable: FTK_FUZZ_COUNT inputs per parser target (seeded by
 # FTK_FUZZ_SEED); `make test` runs a short smoke of the same targets.

@@ -17,8 +17,14 @@ ftk the peak RSS of fed-aggregate (RUSAGE_CHILDREN) and the hand-off split
 binary). One JSON line per case with
 ratio = native_s / ftk_s; models compared (max |diff| / scale).
 
+The client files go to --work (default bench/out/flwr, on disk; a comma list
+runs every case in each) or, with --scratch, only they go there (FtkStrategy's
+scratch_dir); every work file is removed after each case.
+
     cargo build --release -p fed-aggregate
-    .venv/bin/python bench/flwr_bench.py                      # 50 x 50 MiB, then 2000 x 64 KiB
+    .venv/bin/python bench/flwr_bench.py                      # 50 x 50 MiB (FedAvg, Krum), then 2000 x 64 KiB
+    .venv/bin/python bench/flwr_bench.py --cases big,small --work bench/out/flwr,/dev/shm/ftk-flwr
+    .venv/bin/python bench/flwr_bench.py --cases big --scratch /dev/shm/ftk-flwr
     .venv/bin/python bench/flwr_bench.py --cases big --mib 100
 """
 
@@ -46,6 +52,18 @@ def rss_now_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def fs_type(path: str) -> str:
+    """The filesystem type holding `path` (tmpfs, ext4, ...), from /proc/mounts."""
+    real = os.path.realpath(path)
+    best, kind = "", "?"
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mnt, fstype, *_ = line.split()
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, kind = mnt, fstype
+    return kind
 
 
 def worker(args) -> None:
@@ -85,25 +103,34 @@ def worker(args) -> None:
         )
         wrapper.chmod(0o755)
         os.environ["FTK_BENCH_RSS"] = str(rss_file)
-        strat = FtkStrategy(strat, work_dir=work, fed_aggregate=str(wrapper))
+        strat = FtkStrategy(strat, work_dir=work, fed_aggregate=str(wrapper), scratch_dir=args.scratch)
         # What configure_train does first: the current global to the work dir.
         strat._sent = global0
         strat._global = work / "global-r0.safetensors"
     rss_before = rss_now_mib()
     import ftk.flwr as ff
 
-    spans = []
-    orig = ff.write_arrayrecord
+    spans: dict[str, list] = {"write": [], "run": [], "read": []}
 
-    def timed_write(*a, **k):
-        t = time.perf_counter()
-        orig(*a, **k)
-        spans.append((t, time.perf_counter()))
+    def timed(name, fn):
+        def wrapped(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spans[name].append((t, time.perf_counter()))
 
-    ff.write_arrayrecord = timed_write
-    t0 = time.perf_counter()
-    arrays, _ = strat.aggregate_train(1, replies)
-    dt = time.perf_counter() - t0
+        return wrapped
+
+    ff.write_arrayrecord = timed("write", ff.write_arrayrecord)
+    ff._run = timed("run", ff._run)
+    ff.read_arrayrecord = timed("read", ff.read_arrayrecord)
+    try:
+        t0 = time.perf_counter()
+        arrays, _ = strat.aggregate_train(1, replies)
+        dt = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     out = {
         "variant": args.variant,
         "s": dt,
@@ -111,16 +138,17 @@ def worker(args) -> None:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.variant == "ftk":
-        # wall time of the (threaded) client-file writes
-        out["write_s"] = max(b for _, b in spans) - min(a for a, _ in spans)
+        # wall time of each part: the (threaded) client-file writes, the
+        # fed-aggregate process, reading its output back into an ArrayRecord
+        for name, sp in spans.items():
+            out[f"{name}_s"] = max(b for _, b in sp) - min(a for a, _ in sp)
         out["fed_aggregate_ms"] = strat.last_summary["ms"]
         out["child_peak_rss_mib"] = int(rss_file.read_text().split()[-1]) / 1024
     np.save(OUT / f"result-{args.variant}-{n}.npy", arrays["layers.0.weight"].numpy())
-    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out))
 
 
-def run_case(name: str, clients: int, mib: float, tensors: int, work: str | None, strategy: str = "fedavg") -> dict:
+def run_case(name: str, clients: int, mib: float, tensors: int, work: str | None, strategy: str = "fedavg", scratch: str | None = None) -> dict:
     import numpy as np
 
     res = {}
@@ -129,6 +157,8 @@ def run_case(name: str, clients: int, mib: float, tensors: int, work: str | None
         cmd += ["--strategy", strategy]
         if work:
             cmd += ["--work", work]
+        if scratch:
+            cmd += ["--scratch", scratch]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             sys.exit(f"flwr_bench: error: {variant} worker failed: {p.stderr.strip()[-2000:]}")
@@ -148,6 +178,8 @@ def run_case(name: str, clients: int, mib: float, tensors: int, work: str | None
         "ftk_s": round(ftk["s"], 3),
         "ratio": round(nat["s"] / ftk["s"], 3),
         "ftk_write_s": round(ftk["write_s"], 3),
+        "ftk_run_s": round(ftk["run_s"], 3),
+        "ftk_read_s": round(ftk["read_s"], 3),
         "ftk_fed_aggregate_s": ftk["fed_aggregate_ms"] / 1000,
         "native_peak_rss_mib": round(nat["peak_rss_mib"]),
         "ftk_peak_rss_mib": round(ftk["peak_rss_mib"]),
@@ -173,7 +205,12 @@ def main() -> None:
     ap.add_argument("--small-kib", type=float, default=64)
     ap.add_argument("--cases", default="big,big-krum,small", help="big (FedAvg), big-krum (Krum: Flower stacks every client), small")
     ap.add_argument("--strategy", default="fedavg", help=argparse.SUPPRESS)
-    ap.add_argument("--work", help="where FtkStrategy writes client files (default bench/out/flwr; e.g. /dev/shm to leave the disk out)")
+    ap.add_argument(
+        "--work",
+        help="where FtkStrategy writes client files (default bench/out/flwr, on disk); "
+        "a comma-separated list runs every case in each, e.g. bench/out/flwr,/dev/shm/ftk-flwr",
+    )
+    ap.add_argument("--scratch", help="FtkStrategy(scratch_dir=...): client files there, work dir for the model (e.g. /dev/shm/ftk-flwr)")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.variant:
@@ -181,17 +218,30 @@ def main() -> None:
         return
     if not (ROOT / "target" / "release" / "fed-aggregate").exists():
         sys.exit("flwr_bench: error: target/release/fed-aggregate missing; run `cargo build --release -p fed-aggregate`")
+    works = (args.work or str(OUT)).split(",")
     for case in args.cases.split(","):
-        if case == "big":
-            line = run_case("big", args.clients, args.mib, args.tensors, args.work)
-        elif case == "big-krum":
-            line = run_case("big-krum", args.clients, args.mib, args.tensors, args.work, "krum")
-        else:
-            line = run_case("small", args.small_clients, args.small_kib / 1024, 4, args.work)
-        line["work_dir"] = args.work or str(OUT)
-        print(json.dumps(line), flush=True)
-        if line["max_diff_over_scale"] > 1e-5:
-            sys.exit(1)
+        for work in works:
+            Path(work).mkdir(parents=True, exist_ok=True)
+            if case == "big":
+                line = run_case("big", args.clients, args.mib, args.tensors, work, scratch=args.scratch)
+            elif case == "big-krum":
+                line = run_case("big-krum", args.clients, args.mib, args.tensors, work, "krum", args.scratch)
+            else:
+                line = run_case("small", args.small_clients, args.small_kib / 1024, 4, work, scratch=args.scratch)
+            line["work_dir"] = work
+            line["client_files_fs"] = fs_type(args.scratch or work)
+            if args.scratch:
+                line["scratch_dir"] = args.scratch
+            print(json.dumps(line), flush=True)
+            if line["max_diff_over_scale"] > 1e-5:
+                sys.exit(1)
+    for d in [*works, args.scratch]:
+        # leave no empty scratch dirs behind (the client files are already gone)
+        if d and d != str(OUT):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
 
 
 if __name__ == "__main__":

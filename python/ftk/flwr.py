@@ -42,6 +42,7 @@ import re
 import shutil
 import struct
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version as _pkg_version
@@ -241,6 +242,11 @@ class FtkStrategy(Strategy):
     device          fed-aggregate --device (cpu, cuda, auto)
     keep_files      keep every round's client files (default: only the last
                     round's are removed after a successful aggregation)
+    scratch_dir     where each round's client files go (default: work_dir). They
+                    live only for one fed-aggregate run and a resumed round is
+                    re-sent, so a tmpfs such as /dev/shm saves the disk writeback
+                    (measured: 4x faster hand-off for 50 x 50 MiB, see bench/README.md);
+                    they are removed after the round, failed or not
     """
 
     def __init__(
@@ -255,6 +261,7 @@ class FtkStrategy(Strategy):
         device: str = "cpu",
         keep_files: bool = False,
         fed_aggregate: str | None = None,
+        scratch_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.strategy = strategy
@@ -283,6 +290,9 @@ class FtkStrategy(Strategy):
         self.keep_files = keep_files
         self.work = Path(work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
+        self.scratch = Path(scratch_dir) if scratch_dir is not None else None
+        if self.scratch is not None:
+            self.scratch.mkdir(parents=True, exist_ok=True)
         self.bin = fed_aggregate or find_binary("fed-aggregate")
         self._offset = 0
         self._global: Path | None = None  # file holding the arrays last sent out
@@ -352,8 +362,19 @@ class FtkStrategy(Strategy):
             log.warning("ftk: %d replies < 4*num_malicious_nodes+3: skipping Bulyan aggregation as Flower does", len(valid))
             return None, None
         contents = [m.content for m in valid]
-        rdir = self.work / f"round-{r}"
-        rdir.mkdir(exist_ok=True)
+        if self.scratch is None:
+            rdir = self.work / f"round-{r}"
+            rdir.mkdir(exist_ok=True)
+            return self._aggregate(r, valid, contents, rdir)
+        # A shared scratch dir may serve several strategies: a fresh dir each round.
+        rdir = Path(tempfile.mkdtemp(prefix=f"ftk-round-{r}-", dir=self.scratch))
+        try:
+            return self._aggregate(r, valid, contents, rdir)
+        finally:
+            if not self.keep_files:
+                shutil.rmtree(rdir, ignore_errors=True)
+
+    def _aggregate(self, r: int, valid: list[Message], contents: list, rdir: Path) -> tuple[ArrayRecord, MetricRecord | None]:
         lines = []
         cids = []
         jobs = []

@@ -20,10 +20,12 @@ fn par() -> Parallelism {
 }
 
 /// Run `f` with single-threaded GEMMs (the caller parallelises across calls).
+/// Nests: the previous setting comes back afterwards (a rayon thread waiting inside
+/// `f` may run another task's `serial` call).
 pub fn serial<R>(f: impl FnOnce() -> R) -> R {
-    SERIAL.with(|s| s.set(true));
+    let before = SERIAL.with(|s| s.replace(true));
     let r = f();
-    SERIAL.with(|s| s.set(false));
+    SERIAL.with(|s| s.set(before));
     r
 }
 

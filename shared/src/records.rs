@@ -93,6 +93,8 @@ kinds! {
     FedEmbedKeys => "fed_embed_keys",
     FedEmbedAdaptWeights => "fed_embed_adapt_weights",
     FedEmbedPromptSample => "fed_embed_prompt_sample",
+    DiffuseSynthSample => "sample",
+    DiffuseSynthDescription => "description",
     MofaPredict => "mofa_predict",
     MofaTune => "mofa_tune",
     MofaTuneSummary => "mofa_tune_summary",
@@ -444,6 +446,39 @@ pub struct FedEmbedPromptSample {
     pub prompt_shape: Vec<u64>,
     pub samples: u64,
     pub seed: u64,
+}
+
+// ---------------------------------------------------------------- diffuse-synth
+// Fields in alphabetical order: the first writer built these with `json!`
+// (a sorted map), and the bytes stay as they were.
+
+/// One generated sample (diffuse-synth's manifest line, one per sample).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DiffuseSynthSample {
+    /// --class, as given.
+    pub class: Option<i64>,
+    /// --client, as given.
+    pub client: Option<String>,
+    /// The sample's index in the whole job (shards count from their first).
+    pub index: u64,
+    pub kind: Tag<DiffuseSynthSample>,
+    /// The safetensors file, or the sample's PNG with --png-dir.
+    pub path: String,
+    /// The sample's derived seed (with --seed).
+    pub seed: Option<u64>,
+}
+
+/// A learned FedDEO description (`diffuse-synth describe`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DiffuseSynthDescription {
+    /// Images the SGD drew from.
+    pub images: u64,
+    pub kind: Tag<DiffuseSynthDescription>,
+    /// Denoising loss at the first and the last step (f32, as computed).
+    pub loss_first: Option<f32>,
+    pub loss_last: Option<f32>,
+    pub path: String,
+    pub steps: u64,
 }
 
 // ---------------------------------------------------------------- mofa-predict

@@ -104,6 +104,8 @@ fn every_kind_round_trips_with_all_its_fields_in_order() {
         check::<FedEmbedKeys>(&ex),
         check::<FedEmbedAdaptWeights>(&ex),
         check::<FedEmbedPromptSample>(&ex),
+        check::<DiffuseSynthSample>(&ex),
+        check::<DiffuseSynthDescription>(&ex),
         check::<MofaPredict>(&ex),
         check::<MofaTune>(&ex),
         check::<MofaTuneSummary>(&ex),

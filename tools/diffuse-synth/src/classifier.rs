@@ -169,8 +169,13 @@ pub struct Classifier {
 impl Classifier {
     /// `--classifier-arch`: resnet18 | resnet34 | resnet50 | json:FILE | FILE (JSON).
     pub fn from_arch(arch: &str, weights: &Path) -> Result<Classifier> {
+        Classifier::from_arch_on(arch, weights, &Device::Cpu)
+    }
+
+    /// [`Classifier::from_arch`] with the (f32) weights on `dev`.
+    pub fn from_arch_on(arch: &str, weights: &Path, dev: &Device) -> Result<Classifier> {
         if let Some(a) = crate::tvresnet::Arch::parse(arch) {
-            let net = crate::tvresnet::ResNet::load(weights, a)?;
+            let net = crate::tvresnet::ResNet::load_on(weights, a, dev)?;
             let num_classes = net.plan.num_classes;
             return Ok(Classifier {
                 net: Net::ResNet(Box::new(net)),
@@ -185,19 +190,23 @@ impl Classifier {
                  (a JSON layer list)"
             );
         }
-        Classifier::load(p, weights)
+        Classifier::load_on(p, weights, dev)
     }
 
     /// A JSON-described net (see the module docs).
     pub fn load(arch: &Path, weights: &Path) -> Result<Classifier> {
+        Classifier::load_on(arch, weights, &Device::Cpu)
+    }
+
+    /// [`Classifier::load`] with the weights on `dev`.
+    pub fn load_on(arch: &Path, weights: &Path, dev: &Device) -> Result<Classifier> {
         let text = ftk::io::read_text(arch)?;
         let spec: ArchSpec = serde_json::from_str(&text)
             .map_err(|e| Error::input(format!("{}: {e}", arch.display())))?;
         ftk::tensors::TensorFile::open(weights)?;
         // SAFETY: read-only map of a file nobody modifies while we run.
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) }
-                .map_err(ce(weights.display()))?;
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, dev) }
+            .map_err(ce(weights.display()))?;
         let mut layers = vec![];
         let mut num_classes = 0;
         let what = |n: &str| format!("{}: layer `{n}`", weights.display());

@@ -33,7 +33,7 @@ array jobs produce exactly the rows of one unsharded run.
 
 Output (-o): safetensors with `latents` (final latents, before decoding) and `images`
 ([B,3,H,W] in [0,1]); --png-dir writes index-numbered PNGs. One JSON line per sample on
-stdout: {\"kind\":\"sample\",\"index\",\"seed\",\"class\",\"client\",\"path\"}.
+stdout: {\"kind\":\"sample\",\"class\",\"client\",\"index\",\"path\",\"seed\"}.
 
 FedCADO (--classifier C.safetensors --classifier-arch resnet18|resnet34|resnet50|json:FILE --class K):
 torchvision ResNets are read from their state_dict names (conv1, bn1, layer1.0.conv1, ...,
@@ -58,6 +58,12 @@ mean used as given) adds FedDISC's third branch, sample j using file j mod n:
 e = e_u + s (e_img - e_u) + s (e_glo - e_u). Defaults in this mode are FedDISC's: --steps 20,
 --guidance-scale 2, --noise-level 200; the folder's scheduler config is used as the unCLIP
 pipeline does (without StableDiffusionPipeline's steps_offset/clip_sample rewrite).
+
+Devices: --device cuda[:N] runs the UNet, VAE, text encoder, classifiers and guidance gradients
+on candle's CUDA backend, in a binary built with the cargo feature `cuda`
+(tools/diffuse-synth/cuda/build.sh build); --dtype bf16|f16 holds the UNet and VAE in half
+precision (f32 accumulation; latents, schedulers and gradients stay f32). auto uses a GPU when
+the build, the driver and a device allow, else the CPU; cuda without them exits 2.
 
 FedDEO: `diffuse-synth describe --model DIR --images X.safetensors --init E.safetensors -o D.safetensors`
 learns a description [1,L,D] (SGD on the denoising loss, one image per step); pass it as a
@@ -163,6 +169,14 @@ pub struct Args {
     /// no progress bar on stderr (shown only when stderr is a terminal)
     #[arg(long)]
     pub quiet: bool,
+    /// Where the UNet and VAE run: auto (CUDA when a GPU is present and this build has
+    /// CUDA support), cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: ftk::device::DeviceArg,
+    /// UNet and VAE weights and activations on CUDA: f32, bf16 or f16 (f32 accumulation;
+    /// latents, schedulers and gradients stay f32); the CPU path is f32
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    pub dtype: String,
     /// class label recorded in the manifest
     #[arg(long)]
     pub class: Option<i64>,

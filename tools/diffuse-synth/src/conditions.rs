@@ -93,6 +93,7 @@ pub fn context_parts(a: &Args, plan: &Plan, models: &Models) -> Result<Vec<Tenso
             (total, start, end),
             unet.cross_attention_dim,
             plan.conds.first().map(|d| d.shape[1]),
+            &unet.place.device,
         )?),
     };
     if let Some((cond, neg)) = text_parts {

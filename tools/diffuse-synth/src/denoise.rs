@@ -286,8 +286,7 @@ impl<'a> Denoise<'a> {
             .map_err(ce("latents"))?;
         self.models
             .unet
-            .model
-            .forward_with_class(&inp, self.ts[i], ctx, labels)
+            .eps(&inp, self.ts[i], ctx, labels)
             .and_then(|e| e.flatten_all())
             .and_then(|e| e.to_vec1::<f32>())
             .map_err(ce(format!("UNet at step {i}")))

@@ -12,14 +12,14 @@
 use crate::classifier::clip_normalize;
 use crate::model::{self, ce};
 use crate::scheduler::{Config, Kind, Prediction};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use clap::Args;
 use ftk::cli::Stdout;
+use ftk::records::{DiffuseSynthDescription, Tag};
 use ftk::tensors::{write_safetensors, OutTensor, TensorFile};
 use ftk::{bail, Error, Result};
 use rand::RngExt;
 use rand_distr::StandardNormal;
-use serde_json::json;
 use std::path::{Path, PathBuf};
 
 /// Learn a FedDEO description embedding on a client's images.
@@ -48,9 +48,18 @@ pub struct DescribeArgs {
     /// `noise` [S,C,h,w] (to reproduce a PyTorch run)
     #[arg(long, value_name = "FILE")]
     pub train_noise: Option<PathBuf>,
-    /// output safetensors (`prompt_embeds` [1,L,D])
+    /// output safetensors (`prompt_embeds` [1,L,D]); stdout gets one JSON line:
+    /// {"kind":"description","images","loss_first","loss_last","path","steps"}
     #[arg(short = 'o', long, value_name = "FILE")]
     pub output: PathBuf,
+    /// Where the UNet and VAE run: auto (CUDA when a GPU is present and this build has
+    /// CUDA support), cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: ftk::device::DeviceArg,
+    /// UNet and VAE weights and activations on CUDA: f32, bf16 or f16 (f32 accumulation;
+    /// latents, schedulers and gradients stay f32); the CPU path is f32
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    pub dtype: String,
 }
 
 fn f32s(p: &Path, name: &str, rank: usize, what: &str) -> Result<(Vec<usize>, Vec<f32>)> {
@@ -122,7 +131,7 @@ impl Models<'_> {
         desc: &[f32],
         (l, dim): (usize, usize),
     ) -> candle_core::Result<(f32, Vec<f32>)> {
-        let dev = Device::Cpu;
+        let dev = self.unet.place.device.clone();
         let (lc, lh, lw) = (
             self.unet.in_channels,
             ih / self.vae.factor,
@@ -131,7 +140,12 @@ impl Models<'_> {
         let x = Tensor::from_vec(img.to_vec(), (1, 3, ih, iw), &dev)?;
         let x = clip_normalize(&x)?;
         let ln = Tensor::from_vec(d.latent_noise.clone(), (1, lc, lh, lw), &dev)?;
-        let z0 = (self.vae.model.encode(&x)?.sample_with(&ln)? * self.vae.scaling_factor)?;
+        let vp = &self.vae.place;
+        let z0 = self.vae.model.encode(&vp.input(&x)?)?;
+        let z0 = (z0
+            .sample_with(&vp.input(&ln)?)?
+            .to_dtype(candle_core::DType::F32)?
+            * self.vae.scaling_factor)?;
         let e = Tensor::from_vec(d.noise.clone(), (1, lc, lh, lw), &dev)?;
         let (sa, sb) = (d.alpha_cumprod.sqrt(), (1.0 - d.alpha_cumprod).sqrt());
         let zt = ((&z0 * f64::from(sa))? + (&e * f64::from(sb))?)?;
@@ -140,7 +154,7 @@ impl Models<'_> {
             Prediction::VPrediction => ((&e * f64::from(sa))? - (&z0 * f64::from(sb))?)?,
         };
         let dv = Var::from_vec(desc.to_vec(), (1, l, dim), &dev)?;
-        let pred = self.unet.model.forward(&zt, d.t as f64, dv.as_tensor())?;
+        let pred = self.unet.eps(&zt, d.t as f64, dv.as_tensor(), None)?;
         let loss = (pred - target)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
         let g = grads
@@ -159,6 +173,7 @@ pub fn describe(a: DescribeArgs) -> Result<()> {
     if !(a.lr.is_finite() && a.lr > 0.0) {
         bail!("--lr must be a positive number");
     }
+    let place = crate::place::Placement::select(a.device, &a.dtype)?;
     let (ishape, images) = if a.images.is_dir() {
         crate::png::read_dir_rgb(&a.images)?
     } else {
@@ -181,8 +196,8 @@ pub fn describe(a: DescribeArgs) -> Result<()> {
             a.init.display()
         );
     }
-    let unet = model::load_unet(&a.model)?;
-    let vae = model::load_vae(&a.model)?;
+    let unet = model::load_unet_on(&a.model, &place)?;
+    let vae = model::load_vae_on(&a.model, &place)?;
     if eshape[2] != unet.cross_attention_dim {
         bail!(
             "{}: `prompt_embeds` dim {} != the UNet's cross_attention_dim {}",
@@ -264,16 +279,16 @@ pub fn describe(a: DescribeArgs) -> Result<()> {
         None,
     )?;
     let mut out = Stdout::new();
-    out.line(
-        &json!({
-            "kind": "description",
-            "steps": steps,
-            "images": n,
-            "loss_first": losses.first(),
-            "loss_last": losses.last(),
-            "path": a.output.display().to_string(),
-        })
-        .to_string(),
+    ftk::jsonl::write_record(
+        &mut out,
+        &DiffuseSynthDescription {
+            images: n as u64,
+            kind: Tag::default(),
+            loss_first: losses.first().copied(),
+            loss_last: losses.last().copied(),
+            path: a.output.display().to_string(),
+            steps: steps as u64,
+        },
     )?;
     out.flush()
 }

@@ -10,7 +10,7 @@
 use crate::classifier::{clip_normalize, cross_entropy, resize_bicubic, Classifier};
 use crate::model::{ce, Unet, Vae};
 use crate::scheduler::Scheduler;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use ftk::{Error, Result};
 
 /// The UNet with its conditions: one sample's unconditional + conditional passes.
@@ -30,10 +30,9 @@ impl Denoiser<'_> {
     pub fn eps(&self, xin: &Tensor, t: f64) -> candle_core::Result<Tensor> {
         let copies = self.ctx.dim(0)?;
         let inp = Tensor::cat(&vec![xin; copies], 0)?;
-        let e =
-            self.unet
-                .model
-                .forward_with_class(&inp, t, &self.ctx, self.class_labels.as_ref())?;
+        let e = self
+            .unet
+            .eps(&inp, t, &self.ctx, self.class_labels.as_ref())?;
         if !self.guided {
             return e.narrow(0, 0, 1);
         }
@@ -72,12 +71,12 @@ pub fn loss_and_grad(
     let (c_in, a, b) = sched.x0_coeffs(i)?;
     let what = format!("FedCADO guidance at step {i}");
     let run = || -> candle_core::Result<(f32, Vec<f32>)> {
-        let zv = Var::from_vec(z.to_vec(), shape, &Device::Cpu)?;
+        let zv = Var::from_vec(z.to_vec(), shape, &den.unet.place.device)?;
         let zt = zv.as_tensor();
         let eps = den.eps(&(zt * f64::from(c_in))?, t)?;
         let x0 = ((zt * f64::from(a))? + (eps * f64::from(b))?)?;
         let x = (x0 / vae.scaling_factor)?;
-        let img = vae.model.decode(&x)?;
+        let img = vae.decode_f32(&x)?;
         let img = ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         let inp = clip_normalize(&resize_bicubic(&img, fc.size)?)?;
         let (logits, bn) = fc.classifier.forward(&inp)?;

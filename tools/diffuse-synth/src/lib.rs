@@ -8,6 +8,8 @@
 //! - [`cpu_kernels`]: the CPU kernels every layer runs on (conv, linear, norms, attention,
 //!   GEGLU, the classifiers' BN / ReLU / max-pool), with input-only gradients for guidance.
 //! - [`png`]: a dependency-free PNG writer for `--png-dir`.
+//! - [`place`]: `--device` / `--dtype`: the same modules on candle's CUDA backend (cargo
+//!   feature `cuda`), weights in f32, bf16 or f16.
 //!
 //! - [`classifier`], [`guidance`]: FedCADO classifier + BN-statistics guidance
 //!   and noise editing (gradients checked against PyTorch); [`tvresnet`]: torchvision
@@ -33,6 +35,7 @@ pub mod describe;
 pub mod guidance;
 pub mod model;
 pub mod output;
+pub mod place;
 pub mod plan;
 pub mod png;
 pub mod scheduler;
@@ -69,13 +72,14 @@ pub fn run(a: Args) -> Result<()> {
         ftk::cli::set_quiet();
     }
     let plan = plan::Plan::new(&a)?;
+    let place = place::Placement::select(a.device, &a.dtype)?;
     // Every output is checked before the work; -o is committed last, after
     // the PNGs, so a failure leaves no -o behind.
     let out_file = ftk::output::Output::create(&plan.output)?;
     if let Some(dir) = &a.png_dir {
         ftk::output::probe_dir(dir)?;
     }
-    let models = plan::Models::load(&a, &plan)?;
+    let models = plan::Models::load(&a, &plan, &place)?;
     let (c, h, w) = models.latent;
     // Latents, decoded images and the UNet's widest activation (about 320
     // channels at latent size), f32, for each row of this shard.

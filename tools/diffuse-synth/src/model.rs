@@ -3,6 +3,7 @@
 //! mapped onto candle's config; anything candle's modules cannot represent is
 //! refused with the field named, never silently approximated.
 
+use crate::place::Placement;
 use crate::scheduler::{Config as SchedConfig, Kind};
 use crate::vendored::sd::{
     unet_2d::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig},
@@ -161,6 +162,14 @@ fn release_pages(b: &[u8]) {
     }
 }
 
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// The UNet with what the pipeline needs from its config.
 pub struct Unet {
     pub model: UNet2DConditionModel,
@@ -169,6 +178,8 @@ pub struct Unet {
     pub sample_size: usize,
     /// `projection_class_embeddings_input_dim` of a Stable-unCLIP UNet (class labels width).
     pub class_dim: Option<usize>,
+    /// Where the weights are (see [`crate::place`]).
+    pub place: Placement,
 }
 
 /// The UNet folder: config.json read field by field as diffusers reads it, then the weights.
@@ -176,6 +187,11 @@ pub struct Unet {
 /// Long because it is one list: each config field, its default and its refusal sit
 /// together in diffusers' order, so checking it against UNet2DConditionModel is one read.
 pub fn load_unet(model_dir: &Path) -> Result<Unet> {
+    load_unet_on(model_dir, &Placement::cpu())
+}
+
+/// [`load_unet`] with the weights on `place`.
+pub fn load_unet_on(model_dir: &Path, place: &Placement) -> Result<Unet> {
     let dir = model_dir.join("unet");
     let cfg_path = dir.join("config.json");
     let v = read_json(&cfg_path)?;
@@ -292,7 +308,13 @@ pub fn load_unet(model_dir: &Path) -> Result<Unet> {
         norm_num_groups: f.usize_or("norm_num_groups", 32)?,
         norm_eps: f.f64_or("norm_eps", 1e-5)?,
         cross_attention_dim: cross,
-        sliced_attention_size: None,
+        // Off the CPU kernels (a GPU, or another dtype) attention is candle's, whose
+        // [batch x heads, tokens, tokens] scores take GBs per layer at 512x512: in slices
+        // of `g` (a divisor of every block's head count, since candle drops a remainder
+        // slice), i.e. one row's heads at a time.
+        sliced_attention_size: (!place.device.is_cpu() || place.dtype != DType::F32)
+            .then(|| heads.iter().fold(0, |g, &h| gcd(g, h)))
+            .filter(|&g| g > 0),
         use_linear_projection: f.bool_or("use_linear_projection", false)?,
         projection_class_embeddings_input_dim: class_dim,
     };
@@ -308,7 +330,7 @@ pub fn load_unet(model_dir: &Path) -> Result<Unet> {
     let out_channels = f.usize_or("out_channels", 4)?;
     let sample_size = f.usize_or("sample_size", 64)?;
     let wf = weights_file(&dir)?;
-    let vb = var_builder(&wf)?;
+    let vb = crate::place::var_builder(&wf, place)?;
     let model =
         UNet2DConditionModel::new(vb, in_channels, out_channels, false, cfg).map_err(ce(
             format!("{}: does not match {}", wf.display(), cfg_path.display()),
@@ -319,6 +341,7 @@ pub fn load_unet(model_dir: &Path) -> Result<Unet> {
         cross_attention_dim: cross,
         sample_size,
         class_dim,
+        place: place.clone(),
     })
 }
 
@@ -327,9 +350,15 @@ pub struct Vae {
     pub scaling_factor: f64,
     /// Image pixels per latent pixel.
     pub factor: usize,
+    pub place: Placement,
 }
 
 pub fn load_vae(model_dir: &Path) -> Result<Vae> {
+    load_vae_on(model_dir, &Placement::cpu())
+}
+
+/// [`load_vae`] with the weights on `place`.
+pub fn load_vae_on(model_dir: &Path, place: &Placement) -> Result<Vae> {
     let dir = model_dir.join("vae");
     let cfg_path = dir.join("config.json");
     let v = read_json(&cfg_path)?;
@@ -365,7 +394,7 @@ pub fn load_vae(model_dir: &Path) -> Result<Vae> {
     let out_c = f.usize_or("out_channels", 3)?;
     let scaling_factor = f.f64_or("scaling_factor", 0.18215)?;
     let wf = weights_file(&dir)?;
-    let vb = var_builder(&wf)?;
+    let vb = crate::place::var_builder(&wf, place)?;
     let model = AutoEncoderKL::new(vb, in_c, out_c, cfg).map_err(ce(format!(
         "{}: does not match {}",
         wf.display(),
@@ -375,6 +404,7 @@ pub fn load_vae(model_dir: &Path) -> Result<Vae> {
         model,
         scaling_factor,
         factor: 1 << (chans.len().saturating_sub(1)),
+        place: place.clone(),
     })
 }
 
@@ -397,7 +427,7 @@ pub fn scheduler_config(kind: Kind, raw: &Value, src: &str) -> Result<SchedConfi
 /// Decode latents [B,C,h,w] to images in [0, 1] as StableDiffusionPipeline does.
 pub fn decode(vae: &Vae, latents: &Tensor) -> Result<Tensor> {
     let x = (latents / vae.scaling_factor).map_err(ce("vae decode"))?;
-    let img = vae.model.decode(&x).map_err(ce("vae decode"))?;
+    let img = vae.decode_f32(&x).map_err(ce("vae decode"))?;
     ((img / 2.0).and_then(|t| t + 0.5))
         .and_then(|t| t.clamp(0f32, 1f32))
         .map_err(ce("vae decode"))

@@ -7,9 +7,9 @@ use crate::plan::{Models, Plan};
 use crate::{png, sample_seed};
 use candle_core::{Device, Tensor};
 use ftk::cli::Stdout;
+use ftk::records::{DiffuseSynthSample, Tag};
 use ftk::tensors::{write_safetensors_on, OutTensor};
 use ftk::Result;
-use serde_json::json;
 
 /// Decode `lat` ([rows, C, h, w] flattened) and write every output of the run.
 pub fn write(
@@ -60,15 +60,17 @@ pub fn write(
     ready.commit()?;
     let mut out = Stdout::new();
     for (r, path) in paths.iter().enumerate() {
-        let rec = json!({
-            "kind": "sample",
-            "index": start + r,
-            "seed": seeds[r],
-            "class": a.class,
-            "client": a.client,
-            "path": path,
-        });
-        out.line(&rec.to_string())?;
+        ftk::jsonl::write_record(
+            &mut out,
+            &DiffuseSynthSample {
+                class: a.class,
+                client: a.client.clone(),
+                index: (start + r) as u64,
+                kind: Tag::default(),
+                path: path.clone(),
+                seed: seeds[r],
+            },
+        )?;
     }
     out.flush()
 }

@@ -6,6 +6,7 @@
 use crate::cli::Args;
 use crate::conditions::{read_optional, read_tensor, Dense};
 use crate::model::{self, Unet, Vae};
+use crate::place::Placement;
 use crate::scheduler::{Config, Kind, Scheduler};
 use crate::{classifier, unclip};
 use ftk::{bail, Error, Result};
@@ -232,11 +233,11 @@ pub struct Models {
 impl Models {
     /// Long because every check of a flag against the loaded models (channels, sizes,
     /// embedding widths, unCLIP and classifier flags) is here, in the order users meet them.
-    pub fn load(a: &Args, plan: &Plan) -> Result<Models> {
+    pub fn load(a: &Args, plan: &Plan, place: &Placement) -> Result<Models> {
         let model_dir = &plan.model_dir;
         let total = plan.total;
-        let unet = model::load_unet(model_dir)?;
-        let vae = model::load_vae(model_dir)?;
+        let unet = model::load_unet_on(model_dir, place)?;
+        let vae = model::load_vae_on(model_dir, place)?;
         let unclip = match (&a.image_embeds, unet.class_dim) {
             (Some(p), Some(cd)) => Some(unclip::Conditioning::new(
                 model_dir,
@@ -264,7 +265,7 @@ impl Models {
         };
         let clf = match (&a.classifier, &a.classifier_arch) {
             (Some(wf), Some(arch)) => {
-                let c = classifier::Classifier::from_arch(arch, wf)?;
+                let c = classifier::Classifier::from_arch_on(arch, wf, &place.device)?;
                 let k = a.class.unwrap_or(-1);
                 if k < 0 || k as usize >= c.num_classes {
                     bail!(

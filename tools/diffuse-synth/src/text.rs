@@ -10,7 +10,7 @@
 //! <|endoftext|>` around the ids; the special tokens matched in the text as transformers
 //! registers them (see [`Tokenizer::load`]).
 
-use crate::model::{ce, read_json, var_builder, Fields};
+use crate::model::{ce, read_json, Fields};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use ftk::{bail, Error, Result};
@@ -346,6 +346,11 @@ impl TextModel {
     /// Long because it is one list: each CLIPTextConfig field with its default and
     /// refusal, in transformers' order.
     pub fn load(dir: &Path) -> Result<Self> {
+        TextModel::load_on(dir, &Device::Cpu)
+    }
+
+    /// [`TextModel::load`] with the (f32) weights on `dev`.
+    pub fn load_on(dir: &Path, dev: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let v = read_json(&cfg_path)?;
         // a CLIPConfig (text + vision) keeps the text part under text_config
@@ -388,7 +393,7 @@ impl TextModel {
         let prefixed = ftk::tensors::TensorFile::open(&wf)?
             .get("text_model.embeddings.token_embedding.weight")
             .is_some();
-        let vb = var_builder(&wf)?;
+        let vb = crate::place::var_builder(&wf, &crate::place::Placement::cpu().on(dev))?;
         let vb = if prefixed { vb.pp("text_model") } else { vb };
         let build =
             |vb: VarBuilder| -> candle_core::Result<(Embedding, Tensor, Vec<Layer>, LayerNorm)> {
@@ -502,6 +507,11 @@ pub struct TextEncoder {
 impl TextEncoder {
     /// `model_dir/tokenizer` and `model_dir/text_encoder`.
     pub fn load(model_dir: &Path) -> Result<Self> {
+        TextEncoder::load_on(model_dir, &Device::Cpu)
+    }
+
+    /// [`TextEncoder::load`] with the text model on `dev`.
+    pub fn load_on(model_dir: &Path, dev: &Device) -> Result<Self> {
         let (td, ed) = (model_dir.join("tokenizer"), model_dir.join("text_encoder"));
         if !td.is_dir() || !ed.is_dir() {
             bail!(
@@ -511,7 +521,7 @@ impl TextEncoder {
             );
         }
         let tokenizer = Tokenizer::load(&td)?;
-        let model = TextModel::load(&ed)?;
+        let model = TextModel::load_on(&ed, dev)?;
         if tokenizer.max_id as usize >= model.vocab_size {
             bail!(
                 "{}: ids up to {} but {} has vocab_size {}",
@@ -545,8 +555,9 @@ impl TextEncoder {
         }
         let n = prompts.len();
         let run = || -> candle_core::Result<Vec<f32>> {
-            let ids = Tensor::from_vec(ids, (n, l), &Device::Cpu)?;
-            let mask = Tensor::from_vec(mask, (n, l), &Device::Cpu)?;
+            let dev = self.model.pos.device();
+            let ids = Tensor::from_vec(ids, (n, l), dev)?;
+            let mask = Tensor::from_vec(mask, (n, l), dev)?;
             self.model
                 .forward(&ids, Some(&mask), clip_skip)?
                 .flatten_all()?
@@ -570,6 +581,7 @@ pub fn prompt_rows(
     (total, start, end): (usize, usize, usize),
     cross_attention_dim: usize,
     tokens: Option<usize>,
+    dev: &Device,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let (np, nn) = (prompts.len(), negatives.len());
     if np != 1 && np != total {
@@ -580,7 +592,7 @@ pub fn prompt_rows(
     if nn > 1 && nn != np {
         bail!("--negative-prompt given {nn} times: give it once or once per --prompt ({np})");
     }
-    let te = TextEncoder::load(model_dir)?;
+    let te = TextEncoder::load_on(model_dir, dev)?;
     let cfg = model_dir.join("text_encoder").join("config.json");
     if te.model.hidden != cross_attention_dim {
         bail!(

@@ -349,6 +349,11 @@ fn load_conv(vb: &VarBuilder, c: &ConvSpec, what: &str) -> Result<Conv2d> {
 
 impl ResNet {
     pub fn load(weights: &Path, arch: Arch) -> Result<ResNet> {
+        ResNet::load_on(weights, arch, &Device::Cpu)
+    }
+
+    /// [`ResNet::load`] with the (f32) weights on `dev`.
+    pub fn load_on(weights: &Path, arch: Arch, dev: &Device) -> Result<ResNet> {
         let f = ftk::tensors::TensorFile::open(weights)?;
         let shapes: BTreeMap<String, Vec<usize>> = f
             .names()
@@ -357,9 +362,8 @@ impl ResNet {
             .collect();
         let plan = plan(&shapes, arch, &weights.display().to_string())?;
         // SAFETY: read-only map of a file nobody modifies while we run.
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu) }
-                .map_err(ce(weights.display()))?;
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, dev) }
+            .map_err(ce(weights.display()))?;
         let what = weights.display().to_string();
         let cb = |(c, b): &(ConvSpec, String)| -> Result<(Conv2d, BatchNorm)> {
             Ok((
@@ -397,7 +401,7 @@ impl ResNet {
         let mut loss = Tensor::zeros((), DType::F32, x.device())?;
         let (c, b) = &self.stem;
         let x = relu(&b.forward(&c.forward(x)?, &mut loss)?)?;
-        let mut x = crate::cpu_kernels::resnet::max_pool_3x3_s2(&x)?;
+        let mut x = crate::place::max_pool_3x3_s2(&x)?;
         for blk in &self.blocks {
             let mut out = x.clone();
             let n = blk.convs.len();

@@ -5,8 +5,18 @@ mod common;
 
 use common::*;
 
+use ftk::records::{DiffuseSynthDescription, DiffuseSynthSample};
 use ftk::tensors::TensorFile;
 use std::path::Path;
+
+#[test]
+fn help_documents_the_records() {
+    ftk_test::assert_documented::<DiffuseSynthSample>(&ftk_test::help("diffuse-synth", &[]));
+    ftk_test::assert_documented::<DiffuseSynthDescription>(&ftk_test::help(
+        "diffuse-synth",
+        &["describe"],
+    ));
+}
 
 #[test]
 fn description_matches_pytorch_sgd() {
@@ -27,10 +37,12 @@ fn description_matches_pytorch_sgd() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let rec: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rec: DiffuseSynthDescription = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((rec.images, rec.steps), (3, 3));
+    assert_eq!(rec.path, out.display().to_string());
     let losses = f32s(&fx, "losses");
-    let l0 = rec["loss_first"].as_f64().unwrap() as f32;
-    let l2 = rec["loss_last"].as_f64().unwrap() as f32;
+    let l0 = rec.loss_first.unwrap();
+    let l2 = rec.loss_last.unwrap();
     assert!(
         (l0 - losses[0]).abs() <= 1e-4 * losses[0],
         "{l0} vs {}",

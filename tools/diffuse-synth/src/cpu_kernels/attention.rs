@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shap
 use candle_nn as nn;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, f32_cpu, fast, with_slice};
+use super::{contiguous_f32, f32_cpu, fast, with_scratch, with_slice};
 
 use super::math::{erf, exp, exp_g, max_lanes};
 use super::SCORES;
@@ -286,11 +286,7 @@ impl Attn {
             let (bi, h) = (bh / heads, bh % heads);
             let q0 = qb * QB;
             let m = QB.min(lq - q0);
-            SCORES.with_borrow_mut(|s| {
-                if s.len() < m * lk {
-                    s.resize(m * lk, 0.0);
-                }
-                let s = &mut s[..m * lk];
+            with_scratch(&SCORES, m * lk, |s| {
                 let mut inv = [0f32; QB];
                 let qoff = (bi * lq + q0) * hd + h * d;
                 let kvoff = bi * lk * hd + h * d;

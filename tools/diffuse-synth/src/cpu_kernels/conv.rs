@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, 
 use candle_nn as nn;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, f32_cpu, fast, per_sample, with_slice, BAND, COLS};
+use super::{contiguous_f32, f32_cpu, fast, per_sample, with_scratch, with_slice, BAND, COLS};
 use std::ops::Range;
 
 /// candle_nn's Conv2d with a fast forward.
@@ -94,13 +94,6 @@ const BAND_FLOATS: usize = 1 << 24;
 #[cfg(test)]
 const BAND_FLOATS: usize = 1 << 8;
 
-/// Grow a scratch buffer to at least `n` elements (never shrunk).
-fn grow(v: &mut Vec<f32>, n: usize) {
-    if v.len() < n {
-        v.resize(n, 0.0);
-    }
-}
-
 impl Geom {
     /// Output rows per band: all of them unless the columns exceed [`BAND_FLOATS`].
     fn band_rows(&self, kk: usize) -> usize {
@@ -131,24 +124,28 @@ impl Geom {
         } = *self;
         let (np, kk) = (ho * wo, ci * kh * kw);
         let direct = self.direct();
-        let mut out = vec![0f32; b * co * np];
+        // written once: the bias rows, or zeros the GEMM overwrites
+        let mut out = match bias {
+            Some(bv) => {
+                let mut v = Vec::with_capacity(b * co * np);
+                for _ in 0..b {
+                    bv.iter()
+                        .for_each(|&bb| v.extend(std::iter::repeat_n(bb, np)));
+                }
+                v
+            }
+            None => vec![0f32; b * co * np],
+        };
         let rows = self.band_rows(kk);
         let one = |n: usize, o: &mut [f32]| {
             let xs = &xv[n * ci * h * wd..(n + 1) * ci * h * wd];
-            if let Some(bv) = bias {
-                for (row, &bb) in o.chunks_mut(np).zip(bv) {
-                    row.fill(bb);
-                }
-            }
             if direct {
                 // out[co, np] (+)= W[co, ci] · x[ci, np]
                 ftk::linalg::matmul(o, wv, xs, co, np, kk, bias.is_some());
                 return;
             }
             if rows >= ho {
-                COLS.with_borrow_mut(|col| {
-                    grow(col, kk * np);
-                    let col = &mut col[..kk * np];
+                with_scratch(&COLS, kk * np, |col| {
                     im2col(xs, col, (ci, h, wd), (kh, kw), (0..ho, wo), (p, s, d));
                     // out[co, np] (+)= W[co, kk] · col[kk, np]
                     ftk::linalg::matmul(o, wv, col, co, np, kk, bias.is_some());
@@ -156,13 +153,12 @@ impl Geom {
                 return;
             }
             // large planes: a band of output rows at a time, so the columns stay small
-            COLS.with_borrow_mut(|col| {
-                BAND.with_borrow_mut(|band| {
+            let nmax = rows * wo;
+            with_scratch(&COLS, kk * nmax, |col| {
+                with_scratch(&BAND, co * nmax, |band| {
                     for oy0 in (0..ho).step_by(rows) {
                         let oys = oy0..(oy0 + rows).min(ho);
                         let nb = oys.len() * wo;
-                        grow(col, kk * nb);
-                        grow(band, co * nb);
                         let (col, band) = (&mut col[..kk * nb], &mut band[..co * nb]);
                         im2col(xs, col, (ci, h, wd), (kh, kw), (oys, wo), (p, s, d));
                         ftk::linalg::matmul(band, wv, col, co, nb, kk, false);
@@ -208,20 +204,19 @@ impl Geom {
                 ftk::linalg::matmul_at(o, wv, g, ci, np, co, false);
                 return;
             }
-            o.fill(0.0);
+            // `dx` starts zeroed: col2im accumulates into it
             let rows = self.band_rows(kk);
-            COLS.with_borrow_mut(|col| {
-                BAND.with_borrow_mut(|band| {
+            let nmax = rows * wo;
+            with_scratch(&COLS, kk * nmax, |col| {
+                with_scratch(&BAND, if nmax < np { co * nmax } else { 0 }, |band| {
                     for oy0 in (0..ho).step_by(rows) {
                         let oys = oy0..(oy0 + rows).min(ho);
                         let nb = oys.len() * wo;
-                        grow(col, kk * nb);
                         let col = &mut col[..kk * nb];
                         if nb == np {
                             ftk::linalg::matmul_at(col, wv, g, kk, np, co, false);
                         } else {
                             // dy's columns of this band, contiguous
-                            grow(band, co * nb);
                             let band = &mut band[..co * nb];
                             for (brow, grow_row) in band.chunks_mut(nb).zip(g.chunks(np)) {
                                 brow.copy_from_slice(&grow_row[oy0 * wo..oy0 * wo + nb]);

@@ -104,12 +104,34 @@ pub(crate) fn per_sample(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [
     }
 }
 
+type Scratch = std::thread::LocalKey<std::cell::Cell<Vec<f32>>>;
+
 thread_local! {
     /// Per-thread scratch: attention scores, im2col columns (grown, never shrunk).
-    pub(crate) static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    pub(crate) static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    pub(crate) static SCORES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    pub(crate) static COLS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     /// A band of a conv's output (or of its output gradient) while it runs in bands.
-    pub(crate) static BAND: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    pub(crate) static BAND: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Run `f` on this thread's `key` buffer, at least `n` long (contents unspecified).
+///
+/// The buffer is moved out while `f` runs rather than borrowed: `f` may start rayon
+/// work, and a rayon thread waiting for it runs other queued tasks (another sample's
+/// conv, another test's) that ask for the same buffer. Such a nested call gets a fresh
+/// one instead of a `RefCell` "already borrowed" panic.
+pub(crate) fn with_scratch<R>(
+    key: &'static Scratch,
+    n: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let mut v = key.take();
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    let r = f(&mut v[..n]);
+    key.set(v);
+    r
 }
 
 /// The f32 values of a CPU storage under a contiguous layout (custom ops' inputs).

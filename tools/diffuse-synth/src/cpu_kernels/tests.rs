@@ -365,3 +365,78 @@ fn classifier_kernels_match_tensor_ops() {
     }
     assert_eq!(got, want_g);
 }
+
+/// Convs inside other rayon work, as the test harness's parallel tests and a batch's
+/// per-sample tasks make them: a pool thread that waits inside one conv (its im2col or
+/// col2im is parallel) runs another queued conv on the same thread, which must get its
+/// own scratch buffers (the flaky `kernels_match_candle` failure was a "buffer already
+/// borrowed" panic raised there and re-thrown without its message). Every result must
+/// equal the one computed alone.
+#[test]
+fn nested_convs_on_one_pool_thread_get_their_own_buffers() {
+    use rayon::prelude::*;
+    let x = randn(&[3, 5, 9, 7], 40);
+    let w = (randn(&[6, 5, 3, 3], 41) * 0.3).unwrap();
+    let cfg = nn::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let c = Conv2d(nn::Conv2d::new(w, Some(randn(&[6], 42)), cfg));
+    let (want, gwant) = grad_of(&x, |x| c.forward(x));
+    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let gwant = gwant.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        (0..48).into_par_iter().for_each(|_| {
+            let (y, g) = grad_of(&x, |x| c.forward(x));
+            assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+            assert_eq!(g.flatten_all().unwrap().to_vec1::<f32>().unwrap(), gwant);
+        })
+    });
+}
+
+/// Attention with the head widths of small SD-1.x UNets' first levels (8 and 16),
+/// forward and the three input gradients, against plain tensor ops (Lk 37: no
+/// multiple of any vector width).
+#[test]
+fn narrow_head_attention_matches_tensor_ops() {
+    for d in [8usize, 16] {
+        let (heads, lq, lk) = (2usize, 70usize, 37usize);
+        let hd = heads * d;
+        let (q, k, v) = (
+            randn(&[2, lq, hd], 50),
+            randn(&[2, lk, hd], 51),
+            randn(&[2, lk, hd], 52),
+        );
+        let split = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let (b, l, _) = t.dims3()?;
+            t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let reference = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
+            let w = (split(q)?.matmul(&split(k)?.t()?)? * scale)?;
+            nn::ops::softmax(&w, D::Minus1)?
+                .matmul(&split(v)?)?
+                .transpose(1, 2)?
+                .reshape((2, lq, hd))
+        };
+        close(
+            &attention(&q, &k, &v, heads, scale).unwrap(),
+            &reference(&q, &k, &v).unwrap(),
+            1e-5,
+        );
+        let (y0, g0) = grad_of(&q, |q| reference(q, &k, &v));
+        let (y1, g1) = grad_of(&q, |q| attention(q, &k, &v, heads, scale));
+        close(&y1, &y0, 1e-5);
+        close(&g1, &g0, 2e-5);
+        let (_, g0) = grad_of(&k, |k| reference(&q, k, &v));
+        let (_, g1) = grad_of(&k, |k| attention(&q, k, &v, heads, scale));
+        close(&g1, &g0, 2e-5);
+        let (_, g0) = grad_of(&v, |v| reference(&q, &k, v));
+        let (_, g1) = grad_of(&v, |v| attention(&q, &k, v, heads, scale));
+        close(&g1, &g0, 2e-5);
+    }
+}

@@ -1,4 +1,4 @@
-//! Helpers shared by diffuse-synth's integration tests.
+//! diffuse-synth's own test helpers, over the workspace's `ftk-test`.
 #![allow(dead_code)]
 
 use assert_cmd::Command;
@@ -7,14 +7,12 @@ use std::path::{Path, PathBuf};
 
 /// testdata/diffuse-synth
 pub fn td() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/diffuse-synth")
+    ftk_test::testdata("diffuse-synth")
 }
 
 /// The diffuse-synth binary, quiet.
 pub fn bin() -> Command {
-    let mut c = Command::cargo_bin("diffuse-synth").unwrap();
-    c.env("FTK_NO_PROGRESS", "1").env_remove("RUST_BACKTRACE");
-    c
+    ftk_test::tool("diffuse-synth")
 }
 
 /// A tensor of a safetensors file as f32.

@@ -372,8 +372,10 @@ impl UNet2DConditionModel {
             xs.clone()
         };
         // 1. time
-        let emb = (Tensor::ones(bsize, xs.dtype(), device)? * timestep)?;
-        let emb = self.time_proj.forward(&emb)?;
+        // ftk: the sinusoidal projection in f32, then the UNet's dtype, as diffusers does
+        // (candle: in the UNet's dtype, where bf16 rounds timestep 981 to 980)
+        let emb = (Tensor::ones(bsize, candle_core::DType::F32, device)? * timestep)?;
+        let emb = self.time_proj.forward(&emb)?.to_dtype(xs.dtype())?;
         let emb = self.time_embedding.forward(&emb)?;
         let emb = match (&self.class_embedding, class_labels) {
             (Some(ce), Some(cl)) => (emb + ce.forward(cl)?)?,
