@@ -20,6 +20,20 @@ fn tool(name: &str, args: &[&str], dir: &Path) -> Output {
         .unwrap()
 }
 
+/// A chunk-run shape that runs in milliseconds.
+const TINY_MOE: [&str; 10] = [
+    "--hidden",
+    "16",
+    "--ffn",
+    "8",
+    "--experts",
+    "4",
+    "--topk",
+    "2",
+    "--tokens",
+    "8",
+];
+
 fn ok(o: &Output) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
@@ -34,19 +48,7 @@ fn manifest() -> String {
 #[test]
 fn dev_null_fifo_and_stdout_are_written_through() {
     let d = tempfile::tempdir().unwrap();
-    let grads = [
-        "--hidden",
-        "16",
-        "--ffn",
-        "8",
-        "--experts",
-        "4",
-        "--topk",
-        "2",
-        "--tokens",
-        "8",
-    ];
-    let mut a = grads.to_vec();
+    let mut a = TINY_MOE.to_vec();
     a.extend(["--grads-out", "/dev/null"]);
     ok(&tool("chunk-run", &a, d.path()));
     assert!(std::fs::metadata("/dev/null")
@@ -202,21 +204,7 @@ fn no_timing_gives_the_same_bytes() {
     for (name, args) in [
         (
             "chunk-run",
-            vec![
-                "--hidden",
-                "16",
-                "--ffn",
-                "8",
-                "--experts",
-                "4",
-                "--topk",
-                "2",
-                "--tokens",
-                "8",
-                "--recompute",
-                "none,full",
-                "--no-timing",
-            ],
+            [&TINY_MOE[..], &["--recompute", "none,full", "--no-timing"]].concat(),
         ),
         (
             "fed-aggregate",

@@ -15,9 +15,10 @@ pub enum DeviceArg {
     Cuda(usize),
 }
 
+/// A bad spelling is a usage error (exit 2).
 impl std::str::FromStr for DeviceArg {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<DeviceArg, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<DeviceArg> {
         match s {
             "auto" => Ok(DeviceArg::Auto),
             "cpu" => Ok(DeviceArg::Cpu),
@@ -26,7 +27,7 @@ impl std::str::FromStr for DeviceArg {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(DeviceArg::Cuda)
-                .ok_or_else(|| format!("'{s}': use auto, cpu, cuda or cuda:N")),
+                .ok_or_else(|| Error::input(format!("'{s}': use auto, cpu, cuda or cuda:N"))),
         }
     }
 }
@@ -47,18 +48,30 @@ impl fmt::Display for Device {
     }
 }
 
+/// Why no CUDA device can be used.
+#[derive(Debug, thiserror::Error)]
+pub enum NoCuda {
+    #[error("the CUDA driver library (libcuda.so) is not installed")]
+    NoDriver,
+    #[error("the CUDA driver failed to initialise: {0}")]
+    Init(cudarc::driver::DriverError),
+    #[error("the CUDA driver reports no devices")]
+    NoDevices,
+    #[error("cannot count CUDA devices: {0}")]
+    Count(cudarc::driver::DriverError),
+}
+
 /// Number of CUDA devices, or why there are none.
-pub fn cuda_devices() -> std::result::Result<usize, String> {
+pub fn cuda_devices() -> std::result::Result<usize, NoCuda> {
     // SAFETY: is_culib_present only tries to dlopen the driver library.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err("the CUDA driver library (libcuda.so) is not installed".into());
+        return Err(NoCuda::NoDriver);
     }
-    cudarc::driver::result::init()
-        .map_err(|e| format!("the CUDA driver failed to initialise: {e}"))?;
+    cudarc::driver::result::init().map_err(NoCuda::Init)?;
     match cudarc::driver::CudaContext::device_count() {
         Ok(n) if n > 0 => Ok(n as usize),
-        Ok(_) => Err("the CUDA driver reports no devices".into()),
-        Err(e) => Err(format!("cannot count CUDA devices: {e}")),
+        Ok(_) => Err(NoCuda::NoDevices),
+        Err(e) => Err(NoCuda::Count(e)),
     }
 }
 

@@ -2,7 +2,7 @@
 //! safetensors, model configs, sizes, errors and exit codes, seeded
 //! randomness, tables — and the concepts more than one tool computes with:
 //! routing and skew, recompute modes, MACT's flags, the memory model's
-//! sizes, DP accounting.
+//! sizes, parallel layouts and pipeline stages, DP accounting.
 
 pub mod alloc;
 pub mod cli;
@@ -12,6 +12,7 @@ pub mod error;
 pub mod io;
 pub mod jsonl;
 pub mod kernels;
+pub mod layout;
 pub mod linalg;
 pub mod mact;
 pub mod memory;

@@ -8,7 +8,7 @@ use crate::Result;
 #[derive(clap::Args, Debug, Clone)]
 pub struct MactArgs {
     /// Device memory, e.g. 24GiB or 80GB; MACT sizes chunks to α times it.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub device_mem: Option<u64>,
     /// Usable fraction α of device memory, in (0, 1].
     #[arg(long, value_name = "α", default_value_t = 0.9)]
@@ -21,10 +21,6 @@ pub struct MactArgs {
         default_value = "1,2,4,8"
     )]
     pub chunk_bins: Vec<u64>,
-}
-
-fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
 }
 
 impl MactArgs {

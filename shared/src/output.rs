@@ -508,7 +508,7 @@ fn create_named(dir: &Path) -> Result<(File, PathBuf)> {
 /// cleanup until the caller renames it).
 fn link_unnamed(file: &File, dir: &Path, shown: &Path) -> Result<(PathBuf, usize)> {
     let src = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .map_err(|_| Error::input("internal: fd path"))?;
+        .map_err(|_| Error::internal("/proc/self/fd path with a NUL byte"))?;
     for _ in 0..16 {
         let tmp = temp_name(dir);
         let dst = CString::new(tmp.as_os_str().as_bytes())

@@ -45,9 +45,10 @@ impl fmt::Display for Recompute {
     }
 }
 
+/// Bad spellings are usage errors (exit 2).
 impl std::str::FromStr for Recompute {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Recompute, String> {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Recompute> {
         match s {
             "none" => Ok(Recompute::None),
             "selective" => Ok(Recompute::Selective),
@@ -55,9 +56,9 @@ impl std::str::FromStr for Recompute {
             "auto" => Ok(Recompute::Auto),
             _ => match s.strip_prefix("chunked:").map(str::parse::<u64>) {
                 Some(Ok(c)) if c >= 1 => Ok(Recompute::Chunked(c)),
-                _ => Err(format!(
+                _ => Err(crate::Error::input(format!(
                     "'{s}': use none, selective, full, chunked:C (C >= 1) or auto"
-                )),
+                ))),
             },
         }
     }

@@ -67,14 +67,32 @@ impl<'de, R: Record> Deserialize<'de> for Tag<R> {
     }
 }
 
+/// `Ty => "kind"` pairs: each type's [`Record`] impl, and the list of the
+/// kinds (`ALL_KINDS`, or the const named after `const` for a tool's own
+/// block in a submodule; [`all_kinds`] joins them).
 macro_rules! kinds {
-    ($($ty:ident => $name:literal),* $(,)?) => {
-        $(impl Record for $ty {
+    (const $all:ident; $($ty:ident => $name:literal),* $(,)?) => {
+        $(impl $crate::records::Record for $ty {
             const KIND: &'static str = $name;
         })*
-        /// Every kind defined here, for tests and documentation.
-        pub const ALL_KINDS: &[&str] = &[$($name),*];
+        /// The kinds of this block, for tests and documentation.
+        pub const $all: &[&str] = &[$($name),*];
     };
+    ($($ty:ident => $name:literal),* $(,)?) => {
+        kinds! { const ALL_KINDS; $($ty => $name),* }
+    };
+}
+
+// One file per tool whose kinds live apart from the list below.
+mod fed_aggregate;
+pub use fed_aggregate::{
+    Aggregate, ClientUpdate, ClientUpdateError, DpReport, FedraAlloc, SkippedClient,
+    FED_AGGREGATE_KINDS,
+};
+
+/// Every kind defined in this module and its per-tool files.
+pub fn all_kinds() -> Vec<&'static str> {
+    [ALL_KINDS, FED_AGGREGATE_KINDS].concat()
 }
 
 kinds! {

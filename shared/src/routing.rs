@@ -76,19 +76,20 @@ pub enum Skew {
     Hot(f64),
 }
 
+/// Bad spellings are usage errors (exit 2).
 impl std::str::FromStr for Skew {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Skew, String> {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Skew> {
         let (name, arg) = s.split_once(':').unwrap_or((s, ""));
-        let num = |what: &str, ok: &dyn Fn(f64) -> bool| -> Result<f64, String> {
+        let num = |what: &str, ok: &dyn Fn(f64) -> bool| -> crate::Result<f64> {
             arg.parse::<f64>()
                 .ok()
                 .filter(|v| v.is_finite() && ok(*v))
                 .ok_or_else(|| {
-                    format!(
+                    crate::Error::input(format!(
                         "'{s}': {name} needs {what}, e.g. {name}:{}",
                         if name == "hot" { "0.3" } else { "1.2" }
-                    )
+                    ))
                 })
         };
         match name {
@@ -98,9 +99,9 @@ impl std::str::FromStr for Skew {
             "hot" => Ok(Skew::Hot(num("a fraction in [0, 1]", &|v| {
                 (0.0..=1.0).contains(&v)
             })?)),
-            _ => Err(format!(
+            _ => Err(crate::Error::input(format!(
                 "unknown skew '{s}': use uniform, zipf:S, dirichlet:A or hot:F"
-            )),
+            ))),
         }
     }
 }

@@ -225,14 +225,22 @@ impl<'a> Tensor<'a> {
 
     /// Decode elements `[start, start + out.len())` as f32 (F16/BF16/F32/F64).
     pub fn read_f32(&self, start: usize, out: &mut [f32]) -> Result<()> {
-        decode_f32(self.dtype, self.data, start, out)
-            .map_err(|m| Error::input(format!("{}: {m}", self.here())))
+        decode_f32(self.dtype, self.data, start, out).map_err(|e| self.decode_error(e))
     }
 
     /// Decode elements `[start, start + out.len())` as i64 (any integer dtype).
     pub fn read_i64(&self, start: usize, out: &mut [i64]) -> Result<()> {
-        decode_i64(self.dtype, self.data, start, out)
-            .map_err(|m| Error::input(format!("{}: {m}", self.here())))
+        decode_i64(self.dtype, self.data, start, out).map_err(|e| self.decode_error(e))
+    }
+
+    /// A wrong dtype is the file's fault (exit 2); a range past the end
+    /// the caller's (exit 4).
+    fn decode_error(&self, e: DecodeError) -> Error {
+        let msg = format!("{}: {e}", self.here());
+        match e {
+            DecodeError::OutOfBounds { .. } => Error::internal(msg),
+            _ => Error::input(msg),
+        }
     }
 
     /// All elements as f32.
@@ -261,18 +269,32 @@ macro_rules! decode_le {
     }};
 }
 
+/// Why [`decode_f32`] or [`decode_i64`] refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("dtype {0:?} is not supported here")]
+    Unsupported(Dtype),
+    /// The caller asked past the end of the data: a bug, not the input.
+    #[error("element range {start}..{end} is out of bounds")]
+    OutOfBounds { start: usize, end: usize },
+    #[error("expected a float dtype (F16, BF16, F32, F64), got {0:?}")]
+    NotFloat(Dtype),
+    #[error("expected an integer dtype (I8..I64, U8..U64), got {0:?}")]
+    NotInt(Dtype),
+}
+
 fn check_range(
     dtype: Dtype,
     bytes: &[u8],
     start: usize,
     n: usize,
-) -> std::result::Result<(), String> {
-    let w = dtype_bytes(dtype).ok_or_else(|| format!("dtype {dtype:?} is not supported here"))?;
+) -> std::result::Result<(), DecodeError> {
+    let w = dtype_bytes(dtype).ok_or(DecodeError::Unsupported(dtype))?;
     if (start + n) * w > bytes.len() {
-        return Err(format!(
-            "element range {start}..{} is out of bounds",
-            start + n
-        ));
+        return Err(DecodeError::OutOfBounds {
+            start,
+            end: start + n,
+        });
     }
     Ok(())
 }
@@ -283,7 +305,7 @@ pub fn decode_f32(
     bytes: &[u8],
     start: usize,
     out: &mut [f32],
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), DecodeError> {
     check_range(dtype, bytes, start, out.len())?;
     match dtype {
         Dtype::F32 => decode_le!(bytes, start, out, f32, |x| x),
@@ -291,11 +313,7 @@ pub fn decode_f32(
         Dtype::F16 => decode_le!(bytes, start, out, u16, |x| half::f16::from_bits(x).to_f32()),
         Dtype::BF16 => decode_le!(bytes, start, out, u16, |x| half::bf16::from_bits(x)
             .to_f32()),
-        other => {
-            return Err(format!(
-                "expected a float dtype (F16, BF16, F32, F64), got {other:?}"
-            ))
-        }
+        other => return Err(DecodeError::NotFloat(other)),
     }
     Ok(())
 }
@@ -307,7 +325,7 @@ pub fn decode_i64(
     bytes: &[u8],
     start: usize,
     out: &mut [i64],
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), DecodeError> {
     check_range(dtype, bytes, start, out.len())?;
     match dtype {
         Dtype::I8 => decode_le!(bytes, start, out, i8, i64::from),
@@ -321,11 +339,7 @@ pub fn decode_i64(
             decode_le!(bytes, start, out, u64, |x: u64| i64::try_from(x)
                 .unwrap_or(-1));
         }
-        other => {
-            return Err(format!(
-                "expected an integer dtype (I8..I64, U8..U64), got {other:?}"
-            ))
-        }
+        other => return Err(DecodeError::NotInt(other)),
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! Every record kind in `ftk::records` against a real line of it:
-//! testdata/records/examples.jsonl holds one line per kind as the tools
-//! wrote them, with every optional field present (the chunk_run line, from
-//! a CPU run, has the CUDA-only device_reserved_bytes added). Decoding a line into its
+//! testdata/records/*.jsonl hold one line per kind as the tools wrote them,
+//! with every optional field present (the chunk_run line, from a CPU run,
+//! has the CUDA-only device_reserved_bytes added; fed_aggregate.jsonl's
+//! aggregate line joins the fields of a DP run, a --skip-bad run, a
+//! multikrum run and a merge, which no single run has at once). Decoding a line into its
 //! struct and encoding it again must give the same fields in the same order
 //! with the same values (floats to the last digit serde_json's default
 //! parser keeps), and the line must
@@ -11,19 +13,24 @@
 use ftk::records::{self, Record};
 use std::collections::BTreeMap;
 
+/// Every line of every `testdata/records/*.jsonl`, by kind.
 fn examples() -> BTreeMap<String, String> {
-    let p = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../testdata/records/examples.jsonl"
-    );
-    let text = std::fs::read_to_string(p).unwrap();
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/records");
+    let mut out = BTreeMap::new();
+    for f in std::fs::read_dir(dir).unwrap() {
+        let p = f.unwrap().path();
+        if p.extension().is_none_or(|e| e != "jsonl") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        for l in text.lines().filter(|l| !l.trim().is_empty()) {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["kind"].as_str().unwrap().to_string(), l.to_string())
-        })
-        .collect()
+            let kind = v["kind"].as_str().unwrap().to_string();
+            let again = out.insert(kind.clone(), l.to_string());
+            assert!(again.is_none(), "two examples of {kind}");
+        }
+    }
+    out
 }
 
 /// Every `"name":` in a JSON line, in order (nested objects' keys too).
@@ -104,6 +111,9 @@ fn every_kind_round_trips_with_all_its_fields_in_order() {
         check::<FedEmbedKeys>(&ex),
         check::<FedEmbedAdaptWeights>(&ex),
         check::<FedEmbedPromptSample>(&ex),
+        check::<ClientUpdate>(&ex),
+        check::<FedraAlloc>(&ex),
+        check::<Aggregate>(&ex),
         check::<DiffuseSynthSample>(&ex),
         check::<DiffuseSynthDescription>(&ex),
         check::<MofaPredict>(&ex),
@@ -112,14 +122,14 @@ fn every_kind_round_trips_with_all_its_fields_in_order() {
         check::<MofaCalibRow>(&ex),
         check::<MofaCalibrate>(&ex),
     ];
-    let mut all = ALL_KINDS.to_vec();
+    let mut all = all_kinds();
     let mut seen = checked.to_vec();
     all.sort_unstable();
     seen.sort_unstable();
     assert_eq!(seen, all, "a kind without a check here");
     assert_eq!(
         ex.len(),
-        ALL_KINDS.len(),
+        all_kinds().len(),
         "examples of kinds ftk does not define"
     );
 }
@@ -128,4 +138,36 @@ fn every_kind_round_trips_with_all_its_fields_in_order() {
 fn a_line_of_another_kind_does_not_decode() {
     let ex = examples();
     assert!(serde_json::from_str::<records::MemPlan>(&ex["route_hist"]).is_err());
+}
+
+#[test]
+fn a_client_update_names_the_client_and_the_field() {
+    let bad = [
+        (
+            r#"{"kind":"client_update","path":"x","num_examples":1}"#,
+            "\"cid\"",
+        ),
+        (
+            r#"{"kind":"client_update","cid":7,"num_examples":1}"#,
+            "client '7' has no \"path\"",
+        ),
+        (
+            r#"{"kind":"client_update","cid":"a","path":"x","num_examples":-1}"#,
+            "client 'a' needs \"num_examples\" as a non-negative number, got -1",
+        ),
+        (
+            r#"{"kind":"client_update","cid":"a","path":"x"}"#,
+            "got nothing",
+        ),
+    ];
+    for (line, want) in bad {
+        let e = serde_json::from_str::<records::ClientUpdate>(line)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{line}: {e}");
+    }
+    let ok: records::ClientUpdate =
+        serde_json::from_str(r#"{"kind":"client_update","cid":7,"path":"x","num_examples":2.5}"#)
+            .unwrap();
+    assert_eq!((ok.cid.as_str(), ok.num_examples), ("7", 2.5));
 }

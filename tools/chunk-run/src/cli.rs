@@ -126,11 +126,11 @@ pub struct Args {
 
 /// chunk-run's modes: every [`Recompute`] but selective (the blocks have no
 /// attention core to drop).
-fn parse_recompute(s: &str) -> std::result::Result<Recompute, String> {
+fn parse_recompute(s: &str) -> ftk::Result<Recompute> {
     match s.parse::<Recompute>() {
-        Ok(Recompute::Selective) | Err(_) => {
-            Err(format!("'{s}': use none, full, chunked:C (C >= 1) or auto"))
-        }
+        Ok(Recompute::Selective) | Err(_) => Err(ftk::Error::input(format!(
+            "'{s}': use none, full, chunked:C (C >= 1) or auto"
+        ))),
         Ok(m) => Ok(m),
     }
 }

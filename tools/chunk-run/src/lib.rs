@@ -163,7 +163,7 @@ pub fn run(mut a: Args) -> Result<()> {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
             .build_global()
-            .map_err(|e| Error::input(format!("--threads: {e}")))?;
+            .map_err(|e| Error::internal(format!("--threads: {e}")))?;
     }
     let wfile = a.weights.as_deref().map(TensorFile::open).transpose()?;
     if let (Some(f), None, true) = (&wfile, a.layers, a.prefix.contains("{l}")) {

@@ -1,37 +1,29 @@
 //! fed-aggregate's command line: the clap types, nothing else. [`crate::run`]
 //! turns them into a checked plan (`Inputs`) and runs the library on it.
 
-use crate::strategy::{Name, StrategyFlags};
+use crate::strategy::{self, Spec, StrategyFlags};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-const AFTER_HELP: &str = "\
+/// `--help`'s text up to the strategy table.
+const HELP_HEAD: &str = "\
 Input: JSON lines, one per client (other kinds are skipped; paths are relative to the
 manifest's directory, or the working directory for stdin):
   {\"kind\":\"client_update\",\"cid\":\"7\",\"path\":\"c7.safetensors\",\"num_examples\":120}
 Every client file holds the same tensor names, shapes and dtypes (else exit 2 naming the
 client and tensor; --skip-bad drops such clients and lists them). Output keeps names and
-dtypes. Summary to stdout:
-  {\"kind\":\"aggregate\",\"strategy\",\"clients\",\"tensors\",\"params\",\"bytes_read\",\"ms\",...}
+dtypes. Summary to stdout, keys in alphabetical order; the fields from clip_norm to
+flower_api and from partial to skipped appear only when they apply, ms unless --no-timing:
+  {\"kind\":\"aggregate\",\"accumulator\":\"f64\",\"bytes_read\",\"clients\",\"clip_norm\",
+   \"clipped\",\"dp\":{\"accounting\",\"delta\",\"epsilon\",\"noise_multiplier\",\"noise_std\"},
+   \"eta_l\",\"flower_api\",\"ms\",\"params\",\"partial\",\"partials\",\"round\",
+   \"selected\":[cid,...],\"skipped\":[{\"cid\",\"error\"},...],\"strategy\",\"tensors\"}
 
 Strategies (Flower 1.x server math and defaults, to float32 rounding):
-  fedavg, fedprox    weighted mean by num_examples (FedProx's server side is FedAvg)
-  fedavgm            --server-lr 1 --server-momentum 0; steps from --global when either differs
-  fedadam            --eta 0.1 --beta1 0.9 --beta2 0.99 --tau 1e-9, Flower's bias-corrected
-                     eta*sqrt(1-b2^(t+1))/(1-b1^(t+1)) with t the round (1 = first)
-  fedyogi            --eta 0.01 --beta1 0.9 --beta2 0.99 --tau 1e-3 (no bias correction)
-  fedadagrad         --eta 0.1 --tau 1e-9
-  fedmedian          coordinate-wise median (unweighted)
-  fedtrimmedavg      --trim-beta 0.2: drop int(beta*n) values at each end, mean of the rest
-  krum, multikrum    --num-malicious F --to-keep K: score = sum of the max(1,n-F-2) smallest
-                     squared distances; krum returns the best client, multikrum the
-                     num_examples-weighted mean of the K best
-  bulyan             --num-malicious F (n >= 4F+3): n-2F rounds of Krum, then per coordinate
-                     the mean of the n-4F selected values closest to their median
-  fedra              FedRA (leondada/FedRA): --alloc from `fed-aggregate fedra-alloc`; each
-                     layer (--layer-pattern) is the unweighted mean over the clients that held
-                     it, a layer nobody held keeps its --global value; client files may number
-                     their layers locally (0..L_i) or globally. Other tensors: mean over holders.
+";
+
+/// `--help`'s text after the strategy table.
+const HELP_TAIL: &str = "\
 --flower-api message reproduces Flower's Message-API strategies (flwr.serverapp.strategy,
 Flower 1.21+) instead of the legacy ones: fedadam/fedadagrad default to --tau 1e-3, and
 bulyan keeps the n-2F best scores of one Krum pass (select_multikrum) instead of n-2F
@@ -69,6 +61,23 @@ Examples:
   fed-aggregate merge --strategy fedavg -o global.safetensors p*.safetensors
   fed-aggregate --strategy fedavg --device cuda -o global1.safetensors clients.jsonl";
 
+/// `fedra-alloc --help`'s record description.
+const ALLOC_HELP: &str = "\
+Output: one JSON line per client, clients in order; layers are the held global layers
+(increasing), mask has a 1 at each of them:
+  {\"kind\":\"fedra_alloc\",\"round\",\"client\",\"cid\",\"num_layers\",\"capacity\",
+   \"layers\":[l,...],\"mask\":[0|1,...]}
+Each client draws its layers uniformly without replacement from a seeded stream per
+(round, client): the same --seed and --round give the same rows.
+
+Example:
+  fed-aggregate fedra-alloc --clients 6 --layers 12 --capacity 12,10,8,6,4,3 --round 1 --seed 0";
+
+/// `--help`'s closing text; the strategy table comes from the registry.
+fn after_help() -> String {
+    format!("{HELP_HEAD}{}{HELP_TAIL}", strategy::help_table())
+}
+
 /// Federated aggregation of client updates (Flower's strategies, FedRA,
 /// mergeable partials) in constant memory.
 #[derive(Parser, Debug)]
@@ -76,7 +85,7 @@ Examples:
     name = "fed-aggregate",
     version,
     about,
-    after_help = AFTER_HELP,
+    after_help = after_help(),
     args_conflicts_with_subcommands = true
 )]
 pub struct Args {
@@ -104,6 +113,7 @@ pub struct Args {
 #[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Draw FedRA's random layer allocation for one round (JSON lines).
+    #[command(after_help = ALLOC_HELP)]
     FedraAlloc(AllocArgs),
     /// Combine partial aggregates (from --partial-out) and finish them.
     Merge(MergeArgs),
@@ -124,6 +134,7 @@ pub struct AllocArgs {
     /// Round number (each round draws anew).
     #[arg(long, default_value_t = 1)]
     pub round: u64,
+    /// Seed of the draws (every random choice takes one).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -141,8 +152,8 @@ pub struct MergeArgs {
 #[derive(clap::Args, Debug)]
 pub struct Common {
     /// Aggregation strategy (merge: defaults to the partials' strategy).
-    #[arg(long, value_enum)]
-    pub strategy: Option<Name>,
+    #[arg(long, value_parser = strategy::NameParser)]
+    pub strategy: Option<&'static Spec>,
     #[command(flatten)]
     pub flags: StrategyFlags,
     /// Current global parameters (server optimisers, DP clipping, FedRA).

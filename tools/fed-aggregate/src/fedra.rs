@@ -16,27 +16,12 @@
 
 use ftk::io::Input;
 use ftk::jsonl::Reader;
+use ftk::records::{self, FedraAlloc};
 use ftk::{bail, Error, Result};
 use rand::RngExt;
 use regex::Regex;
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-
-/// One row of the allocation matrix, as a JSON line.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct AllocRecord {
-    pub kind: String,
-    pub round: u64,
-    pub client: usize,
-    pub cid: String,
-    pub num_layers: usize,
-    pub capacity: usize,
-    /// Held global layers, increasing.
-    pub layers: Vec<usize>,
-    /// `A[i, :]`: 1 where the layer is held.
-    pub mask: Vec<u8>,
-}
 
 /// Client capacities: N values, one value for all, or K values each
 /// repeated N/K times (the public code's `clients_for_eachdomain`).
@@ -69,7 +54,7 @@ pub fn expand_capacity(cap: &[usize], clients: usize, layers: usize) -> Result<V
 }
 
 /// Draw round `round`'s allocation.
-pub fn allocate(capacity: &[usize], layers: usize, round: u64, seed: u64) -> Vec<AllocRecord> {
+pub fn allocate(capacity: &[usize], layers: usize, round: u64, seed: u64) -> Vec<FedraAlloc> {
     capacity
         .iter()
         .enumerate()
@@ -86,8 +71,8 @@ pub fn allocate(capacity: &[usize], layers: usize, round: u64, seed: u64) -> Vec
             held.sort_unstable();
             let mut mask = vec![0u8; layers];
             held.iter().for_each(|&l| mask[l] = 1);
-            AllocRecord {
-                kind: "fedra_alloc".into(),
+            FedraAlloc {
+                kind: Default::default(),
                 round,
                 client: i,
                 cid: i.to_string(),
@@ -113,11 +98,7 @@ pub fn read_alloc(path: &Path) -> Result<Alloc> {
     let mut r = Reader::new(input.name.clone(), input.reader);
     let mut held = BTreeMap::new();
     let mut num_layers = None;
-    while let Some(v) = r.next_record::<serde_json::Value>()? {
-        if v.get("kind").and_then(|k| k.as_str()) != Some("fedra_alloc") {
-            continue;
-        }
-        let rec: AllocRecord = serde_json::from_value(v).map_err(|e| r.decode_error(&e))?;
+    while let Some(rec) = records::next::<FedraAlloc, _>(&mut r)? {
         if *num_layers.get_or_insert(rec.num_layers) != rec.num_layers {
             bail!(
                 "{}: num_layers {} differs from earlier rows",

@@ -18,6 +18,7 @@ use engine::{Dp, Job, Sinks};
 use ftk::cli::Stdout;
 use ftk::dp;
 use ftk::output::Output;
+use ftk::records::{Aggregate, DpReport, SkippedClient};
 use ftk::tensor_writer::{Finished, StreamWriter, TensorSpec};
 use ftk::tensors::{Dtype, Tensor};
 use ftk::{bail, Error, Result};
@@ -28,7 +29,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
-use strategy::{Kind, Name, Strategy};
+use strategy::{Kind, Strategy};
+
+/// The summary's statement of what its (epsilon, delta) covers.
+const DP_ACCOUNTING: &str =
+    "per round, analytic Gaussian mechanism, add/remove one client, no sampling amplification";
 
 /// Placeholder for the state's `global_digest` until the output is written;
 /// as long as [`ftk::tensors::digest`]'s result.
@@ -43,7 +48,9 @@ pub fn run(args: Args) -> Result<()> {
     };
     if table {
         let mut t = ftk::table::Table::new(["field", "value"]);
-        if let serde_json::Value::Object(m) = &summary {
+        let v = serde_json::to_value(&summary)
+            .map_err(|e| Error::internal(format!("summary to JSON: {e}")))?;
+        if let serde_json::Value::Object(m) = &v {
             for (k, v) in m {
                 let v = match v {
                     serde_json::Value::String(s) => s.clone(),
@@ -114,8 +121,9 @@ fn check_outputs(c: &Common, s: &Strategy) -> Result<()> {
     }
     if c.partial_out.is_some() && !s.mergeable() {
         bail!(
-            "--partial-out works only for the linear strategies (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, fedra); {} needs every client's values at once",
-            s.name.as_str()
+            "--partial-out works only for the linear strategies ({}); {} needs every client's values at once",
+            Strategy::mergeable_names(),
+            s.name()
         );
     }
     if let Some(cn) = c.clip_norm {
@@ -149,7 +157,7 @@ fn open_global_state(c: &Common, s: &Strategy, need_global: bool) -> Result<(Ope
         )),
         None if need_global => bail!(
             "--strategy {} needs --global G.safetensors (the current global model)",
-            s.name.as_str()
+            s.name()
         ),
         None => None,
     };
@@ -157,7 +165,7 @@ fn open_global_state(c: &Common, s: &Strategy, need_global: bool) -> Result<(Ope
     if !slots.is_empty() && c.state.is_none() && c.output.is_some() {
         bail!(
             "--strategy {} keeps server state between rounds: give --state S.safetensors (with --init-state in round 1)",
-            s.name.as_str()
+            s.name()
         );
     }
     if c.init_state && c.state.is_none() {
@@ -177,10 +185,10 @@ fn open_global_state(c: &Common, s: &Strategy, need_global: bool) -> Result<(Ope
                 bail!("state {name}: not a fed-aggregate state file (no ftk_state metadata)");
             }
             let st = meta.get("strategy").cloned().unwrap_or_default();
-            if st != s.name.as_str() {
+            if st != s.name() {
                 bail!(
                     "state {name}: written by --strategy {st}, not {}; start a new state file",
-                    s.name.as_str()
+                    s.name()
                 );
             }
             let done: u64 = meta
@@ -212,20 +220,26 @@ fn ctx(what: &str, e: Error) -> Error {
     }
 }
 
-fn aggregate(args: &Args) -> Result<serde_json::Value> {
+fn aggregate(args: &Args) -> Result<Aggregate> {
     let c = &args.common;
-    let Some(name) = c.strategy else {
-        bail!("--strategy NAME is required (fedavg, fedadam, krum, fedra, ...; see --help)");
+    let Some(spec) = c.strategy else {
+        bail!(
+            "--strategy NAME is required ({}; see --help)",
+            strategy::names()
+        );
     };
-    let strategy = Strategy::new(name, &c.flags)?;
+    let strategy = Strategy::new(spec, &c.flags)?;
     check_outputs(c, &strategy)?;
     let keep = keep_regex(c)?;
-    let fedra_parts = if name == Name::Fedra {
+    let fedra_parts = if spec.layer_alloc {
         let Some(a) = &args.alloc else {
-            bail!("--strategy fedra needs --alloc ALLOC.jsonl (from `fed-aggregate fedra-alloc`)");
+            bail!(
+                "--strategy {} needs --alloc ALLOC.jsonl (from `fed-aggregate fedra-alloc`)",
+                spec.name
+            );
         };
         if c.clip_norm.is_some() {
-            bail!("--clip-norm is not supported with --strategy fedra");
+            bail!("--clip-norm is not supported with --strategy {}", spec.name);
         }
         Some((
             fedra::layer_regex(&args.layer_pattern)?,
@@ -267,8 +281,8 @@ fn aggregate(args: &Args) -> Result<serde_json::Value> {
         layout: Layout {
             keep_local: keep.as_ref(),
             fedra: fedra_parts.as_ref().map(|(r, a)| (r, a)),
-            need_global: need_global || name == Name::Fedra && c.global.is_some(),
-            fill_from_global: name == Name::Fedra,
+            need_global: need_global || spec.layer_alloc && c.global.is_some(),
+            fill_from_global: spec.layer_alloc,
         },
         skip_bad: args.skip_bad,
         clip: c.clip_norm,
@@ -301,7 +315,7 @@ fn check_fedra_coverage(inp: &Inputs, a: &fedra::Alloc, pat: &str) -> Result<()>
     Ok(())
 }
 
-fn merge(m: &MergeArgs) -> Result<serde_json::Value> {
+fn merge(m: &MergeArgs) -> Result<Aggregate> {
     let c = &m.common;
     let mut origins = Vec::new();
     for p in &m.partials {
@@ -333,16 +347,16 @@ fn merge(m: &MergeArgs) -> Result<serde_json::Value> {
             }
         }
     }
-    let name = match c.strategy {
-        Some(n) => n,
-        None => <Name as clap::ValueEnum>::from_str(&recorded, false).map_err(|_| {
+    let spec = match c.strategy {
+        Some(s) => s,
+        None => strategy::by_name(&recorded).ok_or_else(|| {
             Error::input(format!(
                 "{}: unknown strategy '{recorded}'",
                 origins[0].label
             ))
         })?,
     };
-    let strategy = Strategy::new(name, &c.flags)?;
+    let strategy = Strategy::new(spec, &c.flags)?;
     check_outputs(c, &strategy)?;
     for (o, p) in origins.iter().zip(&metas) {
         if p.weighting != strategy.weighting() {
@@ -350,7 +364,7 @@ fn merge(m: &MergeArgs) -> Result<serde_json::Value> {
                 "{}: weighted by {}, but --strategy {} weights by {}",
                 o.label,
                 p.weighting,
-                name.as_str(),
+                spec.name,
                 strategy.weighting()
             );
         }
@@ -395,7 +409,7 @@ fn merge(m: &MergeArgs) -> Result<serde_json::Value> {
     let keep = keep_regex(c)?;
     let need_global = strategy.opt().needs_global() && c.output.is_some();
     let (global, state, round) = open_global_state(c, &strategy, need_global)?;
-    if name == Name::Fedra && global.is_none() && c.output.is_some() {
+    if spec.layer_alloc && global.is_none() && c.output.is_some() {
         // Partials only know the layers their clients held: a layer nobody
         // held keeps its value from the global model.
         bail!("merging fedra partials needs --global G.safetensors (layers no client held keep their global value)");
@@ -411,7 +425,7 @@ fn merge(m: &MergeArgs) -> Result<serde_json::Value> {
             keep_local: keep.as_ref(),
             fedra: None,
             need_global,
-            fill_from_global: name == Name::Fedra,
+            fill_from_global: spec.layer_alloc,
         },
         skip_bad: false,
         clip: None,
@@ -419,10 +433,8 @@ fn merge(m: &MergeArgs) -> Result<serde_json::Value> {
         merged_clients: Some(merged),
     };
     let mut v = execute(&inputs, c)?;
-    v["partials"] = json!(m.partials.len());
-    if let Some(cn) = clip {
-        v["clip_norm"] = json!(cn);
-    }
+    v.partials = Some(m.partials.len() as u64);
+    v.clip_norm = v.clip_norm.or(clip);
     Ok(v)
 }
 
@@ -438,7 +450,7 @@ struct Done {
     noise_std: Option<f64>,
 }
 
-fn execute(inp: &Inputs, c: &Common) -> Result<serde_json::Value> {
+fn execute(inp: &Inputs, c: &Common) -> Result<Aggregate> {
     let t0 = Instant::now();
     let mut bad: Vec<(usize, String)> = Vec::new();
     let done = loop {
@@ -464,63 +476,47 @@ fn execute(inp: &Inputs, c: &Common) -> Result<serde_json::Value> {
     for f in done.finished {
         f.commit()?;
     }
-    let mut skipped: Vec<serde_json::Value> = inp
+    let skipped: Vec<SkippedClient> = inp
         .skipped
         .iter()
-        .map(|(cid, e)| json!({"cid": cid, "error": e}))
+        .cloned()
+        .chain(
+            bad.iter()
+                .map(|(i, e)| (inp.origins[*i].cid.clone(), e.clone())),
+        )
+        .map(|(cid, error)| SkippedClient { cid, error })
         .collect();
-    skipped.extend(
-        bad.iter()
-            .map(|(i, e)| json!({"cid": inp.origins[*i].cid, "error": e})),
-    );
-    let mut v = json!({
-        "kind": "aggregate",
-        "strategy": inp.strategy.name.as_str(),
-        "clients": inp.merged_clients.unwrap_or(done.clients as u64),
-        "tensors": done.specs,
-        "params": done.params,
-        "bytes_read": done.bytes_read,
-        "ms": t0.elapsed().as_millis() as u64,
-        "accumulator": "f64",
-    });
-    if c.no_timing {
-        if let Some(m) = v.as_object_mut() {
-            m.remove("ms");
-        }
-    }
-    if inp.strategy.opt().needs_global() || c.state.is_some() {
-        v["round"] = json!(inp.round);
-    }
-    if inp.strategy.api == flower_api::FlowerApi::Message {
-        v["flower_api"] = json!(inp.strategy.api.as_str());
-    }
-    if let Some(e) = inp.strategy.eta_l {
-        v["eta_l"] = json!(e);
-    }
-    if let Some(p) = &c.partial_out {
-        v["partial"] = json!(p.display().to_string());
-    }
-    if let Some(s) = done.selected {
-        v["selected"] = json!(s);
-    }
-    if !skipped.is_empty() {
-        v["skipped"] = json!(skipped);
-    }
-    if let Some(cn) = inp.clip {
-        v["clip_norm"] = json!(cn);
-        v["clipped"] = json!(done.clipped);
-    }
-    if let Some(std) = done.noise_std {
+    let s = &inp.strategy;
+    let dp = done.noise_std.map(|noise_std| {
         let z = c.noise_multiplier.unwrap_or(0.0);
-        v["dp"] = json!({
-            "noise_multiplier": z,
-            "noise_std": std,
-            "epsilon": dp::epsilon(z, c.dp_delta),
-            "delta": c.dp_delta,
-            "accounting": "per round, analytic Gaussian mechanism, add/remove one client, no sampling amplification",
-        });
-    }
-    Ok(v)
+        DpReport {
+            accounting: DP_ACCOUNTING.to_string(),
+            delta: c.dp_delta,
+            epsilon: dp::epsilon(z, c.dp_delta),
+            noise_multiplier: z,
+            noise_std,
+        }
+    });
+    Ok(Aggregate {
+        accumulator: "f64".to_string(),
+        bytes_read: done.bytes_read,
+        clients: inp.merged_clients.unwrap_or(done.clients as u64),
+        clip_norm: inp.clip,
+        clipped: inp.clip.and(done.clipped.map(|n| n as u64)),
+        dp,
+        eta_l: s.eta_l,
+        flower_api: (s.api == flower_api::FlowerApi::Message).then(|| s.api.as_str().to_string()),
+        kind: Default::default(),
+        ms: (!c.no_timing).then(|| t0.elapsed().as_millis() as u64),
+        params: done.params,
+        partial: c.partial_out.as_ref().map(|p| p.display().to_string()),
+        partials: None,
+        round: (s.opt().needs_global() || c.state.is_some()).then_some(inp.round),
+        selected: done.selected,
+        skipped: (!skipped.is_empty()).then_some(skipped),
+        strategy: s.name().to_string(),
+        tensors: done.specs as u64,
+    })
 }
 
 fn attempt(inp: &Inputs, c: &Common, active: &[usize]) -> std::result::Result<Done, Fault> {
@@ -776,7 +772,7 @@ impl Writers {
                 }
                 let mut meta = HashMap::new();
                 meta.insert("ftk_state".to_string(), "fed-aggregate".to_string());
-                meta.insert("strategy".to_string(), s.name.as_str().to_string());
+                meta.insert("strategy".to_string(), s.name().to_string());
                 meta.insert("round".to_string(), inp.round.to_string());
                 // Filled in once the output is complete (same length).
                 meta.insert("global_digest".to_string(), DIGEST_PENDING.to_string());
@@ -876,10 +872,7 @@ fn partial_writer(
     }
     let mut meta = HashMap::new();
     meta.insert("ftk_partial".to_string(), "1".to_string());
-    meta.insert(
-        "strategy".to_string(),
-        inp.strategy.name.as_str().to_string(),
-    );
+    meta.insert("strategy".to_string(), inp.strategy.name().to_string());
     meta.insert(
         "weighting".to_string(),
         inp.strategy.weighting().to_string(),

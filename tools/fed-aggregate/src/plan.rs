@@ -6,11 +6,11 @@
 use crate::cpu;
 use crate::fedra::Alloc;
 use ftk::io::Input;
-use ftk::jsonl::Reader;
+use ftk::jsonl::{KindOnly, Reader};
+use ftk::records::{ClientUpdate, Record};
 use ftk::tensors::{Dtype, Tensor, TensorFile};
 use ftk::{Error, Result};
 use regex::Regex;
-use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -49,15 +49,6 @@ pub struct ClientEntry {
     pub num_examples: f64,
 }
 
-#[derive(Deserialize)]
-struct RawEntry {
-    #[serde(default)]
-    kind: Option<String>,
-    cid: Option<serde_json::Value>,
-    path: Option<String>,
-    num_examples: Option<serde_json::Value>,
-}
-
 /// Read `client_update` records; other kinds are skipped. Relative paths are
 /// resolved against the manifest's directory (the working directory for stdin).
 pub fn read_manifest(path: &Path) -> Result<Vec<ClientEntry>> {
@@ -73,9 +64,15 @@ pub fn read_manifest(path: &Path) -> Result<Vec<ClientEntry>> {
     let mut r = Reader::new(input.name.clone(), input.reader);
     let mut out: Vec<ClientEntry> = Vec::new();
     let mut seen = BTreeSet::new();
-    while let Some(e) = r.next_record::<RawEntry>()? {
-        match e.kind.as_deref() {
-            Some("client_update") => {}
+    while let Some(line) = r.next_line()? {
+        // Unlike records::next, a record without a kind is refused: a
+        // manifest of bare {"cid",...} lines would otherwise read as empty.
+        match serde_json::from_str::<KindOnly>(line)
+            .map_err(|e| r.decode_error(&e))?
+            .kind
+            .as_deref()
+        {
+            Some(k) if k == ClientUpdate::KIND => {}
             Some(_) => continue,
             None => {
                 return Err(Error::input(format!(
@@ -84,33 +81,12 @@ pub fn read_manifest(path: &Path) -> Result<Vec<ClientEntry>> {
                 )))
             }
         }
-        let cid = match e.cid {
-            Some(serde_json::Value::String(s)) => s,
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            _ => {
-                return Err(Error::input(format!(
-                    "{}: client_update needs \"cid\" (a string or number)",
-                    r.here()
-                )))
-            }
-        };
-        let Some(p) = e.path else {
-            return Err(Error::input(format!(
-                "{}: client '{cid}' has no \"path\" to its safetensors file",
-                r.here()
-            )));
-        };
-        let num_examples = match e.num_examples.as_ref().and_then(|v| v.as_f64()) {
-            Some(n) if n.is_finite() && n >= 0.0 => n,
-            _ => {
-                return Err(Error::input(format!(
-                    "{}: client '{cid}' needs \"num_examples\" as a non-negative number, got {}",
-                    r.here(),
-                    e.num_examples
-                        .map_or("nothing".to_string(), |v| v.to_string())
-                )))
-            }
-        };
+        let ClientUpdate {
+            cid,
+            path: p,
+            num_examples,
+            ..
+        } = serde_json::from_str(r.current_line()).map_err(|e| r.decode_error(&e))?;
         if !seen.insert(cid.clone()) {
             return Err(Error::input(format!(
                 "{}: client '{cid}' appears twice; each cid must be unique",

@@ -4,37 +4,13 @@
 mod common;
 
 use common::*;
+use ftk::records;
 use ftk::tensors::{write_safetensors, Dtype, OutTensor};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn client(path: &Path) -> PathBuf {
     data().join("clients").join(path)
-}
-
-fn run_ok(args: &[&str]) -> Value {
-    let o = cmd().args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
-/// Runs, expects exit 2 with a one-line error containing every `needles`.
-fn run_bad(args: &[&str], needles: &[&str]) -> String {
-    let o = cmd().args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-    assert!(o.stdout.is_empty(), "{args:?}: stdout {:?}", o.stdout);
-    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-    assert!(err.starts_with("fed-aggregate: error: "), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: expected '{n}' in: {err}");
-    }
-    err
 }
 
 fn s(p: &Path) -> &str {
@@ -126,31 +102,33 @@ fn two_level_partial_merge_equals_one_shot() {
     }
 }
 
+/// FedRA over testdata's allocation (its client files name blocks.N.).
+const FEDRA: [&str; 6] = [
+    "--strategy",
+    "fedra",
+    "--alloc",
+    "fedra_alloc.jsonl",
+    "--layer-pattern",
+    r"blocks\.(\d+)\.",
+];
+
 #[test]
 fn fedra_partials_merge_to_the_public_code_result() {
     let t = tempfile::tempdir().unwrap();
     let m = std::fs::read_to_string(data().join("m_fedra.jsonl")).unwrap();
     let lines: Vec<&str> = m.lines().collect();
-    let fed = [
-        "--strategy",
-        "fedra",
-        "--alloc",
-        "fedra_alloc.jsonl",
-        "--layer-pattern",
-        r"blocks\.(\d+)\.",
-    ];
     let mut ps = Vec::new();
     for (i, part) in [&lines[..1], &lines[1..]].iter().enumerate() {
         // Paths in m_fedra.jsonl are relative to testdata/fed-aggregate (the cwd).
         let p = t.path().join(format!("p{i}.safetensors"));
-        let o = cmd()
-            .args(fed)
-            .arg("--partial-out")
-            .arg(&p)
-            .write_stdin(part.join("\n"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ftk_test::output_ok(
+            cmd()
+                .args(FEDRA)
+                .arg("--partial-out")
+                .arg(&p)
+                .write_stdin(part.join("\n")),
+            "fedra leaf",
+        );
         ps.push(p);
     }
     let out = t.path().join("o.safetensors");
@@ -231,8 +209,25 @@ fn summary_record_schema_help_and_table() {
         text.contains("strategy") && text.contains("fedavg") && !text.contains('{'),
         "{text}"
     );
-    let help = cmd().arg("--help").output().unwrap();
-    let h = String::from_utf8(help.stdout).unwrap();
+    let h = ftk_test::help("fed-aggregate", &[]);
+    ftk_test::assert_documented::<records::Aggregate>(&h);
+    ftk_test::assert_documented::<records::ClientUpdate>(&h);
+    let readme = std::fs::read_to_string(data().join("../../README.md")).unwrap();
+    ftk_test::assert_documented::<records::Aggregate>(&readme);
+    ftk_test::assert_documented::<records::ClientUpdate>(&readme);
+    let alloc_help = ftk_test::help("fed-aggregate", &["fedra-alloc"]);
+    ftk_test::assert_documented::<records::FedraAlloc>(&alloc_help);
+    // Every registered strategy has its block in the table and its name in
+    // --strategy's value list.
+    for spec in fed_aggregate::strategy::ALL {
+        let first = spec.doc.lines().next().unwrap();
+        assert!(
+            h.contains(&format!("  {:19}{first}", spec.name)),
+            "{}",
+            spec.name
+        );
+        assert!(h.contains(spec.about), "{}", spec.about);
+    }
     for needle in [
         "Examples:",
         "rounded to the",
@@ -242,6 +237,73 @@ fn summary_record_schema_help_and_table() {
     ] {
         assert!(h.contains(needle), "--help lacks {needle}");
     }
+}
+
+/// The summary printed is the `records::Aggregate` struct's encoding to the
+/// byte (alphabetical keys, as the map-based writer it replaced printed), for
+/// runs that set each optional field.
+#[test]
+fn summary_lines_are_the_record_struct() {
+    let t = tempfile::tempdir().unwrap();
+    let (o, p) = (
+        t.path().join("o.safetensors"),
+        t.path().join("p.safetensors"),
+    );
+    let g = data().join("global0.safetensors");
+    let runs: Vec<Vec<&str>> = vec![
+        vec![
+            "--strategy",
+            "krum",
+            "--to-keep",
+            "2",
+            "-o",
+            s(&o),
+            "m_r1_9.jsonl",
+        ],
+        vec![
+            "--strategy",
+            "fedavg",
+            "--global",
+            s(&g),
+            "--clip-norm",
+            "0.5",
+            "--noise-multiplier",
+            "1",
+            "--partial-out",
+            s(&p),
+            "-o",
+            s(&o),
+            "m_r1_5.jsonl",
+        ],
+        vec![
+            "--strategy",
+            "fedadam",
+            "--flower-api",
+            "message",
+            "--eta-l",
+            "0.1",
+            "--global",
+            s(&g),
+            "--state",
+            s(&p),
+            "--init-state",
+            "--no-timing",
+            "-o",
+            s(&o),
+            "m_r1_5.jsonl",
+        ],
+    ];
+    for args in runs {
+        let out = ftk_test::output_ok(cmd().args(&args), &format!("{args:?}"));
+        let line = String::from_utf8(out.stdout).unwrap();
+        let rec: records::Aggregate = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            serde_json::to_string(&rec).unwrap() + "\n",
+            line,
+            "{args:?}"
+        );
+    }
+    assert!(records::fields::<records::Aggregate>().is_sorted());
 }
 
 #[test]
@@ -368,17 +430,7 @@ fn fedra_without_global_needs_every_layer_held() {
     let t = tempfile::tempdir().unwrap();
     let o = t.path().join("o.safetensors");
     run_bad(
-        &[
-            "--strategy",
-            "fedra",
-            "--alloc",
-            "fedra_alloc.jsonl",
-            "--layer-pattern",
-            r"blocks\.(\d+)\.",
-            "-o",
-            s(&o),
-            "m_fedra.jsonl",
-        ],
+        &[&FEDRA[..], &["-o", s(&o), "m_fedra.jsonl"]].concat(),
         &["is held by none of this round's clients", "--global"],
     );
 }
@@ -484,36 +536,18 @@ fn dp_noise_is_gaussian_with_std_z_c_over_n_and_seeded() {
         ]
         .concat(),
     );
-    run_ok(
-        &[
-            &common[..],
-            &[
-                "--noise-multiplier",
-                "2",
-                "--seed",
-                "5",
-                "-o",
-                s(&o2),
-                s(&m),
-            ],
-        ]
-        .concat(),
-    );
-    run_ok(
-        &[
-            &common[..],
-            &[
-                "--noise-multiplier",
-                "2",
-                "--seed",
-                "6",
-                "-o",
-                s(&o3),
-                s(&m),
-            ],
-        ]
-        .concat(),
-    );
+    for (seed, out) in [("5", &o2), ("6", &o3)] {
+        let rest = [
+            "--noise-multiplier",
+            "2",
+            "--seed",
+            seed,
+            "-o",
+            s(out),
+            s(&m),
+        ];
+        run_ok(&[&common[..], &rest[..]].concat());
+    }
     let std_want = 2.0 / 3.0;
     assert!((v["dp"]["noise_std"].as_f64().unwrap() - std_want).abs() < 1e-12);
     let eps = v["dp"]["epsilon"].as_f64().unwrap();
@@ -555,6 +589,13 @@ impl Bad {
         let mut rows = pool9()[..5].to_vec();
         rows[3].1 = bad.to_path_buf();
         manifest_of(self.dir.path(), "m.jsonl", &rows)
+    }
+    /// fedavg over the round-1 clients with `bad` in place of r1_c3 must
+    /// fail with exit 2 naming every needle.
+    fn fedavg_bad(&self, bad: &Path, needles: &[&str]) {
+        let m = self.manifest_with(bad);
+        let o = self.p("o.safetensors");
+        run_bad(&["--strategy", "fedavg", "-o", s(&o), s(&m)], needles);
     }
     fn copy_client(&self, name: &str) -> PathBuf {
         let dst = self.p(&format!("{name}.safetensors"));
@@ -637,26 +678,9 @@ fn truncated_and_corrupt_client_files() {
     assert_untouched(&b, &m, &["client 'r1_c3'", "truncated"]);
     let c = b.copy_client("corrupt");
     std::fs::write(&c, b"\x10\0\0\0\0\0\0\0{not json at all}").unwrap();
-    let m = b.manifest_with(&c);
-    run_bad(
-        &[
-            "--strategy",
-            "fedavg",
-            "-o",
-            s(&b.p("o.safetensors")),
-            s(&m),
-        ],
-        &["client 'r1_c3'", "not valid safetensors JSON"],
-    );
-    let m = b.manifest_with(&b.p("missing.safetensors"));
-    run_bad(
-        &[
-            "--strategy",
-            "fedavg",
-            "-o",
-            s(&b.p("o.safetensors")),
-            s(&m),
-        ],
+    b.fedavg_bad(&c, &["client 'r1_c3'", "not valid safetensors JSON"]);
+    b.fedavg_bad(
+        &b.p("missing.safetensors"),
         &["client 'r1_c3'", "missing.safetensors"],
     );
     assert!(!b.p("o.safetensors").exists());

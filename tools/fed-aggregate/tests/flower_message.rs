@@ -8,16 +8,6 @@ use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn run_ok(args: &[&str]) -> Value {
-    let o = cmd().args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
 /// The 9 clients of m_r1_9.jsonl with the given weights (any JSON number).
 fn manifest(dir: &Path, name: &str, n: usize, weight: impl Fn(usize) -> String) -> PathBuf {
     let m = std::fs::read_to_string(data().join("m_r1_9.jsonl")).unwrap();

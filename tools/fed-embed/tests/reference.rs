@@ -19,7 +19,7 @@ fn cases() -> Value {
 }
 
 /// Runs fed-embed in the fixture directory; returns the summary line.
-fn run(args: &[&str]) -> Value {
+fn run<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Value {
     let mut c = ftk_test::tool("fed-embed");
     c.current_dir(data()).args(args);
     ftk_test::run_ok(&mut c, &format!("{args:?}")).remove(0)
@@ -117,37 +117,38 @@ fn subspace_equals_numpy_svd_up_to_sign_and_rotation() {
     }
 }
 
+/// `d3a-weights` over numpy's three client bases and the server features,
+/// writing `o`, then `extra`.
+fn d3a_args(o: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "d3a-weights",
+        "--features",
+        "d3a_server.safetensors",
+        "-o",
+        o,
+    ]
+    .map(String::from)
+    .to_vec();
+    for k in 0..3 {
+        let b = exp(&format!("subspace_c{k}_r8.safetensors"));
+        args.extend(["--basis".to_string(), b.to_str().unwrap().to_string()]);
+    }
+    args.extend(extra.iter().map(|e| e.to_string()));
+    args
+}
+
 #[test]
 fn d3a_weights_match_numpy_for_soft_hard_and_top_k() {
     // Inputs are numpy's bases (so this checks the weighting alone); the
     // weights, cosines and discrepancies are compared elementwise. The hard
     // case is exact: the generator asserts a clear best client everywhere.
     let t = tempfile::tempdir().unwrap();
-    let bases: Vec<String> = (0..3)
-        .map(|k| {
-            exp(&format!("subspace_c{k}_r8.safetensors"))
-                .to_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
     for c in cases()["d3a"].as_array().unwrap() {
         let tag = c["case"].as_str().unwrap();
         let o = out(&t, &format!("w_{tag}.safetensors"));
         let temp = c["temperature"].as_f64().unwrap().to_string();
         let topk = c["top_k"].as_u64().unwrap().to_string();
-        let mut args = vec![
-            "d3a-weights",
-            "--features",
-            "d3a_server.safetensors",
-            "-o",
-            &o,
-        ];
-        for b in &bases {
-            args.extend(["--basis", b.as_str()]);
-        }
-        args.extend(["--temperature", &temp, "--top-k", &topk]);
-        let s = run(&args);
+        let s = run(&d3a_args(&o, &["--temperature", &temp, "--top-k", &topk]));
         let want = exp(&format!("d3a_{tag}.safetensors"));
         for name in ["weights", "similarity", "discrepancy"] {
             let e = max_abs(Path::new(&o), &want, name);
@@ -163,26 +164,8 @@ fn ensemble_matches_pytorch_softmax_mixtures() {
     // soft labels are torch.softmax mixtures (float64), weights from the
     // numpy D3A case at T = 0.1.
     let t = tempfile::tempdir().unwrap();
-    let bases: Vec<String> = (0..3)
-        .map(|k| {
-            exp(&format!("subspace_c{k}_r8.safetensors"))
-                .to_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
     let w = out(&t, "w.safetensors");
-    let mut args = vec![
-        "d3a-weights",
-        "--features",
-        "d3a_server.safetensors",
-        "-o",
-        &w,
-    ];
-    for b in &bases {
-        args.extend(["--basis", b.as_str()]);
-    }
-    run(&args);
+    run(&d3a_args(&w, &[]));
     let teachers = [
         "teacher0.safetensors",
         "teacher1.safetensors",
@@ -309,6 +292,23 @@ fn kmeans_from_fixed_centroids_equals_sklearn() {
     }
 }
 
+/// k-means++ (k = 8) over client 0's features with `seed`, writing `o`.
+fn kmeans_pp(seed: u64, o: &str) -> Value {
+    let sd = seed.to_string();
+    run(&[
+        "cluster",
+        "--features",
+        "client0.safetensors",
+        "--no-labels",
+        "--k",
+        "8",
+        "--seed",
+        &sd,
+        "-o",
+        o,
+    ])
+}
+
 #[test]
 fn kmeans_plus_plus_is_as_good_as_sklearns() {
     // k-means++ draws differ between ftk's ChaCha stream and numpy, so the
@@ -322,21 +322,7 @@ fn kmeans_plus_plus_is_as_good_as_sklearns() {
     let mut got: Vec<f64> = (0..10)
         .map(|seed| {
             let o = out(&t, &format!("pp{seed}.safetensors"));
-            let sd = seed.to_string();
-            run(&[
-                "cluster",
-                "--features",
-                "client0.safetensors",
-                "--no-labels",
-                "--k",
-                "8",
-                "--seed",
-                &sd,
-                "-o",
-                &o,
-            ])["inertia"]
-                .as_f64()
-                .unwrap()
+            kmeans_pp(seed, &o)["inertia"].as_f64().unwrap()
         })
         .collect();
     got.sort_by(f64::total_cmp);
@@ -349,18 +335,7 @@ fn kmeans_plus_plus_is_as_good_as_sklearns() {
     assert!(got[0] <= want, "best {} vs sklearn median {want}", got[0]);
     // Seeds matter and runs are reproducible byte for byte.
     let a = out(&t, "again.safetensors");
-    run(&[
-        "cluster",
-        "--features",
-        "client0.safetensors",
-        "--no-labels",
-        "--k",
-        "8",
-        "--seed",
-        "3",
-        "-o",
-        &a,
-    ]);
+    kmeans_pp(3, &a);
     assert_eq!(
         std::fs::read(&a).unwrap(),
         std::fs::read(out(&t, "pp3.safetensors")).unwrap()

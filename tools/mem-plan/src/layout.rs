@@ -1,106 +1,11 @@
 //! Parallel layout, stage assignment and static memory per GPU.
 
 use ftk::model::ModelConfig;
-use ftk::Result;
 
-/// TP, PP, EP, CP, DP and virtual pipeline stages.
-#[derive(Clone, Copy, Debug)]
-pub struct Layout {
-    pub tp: u64,
-    pub pp: u64,
-    pub ep: u64,
-    pub cp: u64,
-    pub dp: u64,
-    pub vpp: u64,
-    pub world: u64,
-}
-
-impl From<Layout> for ftk::records::Layout {
-    fn from(l: Layout) -> Self {
-        let (tp, pp, ep, cp, dp, vpp, world) = (l.tp, l.pp, l.ep, l.cp, l.dp, l.vpp, l.world);
-        ftk::records::Layout {
-            tp,
-            pp,
-            ep,
-            cp,
-            dp,
-            vpp,
-            world,
-        }
-    }
-}
-
-impl Layout {
-    pub fn new(
-        tp: u64,
-        pp: u64,
-        ep: u64,
-        cp: u64,
-        dp: u64,
-        vpp: u64,
-        m: &ModelConfig,
-    ) -> Result<Layout> {
-        for (v, f) in [
-            (tp, "--tp"),
-            (pp, "--pp"),
-            (ep, "--ep"),
-            (cp, "--cp"),
-            (dp, "--dp"),
-            (vpp, "--vpp"),
-        ] {
-            if v == 0 {
-                ftk::bail!("{f} must be at least 1");
-            }
-        }
-        if let Some(moe) = &m.moe {
-            if !moe.experts.is_multiple_of(ep) {
-                ftk::bail!(
-                    "--ep {ep} does not divide the model's {} experts",
-                    moe.experts
-                );
-            }
-        } else if ep > 1 {
-            ftk::bail!("--ep {ep} given but the model has no experts");
-        }
-        if !(dp * cp).is_multiple_of(ep) {
-            ftk::bail!(
-                "--ep {ep} must divide --dp × --cp = {} (Megatron-LM forms expert-parallel groups inside the data × context parallel ranks)",
-                dp * cp
-            );
-        }
-        if pp * vpp > m.layers {
-            ftk::bail!(
-                "--pp {pp} × --vpp {vpp} exceeds the model's {} layers",
-                m.layers
-            );
-        }
-        if vpp > 1 && pp == 1 {
-            ftk::bail!(
-                "--vpp needs --pp > 1 (interleaving splits a pipeline stage into model chunks)"
-            );
-        }
-        Ok(Layout {
-            tp,
-            pp,
-            ep,
-            cp,
-            dp,
-            vpp,
-            world: tp * pp * cp * dp,
-        })
-    }
-
-    /// Pipeline rank holding layer `i`: layers split into pp·vpp contiguous
-    /// model chunks (remainder to the first chunks); chunk j runs on rank j mod pp.
-    pub fn stage_of(&self, layers: u64, i: u64) -> u64 {
-        let chunks = self.pp * self.vpp;
-        // chunk j holds [j*L/chunks, (j+1)*L/chunks)
-        let j = (0..chunks)
-            .find(|&j| i < (j + 1) * layers / chunks)
-            .unwrap_or(chunks - 1);
-        j % self.pp
-    }
-}
+/// TP, PP, EP, CP, DP, virtual pipeline stages and the world size: the
+/// summary record's type, with `Layout::new` (checked against the model) and
+/// `stage_of` from `ftk::layout` (mofa-predict uses them too).
+pub use ftk::records::Layout;
 
 /// Bytes per parameter for the weights, their gradients and the optimizer.
 #[derive(Clone, Copy, Debug, serde::Serialize)]

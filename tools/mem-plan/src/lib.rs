@@ -59,7 +59,7 @@ pub fn run(a: Args) -> Result<()> {
         params: m.total_params(),
         layers: m.layers,
         moe_layers: m.moe_layers(),
-        layout: layout.into(),
+        layout,
         micro_batch: a.micro_batch,
         seq: a.seq,
         dtype: a.dtype.clone(),

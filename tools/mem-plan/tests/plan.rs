@@ -295,17 +295,13 @@ fn histograms_set_tokens_received() {
     } else {
         text
     };
-    let out = ftk_test::tool("mem-plan")
-        .args([
-            "--model", &mix, "--hist", "-", "--ep", "8", "--dp", "8", "--seq", "2048",
-        ])
-        .write_stdin(text)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = ftk_test::output_ok(
+        ftk_test::tool("mem-plan")
+            .args([
+                "--model", &mix, "--hist", "-", "--ep", "8", "--dp", "8", "--seq", "2048",
+            ])
+            .write_stdin(text),
+        "mem-plan",
     );
     let recs: Vec<Value> = String::from_utf8(out.stdout)
         .unwrap()

@@ -4,6 +4,7 @@
 use crate::count;
 use crate::hist::Accum;
 use crate::route_record::{RecordSeed, NEED_EXPERTS};
+use ftk::error::Context;
 use ftk::jsonl::Reader;
 use ftk::routing::Placement;
 use ftk::tensors::{self, TensorFile};
@@ -238,7 +239,8 @@ fn topk_layer(
             (s.device, crate::cuda::kernel_for(t.dtype))
         {
             let counted = crate::cuda::count_topk(ordinal, t.dtype, bytes, experts)
-                .map_err(|m| Error::input(format!("{}: {m}", t.here())))?;
+                // Keeps the class: a CUDA failure is exit 3, not the file's fault.
+                .context(t.here())?;
             if let Some(unit) = counted {
                 acc.add_unit(p, r, (b - a) as u64, &unit, s.capacity_factor);
                 continue;

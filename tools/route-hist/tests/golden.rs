@@ -257,15 +257,11 @@ fn jsonl_field_order_unknown_fields_and_other_kinds() {
 
 {"kind":"route","layer":0,"step":0,"rank":1,"topk":[[3,2]],"tokens_dropped":0}
 "#;
-    let out = cmd()
-        .args(["--experts", "4", "--ep", "2"])
-        .write_stdin(input)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = ftk_test::output_ok(
+        cmd()
+            .args(["--experts", "4", "--ep", "2"])
+            .write_stdin(input),
+        "route-hist",
     );
     let recs = lines(&out.stdout);
     assert_eq!(recs.len(), 1);

@@ -10,11 +10,27 @@ pub fn data() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/fed-aggregate")
 }
 
+/// fed-aggregate, run in testdata/fed-aggregate (the manifests' paths are
+/// relative to it).
 pub fn cmd() -> Command {
-    let mut c = Command::cargo_bin("fed-aggregate").unwrap();
+    let mut c = ftk_test::tool("fed-aggregate");
     c.current_dir(data());
-    c.env("FTK_NO_PROGRESS", "1");
     c
+}
+
+/// Run with `args`, expect exit 0, return the summary line.
+pub fn run_ok(args: &[&str]) -> serde_json::Value {
+    let mut lines = ftk_test::run_ok(cmd().args(args), &format!("{args:?}"));
+    assert_eq!(lines.len(), 1, "{args:?}: one summary line");
+    lines.remove(0)
+}
+
+/// Run with `args`, expect exit 2 with a one-line error containing every
+/// needle; return the message.
+pub fn run_bad(args: &[&str], needles: &[&str]) -> String {
+    let o = cmd().args(args).output().unwrap();
+    ftk_test::assert_error("fed-aggregate", &o, 2, needles);
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Every tensor of a file, decoded to f64, by name.
