@@ -760,7 +760,8 @@ def megatron_moe_modelzoo():
 MB_COMMIT = "067f987df03b8355b03192d88d70f1709fedf51a"
 GPT_OSS_120B = {"arch": "llama", "name": "gpt-oss-120b", "layers": 36, "hidden": 2880, "heads": 64,
                 "kv_heads": 8, "head_dim": 64, "ffn": 2880, "vocab": 201088, "seq": 4096, "params_b": 120.0,
-                "moe": {"experts": 128, "topk": 4, "expert_ffn": 2880, "shared_experts": 0, "moe_layers": 36}}
+                "moe": {"experts": 128, "topk": 4, "expert_ffn": 2880, "shared_experts": 0, "moe_layers": 36,
+                        "expert_bias": True}}
 MB_ROWS = [  # release, gbs, mbs, vp, tokens/s/GPU, TF/GPU
     # 25.11 (GBS 512, MBS 4, VP 1, GA 2, 5630 tokens/s/GPU) is left out: GA 2 contradicts
     # GBS / (MBS * DP) = 512 / (4 * 16) = 8, so the run's configuration cannot be determined.
@@ -793,7 +794,8 @@ def megatron_bridge():
                       "(moe_router_force_load_balancing; the docs say MoE benchmarks force-balance tokens), "
                       "sequence parallel off. Model shape: Hugging Face GptOssConfig defaults = gpt-oss-120b "
                       "(36 layers, hidden 2880, 64 heads of 64, 8 KV heads, 128 experts top-4, expert ffn 2880, "
-                      "vocab 201088); half the layers use a 128-token sliding window and attention sinks, which "
+                      "vocab 201088; the experts' linear layers carry biases: expert_bias, Megatron-Bridge's "
+                      "gpt_oss_bridge.py sets add_bias_linear); half the layers use a 128-token sliding window and attention sinks, which "
                       "the row does not encode. Distributed optimizer and grad-reduce overlap are Megatron-Bridge "
                       "perf-recipe defaults (assumed). DGX-H100 fabric not stated."
                       % (", VP %d" % vp if vp else ", VP n/a"))},
@@ -1227,7 +1229,7 @@ TOP = {"id", "model", "cluster", "strategy", "measured", "source", "confidence",
 MODEL = {"arch", "name", "layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "seq",
          "params_b", "active_params_b", "tie_embeddings", "moe", "mla"}
 MLA = {"q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_rope_head_dim", "v_head_dim"}
-MOE = {"experts", "topk", "expert_ffn", "shared_experts", "shared_ffn", "moe_layers"}
+MOE = {"experts", "topk", "expert_ffn", "shared_experts", "shared_ffn", "moe_layers", "expert_bias"}
 CLUSTER = {"gpu", "gpus", "gpus_per_node", "nic_gbps_per_node", "peak_tflops", "hbm_gb", "hbm_gbs",
            "intra_node_gbps", "inter_node_gbps", "power_w", "rated_power_w"}
 STRATEGY = {"tp", "pp", "vpp", "cp", "ep", "etp", "dp", "mbs", "gbs", "grad_accum", "recompute", "zero",
@@ -1310,6 +1312,7 @@ def check_row(r, slug, where):
         need(ml is None or ml <= m["layers"], where, "moe.moe_layers exceeds layers")
         pos_int(m["moe"], "shared_ffn", where + ": model.moe", False)
         need(isinstance(m["moe"].get("shared_experts", 0), int), where, "moe.shared_experts must be an integer")
+        need(isinstance(m["moe"].get("expert_bias", False), bool), where, "moe.expert_bias must be true or false")
     if "mla" in m:
         keys(m["mla"], MLA, where + ": model.mla")
         for k in sorted(MLA):

@@ -5,7 +5,8 @@
 //! ```text
 //! {"id", "model": {"arch","layers","hidden","heads","kv_heads","ffn","vocab","seq",
 //!   "params_b","head_dim","tie_embeddings",
-//!   "moe": null | {"experts","topk","expert_ffn","shared_experts","shared_ffn","moe_layers"}},
+//!   "moe": null | {"experts","topk","expert_ffn","shared_experts","shared_ffn","moe_layers",
+//!                  "expert_bias"}},
 //!  "cluster": {"gpu","peak_tflops","gpus","gpus_per_node","hbm_gb","hbm_gbs",
 //!   "intra_node_gbps","inter_node_gbps","gemm_eff","attn_tflops"},
 //!  "strategy": {"tp","pp","dp","cp","ep","vpp","mbs","gbs","recompute","zero","sp",
@@ -43,7 +44,7 @@ pub const CKPT_BYTES_PER_PARAM: f64 = 14.0;
 pub const DEFAULTS_HELP: &str = "\
 Defaults: model.arch llama (SwiGLU; gpt = GELU MLP, learned positions, tied embeddings),
 kv_heads = heads, head_dim = hidden/heads, ffn = 4·hidden for gpt; moe.expert_ffn = ffn,
-shared_experts 0, moe_layers = layers (dense layers first). cluster: every field from the
+shared_experts 0, moe_layers = layers (dense layers first), expert_bias false. cluster: every field from the
 gpu preset, gpus = tp·pp·cp·dp, gpus_per_node 8. strategy: tp pp cp ep vpp mbs 1,
 dp = gpus/(tp·pp·cp), gbs = mbs·dp, recompute selective, zero 1, sp = (tp > 1),
 flash_attn true, overlap_grad_reduce true, moe_imbalance 0 (max_vio of route-hist),
@@ -104,6 +105,7 @@ pub const MOE_KEYS: &[&str] = &[
     "shared_experts",
     "shared_ffn",
     "moe_layers",
+    "expert_bias",
 ];
 pub const CLUSTER_KEYS: &[&str] = &[
     "gpu",
@@ -358,6 +360,9 @@ pub struct Job {
     pub cluster: Cluster,
     pub strategy: Strategy,
     pub run: Run,
+    /// `model.moe.expert_bias`: the experts' linear layers carry biases
+    /// (gpt-oss); Megatron-Core adds the second one outside the grouped GEMM.
+    pub expert_bias: bool,
 }
 
 /// A JSON object with the dotted path of its fields, for messages, and the
@@ -595,6 +600,7 @@ pub fn model_from_obj(o: &Obj) -> Result<(ModelConfig, Option<u64>)> {
                     format!("exceeds model.layers ({layers}), got {moe_layers}"),
                 ));
             }
+            m.opt_bool("expert_bias")?;
             let first_dense = layers - moe_layers;
             (
                 Some(Moe {
@@ -1142,6 +1148,15 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         root.assume("cluster.gpus", world);
     }
     let run = run_from_obj(root.obj("run")?.as_ref())?;
+    let expert_bias = match root.obj("model")? {
+        Some(m) => match m.obj("moe")? {
+            Some(e) => e.opt_bool("expert_bias")?.unwrap_or(false),
+            None => false,
+        },
+        // A Hugging Face gpt-oss config: its experts always carry biases
+        // (`GptOssExperts.gate_up_proj_bias`, `down_proj_bias`).
+        None => model.moe.is_some() && model.arch == "gpt_oss",
+    };
     let job = Job {
         id: map.get("id").cloned().unwrap_or(Value::Null),
         model,
@@ -1149,6 +1164,7 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         cluster,
         strategy,
         run,
+        expert_bias,
     };
     Ok((job, assumed.into_inner()))
 }
@@ -1190,6 +1206,29 @@ mod tests {
 
     fn job(v: Value) -> Result<Job> {
         job_from_value(&v, &Fallback::default(), "t: line 1")
+    }
+
+    #[test]
+    fn a_gpt_oss_config_brings_expert_biases() {
+        let cfg = |t: &str| {
+            let text = format!(
+                r#"{{"model_type":"{t}","hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,
+                "num_key_value_heads":2,"head_dim":16,"intermediate_size":64,"vocab_size":128,
+                "num_local_experts":8,"num_experts_per_tok":2}}"#
+            );
+            ModelConfig::from_json_str(&text, "config.json").unwrap()
+        };
+        let v = json!({"strategy":{"tp":1,"ep":2},"cluster":{"gpu":"H100","gpus":2}});
+        for (t, want) in [("gpt_oss", true), ("mixtral", false)] {
+            let fb = Fallback {
+                model: Some(cfg(t)),
+                seq: Some(64),
+                cluster: None,
+            };
+            let j = job_from_value(&v, &fb, "t").unwrap();
+            assert!(j.model.moe.is_some(), "{t}");
+            assert_eq!(j.expert_bias, want, "{t}");
+        }
     }
 
     fn base() -> Value {

@@ -632,8 +632,23 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     let sp_div = if st.sp { t } else { 1.0 };
     let elem = tok * (c.elem_bytes * h / sp_div + 6.0 * elem_ffn) / hw.hbm;
 
-    let fwd = gemm + attn_fwd + elem;
-    let bwd = 2.0 * gemm + attn_bwd + 2.0 * elem;
+    // Expert biases (gpt-oss): Megatron-Core adds the second expert linear's
+    // bias, scaled by the router probability, outside the grouped GEMM in
+    // eager PyTorch (`TEGroupedMLP._apply_bias`: per expert `t + b·p` with
+    // fp32 probabilities, `torch.cat`, cast back to bf16). Per routed token
+    // copy and hidden unit that moves 28 bytes forward (write b·p 4, read
+    // t 2 + 4, write 4, cat 4 + 4, cast 4 + 2) and about 36 backward
+    // (casts back 6 + 6, the bias and probability gradients' products and
+    // reductions 12 + 12).
+    let (bias_f, bias_b) = match moe {
+        Some(e) if job.expert_bias => {
+            let n = tok * e.topk as f64 * imb * h / hw.hbm;
+            (28.0 * n, 36.0 * n)
+        }
+        _ => (0.0, 0.0),
+    };
+    let fwd = gemm + attn_fwd + elem + bias_f;
+    let bwd = 2.0 * gemm + attn_bwd + 2.0 * elem + bias_b;
     let recompute = match st.recompute {
         Recompute::Full => fwd,
         // Half the forward's matmuls and all its elementwise work re-run.
@@ -1322,6 +1337,33 @@ mod tests {
         let elem = full.fwd - gemm - af;
         assert!((tt.recompute - (0.5 * gemm + elem)).abs() < 1e-12);
         assert!(tt.recompute > 0.4 * full.recompute && tt.recompute < 0.6 * full.recompute);
+    }
+
+    #[test]
+    fn expert_bias_adds_its_fp32_passes_to_moe_layers_only() {
+        let mk = |bias: bool| {
+            let v = serde_json::json!({"model":{"arch":"llama","layers":4,"hidden":2880,"heads":64,
+                "kv_heads":8,"head_dim":64,"ffn":2880,"vocab":32000,"seq":4096,
+                "moe":{"experts":128,"topk":4,"expert_ffn":2880,"moe_layers":2,"expert_bias":bias}},
+                "cluster":{"gpu":"H100","gpus":8},
+                "strategy":{"tp":1,"pp":1,"ep":8,"mbs":1,"gbs":8,"recompute":"none"}});
+            job_from_value(&v, &Fallback::default(), "t").unwrap()
+        };
+        let (plain, biased) = (mk(false), mk(true));
+        let hw = Hw::of(&plain);
+        // A dense layer (the first) is untouched; a MoE layer pays 28 bytes
+        // forward and 36 backward per routed token copy and hidden unit.
+        let d0 = layer_cost(&plain, 0, &hw, &CALIB);
+        let d1 = layer_cost(&biased, 0, &hw, &CALIB);
+        assert_eq!((d0.fwd, d0.bwd), (d1.fwd, d1.bwd));
+        let e0 = layer_cost(&plain, 3, &hw, &CALIB);
+        let e1 = layer_cost(&biased, 3, &hw, &CALIB);
+        let n = 4096.0 * 4.0 * 2880.0 / hw.hbm;
+        assert!((e1.fwd - e0.fwd - 28.0 * n).abs() < 1e-12);
+        assert!((e1.bwd - e0.bwd - 36.0 * n).abs() < 1e-12);
+        let v = serde_json::json!({"model":{"layers":2,"hidden":64,"heads":4,"vocab":100,"seq":64,
+            "moe":{"experts":4,"topk":2,"expert_bias":1}},"strategy":{"tp":1}});
+        assert!(job_from_value(&v, &Fallback::default(), "t").is_err());
     }
 
     #[test]
