@@ -6,74 +6,19 @@ mod common;
 
 use common::*;
 
-use candle_core::{Device, Tensor};
-use diffuse_synth::classifier::{bicubic_matrix, Classifier};
-use diffuse_synth::guidance::{loss_and_grad, Denoiser, FedCado};
-use diffuse_synth::scheduler::{Config, Kind, Scheduler};
-use diffuse_synth::{model, sd};
+use diffuse_synth::classifier::bicubic_matrix;
+use diffuse_synth::place::Placement;
+use diffuse_synth::sd;
 use ftk::tensors::TensorFile;
 use std::path::Path;
-
-fn row0(f: &TensorFile, name: &str) -> Tensor {
-    let t = f.require(name).unwrap();
-    let mut shape = t.shape.to_vec();
-    let v = t.to_f32_vec().unwrap();
-    let n = v.len() / shape[0];
-    shape[0] = 1;
-    Tensor::from_vec(v[..n].to_vec(), shape, &Device::Cpu).unwrap()
-}
 
 #[test]
 fn gradients_match_pytorch() {
     let _ = sd::attention::LayerNormSlow::new; // the differentiable LayerNorm is in use
     let td = td();
-    let unet = model::load_unet(&td.join("tiny-sd")).unwrap();
-    let vae = model::load_vae(&td.join("tiny-sd")).unwrap();
-    let clf = Classifier::load(
-        &td.join("classifier.json"),
-        &td.join("classifier.safetensors"),
-    )
-    .unwrap();
-    let pipe = TensorFile::open(&td.join("pipeline.safetensors")).unwrap();
-    let ctx = Tensor::cat(
-        &[
-            row0(&pipe, "negative_prompt_embeds"),
-            row0(&pipe, "prompt_embeds"),
-        ],
-        0,
-    )
-    .unwrap();
-    let z0 = row0(&pipe, "latents");
-    let (_, raw, src) = model::read_scheduler_config(&td.join("tiny-sd")).unwrap();
-    let mut cfg = Config::from_json(Kind::Ddpm, &raw, &src).unwrap();
-    cfg.apply_pipeline_fixes();
     let reff = TensorFile::open(&td.join("fedcado.safetensors")).unwrap();
-    let den = Denoiser {
-        unet: &unet,
-        ctx,
-        class_labels: None,
-        weights: vec![3.0],
-        guided: true,
-    };
-    let fc = FedCado {
-        classifier: &clf,
-        class: 1,
-        size: 12,
-        bn_weight: 0.1,
-    };
     for (tag, with_ce) in [("ce_bn", true), ("bn", false)] {
-        let mut sched = Scheduler::new(&cfg, 4, 0.0).unwrap();
-        let z: Vec<f32> = z0
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v * sched.init_noise_sigma())
-            .collect();
-        let t = sched.timesteps()[0];
-        let (loss, g) =
-            loss_and_grad(&den, &vae, &fc, &mut sched, 0, t, &z, (1, 4, 8, 8), with_ce).unwrap();
+        let (loss, g) = fedcado_loss_and_grad(&Placement::cpu(), with_ce);
         let want_loss = reff
             .require(&format!("loss.{tag}"))
             .unwrap()

@@ -10,21 +10,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use diffuse_synth::classifier::Classifier;
-use diffuse_synth::guidance::{loss_and_grad, Denoiser, FedCado};
 use diffuse_synth::model;
 use diffuse_synth::place::Placement;
-use diffuse_synth::scheduler::{Config, Kind, Scheduler};
 use ftk::tensors::TensorFile;
-
-fn row0(f: &TensorFile, name: &str) -> Tensor {
-    let t = f.require(name).unwrap();
-    let mut shape = t.shape.to_vec();
-    let v = t.to_f32_vec().unwrap();
-    let n = v.len() / shape[0];
-    shape[0] = 1;
-    Tensor::from_vec(v[..n].to_vec(), shape, &Device::Cpu).unwrap()
-}
 
 fn place(dtype: DType) -> Placement {
     Placement {
@@ -33,60 +21,11 @@ fn place(dtype: DType) -> Placement {
     }
 }
 
-/// FedCADO's (loss, d loss / d z) at the first DDPM step with the UNet and VAE on `p`.
-fn fedcado(p: &Placement, with_ce: bool) -> (f32, Vec<f32>) {
-    let td = td();
-    let unet = model::load_unet_on(&td.join("tiny-sd"), p).unwrap();
-    let vae = model::load_vae_on(&td.join("tiny-sd"), p).unwrap();
-    let clf = Classifier::load(
-        &td.join("classifier.json"),
-        &td.join("classifier.safetensors"),
-    )
-    .unwrap();
-    let pipe = TensorFile::open(&td.join("pipeline.safetensors")).unwrap();
-    let ctx = Tensor::cat(
-        &[
-            row0(&pipe, "negative_prompt_embeds"),
-            row0(&pipe, "prompt_embeds"),
-        ],
-        0,
-    )
-    .unwrap();
-    let z0 = row0(&pipe, "latents");
-    let (_, raw, src) = model::read_scheduler_config(&td.join("tiny-sd")).unwrap();
-    let mut cfg = Config::from_json(Kind::Ddpm, &raw, &src).unwrap();
-    cfg.apply_pipeline_fixes();
-    let den = Denoiser {
-        unet: &unet,
-        ctx,
-        class_labels: None,
-        weights: vec![3.0],
-        guided: true,
-    };
-    let fc = FedCado {
-        classifier: &clf,
-        class: 1,
-        size: 12,
-        bn_weight: 0.1,
-    };
-    let mut sched = Scheduler::new(&cfg, 4, 0.0).unwrap();
-    let z: Vec<f32> = z0
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v * sched.init_noise_sigma())
-        .collect();
-    let t = sched.timesteps()[0];
-    loss_and_grad(&den, &vae, &fc, &mut sched, 0, t, &z, (1, 4, 8, 8), with_ce).unwrap()
-}
-
 #[test]
 fn f64_candle_ops_path_matches_pytorch_gradients() {
     let reff = TensorFile::open(&td().join("fedcado.safetensors")).unwrap();
     for (tag, with_ce) in [("ce_bn", true), ("bn", false)] {
-        let (loss, g) = fedcado(&place(DType::F64), with_ce);
+        let (loss, g) = fedcado_loss_and_grad(&place(DType::F64), with_ce);
         let want_loss = reff
             .require(&format!("loss.{tag}"))
             .unwrap()
@@ -116,14 +55,7 @@ fn f64_candle_ops_path_matches_pytorch_gradients() {
 fn half_precision_plumbing_runs_and_stays_close() {
     let td = td();
     let pipe = TensorFile::open(&td.join("pipeline.safetensors")).unwrap();
-    let ctx = Tensor::cat(
-        &[
-            row0(&pipe, "negative_prompt_embeds"),
-            row0(&pipe, "prompt_embeds"),
-        ],
-        0,
-    )
-    .unwrap();
+    let ctx = cfg_context(&pipe);
     let z = row0(&pipe, "latents");
     let x = Tensor::cat(&[&z, &z], 0).unwrap();
     let run = |p: &Placement| -> (Vec<f32>, Vec<f32>) {
