@@ -233,18 +233,14 @@ NUM_CLASSES = 10
 DESCRIBE_IMAGES = 6
 
 
-def build_guided() -> tuple[Path, Path, Path]:
-    """A torchvision ResNet-18 (random weights and BN statistics, 10 classes), DDPM step
-    noise for one sample, and FedDEO's images + fixed draws; generated once beside the model."""
-    clf, noise, desc = OUT / "resnet18.safetensors", OUT / "step_noise.safetensors", OUT / "describe.safetensors"
-    if clf.exists() and noise.exists() and desc.exists():
-        return clf, noise, desc
+def write_random_resnet18(path: Path, num_classes: int, gen) -> None:
+    """A torchvision ResNet-18 state_dict with random weights and BN statistics drawn
+    from `gen` (a torch.Generator), as safetensors at `path`."""
     import torch
     import torchvision
     from safetensors.torch import save_file
 
-    gen = torch.Generator().manual_seed(SEED + 1)
-    net = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    net = torchvision.models.resnet18(num_classes=num_classes)
     with torch.no_grad():
         for name, p in net.named_parameters():
             if p.dim() > 1:
@@ -258,7 +254,20 @@ def build_guided() -> tuple[Path, Path, Path]:
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
                 m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
     sd = {k: v.contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-    save_file(sd, str(clf))
+    save_file(sd, str(path))
+
+
+def build_guided() -> tuple[Path, Path, Path]:
+    """A torchvision ResNet-18 (random weights and BN statistics, 10 classes), DDPM step
+    noise for one sample, and FedDEO's images + fixed draws; generated once beside the model."""
+    clf, noise, desc = OUT / "resnet18.safetensors", OUT / "step_noise.safetensors", OUT / "describe.safetensors"
+    if clf.exists() and noise.exists() and desc.exists():
+        return clf, noise, desc
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(SEED + 1)
+    write_random_resnet18(clf, NUM_CLASSES, gen)
     s = UNET["sample_size"]
     save_file({"noise": torch.randn((GUIDED_STEPS + 1, 1, 4, s, s), generator=gen)}, str(noise))
     f = 2 ** (len(VAE["block_out_channels"]) - 1)

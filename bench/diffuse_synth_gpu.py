@@ -320,24 +320,9 @@ def run_fedcado(a, env) -> None:
     clf = a.work / "resnet18.safetensors"
     noise = a.work / f"step_noise_{a.guided_steps}.safetensors"
     if not clf.exists():
-        g = torch.Generator().manual_seed(16)
-        import torchvision
+        from diffuse_synth_bench import write_random_resnet18  # beside this script
 
-        net = torchvision.models.resnet18(num_classes=10)
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                if p.dim() > 1:
-                    p.copy_(torch.randn(p.shape, generator=g) * (2.0 / p[0].numel()) ** 0.5)
-                elif name.endswith("weight"):
-                    p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-                else:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            for m in net.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                    m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()
-                   if not k.endswith("num_batches_tracked")}, str(clf))
+        write_random_resnet18(clf, 10, torch.Generator().manual_seed(16))
     if not noise.exists():
         g = torch.Generator().manual_seed(17)
         save_file({"noise": torch.randn((a.guided_steps + 1, 1, 4, 64, 64), generator=g)}, str(noise))
