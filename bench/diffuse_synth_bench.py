@@ -146,6 +146,13 @@ def slice_inputs(inputs: Path, batch: int) -> tuple[Path, Path]:
 
 def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """Wall seconds from spawn to exit, peak RSS in MiB (/usr/bin/time -v), stdout."""
+    dt, rss, _, out, _ = timed_cpu(argv, env)
+    return dt, rss, out
+
+
+def timed_cpu(argv: list[str], env: dict | None = None) -> tuple[float, float, float, str, str]:
+    """timed's wall seconds and peak RSS, the process's CPU seconds (user + sys, from
+    /usr/bin/time -v), stdout and stderr."""
     if TIME:
         argv = [TIME, "-v"] + argv
     t0 = time.perf_counter()
@@ -153,11 +160,27 @@ def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         sys.exit(f"FAIL: {' '.join(argv)}\n{p.stderr[-3000:]}")
-    rss = float("nan")
+    rss, cpu = float("nan"), float("nan")
     for line in p.stderr.splitlines():
         if "Maximum resident set size" in line:
             rss = int(line.rsplit(":", 1)[1]) / 1024
-    return dt, rss, p.stdout
+        elif "User time (seconds)" in line:
+            cpu = float(line.rsplit(":", 1)[1])
+        elif "System time (seconds)" in line:
+            cpu += float(line.rsplit(":", 1)[1])
+    return dt, rss, cpu, p.stdout, p.stderr
+
+
+def ftk_phases(stderr: str) -> dict[str, list[tuple[float, float]]]:
+    """diffuse-synth's FTK_DIFFUSE_TIMINGS lines: phase kind -> [(wall s, CPU s)]."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for line in stderr.splitlines():
+        if not line.startswith("diffuse-synth: timing: "):
+            continue
+        name, rest = line[len("diffuse-synth: timing: "):].rsplit(": ", 1)
+        w, u, sy = (float(x.split()[0]) for x in rest.split(", "))
+        out.setdefault(name.split(" (")[0].rstrip("0123456789 "), []).append((w, u + sy))
+    return out
 
 
 def ftk_argv(model, emb, lat, a, steps, out) -> list[str]:
@@ -196,6 +219,7 @@ def peer(a) -> None:
 
     dlogging.set_verbosity_error()
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    tl = time.perf_counter()
     cls = getattr(diffusers, PEER_CLASSES[a.scheduler])
     sch = cls.from_pretrained(a.model, subfolder="scheduler")
     p = StableDiffusionPipeline.from_pretrained(
@@ -203,26 +227,30 @@ def peer(a) -> None:
         feature_extractor=None, image_encoder=None, requires_safety_checker=False,
     )
     p.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - tl
     e, lat = load_file(a.emb), load_file(a.lat)["latents"]
-    stamps = []
+    stamps, cstamps = [], []
 
     def cb(pipe, i, t, kw):
         stamps.append(time.perf_counter())
+        cstamps.append(time.process_time())
         return kw
 
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = p(prompt_embeds=e["prompt_embeds"], negative_prompt_embeds=e["negative_prompt_embeds"],
                 latents=lat.clone(), num_inference_steps=a.steps, guidance_scale=a.cfg, output_type="latent",
                 callback_on_step_end=cb).images
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         img = p.vae.decode(res / p.vae.config.scaling_factor, return_dict=False)[0]
         img = (img / 2 + 0.5).clamp(0, 1)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
     save_file({"latents": res.contiguous(), "images": img.contiguous()}, a.out)
     steps = [b - a_ for a_, b in zip([t0] + stamps, stamps)]
-    print(json.dumps({"denoise_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0,
-                      "median_step_s": statistics.median(steps), "threads": torch.get_num_threads(),
+    csteps = [b - a_ for a_, b in zip([c0] + cstamps, cstamps)]
+    print(json.dumps({"denoise_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0, "load_s": load_s,
+                      "median_step_s": statistics.median(steps), "median_step_cpu_s": statistics.median(csteps),
+                      "decode_cpu_s": c2 - c1, "total_cpu_s": c2 - c0, "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "diffusers": diffusers.__version__}))
 
 
@@ -514,6 +542,7 @@ def main() -> None:
         model, inputs = a.sd15 / "model", a.sd15 / "inputs.safetensors"
         emb = lat = inputs
         a.batch = 1
+        OUT.mkdir(parents=True, exist_ok=True)
     else:
         model, inputs = build()
         emb, lat = slice_inputs(inputs, a.batch)
@@ -528,20 +557,30 @@ def main() -> None:
         return
     f_out, p_out = OUT / "ftk_out.safetensors", OUT / "peer_out.safetensors"
 
-    # ftk has no per-step timer: its per-step time is (T(steps) - T(1)) / (steps - 1),
-    # which cancels load, decode and write (one extra 1-step run, not in ftk_s).
-    f1, _, _ = timed(ftk_argv(model, emb, lat, a, 1, OUT / "ftk_1step.safetensors"), fenv)
-    fs, frss, ps, prss, peers = [], [], [], [], []
+    # ftk's phases (load, each step, decode, write) from its FTK_DIFFUSE_TIMINGS lines;
+    # wall and CPU (user + sys) seconds on both sides, the machine being shared.
+    tenv = dict(fenv, FTK_DIFFUSE_TIMINGS="1")
+    fs, fcpu, frss, fph, ps, prss, peers = [], [], [], [], [], [], []
     for _ in range(a.reps):
-        dt, rss, _ = timed(ftk_argv(model, emb, lat, a, a.steps, f_out), fenv)
+        dt, rss, cpu, _, err = timed_cpu(ftk_argv(model, emb, lat, a, a.steps, f_out), tenv)
         fs.append(dt)
+        fcpu.append(cpu)
         frss.append(rss)
-        dt, rss, out = timed(peer_argv(model, emb, lat, a, a.steps, p_out))
+        fph.append(ftk_phases(err))
+        dt, rss, _, out, _ = timed_cpu(peer_argv(model, emb, lat, a, a.steps, p_out))
         pr = json.loads(out.strip().splitlines()[-1])
         ps.append(pr["total_s"])
         prss.append(rss)
         peers.append(pr)
     ftk_s, peer_s = statistics.median(fs), statistics.median(ps)
+
+    def ph(kind: str, i: int) -> float:
+        """Median over reps of the median (steps) or sum (other phases) of `kind`."""
+        vals = []
+        for f in fph:
+            xs = [x[i] for x in f.get(kind, [])]
+            vals.append(statistics.median(xs) if kind == "step" else sum(xs))
+        return statistics.median(vals) if vals else float("nan")
 
     import numpy as np
     from safetensors.numpy import load_file
@@ -553,8 +592,9 @@ def main() -> None:
     tol = 1e-4 * scale if a.sd15 else 1e-2 * max(scale, 1.0)
     if not np.isfinite(diff) or diff > tol:
         sys.exit(f"FAIL: final latents differ: max abs diff {diff} (max |latent| {scale})")
-    ftk_step = (ftk_s - f1) / (a.steps - 1)
+    ftk_step = ph("step", 0)
     peer_step = statistics.median(p["median_step_s"] for p in peers)
+    pmed = lambda k: round(statistics.median(p[k] for p in peers), 3)  # noqa: E731
     print(json.dumps({
         "bench": "diffuse_synth_steps",
         "scheduler": a.scheduler,
@@ -573,10 +613,21 @@ def main() -> None:
         # extras
         "ftk_s_includes": "process start, model load, denoising, VAE decode, write",
         "peer_s_includes": "pipeline call (denoising) + VAE decode; load excluded",
-        "peer_denoise_s": round(statistics.median(p["denoise_s"] for p in peers), 3),
+        "peer_denoise_s": pmed("denoise_s"),
         "ftk_step_s": round(ftk_step, 4),
         "peer_step_s": round(peer_step, 4),
         "step_speedup": round(peer_step / ftk_step, 3) if ftk_step > 0 else None,
+        "ftk_step_cpu_s": round(ph("step", 1), 3),
+        "peer_step_cpu_s": pmed("median_step_cpu_s"),
+        "ftk_decode_s": round(ph("vae decode", 0), 3),
+        "peer_decode_s": pmed("decode_s"),
+        "ftk_decode_cpu_s": round(ph("vae decode", 1), 3),
+        "peer_decode_cpu_s": pmed("decode_cpu_s"),
+        "ftk_load_s": round(ph("load unet", 0) + ph("load vae", 0), 3),
+        "peer_load_s": pmed("load_s"),
+        "ftk_cpu_s": round(statistics.median(fcpu), 3),
+        "ftk_cpu_s_includes": "the whole process (user + sys)",
+        "peer_cpu_s": pmed("total_cpu_s"),
         "max_abs_diff_images": img_diff,
         "peer_threads": peers[0]["threads"],
         "ftk_env": a.ftk_env,

@@ -155,6 +155,7 @@ impl<'a> Denoise<'a> {
             .map(|(j, &r)| self.start_sample(r, dens.get(j)))
             .collect::<Result<Vec<_>>>()?;
         for i in 0..self.run_steps {
+            let ph = crate::timing::phase(|| format!("step {i} ({} samples)", chunk.len()));
             let t = self.ts[i];
             if let Some(fc) = &self.fedcado {
                 if i + 1 < self.ts.len() {
@@ -182,6 +183,7 @@ impl<'a> Denoise<'a> {
                 self.step_sample(s, r, i, &eps)?;
             }
             tick(chunk.len() as u64);
+            ph.done();
         }
         Ok(samples
             .into_iter()

@@ -40,9 +40,11 @@ pub mod plan;
 pub mod png;
 pub mod scheduler;
 pub mod text;
+pub mod timing;
 pub mod tvresnet;
 pub mod unclip;
 pub mod vendored;
+pub mod weights;
 
 pub use cli::{Args, Command};
 pub use plan::{parse_shard, shard_range};
@@ -93,5 +95,14 @@ pub fn run(a: Args) -> Result<()> {
     )?;
     let ctx_parts = conditions::context_parts(&a, &plan, &models)?;
     let lat = denoise::denoise(&a, &plan, &models, ctx_parts)?;
-    output::write(&a, &plan, &models, &lat, out_file)
+    // the UNet (and classifier) freed before the decode: its peak then stays below the steps'
+    let plan::Models {
+        vae,
+        latent,
+        unet,
+        unclip,
+        classifier,
+    } = models;
+    drop((unet, unclip, classifier));
+    output::write(&a, &plan, &vae, latent, &lat, out_file)
 }

@@ -9,10 +9,8 @@ use crate::vendored::sd::{
     unet_2d::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig},
     vae::{AutoEncoderKL, AutoEncoderKLConfig},
 };
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Tensor};
 use ftk::{bail, Error, Result};
-use rayon::prelude::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -122,44 +120,6 @@ fn weights_file(dir: &Path) -> Result<PathBuf> {
          convert .bin with diffusers' save_pretrained(safe_serialization=True))",
         dir.display()
     )
-}
-
-pub fn var_builder(file: &Path) -> Result<VarBuilder<'static>> {
-    // The header is validated first (ftk's reader names the file on any defect).
-    let f = ftk::tensors::TensorFile::open(file)?;
-    // Every tensor copied out of the map in parallel (threads share the page-cache copy),
-    // its mapped pages released once copied: the process holds one copy of the weights
-    // at a time instead of the map plus the copies (7.5 GB at SD-1.5 size before).
-    let tensors = f
-        .names()
-        .into_par_iter()
-        .map(|n| -> Result<(String, Tensor)> {
-            let t = f.require(&n)?;
-            let v = t.to_f32_vec()?;
-            release_pages(t.data);
-            let tt = Tensor::from_vec(v, t.shape, &Device::Cpu).map_err(ce(t.here()))?;
-            Ok((n, tt))
-        })
-        .collect::<Result<std::collections::HashMap<_, _>>>()?;
-    Ok(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
-}
-
-/// Drop the resident pages of a read-only file mapping (they are read again from the file
-/// on a later access, so a page shared with a neighbour still being copied stays correct).
-fn release_pages(b: &[u8]) {
-    #[cfg(unix)]
-    {
-        const PAGE: usize = 4096;
-        let start = (b.as_ptr() as usize) & !(PAGE - 1);
-        let end = b.as_ptr() as usize + b.len();
-        if end > start {
-            // SAFETY: [start, end) lies in a read-only shared file mapping that stays
-            // mapped; MADV_DONTNEED only drops its resident copy.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
-            }
-        }
-    }
 }
 
 fn gcd(a: usize, b: usize) -> usize {

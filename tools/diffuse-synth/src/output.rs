@@ -2,8 +2,8 @@
 //! `images`) written atomically, optional PNGs, and one manifest line per sample.
 
 use crate::cli::Args;
-use crate::model::{self, ce};
-use crate::plan::{Models, Plan};
+use crate::model::{self, ce, Vae};
+use crate::plan::Plan;
 use crate::{png, sample_seed};
 use candle_core::{Device, Tensor};
 use ftk::cli::Stdout;
@@ -11,24 +11,29 @@ use ftk::records::{DiffuseSynthSample, Tag};
 use ftk::tensors::{write_safetensors_on, OutTensor};
 use ftk::Result;
 
-/// Decode `lat` ([rows, C, h, w] flattened) and write every output of the run.
+/// Decode `lat` ([rows, C, h, w] flattened) with `vae` and write every output of the run.
+/// It takes the VAE alone so that the caller can drop the UNet first (3.4 GB at SD-1.5
+/// size, no longer needed: the decode's activations then reuse its memory).
 pub fn write(
     a: &Args,
     plan: &Plan,
-    models: &Models,
+    vae: &Vae,
+    latent: (usize, usize, usize),
     lat: &[f32],
     out_file: ftk::output::Output,
 ) -> Result<()> {
-    let (c, h, w) = models.latent;
+    let (c, h, w) = latent;
     let (rows, start, output) = (plan.rows(), plan.start, &plan.output);
     let (si, sn) = plan.shard;
     let seeds: Vec<Option<u64>> = (plan.start..plan.end)
         .map(|j| a.seed.map(|s| sample_seed(s, j)))
         .collect();
     let dev = Device::Cpu;
-    let vae = &models.vae;
     let lt = Tensor::from_vec(lat.to_vec(), (rows, c, h, w), &dev).map_err(ce("latents"))?;
+    let ph = crate::timing::phase(|| format!("vae decode (batch {rows})"));
     let img = model::decode(vae, &lt)?;
+    ph.done();
+    let ph = crate::timing::phase(|| "write".into());
     let ishape = img.dims().to_vec();
     let pixels = img
         .flatten_all()
@@ -58,6 +63,7 @@ pub fn write(
         }
     }
     ready.commit()?;
+    ph.done();
     let mut out = Stdout::new();
     for (r, path) in paths.iter().enumerate() {
         ftk::jsonl::write_record(

@@ -158,28 +158,10 @@ fn open_cuda(n: usize) -> Result<Device> {
     )))
 }
 
-/// The tensors of a safetensors file as a VarBuilder on `place`: the CPU path's loader
-/// (f32 on the CPU) as it is, else each tensor converted to the dtype and copied to the
-/// device as it is read.
+/// The tensors of a safetensors file as a VarBuilder on `place`, each read when a
+/// module asks for it (see [`crate::weights`]) and converted to the dtype on the device.
 pub fn var_builder(file: &Path, place: &Placement) -> Result<VarBuilder<'static>> {
-    if place.device.is_cpu() && place.dtype == DType::F32 {
-        return crate::model::var_builder(file);
-    }
-    let f = ftk::tensors::TensorFile::open(file)?;
-    let mut tensors = std::collections::HashMap::new();
-    for n in f.names() {
-        let t = f.require(&n)?;
-        let v = t.to_f32_vec()?;
-        let tt = Tensor::from_vec(v, t.shape, &Device::Cpu)
-            .and_then(|x| place.input(&x))
-            .map_err(crate::model::ce(t.here()))?;
-        tensors.insert(n, tt);
-    }
-    Ok(VarBuilder::from_tensors(
-        tensors,
-        place.dtype,
-        &place.device,
-    ))
+    crate::weights::var_builder(file, place.dtype, &place.device)
 }
 
 impl crate::model::Unet {

@@ -236,8 +236,12 @@ impl Models {
     pub fn load(a: &Args, plan: &Plan, place: &Placement) -> Result<Models> {
         let model_dir = &plan.model_dir;
         let total = plan.total;
+        let ph = crate::timing::phase(|| "load unet".into());
         let unet = model::load_unet_on(model_dir, place)?;
+        ph.done();
+        let ph = crate::timing::phase(|| "load vae".into());
         let vae = model::load_vae_on(model_dir, place)?;
+        ph.done();
         let unclip = match (&a.image_embeds, unet.class_dim) {
             (Some(p), Some(cd)) => Some(unclip::Conditioning::new(
                 model_dir,

@@ -23,6 +23,7 @@ pub fn conv2d(
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _t = crate::timing::Kernel::Conv.timer();
         let c = &self.0;
         let w = c.weight();
         let cfg = c.config();

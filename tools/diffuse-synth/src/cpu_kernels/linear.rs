@@ -21,6 +21,7 @@ pub fn linear_no_bias(i: usize, o: usize, vb: nn::VarBuilder) -> Result<Linear> 
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _t = crate::timing::Kernel::Linear.timer();
         let l = &self.0;
         let w = l.weight();
         let mut ws = vec![w];

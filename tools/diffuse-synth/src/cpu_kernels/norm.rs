@@ -45,6 +45,7 @@ impl Module for GroupNorm {
 impl GroupNorm {
     /// silu(group_norm(x)) when `silu`.
     pub fn forward_act(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let _t = crate::timing::Kernel::Norm.timer();
         if !fast(&[&self.weight, &self.bias]) || !f32_cpu(x) || x.rank() < 3 {
             let y = self.inner.forward(x)?;
             return if silu { nn::ops::silu(&y) } else { Ok(y) };
@@ -246,6 +247,7 @@ multiversion! {
 /// tracked input (constant γ, β) a custom op with an input-gradient backward; else
 /// `layer_norm_slow` (candle ops).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    let _t = crate::timing::Kernel::Norm.timer();
     if fast(&[x, w, b]) {
         return nn::ops::layer_norm(&x.contiguous()?, w, b, eps);
     }

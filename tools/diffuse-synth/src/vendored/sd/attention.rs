@@ -228,7 +228,13 @@ impl CrossAttention {
         let value = self.to_v.forward(&context)?;
         if self.slice_size.is_none() && crate::cpu_kernels::attention_ok(&query, &key, &value) {
             // ftk: fused per-head attention when no gradient is tracked
-            let xs = crate::cpu_kernels::attention(&query, &key, &value, self.heads, self.scale)?;
+            let t = crate::timing::Kernel::Attention.timer();
+            let xs = if [&query, &key, &value].iter().any(|t| t.track_op()) {
+                crate::cpu_kernels::attention(&query, &key, &value, self.heads, self.scale)?
+            } else {
+                crate::cpu_kernels::attention_forward(&query, &key, &value, self.heads, self.scale)?
+            };
+            drop(t);
             return self.to_out.forward(&xs);
         }
         let query = self.reshape_heads_to_batch_dim(&query)?;
@@ -569,6 +575,27 @@ impl Module for AttentionBlock {
         let query_proj = self.query.forward(&xs)?;
         let key_proj = self.key.forward(&xs)?;
         let value_proj = self.value.forward(&xs)?;
+
+        // ftk: on f32 CPU tensors the attention kernel (scores in blocks of query rows;
+        // the [B, HW, HW] score matrix of a 512x512 decode is 64 MiB per sample otherwise)
+        if crate::cpu_kernels::attention_ok(&query_proj, &key_proj, &value_proj) {
+            let d = self.channels / self.num_heads;
+            let t = crate::timing::Kernel::Attention.timer();
+            let (q, k, v) = (&query_proj, &key_proj, &value_proj);
+            let scale = 1.0 / (d as f64).sqrt();
+            let xs = if [q, k, v].iter().any(|t| t.track_op()) {
+                crate::cpu_kernels::attention(q, k, v, self.num_heads, scale)?
+            } else {
+                crate::cpu_kernels::attention_forward(q, k, v, self.num_heads, scale)?
+            };
+            drop(t);
+            let xs = self
+                .proj_attn
+                .forward(&xs)?
+                .t()?
+                .reshape((batch, channel, height, width))?;
+            return (xs + residual)? / self.config.rescale_output_factor;
+        }
 
         let query_states = self
             .transpose_for_scores(query_proj)?

@@ -12,6 +12,7 @@
 //!   projections: candle 0.11.1's batched matmul returns wrong values for that
 //!   non-contiguous left operand (found by the VAE check against diffusers);
 //! - flash attention is not built;
+//! - the VAE's encoder is built on its first use (a sampling run never reads its weights);
 //! - sliced attention (used off the CPU kernels) concatenates its slices (candle stacks
 //!   them into a rank-4 tensor and fails);
 //! - the timestep projection runs in f32 whatever the UNet's dtype (bf16 rounds timesteps
@@ -19,7 +20,7 @@
 //! - conv, linear, group norm (+ SiLU), layer norm, attention and GEGLU go through
 //!   `crate::cpu_kernels`: CPU kernels for f32 inputs, as candle custom ops with an
 //!   input-gradient backward when a gradient is tracked (constant weights), and the candle
-//!   ops above otherwise (e.g. a tracked weight).
+//!   ops above otherwise (e.g. a tracked weight); the VAE's attention block too.
 #![allow(clippy::all)]
 
 pub mod attention;

@@ -318,12 +318,45 @@ impl DiagonalGaussianDistribution {
     }
 }
 
+/// ftk: an [`Encoder`] built from its weights when first used.
+struct LazyEncoder {
+    vs: nn::VarBuilder<'static>,
+    in_channels: usize,
+    latent_channels: usize,
+    config: EncoderConfig,
+    built: std::sync::OnceLock<Encoder>,
+}
+
+impl std::fmt::Debug for LazyEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyEncoder")
+            .field("built", &self.built.get().is_some())
+            .finish()
+    }
+}
+
+impl LazyEncoder {
+    fn get(&self) -> Result<&Encoder> {
+        if let Some(e) = self.built.get() {
+            return Ok(e);
+        }
+        let e = Encoder::new(
+            self.vs.clone(),
+            self.in_channels,
+            self.latent_channels,
+            self.config.clone(),
+        )?;
+        // a racing first call built the same encoder; either copy serves
+        Ok(self.built.get_or_init(|| e))
+    }
+}
+
 // https://github.com/huggingface/diffusers/blob/970e30606c2944e3286f56e8eb6d3dc6d1eb85f7/src/diffusers/models/vae.py#L485
 // This implementation is specific to the config used in stable-diffusion-v1-5
 // https://huggingface.co/runwayml/stable-diffusion-v1-5/blob/main/vae/config.json
 #[derive(Debug)]
 pub struct AutoEncoderKL {
-    encoder: Encoder,
+    encoder: LazyEncoder,
     decoder: Decoder,
     quant_conv: Option<crate::cpu_kernels::Conv2d>,
     post_quant_conv: Option<crate::cpu_kernels::Conv2d>,
@@ -332,7 +365,7 @@ pub struct AutoEncoderKL {
 
 impl AutoEncoderKL {
     pub fn new(
-        vs: nn::VarBuilder,
+        vs: nn::VarBuilder<'static>,
         in_channels: usize,
         out_channels: usize,
         config: AutoEncoderKLConfig,
@@ -344,7 +377,15 @@ impl AutoEncoderKL {
             norm_num_groups: config.norm_num_groups,
             double_z: true,
         };
-        let encoder = Encoder::new(vs.pp("encoder"), in_channels, latent_channels, encoder_cfg)?;
+        // ftk: the encoder is built (its weights read) on the first encode: a sampling
+        // run never encodes
+        let encoder = LazyEncoder {
+            vs: vs.pp("encoder"),
+            in_channels,
+            latent_channels,
+            config: encoder_cfg,
+            built: std::sync::OnceLock::new(),
+        };
         let decoder_cfg = DecoderConfig {
             block_out_channels: config.block_out_channels.clone(),
             layers_per_block: config.layers_per_block,
@@ -390,7 +431,7 @@ impl AutoEncoderKL {
 
     /// Returns the distribution in the latent space.
     pub fn encode(&self, xs: &Tensor) -> Result<DiagonalGaussianDistribution> {
-        let xs = self.encoder.forward(xs)?;
+        let xs = self.encoder.get()?.forward(xs)?;
         let parameters = match &self.quant_conv {
             None => xs,
             Some(quant_conv) => quant_conv.forward(&xs)?,
