@@ -579,7 +579,9 @@ def main() -> None:
         vals = []
         for f in fph:
             xs = [x[i] for x in f.get(kind, [])]
-            vals.append(statistics.median(xs) if kind == "step" else sum(xs))
+            if xs:
+                vals.append(statistics.median(xs) if kind == "step" else sum(xs))
+        # nan for a binary without the timers (an older build under FTK_DIFFUSE_SYNTH)
         return statistics.median(vals) if vals else float("nan")
 
     import numpy as np
@@ -616,7 +618,7 @@ def main() -> None:
         "peer_denoise_s": pmed("denoise_s"),
         "ftk_step_s": round(ftk_step, 4),
         "peer_step_s": round(peer_step, 4),
-        "step_speedup": round(peer_step / ftk_step, 3) if ftk_step > 0 else None,
+        "step_speedup": round(peer_step / ftk_step, 3) if ftk_step > 0 else None,  # nan > 0: False
         "ftk_step_cpu_s": round(ph("step", 1), 3),
         "peer_step_cpu_s": pmed("median_step_cpu_s"),
         "ftk_decode_s": round(ph("vae decode", 0), 3),

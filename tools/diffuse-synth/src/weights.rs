@@ -46,11 +46,8 @@ impl LazyFile {
             .bt()
         })?;
         let v = if t.dtype == Dtype::F32 && cfg!(target_endian = "little") {
-            // fresh zero pages from the allocator (no memset); huge pages where the
-            // kernel allows them: 512x fewer page faults while reading, fewer TLB misses
-            // in the GEMMs that stream the weights later
+            // fresh zero pages from the allocator (no memset)
             let mut v = vec![0f32; t.numel()];
-            huge_pages(&mut v);
             let off = (t.data.as_ptr() as usize - self.base) as u64;
             // SAFETY: every bit pattern is a valid f32; the byte view covers exactly `v`.
             let bytes =
@@ -87,26 +84,6 @@ fn read_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
     let mut f = f.try_clone()?;
     f.seek(SeekFrom::Start(off))?;
     f.read_exact(buf)
-}
-
-/// Ask for transparent huge pages on the 2 MiB-aligned interior of a large, untouched
-/// buffer (a hint: ignored where the kernel or its settings do not allow them).
-fn huge_pages(v: &mut [f32]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let a = v.as_mut_ptr() as usize;
-        let (start, end) = (a.next_multiple_of(HUGE), (a + v.len() * 4) & !(HUGE - 1));
-        if end > start {
-            // SAFETY: [start, end) lies inside `v`'s allocation; MADV_HUGEPAGE changes
-            // only how its pages are backed, never their contents.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = v;
 }
 
 /// Drop the resident pages of a read-only file mapping (they are read again from the
