@@ -201,6 +201,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
         hd,
         heads,
         scale: scale as f32,
+        kept: std::sync::Mutex::new(None),
     };
     if q.track_op() || k.track_op() || v.track_op() {
         return q
@@ -208,7 +209,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
     let out = with_slice(q, |qv| {
-        with_slice(k, |kv| with_slice(v, |vv| Ok(op.forward(qv, kv, vv))))
+        with_slice(k, |kv| {
+            with_slice(v, |vv| Ok(op.forward(qv, kv, vv, false).0))
+        })
     })?;
     Tensor::from_vec(out, (b, lq, hd), &Device::Cpu)
 }
@@ -256,8 +259,9 @@ unsafe fn gemm_s(
     }
 }
 
-/// The shapes of one attention call.
-#[derive(Debug, Clone, Copy)]
+/// The shapes of one attention call, and (tracked inputs) the probabilities its forward
+/// keeps for the backward.
+#[derive(Debug)]
 struct Attn {
     b: usize,
     lq: usize,
@@ -265,10 +269,74 @@ struct Attn {
     hd: usize,
     heads: usize,
     scale: f32,
+    /// P [b, heads, lq, lk], written by a tracked forward when it is at most
+    /// [`KEEP_P_FLOATS`] long and taken by the backward, which otherwise recomputes it
+    /// (same GEMM, same softmax: the same bits either way).
+    kept: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+/// The most probabilities a tracked attention keeps for its backward (256 MiB): a
+/// mid-size UNet's 1024-token layers fit, SD-1.5's 4096-token ones are recomputed.
+const KEEP_P_FLOATS: usize = 1 << 26;
+
+/// Head widths below this take their `[rows, d]` GEMM outputs column-major (a scratch
+/// block transposed afterwards): the GEMM then vectorises along the rows, where a
+/// row-major output would fill only d of the 16 lanes of its register tile.
+const NARROW: usize = 32;
+
+/// dst[r · rs + c] (op)= src[c · m + r] for r < m, c < d: a column-major [m, d] block
+/// moved into a row-major one whose rows are `rs` apart.
+///
+/// # Safety
+/// `dst` must reach (m - 1) · rs + d elements that no other thread writes.
+#[inline(always)]
+unsafe fn untranspose(
+    dst: *mut f32,
+    rs: usize,
+    src: &[f32],
+    m: usize,
+    d: usize,
+    f: impl Fn(usize, f32) -> f32,
+) {
+    for r in 0..m {
+        // SAFETY: forwarded to the caller.
+        let row = unsafe { std::slice::from_raw_parts_mut(dst.add(r * rs), d) };
+        for (c, y) in row.iter_mut().enumerate() {
+            *y = f(r, src[c * m + r]);
+        }
+    }
+}
+
+multiversion! {
+    /// dS = P ∘ (dP - rowsum(P ∘ dP)) in place of dP, rows of `n` (16 lanes for the sum).
+    fn softmax_grad_rows(p: &[f32], dp: &mut [f32], n: usize) {
+        for (pr, dr) in p.chunks(n).zip(dp.chunks_mut(n)) {
+            let mut acc = [0f32; 16];
+            let (pc, dc) = (pr.chunks_exact(16), dr.chunks_exact(16));
+            let (prem, drem) = (pc.remainder(), dc.remainder());
+            for (a, b) in pc.zip(dc) {
+                for i in 0..16 {
+                    acc[i] += a[i] * b[i];
+                }
+            }
+            let dot = acc.iter().sum::<f32>()
+                + prem.iter().zip(drem).map(|(a, b)| a * b).sum::<f32>();
+            dr.iter_mut()
+                .zip(pr)
+                .for_each(|(g, &pv)| *g = pv * (*g - dot));
+        }
+    }
 }
 
 impl Attn {
-    fn forward(&self, qv: &[f32], kv: &[f32], vv: &[f32]) -> Vec<f32> {
+    /// The output, and P when `keep` (the caller has checked its size).
+    fn forward(
+        &self,
+        qv: &[f32],
+        kv: &[f32],
+        vv: &[f32],
+        keep: bool,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
         let Attn {
             b,
             lq,
@@ -276,23 +344,28 @@ impl Attn {
             hd,
             heads,
             scale,
+            ..
         } = *self;
         let d = hd / heads;
+        let narrow = d < NARROW;
         let mut out = vec![0f32; b * lq * hd];
+        let mut kept = keep.then(|| vec![0f32; b * heads * lq * lk]);
         let optr = out.as_mut_ptr() as usize;
+        let pptr = kept.as_mut().map(|p| p.as_mut_ptr() as usize);
         let nqb = lq.div_ceil(QB);
         (0..b * heads * nqb).into_par_iter().for_each(|task| {
             let (bh, qb) = (task / nqb, task % nqb);
             let (bi, h) = (bh / heads, bh % heads);
             let q0 = qb * QB;
             let m = QB.min(lq - q0);
-            with_scratch(&SCORES, m * lk, |s| {
+            with_scratch(&SCORES, m * lk + if narrow { m * d } else { 0 }, |sc| {
+                let (s, tmp) = sc.split_at_mut(m * lk);
                 let mut inv = [0f32; QB];
                 let qoff = (bi * lq + q0) * hd + h * d;
                 let kvoff = bi * lk * hd + h * d;
                 // SAFETY: every operand range lies inside its slice (offsets and
                 // strides above, m <= lq - q0); tasks write disjoint (row, head)
-                // blocks of `out`, which outlives the parallel loop.
+                // blocks of `out` and of `kept`, which outlive the parallel loop.
                 unsafe {
                     // s[m, lk] = scale · q[m, d] · k[lk, d]ᵀ
                     let (qp, kp) = (qv[qoff..].as_ptr(), kv[kvoff..].as_ptr());
@@ -308,38 +381,68 @@ impl Attn {
                         scale,
                     );
                     softmax_unnorm(s, lk, &mut inv[..m]);
-                    // out[m, d] = s[m, lk] · v[lk, d]
+                    if let Some(pp) = pptr {
+                        // the backward's P: the same products it would recompute
+                        let dst = (pp as *mut f32).add((bh * lq + q0) * lk);
+                        let dst = std::slice::from_raw_parts_mut(dst, m * lk);
+                        for ((pr, sr), &iv) in dst.chunks_mut(lk).zip(s.chunks(lk)).zip(&inv[..m]) {
+                            pr.iter_mut().zip(sr).for_each(|(p, &v)| *p = v * iv);
+                        }
+                    }
+                    // out[m, d] = s[m, lk] · v[lk, d], then the softmax's normalisation
                     let dst = (optr as *mut f32).add(qoff);
                     let vp = vv[kvoff..].as_ptr();
-                    gemm_s(
-                        (m, d, lk),
-                        dst,
-                        (1, hd),
-                        false,
-                        s.as_ptr(),
-                        (1, lk),
-                        vp,
-                        (1, hd),
-                        1.0,
-                    );
-                    // the softmax's normalisation, on the [m, d] output
-                    for (r, &iv) in inv[..m].iter().enumerate() {
-                        let row = std::slice::from_raw_parts_mut(dst.add(r * hd), d);
-                        row.iter_mut().for_each(|v| *v *= iv);
+                    if narrow {
+                        gemm_s(
+                            (m, d, lk),
+                            tmp.as_mut_ptr(),
+                            (m, 1),
+                            false,
+                            s.as_ptr(),
+                            (1, lk),
+                            vp,
+                            (1, hd),
+                            1.0,
+                        );
+                        untranspose(dst, hd, tmp, m, d, |r, v| v * inv[r]);
+                    } else {
+                        gemm_s(
+                            (m, d, lk),
+                            dst,
+                            (1, hd),
+                            false,
+                            s.as_ptr(),
+                            (1, lk),
+                            vp,
+                            (1, hd),
+                            1.0,
+                        );
+                        for (r, &iv) in inv[..m].iter().enumerate() {
+                            let row = std::slice::from_raw_parts_mut(dst.add(r * hd), d);
+                            row.iter_mut().for_each(|v| *v *= iv);
+                        }
                     }
                 }
             });
         });
-        out
+        (out, kept)
     }
 
-    /// dQ, dK, dV from dO, recomputing each block's probabilities P (flash-attention's
-    /// backward): dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(P ∘ dO Vᵀ)), dQ = scale dS K,
-    /// dK = scale dSᵀ Q. One task per (sample, head) owns its dK, dV columns.
+    /// dQ, dK, dV from dO, with P kept by the forward or recomputed per block
+    /// (flash-attention's backward): dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(P ∘ dO Vᵀ)),
+    /// dQ = scale dS K, dK = scale dSᵀ Q. One task per (sample, head) owns its dK, dV
+    /// columns; narrow heads accumulate them column-major and write them once at the end.
     ///
-    /// Long because the five strided GEMMs share one unsafe block whose offsets are
-    /// checked together.
-    fn grads(&self, qv: &[f32], kv: &[f32], vv: &[f32], dov: &[f32]) -> [Vec<f32>; 3] {
+    /// Long because the strided GEMMs share one unsafe block whose offsets are checked
+    /// together.
+    fn grads(
+        &self,
+        qv: &[f32],
+        kv: &[f32],
+        vv: &[f32],
+        dov: &[f32],
+        kept: Option<&[f32]>,
+    ) -> [Vec<f32>; 3] {
         let Attn {
             b,
             lq,
@@ -347,8 +450,10 @@ impl Attn {
             hd,
             heads,
             scale,
+            ..
         } = *self;
         let d = hd / heads;
+        let narrow = d < NARROW;
         let mut dq = vec![0f32; b * lq * hd];
         let mut dk = vec![0f32; b * lk * hd];
         let mut dv = vec![0f32; b * lk * hd];
@@ -360,13 +465,27 @@ impl Attn {
         (0..b * heads).into_par_iter().for_each(|bh| {
             let (bi, h) = (bh / heads, bh % heads);
             let kvoff = bi * lk * hd + h * d;
-            let mut p = vec![0f32; QB * lk];
+            let mut own_p = if kept.is_some() {
+                Vec::new()
+            } else {
+                vec![0f32; QB * lk]
+            };
             let mut dp = vec![0f32; QB * lk];
+            // narrow heads: dKᵀ, dVᵀ column-major [lk, d], and a [m, d] block for dQ
+            let mut acc = if narrow {
+                vec![0f32; 2 * lk * d + QB * d]
+            } else {
+                Vec::new()
+            };
+            let (dkt, rest) = acc.split_at_mut(if narrow { lk * d } else { 0 });
+            let (dvt, tq) = rest.split_at_mut(if narrow { lk * d } else { 0 });
             let mut inv = [0f32; QB];
+            let dkp = (ptrs.1 as *mut f32).wrapping_add(kvoff);
+            let dvp = (ptrs.2 as *mut f32).wrapping_add(kvoff);
             for q0 in (0..lq).step_by(QB) {
                 let m = QB.min(lq - q0);
                 let qoff = (bi * lq + q0) * hd + h * d;
-                let (p, dp) = (&mut p[..m * lk], &mut dp[..m * lk]);
+                let dp = &mut dp[..m * lk];
                 // SAFETY: operand ranges lie inside their slices as in `forward`; this
                 // task alone writes head h of sample bi in dq, dk and dv.
                 unsafe {
@@ -376,35 +495,55 @@ impl Attn {
                         vv[kvoff..].as_ptr(),
                     );
                     let dop = dov[qoff..].as_ptr();
-                    gemm_s(
-                        (m, lk, d),
-                        p.as_mut_ptr(),
-                        (1, lk),
-                        false,
-                        qp,
-                        (1, hd),
-                        kp,
-                        (hd, 1),
-                        scale,
-                    );
-                    softmax_unnorm(p, lk, &mut inv[..m]);
-                    for (r, &iv) in p.chunks_mut(lk).zip(&inv[..m]) {
-                        r.iter_mut().for_each(|v| *v *= iv);
-                    }
+                    let p: &[f32] = match kept {
+                        Some(all) => &all[(bh * lq + q0) * lk..(bh * lq + q0 + m) * lk],
+                        None => {
+                            let p = &mut own_p[..m * lk];
+                            gemm_s(
+                                (m, lk, d),
+                                p.as_mut_ptr(),
+                                (1, lk),
+                                false,
+                                qp,
+                                (1, hd),
+                                kp,
+                                (hd, 1),
+                                scale,
+                            );
+                            softmax_unnorm(p, lk, &mut inv[..m]);
+                            for (r, &iv) in p.chunks_mut(lk).zip(&inv[..m]) {
+                                r.iter_mut().for_each(|v| *v *= iv);
+                            }
+                            p
+                        }
+                    };
                     // dV[lk, d] += P[m, lk]ᵀ · dO[m, d]
-                    let dvp = (ptrs.2 as *mut f32).add(kvoff);
-                    gemm_s(
-                        (lk, d, m),
-                        dvp,
-                        (1, hd),
-                        q0 > 0,
-                        p.as_ptr(),
-                        (lk, 1),
-                        dop,
-                        (1, hd),
-                        1.0,
-                    );
-                    // dP[m, lk] = dO[m, d] · V[lk, d]ᵀ
+                    if narrow {
+                        gemm_s(
+                            (lk, d, m),
+                            dvt.as_mut_ptr(),
+                            (lk, 1),
+                            q0 > 0,
+                            p.as_ptr(),
+                            (lk, 1),
+                            dop,
+                            (1, hd),
+                            1.0,
+                        );
+                    } else {
+                        gemm_s(
+                            (lk, d, m),
+                            dvp,
+                            (1, hd),
+                            q0 > 0,
+                            p.as_ptr(),
+                            (lk, 1),
+                            dop,
+                            (1, hd),
+                            1.0,
+                        );
+                    }
+                    // dP[m, lk] = dO[m, d] · V[lk, d]ᵀ, then dS in its place
                     gemm_s(
                         (m, lk, d),
                         dp.as_mut_ptr(),
@@ -416,38 +555,69 @@ impl Attn {
                         (hd, 1),
                         1.0,
                     );
-                    for (pr, dr) in p.chunks(lk).zip(dp.chunks_mut(lk)) {
-                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                        dr.iter_mut()
-                            .zip(pr)
-                            .for_each(|(g, &pv)| *g = pv * (*g - dot));
-                    }
+                    softmax_grad_rows(p, dp, lk);
                     // dQ[m, d] = scale dS[m, lk] · K[lk, d]
                     let dqp = (ptrs.0 as *mut f32).add(qoff);
-                    gemm_s(
-                        (m, d, lk),
-                        dqp,
-                        (1, hd),
-                        false,
-                        dp.as_ptr(),
-                        (1, lk),
-                        kp,
-                        (1, hd),
-                        scale,
-                    );
+                    if narrow {
+                        gemm_s(
+                            (m, d, lk),
+                            tq.as_mut_ptr(),
+                            (m, 1),
+                            false,
+                            dp.as_ptr(),
+                            (1, lk),
+                            kp,
+                            (1, hd),
+                            scale,
+                        );
+                        untranspose(dqp, hd, &tq[..m * d], m, d, |_, v| v);
+                    } else {
+                        gemm_s(
+                            (m, d, lk),
+                            dqp,
+                            (1, hd),
+                            false,
+                            dp.as_ptr(),
+                            (1, lk),
+                            kp,
+                            (1, hd),
+                            scale,
+                        );
+                    }
                     // dK[lk, d] += scale dS[m, lk]ᵀ · Q[m, d]
-                    let dkp = (ptrs.1 as *mut f32).add(kvoff);
-                    gemm_s(
-                        (lk, d, m),
-                        dkp,
-                        (1, hd),
-                        q0 > 0,
-                        dp.as_ptr(),
-                        (lk, 1),
-                        qp,
-                        (1, hd),
-                        scale,
-                    );
+                    if narrow {
+                        gemm_s(
+                            (lk, d, m),
+                            dkt.as_mut_ptr(),
+                            (lk, 1),
+                            q0 > 0,
+                            dp.as_ptr(),
+                            (lk, 1),
+                            qp,
+                            (1, hd),
+                            scale,
+                        );
+                    } else {
+                        gemm_s(
+                            (lk, d, m),
+                            dkp,
+                            (1, hd),
+                            q0 > 0,
+                            dp.as_ptr(),
+                            (lk, 1),
+                            qp,
+                            (1, hd),
+                            scale,
+                        );
+                    }
+                }
+            }
+            if narrow && lq > 0 {
+                // SAFETY: this task alone writes head h of sample bi in dk and dv; the
+                // rows reach (lk - 1) · hd + d elements past kvoff.
+                unsafe {
+                    untranspose(dkp, hd, dkt, lk, d, |_, v| v);
+                    untranspose(dvp, hd, dvt, lk, d, |_, v| v);
                 }
             }
         });
@@ -474,7 +644,11 @@ impl CustomOp3 for Attn {
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
         );
-        let out = self.forward(q, k, v);
+        let keep = self.b * self.heads * self.lq * self.lk <= KEEP_P_FLOATS;
+        let (out, kept) = self.forward(q, k, v, keep);
+        if let Ok(mut slot) = self.kept.lock() {
+            *slot = kept;
+        }
         Ok((
             CpuStorage::F32(out),
             Shape::from((self.b, self.lq, self.hd)),
@@ -490,10 +664,12 @@ impl CustomOp3 for Attn {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // taken, not borrowed: the backward runs once, and P's memory goes with it
+        let kept = self.kept.lock().ok().and_then(|mut s| s.take());
         let [dq, dk, dv] = with_slice(q, |qv| {
             with_slice(k, |kv| {
                 with_slice(v, |vv| {
-                    with_slice(grad, |gv| Ok(self.grads(qv, kv, vv, gv)))
+                    with_slice(grad, |gv| Ok(self.grads(qv, kv, vv, gv, kept.as_deref())))
                 })
             })
         })?;
