@@ -201,7 +201,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
         hd,
         heads,
         scale: scale as f32,
-        kept: std::sync::Mutex::new(None),
     };
     if q.track_op() || k.track_op() || v.track_op() {
         return q
@@ -209,9 +208,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
     let out = with_slice(q, |qv| {
-        with_slice(k, |kv| {
-            with_slice(v, |vv| Ok(op.forward(qv, kv, vv, false).0))
-        })
+        with_slice(k, |kv| with_slice(v, |vv| Ok(op.forward(qv, kv, vv))))
     })?;
     Tensor::from_vec(out, (b, lq, hd), &Device::Cpu)
 }
@@ -259,9 +256,8 @@ unsafe fn gemm_s(
     }
 }
 
-/// The shapes of one attention call, and (tracked inputs) the probabilities its forward
-/// keeps for the backward.
-#[derive(Debug)]
+/// The shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
 struct Attn {
     b: usize,
     lq: usize,
@@ -269,40 +265,27 @@ struct Attn {
     hd: usize,
     heads: usize,
     scale: f32,
-    /// P [b, heads, lq, lk], written by a tracked forward when it is at most
-    /// [`KEEP_P_FLOATS`] long and taken by the backward, which otherwise recomputes it
-    /// (same GEMM, same softmax: the same bits either way).
-    kept: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
-/// The most probabilities a tracked attention keeps for its backward (256 MiB): a
-/// mid-size UNet's 1024-token layers fit, SD-1.5's 4096-token ones are recomputed.
-const KEEP_P_FLOATS: usize = 1 << 26;
-
-/// Head widths below this take their `[rows, d]` GEMM outputs column-major (a scratch
-/// block transposed afterwards): the GEMM then vectorises along the rows, where a
-/// row-major output would fill only d of the 16 lanes of its register tile.
+/// Head widths below this accumulate dK and dV column-major (transposed into place once
+/// per head): the GEMM then vectorises along the keys, where a row-major [Lk, d] output
+/// fills only d of the 16 lanes of its register tile. (P V and dS K stay row-major: a
+/// column-major output there makes the GEMM pack the [rows, Lk] left operand, which
+/// costs what the wider tile saves.)
 const NARROW: usize = 32;
 
-/// dst[r · rs + c] (op)= src[c · m + r] for r < m, c < d: a column-major [m, d] block
+/// dst[r · rs + c] = src[c · m + r] for r < m, c < d: a column-major [m, d] block
 /// moved into a row-major one whose rows are `rs` apart.
 ///
 /// # Safety
 /// `dst` must reach (m - 1) · rs + d elements that no other thread writes.
 #[inline(always)]
-unsafe fn untranspose(
-    dst: *mut f32,
-    rs: usize,
-    src: &[f32],
-    m: usize,
-    d: usize,
-    f: impl Fn(usize, f32) -> f32,
-) {
+unsafe fn untranspose(dst: *mut f32, rs: usize, src: &[f32], m: usize, d: usize) {
     for r in 0..m {
         // SAFETY: forwarded to the caller.
         let row = unsafe { std::slice::from_raw_parts_mut(dst.add(r * rs), d) };
         for (c, y) in row.iter_mut().enumerate() {
-            *y = f(r, src[c * m + r]);
+            *y = src[c * m + r];
         }
     }
 }
@@ -329,14 +312,7 @@ multiversion! {
 }
 
 impl Attn {
-    /// The output, and P when `keep` (the caller has checked its size).
-    fn forward(
-        &self,
-        qv: &[f32],
-        kv: &[f32],
-        vv: &[f32],
-        keep: bool,
-    ) -> (Vec<f32>, Option<Vec<f32>>) {
+    fn forward(&self, qv: &[f32], kv: &[f32], vv: &[f32]) -> Vec<f32> {
         let Attn {
             b,
             lq,
@@ -344,28 +320,23 @@ impl Attn {
             hd,
             heads,
             scale,
-            ..
         } = *self;
         let d = hd / heads;
-        let narrow = d < NARROW;
         let mut out = vec![0f32; b * lq * hd];
-        let mut kept = keep.then(|| vec![0f32; b * heads * lq * lk]);
         let optr = out.as_mut_ptr() as usize;
-        let pptr = kept.as_mut().map(|p| p.as_mut_ptr() as usize);
         let nqb = lq.div_ceil(QB);
         (0..b * heads * nqb).into_par_iter().for_each(|task| {
             let (bh, qb) = (task / nqb, task % nqb);
             let (bi, h) = (bh / heads, bh % heads);
             let q0 = qb * QB;
             let m = QB.min(lq - q0);
-            with_scratch(&SCORES, m * lk + if narrow { m * d } else { 0 }, |sc| {
-                let (s, tmp) = sc.split_at_mut(m * lk);
+            with_scratch(&SCORES, m * lk, |s| {
                 let mut inv = [0f32; QB];
                 let qoff = (bi * lq + q0) * hd + h * d;
                 let kvoff = bi * lk * hd + h * d;
                 // SAFETY: every operand range lies inside its slice (offsets and
                 // strides above, m <= lq - q0); tasks write disjoint (row, head)
-                // blocks of `out` and of `kept`, which outlive the parallel loop.
+                // blocks of `out`, which outlives the parallel loop.
                 unsafe {
                     // s[m, lk] = scale · q[m, d] · k[lk, d]ᵀ
                     let (qp, kp) = (qv[qoff..].as_ptr(), kv[kvoff..].as_ptr());
@@ -381,68 +352,38 @@ impl Attn {
                         scale,
                     );
                     softmax_unnorm(s, lk, &mut inv[..m]);
-                    if let Some(pp) = pptr {
-                        // the backward's P: the same products it would recompute
-                        let dst = (pp as *mut f32).add((bh * lq + q0) * lk);
-                        let dst = std::slice::from_raw_parts_mut(dst, m * lk);
-                        for ((pr, sr), &iv) in dst.chunks_mut(lk).zip(s.chunks(lk)).zip(&inv[..m]) {
-                            pr.iter_mut().zip(sr).for_each(|(p, &v)| *p = v * iv);
-                        }
-                    }
                     // out[m, d] = s[m, lk] · v[lk, d], then the softmax's normalisation
                     let dst = (optr as *mut f32).add(qoff);
                     let vp = vv[kvoff..].as_ptr();
-                    if narrow {
-                        gemm_s(
-                            (m, d, lk),
-                            tmp.as_mut_ptr(),
-                            (m, 1),
-                            false,
-                            s.as_ptr(),
-                            (1, lk),
-                            vp,
-                            (1, hd),
-                            1.0,
-                        );
-                        untranspose(dst, hd, tmp, m, d, |r, v| v * inv[r]);
-                    } else {
-                        gemm_s(
-                            (m, d, lk),
-                            dst,
-                            (1, hd),
-                            false,
-                            s.as_ptr(),
-                            (1, lk),
-                            vp,
-                            (1, hd),
-                            1.0,
-                        );
-                        for (r, &iv) in inv[..m].iter().enumerate() {
-                            let row = std::slice::from_raw_parts_mut(dst.add(r * hd), d);
-                            row.iter_mut().for_each(|v| *v *= iv);
-                        }
+                    gemm_s(
+                        (m, d, lk),
+                        dst,
+                        (1, hd),
+                        false,
+                        s.as_ptr(),
+                        (1, lk),
+                        vp,
+                        (1, hd),
+                        1.0,
+                    );
+                    for (r, &iv) in inv[..m].iter().enumerate() {
+                        let row = std::slice::from_raw_parts_mut(dst.add(r * hd), d);
+                        row.iter_mut().for_each(|v| *v *= iv);
                     }
                 }
             });
         });
-        (out, kept)
+        out
     }
 
-    /// dQ, dK, dV from dO, with P kept by the forward or recomputed per block
+    /// dQ, dK, dV from dO, recomputing each block's probabilities P
     /// (flash-attention's backward): dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(P ∘ dO Vᵀ)),
     /// dQ = scale dS K, dK = scale dSᵀ Q. One task per (sample, head) owns its dK, dV
     /// columns; narrow heads accumulate them column-major and write them once at the end.
     ///
     /// Long because the strided GEMMs share one unsafe block whose offsets are checked
     /// together.
-    fn grads(
-        &self,
-        qv: &[f32],
-        kv: &[f32],
-        vv: &[f32],
-        dov: &[f32],
-        kept: Option<&[f32]>,
-    ) -> [Vec<f32>; 3] {
+    fn grads(&self, qv: &[f32], kv: &[f32], vv: &[f32], dov: &[f32]) -> [Vec<f32>; 3] {
         let Attn {
             b,
             lq,
@@ -450,7 +391,6 @@ impl Attn {
             hd,
             heads,
             scale,
-            ..
         } = *self;
         let d = hd / heads;
         let narrow = d < NARROW;
@@ -465,20 +405,15 @@ impl Attn {
         (0..b * heads).into_par_iter().for_each(|bh| {
             let (bi, h) = (bh / heads, bh % heads);
             let kvoff = bi * lk * hd + h * d;
-            let mut own_p = if kept.is_some() {
-                Vec::new()
-            } else {
-                vec![0f32; QB * lk]
-            };
+            let mut p = vec![0f32; QB * lk];
             let mut dp = vec![0f32; QB * lk];
-            // narrow heads: dKᵀ, dVᵀ column-major [lk, d], and a [m, d] block for dQ
+            // narrow heads: dKᵀ, dVᵀ column-major [lk, d]
             let mut acc = if narrow {
-                vec![0f32; 2 * lk * d + QB * d]
+                vec![0f32; 2 * lk * d]
             } else {
                 Vec::new()
             };
-            let (dkt, rest) = acc.split_at_mut(if narrow { lk * d } else { 0 });
-            let (dvt, tq) = rest.split_at_mut(if narrow { lk * d } else { 0 });
+            let (dkt, dvt) = acc.split_at_mut(if narrow { lk * d } else { 0 });
             let mut inv = [0f32; QB];
             let dkp = (ptrs.1 as *mut f32).wrapping_add(kvoff);
             let dvp = (ptrs.2 as *mut f32).wrapping_add(kvoff);
@@ -495,28 +430,22 @@ impl Attn {
                         vv[kvoff..].as_ptr(),
                     );
                     let dop = dov[qoff..].as_ptr();
-                    let p: &[f32] = match kept {
-                        Some(all) => &all[(bh * lq + q0) * lk..(bh * lq + q0 + m) * lk],
-                        None => {
-                            let p = &mut own_p[..m * lk];
-                            gemm_s(
-                                (m, lk, d),
-                                p.as_mut_ptr(),
-                                (1, lk),
-                                false,
-                                qp,
-                                (1, hd),
-                                kp,
-                                (hd, 1),
-                                scale,
-                            );
-                            softmax_unnorm(p, lk, &mut inv[..m]);
-                            for (r, &iv) in p.chunks_mut(lk).zip(&inv[..m]) {
-                                r.iter_mut().for_each(|v| *v *= iv);
-                            }
-                            p
-                        }
-                    };
+                    let p = &mut p[..m * lk];
+                    gemm_s(
+                        (m, lk, d),
+                        p.as_mut_ptr(),
+                        (1, lk),
+                        false,
+                        qp,
+                        (1, hd),
+                        kp,
+                        (hd, 1),
+                        scale,
+                    );
+                    softmax_unnorm(p, lk, &mut inv[..m]);
+                    for (r, &iv) in p.chunks_mut(lk).zip(&inv[..m]) {
+                        r.iter_mut().for_each(|v| *v *= iv);
+                    }
                     // dV[lk, d] += P[m, lk]ᵀ · dO[m, d]
                     if narrow {
                         gemm_s(
@@ -558,32 +487,17 @@ impl Attn {
                     softmax_grad_rows(p, dp, lk);
                     // dQ[m, d] = scale dS[m, lk] · K[lk, d]
                     let dqp = (ptrs.0 as *mut f32).add(qoff);
-                    if narrow {
-                        gemm_s(
-                            (m, d, lk),
-                            tq.as_mut_ptr(),
-                            (m, 1),
-                            false,
-                            dp.as_ptr(),
-                            (1, lk),
-                            kp,
-                            (1, hd),
-                            scale,
-                        );
-                        untranspose(dqp, hd, &tq[..m * d], m, d, |_, v| v);
-                    } else {
-                        gemm_s(
-                            (m, d, lk),
-                            dqp,
-                            (1, hd),
-                            false,
-                            dp.as_ptr(),
-                            (1, lk),
-                            kp,
-                            (1, hd),
-                            scale,
-                        );
-                    }
+                    gemm_s(
+                        (m, d, lk),
+                        dqp,
+                        (1, hd),
+                        false,
+                        dp.as_ptr(),
+                        (1, lk),
+                        kp,
+                        (1, hd),
+                        scale,
+                    );
                     // dK[lk, d] += scale dS[m, lk]ᵀ · Q[m, d]
                     if narrow {
                         gemm_s(
@@ -616,8 +530,8 @@ impl Attn {
                 // SAFETY: this task alone writes head h of sample bi in dk and dv; the
                 // rows reach (lk - 1) · hd + d elements past kvoff.
                 unsafe {
-                    untranspose(dkp, hd, dkt, lk, d, |_, v| v);
-                    untranspose(dvp, hd, dvt, lk, d, |_, v| v);
+                    untranspose(dkp, hd, dkt, lk, d);
+                    untranspose(dvp, hd, dvt, lk, d);
                 }
             }
         });
@@ -644,11 +558,7 @@ impl CustomOp3 for Attn {
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
         );
-        let keep = self.b * self.heads * self.lq * self.lk <= KEEP_P_FLOATS;
-        let (out, kept) = self.forward(q, k, v, keep);
-        if let Ok(mut slot) = self.kept.lock() {
-            *slot = kept;
-        }
+        let out = self.forward(q, k, v);
         Ok((
             CpuStorage::F32(out),
             Shape::from((self.b, self.lq, self.hd)),
@@ -664,12 +574,10 @@ impl CustomOp3 for Attn {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // taken, not borrowed: the backward runs once, and P's memory goes with it
-        let kept = self.kept.lock().ok().and_then(|mut s| s.take());
         let [dq, dk, dv] = with_slice(q, |qv| {
             with_slice(k, |kv| {
                 with_slice(v, |vv| {
-                    with_slice(grad, |gv| Ok(self.grads(qv, kv, vv, gv, kept.as_deref())))
+                    with_slice(grad, |gv| Ok(self.grads(qv, kv, vv, gv)))
                 })
             })
         })?;
@@ -685,5 +593,106 @@ impl CustomOp3 for Attn {
             t(dk, lk, k.track_op())?,
             t(dv, lk, v.track_op())?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(n: usize, seed: u32) -> Vec<f32> {
+        // a small LCG: the test only needs varied values
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// dQ, dK, dV by the textbook formulas in f64, one (sample, head) at a time.
+    fn naive_grads(op: &Attn, q: &[f32], k: &[f32], v: &[f32], g: &[f32]) -> [Vec<f64>; 3] {
+        let (b, lq, lk, hd, heads) = (op.b, op.lq, op.lk, op.hd, op.heads);
+        let (d, sc) = (hd / heads, f64::from(op.scale));
+        let mut out = [
+            vec![0f64; b * lq * hd],
+            vec![0f64; b * lk * hd],
+            vec![0f64; b * lk * hd],
+        ];
+        for bi in 0..b {
+            for h in 0..heads {
+                let at = |x: &[f32], l: usize, r: usize, c: usize| {
+                    f64::from(x[(bi * l + r) * hd + h * d + c])
+                };
+                for i in 0..lq {
+                    let s: Vec<f64> = (0..lk)
+                        .map(|j| {
+                            sc * (0..d)
+                                .map(|c| at(q, lq, i, c) * at(k, lk, j, c))
+                                .sum::<f64>()
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    let p: Vec<f64> = e.iter().map(|x| x / z).collect();
+                    let dp: Vec<f64> = (0..lk)
+                        .map(|j| {
+                            (0..d)
+                                .map(|c| at(g, lq, i, c) * at(v, lk, j, c))
+                                .sum::<f64>()
+                        })
+                        .collect();
+                    let dot: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                    for j in 0..lk {
+                        let ds = p[j] * (dp[j] - dot);
+                        for c in 0..d {
+                            out[0][(bi * lq + i) * hd + h * d + c] += sc * ds * at(k, lk, j, c);
+                            out[1][(bi * lk + j) * hd + h * d + c] += sc * ds * at(q, lq, i, c);
+                            out[2][(bi * lk + j) * hd + h * d + c] += p[j] * at(g, lq, i, c);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The input gradients match the textbook formulas, for narrow (column-major dK,
+    /// dV) and wide (direct) heads.
+    #[test]
+    fn attention_gradients_match_the_formulas() {
+        for d in [8usize, 16, 32, 40] {
+            let (b, heads, lq, lk) = (2usize, 2usize, 70usize, 37usize);
+            let hd = heads * d;
+            let op = Attn {
+                b,
+                lq,
+                lk,
+                hd,
+                heads,
+                scale: 1.0 / (d as f32).sqrt(),
+            };
+            let (q, k, v, g) = (
+                noise(b * lq * hd, 1),
+                noise(b * lk * hd, 2),
+                noise(b * lk * hd, 3),
+                noise(b * lq * hd, 4),
+            );
+            let a = op.grads(&q, &k, &v, &g);
+            let want = naive_grads(&op, &q, &k, &v, &g);
+            for (got, want) in a.iter().zip(&want) {
+                let diff = got
+                    .iter()
+                    .zip(want)
+                    .map(|(x, y)| (f64::from(*x) - y).abs())
+                    .fold(0f64, f64::max);
+                assert!(
+                    diff <= 1e-5,
+                    "d {d}: max abs diff {diff} from the f64 formula"
+                );
+            }
+        }
     }
 }
