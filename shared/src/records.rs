@@ -14,12 +14,19 @@
 
 use crate::error::Result;
 use crate::jsonl::{KindOnly, Reader};
+use crate::recompute::Recompute;
 use serde::{Deserialize, Serialize};
 use std::io::BufRead;
 
 /// A record type and the `kind` that names it on the wire.
 pub trait Record: Serialize + for<'de> Deserialize<'de> {
     const KIND: &'static str;
+    /// The field names in declaration (= output) order. Read from the
+    /// `Deserialize` impl; a struct that flattens another lists its own
+    /// around the flattened one's (serde declares no list for it).
+    fn fields() -> Vec<&'static str> {
+        struct_fields::<Self>().to_vec()
+    }
 }
 
 /// The `kind` field of record `R`: serialises as `R::KIND`, accepts only it.
@@ -71,15 +78,18 @@ impl<'de, R: Record> Deserialize<'de> for Tag<R> {
 /// kinds (`ALL_KINDS`, or the const named after `const` for a tool's own
 /// block in a submodule; [`all_kinds`] joins them).
 macro_rules! kinds {
-    (const $all:ident; $($ty:ident => $name:literal),* $(,)?) => {
+    (const $all:ident; $($ty:ident => $name:literal $(: $fields:expr)?),* $(,)?) => {
         $(impl $crate::records::Record for $ty {
             const KIND: &'static str = $name;
+            $(fn fields() -> Vec<&'static str> {
+                $fields
+            })?
         })*
         /// The kinds of this block, for tests and documentation.
         pub const $all: &[&str] = &[$($name),*];
     };
-    ($($ty:ident => $name:literal),* $(,)?) => {
-        kinds! { const ALL_KINDS; $($ty => $name),* }
+    ($($ty:ident => $name:literal $(: $fields:expr)?),* $(,)?) => {
+        kinds! { const ALL_KINDS; $($ty => $name $(: $fields)?),* }
     };
 }
 
@@ -113,8 +123,10 @@ kinds! {
     FedEmbedPromptSample => "fed_embed_prompt_sample",
     DiffuseSynthSample => "sample",
     DiffuseSynthDescription => "description",
-    MofaPredict => "mofa_predict",
-    MofaTune => "mofa_tune",
+    MofaPredict => "mofa_predict":
+        [&["kind", "id"][..], struct_fields::<MofaMetrics>(), &["assumed"]].concat(),
+    MofaTune => "mofa_tune":
+        [&["rank", "strategy", "kind", "id"][..], struct_fields::<MofaMetrics>()].concat(),
     MofaTuneSummary => "mofa_tune_summary",
     MofaCalibRow => "mofa_calib_row",
     MofaCalibrate => "mofa_calibrate",
@@ -531,12 +543,10 @@ pub struct MofaFt {
     pub goodput: f64,
 }
 
-/// One job's prediction (mofa-predict's output per input line).
+/// What mofa-predict predicts for one job: the body shared by
+/// `mofa_predict` and `mofa_tune` (flattened into both).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct MofaPredict {
-    pub kind: Tag<MofaPredict>,
-    /// The input line's `id`, as given (any JSON value; null when absent).
-    pub id: serde_json::Value,
+pub struct MofaMetrics {
     pub iter_s: f64,
     /// Model FLOP/s per GPU (no recompute), TFLOP/s.
     pub tflops_per_gpu: f64,
@@ -554,11 +564,51 @@ pub struct MofaPredict {
     pub gpus: u64,
     /// The largest breakdown term, or `fault_tolerance`.
     pub bottleneck: String,
+}
+
+/// One job's prediction (mofa-predict's output per input line).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MofaPredict {
+    pub kind: Tag<MofaPredict>,
+    /// The input line's `id`, as given (any JSON value; null when absent).
+    pub id: serde_json::Value,
+    #[serde(flatten)]
+    pub metrics: MofaMetrics,
     /// Defaults the job took, as `field=value`.
     pub assumed: Vec<String>,
 }
 
-/// The parallel layout and options of one strategy as mofa-predict resolved it.
+/// The attention kernel, by generation: what it costs depends on it far
+/// more than on anything else at long context.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AttnKernel {
+    /// Unfused: scores as batched GEMMs, softmax/dropout passes through HBM
+    /// (Megatron 2021-22, `flash_attn: false`).
+    None,
+    /// FlashAttention (v1, Dao et al. 2022) or its Triton port.
+    Fa1,
+    /// FlashAttention-2 (Dao 2023): what `flash_attn: true` means.
+    Fa2,
+    /// FlashAttention-3 / cuDNN fused attention on Hopper (Shah et al. 2024).
+    Fa3,
+}
+
+/// How context-parallel ranks exchange K and V.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CpComm {
+    /// Ring attention (Megatron / Transformer Engine): K/V blocks travel the
+    /// ring while each step's attention runs; only what outlasts it shows.
+    Ring,
+    /// All-gather K/V before attention, reduce-scatter dK/dV after it, on
+    /// the critical path (Llama 3, Dubey et al. 2024 §3.3.2).
+    AllGather,
+}
+
+/// The parallel layout and options of one strategy as mofa-predict
+/// resolved it: its time and memory models read this struct, and the
+/// `mofa_tune` record carries it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct MofaStrategy {
     pub tp: u64,
@@ -570,24 +620,84 @@ pub struct MofaStrategy {
     pub mbs: u64,
     pub gbs: u64,
     /// `none`, `selective` or `full`.
-    pub recompute: String,
+    #[serde(with = "by_name")]
+    pub recompute: Recompute,
     pub zero: u64,
     pub sp: bool,
     pub flash_attn: bool,
     /// `none`, `fa1`, `fa2` or `fa3`.
-    pub attn_kernel: String,
+    pub attn_kernel: AttnKernel,
     pub overlap_grad_reduce: bool,
+    /// ZeRO 1/2 parameter all-gather under the next forward.
     pub overlap_param_gather: bool,
+    /// Tensor-parallel collectives pipelined with the GEMMs (Megatron/TE
+    /// userbuffers, PyTorch async TP).
     pub tp_comm_overlap: bool,
+    /// MoE all-to-all hidden under another micro-batch's compute.
     pub ep_comm_overlap: bool,
+    /// Expert tensor parallel size (Megatron's default: tp).
     pub etp: u64,
+    /// Bytes per gradient element in the data-parallel reduction (fp32
+    /// main grads = 4; FSDP PURE / DeepSpeed fp16 = 2).
     pub grad_bytes: f64,
     pub moe_imbalance: f64,
+    /// ZeRO-3 gathers and reduce-scatters leave through each rank's own
+    /// NIC (a flat ring) instead of a node's every NIC: DeepSpeed's stage 3
+    /// gathers each parameter's partitions with per-rank collectives over
+    /// the flat data-parallel group, with no intra-node stage (set for
+    /// `framework` naming DeepSpeed with zero 3).
     pub z3_rank_nic: bool,
+    /// Selective recompute is torchtitan's op-level policy: every op's
+    /// output is saved except every second matmul's and the non-matmul
+    /// ops' (norms, activations, rotary), which re-run in the backward.
     pub sac_op: bool,
+    /// MoE tokens dispatched by DeepEP: a token crosses to each remote
+    /// node holding one of its experts once, and NVLink fans it out there.
     pub deepep: bool,
     /// `ring` or `allgather`.
-    pub cp_comm: String,
+    pub cp_comm: CpComm,
+}
+
+impl MofaStrategy {
+    /// `tp=8,pp=4,...` as tables print it, `mofa_tune` records carry it as
+    /// their `id`, and `--strategy` accepts it.
+    pub fn compact(&self) -> String {
+        format!(
+            "tp={},pp={},dp={},cp={},ep={},vpp={},mbs={},gbs={},recompute={},zero={},sp={}",
+            self.tp,
+            self.pp,
+            self.dp,
+            self.cp,
+            self.ep,
+            self.vpp,
+            self.mbs,
+            self.gbs,
+            self.recompute,
+            self.zero,
+            self.sp
+        )
+    }
+}
+
+/// A value written as its `Display` form and read through `FromStr`.
+mod by_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// One ranked strategy of `mofa-predict tune`: the prediction's fields
@@ -599,19 +709,8 @@ pub struct MofaTune {
     pub kind: Tag<MofaTune>,
     /// The strategy in `tp=..,pp=..` form.
     pub id: serde_json::Value,
-    pub iter_s: f64,
-    pub tflops_per_gpu: f64,
-    pub hw_tflops_per_gpu: f64,
-    pub mfu: f64,
-    pub tokens_per_s: f64,
-    pub mem_gb_per_gpu: f64,
-    pub fits: bool,
-    pub breakdown: MofaBreakdown,
-    pub ft: MofaFt,
-    pub train_days: Option<f64>,
-    pub params_b: f64,
-    pub gpus: u64,
-    pub bottleneck: String,
+    #[serde(flatten)]
+    pub metrics: MofaMetrics,
 }
 
 /// The last line of `mofa-predict tune` (fields in alphabetical order, as
@@ -724,11 +823,16 @@ pub struct MofaCalibrate {
 
 // ---------------------------------------------------------------- schema
 
-/// The field names of record `R`, in declaration (= output) order, as its
-/// `Deserialize` impl declares them.
-pub fn fields<R: Record>() -> &'static [&'static str] {
+/// The field names of record `R`, in declaration (= output) order.
+pub fn fields<R: Record>() -> Vec<&'static str> {
+    R::fields()
+}
+
+/// The field names of struct `T` as its `Deserialize` impl declares them
+/// (empty for a struct with a `#[serde(flatten)]` field).
+pub fn struct_fields<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
     let mut got: &'static [&'static str] = &[];
-    let _ = R::deserialize(FieldsOf(&mut got));
+    let _ = T::deserialize(FieldsOf(&mut got));
     got
 }
 
