@@ -267,11 +267,12 @@ struct Attn {
     scale: f32,
 }
 
-/// Head widths below this accumulate dK and dV column-major (transposed into place once
-/// per head): the GEMM then vectorises along the keys, where a row-major [Lk, d] output
-/// fills only d of the 16 lanes of its register tile. (P V and dS K stay row-major: a
-/// column-major output there makes the GEMM pack the [rows, Lk] left operand, which
-/// costs what the wider tile saves.)
+/// Head widths below this take the forward's scores column-major and accumulate the
+/// backward's dK and dV column-major (transposed into place once per head): the GEMMs
+/// then vectorise along the rows or keys, where a row-major [rows, d] output fills only d
+/// of the 16 lanes of a register tile. (The backward's dS K stays row-major: dS is made
+/// row by row, and a column-major output would make the GEMM pack it, which costs what
+/// the wider tile saves.)
 const NARROW: usize = 32;
 
 /// dst[r · rs + c] = src[c · m + r] for r < m, c < d: a column-major [m, d] block
@@ -311,6 +312,52 @@ multiversion! {
     }
 }
 
+/// Each row r of the column-major [m, n] block `s` (s[j·m + r]) becomes exp(x - max);
+/// `inv[r]` gets 1 / its sum. Column by column, so the loops run along the rows.
+#[inline(always)]
+fn softmax_cols_body<const FMA: bool>(s: &mut [f32], m: usize, inv: &mut [f32]) {
+    let mut mx = [f32::NEG_INFINITY; QB];
+    let mut sum = [0f32; QB];
+    let (mx, sum) = (&mut mx[..m], &mut sum[..m]);
+    for col in s.chunks_exact(m) {
+        mx.iter_mut().zip(col).for_each(|(a, &v)| *a = a.max(v));
+    }
+    for col in s.chunks_exact_mut(m) {
+        for ((v, &mr), sr) in col.iter_mut().zip(mx.iter()).zip(sum.iter_mut()) {
+            *v = exp_g::<FMA>(*v - mr);
+            *sr += *v;
+        }
+    }
+    inv.iter_mut()
+        .zip(sum.iter())
+        .for_each(|(i, &t)| *i = 1.0 / t);
+}
+
+/// [`softmax_cols_body`] compiled for AVX-512 or AVX2 with FMA when the CPU has them.
+fn softmax_cols(s: &mut [f32], m: usize, inv: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        unsafe fn avx512(s: &mut [f32], m: usize, inv: &mut [f32]) {
+            softmax_cols_body::<true>(s, m, inv)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(s: &mut [f32], m: usize, inv: &mut [f32]) {
+            softmax_cols_body::<true>(s, m, inv)
+        }
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512vl") && has!("fma") {
+            // SAFETY: the CPU has the features `avx512` was compiled for.
+            return unsafe { avx512(s, m, inv) };
+        }
+        if has!("avx2") && has!("fma") {
+            // SAFETY: as above, for `avx2`.
+            return unsafe { avx2(s, m, inv) };
+        }
+    }
+    softmax_cols_body::<false>(s, m, inv)
+}
+
 impl Attn {
     fn forward(&self, qv: &[f32], kv: &[f32], vv: &[f32]) -> Vec<f32> {
         let Attn {
@@ -330,16 +377,53 @@ impl Attn {
             let (bi, h) = (bh / heads, bh % heads);
             let q0 = qb * QB;
             let m = QB.min(lq - q0);
-            with_scratch(&SCORES, m * lk, |s| {
+            with_scratch(&SCORES, m * lk + m * d, |sc| {
+                let (s, tmp) = sc.split_at_mut(m * lk);
                 let mut inv = [0f32; QB];
                 let qoff = (bi * lq + q0) * hd + h * d;
                 let kvoff = bi * lk * hd + h * d;
+                let (qp, kp) = (qv[qoff..].as_ptr(), kv[kvoff..].as_ptr());
+                let vp = vv[kvoff..].as_ptr();
                 // SAFETY: every operand range lies inside its slice (offsets and
                 // strides above, m <= lq - q0); tasks write disjoint (row, head)
                 // blocks of `out`, which outlives the parallel loop.
                 unsafe {
+                    let dst = (optr as *mut f32).add(qoff);
+                    if d < NARROW {
+                        // scores column-major (s[j·m + r]): both GEMMs then vectorise
+                        // along the m rows, and neither packs the [m, lk] scores
+                        gemm_s(
+                            (m, lk, d),
+                            s.as_mut_ptr(),
+                            (m, 1),
+                            false,
+                            qp,
+                            (1, hd),
+                            kp,
+                            (hd, 1),
+                            scale,
+                        );
+                        softmax_cols(s, m, &mut inv[..m]);
+                        gemm_s(
+                            (m, d, lk),
+                            tmp.as_mut_ptr(),
+                            (m, 1),
+                            false,
+                            s.as_ptr(),
+                            (m, 1),
+                            vp,
+                            (1, hd),
+                            1.0,
+                        );
+                        for r in 0..m {
+                            let row = std::slice::from_raw_parts_mut(dst.add(r * hd), d);
+                            for (c, y) in row.iter_mut().enumerate() {
+                                *y = tmp[c * m + r] * inv[r];
+                            }
+                        }
+                        return;
+                    }
                     // s[m, lk] = scale · q[m, d] · k[lk, d]ᵀ
-                    let (qp, kp) = (qv[qoff..].as_ptr(), kv[kvoff..].as_ptr());
                     gemm_s(
                         (m, lk, d),
                         s.as_mut_ptr(),
@@ -353,8 +437,6 @@ impl Attn {
                     );
                     softmax_unnorm(s, lk, &mut inv[..m]);
                     // out[m, d] = s[m, lk] · v[lk, d], then the softmax's normalisation
-                    let dst = (optr as *mut f32).add(qoff);
-                    let vp = vv[kvoff..].as_ptr();
                     gemm_s(
                         (m, d, lk),
                         dst,
