@@ -20,6 +20,12 @@ use std::io::BufRead;
 /// A record type and the `kind` that names it on the wire.
 pub trait Record: Serialize + for<'de> Deserialize<'de> {
     const KIND: &'static str;
+    /// The field names in declaration (= output) order. Read from the
+    /// `Deserialize` impl; a struct that flattens another lists its own
+    /// around the flattened one's (serde declares no list for it).
+    fn fields() -> Vec<&'static str> {
+        struct_fields::<Self>().to_vec()
+    }
 }
 
 /// The `kind` field of record `R`: serialises as `R::KIND`, accepts only it.
@@ -71,15 +77,18 @@ impl<'de, R: Record> Deserialize<'de> for Tag<R> {
 /// kinds (`ALL_KINDS`, or the const named after `const` for a tool's own
 /// block in a submodule; [`all_kinds`] joins them).
 macro_rules! kinds {
-    (const $all:ident; $($ty:ident => $name:literal),* $(,)?) => {
+    (const $all:ident; $($ty:ident => $name:literal $(: $fields:expr)?),* $(,)?) => {
         $(impl $crate::records::Record for $ty {
             const KIND: &'static str = $name;
+            $(fn fields() -> Vec<&'static str> {
+                $fields
+            })?
         })*
         /// The kinds of this block, for tests and documentation.
         pub const $all: &[&str] = &[$($name),*];
     };
-    ($($ty:ident => $name:literal),* $(,)?) => {
-        kinds! { const ALL_KINDS; $($ty => $name),* }
+    ($($ty:ident => $name:literal $(: $fields:expr)?),* $(,)?) => {
+        kinds! { const ALL_KINDS; $($ty => $name $(: $fields)?),* }
     };
 }
 
@@ -113,8 +122,10 @@ kinds! {
     FedEmbedPromptSample => "fed_embed_prompt_sample",
     DiffuseSynthSample => "sample",
     DiffuseSynthDescription => "description",
-    MofaPredict => "mofa_predict",
-    MofaTune => "mofa_tune",
+    MofaPredict => "mofa_predict":
+        [&["kind", "id"][..], struct_fields::<MofaMetrics>(), &["assumed"]].concat(),
+    MofaTune => "mofa_tune":
+        [&["rank", "strategy", "kind", "id"][..], struct_fields::<MofaMetrics>()].concat(),
     MofaTuneSummary => "mofa_tune_summary",
     MofaCalibRow => "mofa_calib_row",
     MofaCalibrate => "mofa_calibrate",
@@ -531,12 +542,10 @@ pub struct MofaFt {
     pub goodput: f64,
 }
 
-/// One job's prediction (mofa-predict's output per input line).
+/// What mofa-predict predicts for one job: the body shared by
+/// `mofa_predict` and `mofa_tune` (flattened into both).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct MofaPredict {
-    pub kind: Tag<MofaPredict>,
-    /// The input line's `id`, as given (any JSON value; null when absent).
-    pub id: serde_json::Value,
+pub struct MofaMetrics {
     pub iter_s: f64,
     /// Model FLOP/s per GPU (no recompute), TFLOP/s.
     pub tflops_per_gpu: f64,
@@ -554,6 +563,16 @@ pub struct MofaPredict {
     pub gpus: u64,
     /// The largest breakdown term, or `fault_tolerance`.
     pub bottleneck: String,
+}
+
+/// One job's prediction (mofa-predict's output per input line).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MofaPredict {
+    pub kind: Tag<MofaPredict>,
+    /// The input line's `id`, as given (any JSON value; null when absent).
+    pub id: serde_json::Value,
+    #[serde(flatten)]
+    pub metrics: MofaMetrics,
     /// Defaults the job took, as `field=value`.
     pub assumed: Vec<String>,
 }
@@ -599,19 +618,8 @@ pub struct MofaTune {
     pub kind: Tag<MofaTune>,
     /// The strategy in `tp=..,pp=..` form.
     pub id: serde_json::Value,
-    pub iter_s: f64,
-    pub tflops_per_gpu: f64,
-    pub hw_tflops_per_gpu: f64,
-    pub mfu: f64,
-    pub tokens_per_s: f64,
-    pub mem_gb_per_gpu: f64,
-    pub fits: bool,
-    pub breakdown: MofaBreakdown,
-    pub ft: MofaFt,
-    pub train_days: Option<f64>,
-    pub params_b: f64,
-    pub gpus: u64,
-    pub bottleneck: String,
+    #[serde(flatten)]
+    pub metrics: MofaMetrics,
 }
 
 /// The last line of `mofa-predict tune` (fields in alphabetical order, as
@@ -724,11 +732,16 @@ pub struct MofaCalibrate {
 
 // ---------------------------------------------------------------- schema
 
-/// The field names of record `R`, in declaration (= output) order, as its
-/// `Deserialize` impl declares them.
-pub fn fields<R: Record>() -> &'static [&'static str] {
+/// The field names of record `R`, in declaration (= output) order.
+pub fn fields<R: Record>() -> Vec<&'static str> {
+    R::fields()
+}
+
+/// The field names of struct `T` as its `Deserialize` impl declares them
+/// (empty for a struct with a `#[serde(flatten)]` field).
+pub fn struct_fields<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
     let mut got: &'static [&'static str] = &[];
-    let _ = R::deserialize(FieldsOf(&mut got));
+    let _ = T::deserialize(FieldsOf(&mut got));
     got
 }
 

@@ -337,6 +337,25 @@ PIPE_STEPS = 4
 PIPE_GUIDANCE = 3.0
 
 
+def bn_stat_terms(modules) -> list:
+    """FedCADO's BatchNorm-statistics loss: a hook on every BatchNorm2d in `modules`
+    appends ||running_var - var||_2 + ||running_mean - mean||_2 of that layer's input
+    (biased batch variance) to the returned list on each forward; the loss is its sum.
+    Shared by the fixtures and the benchmarks so all of them run the same loss."""
+    stats = []
+
+    def hook(mod, inp, outp):
+        x = inp[0]
+        mu = x.mean(dim=(0, 2, 3))
+        var = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1).var(1, unbiased=False)
+        stats.append(torch.norm(mod.running_var - var, 2) + torch.norm(mod.running_mean - mu, 2))
+
+    for m in modules:
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.register_forward_hook(hook)
+    return stats
+
+
 def reinit(module, gen):
     """Every parameter redrawn so none is zero: weights N(0, 1/fan_in), biases
     N(0, 0.05^2), norm scales 1 + N(0, 0.1^2)."""
@@ -541,16 +560,7 @@ def gen_fedcado(out: Path):
 
     ref = load_file(str(out / "pipeline.safetensors"))
     emb, neg, lat = ref["prompt_embeds"][:1], ref["negative_prompt_embeds"][:1], ref["latents"][:1]
-    stats = []
-
-    def hook(mod, inp, outp):
-        x = inp[0]
-        mu = x.mean(dim=(0, 2, 3))
-        var = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1).var(1, unbiased=False)
-        stats.append(torch.norm(mod.running_var - var, 2) + torch.norm(mod.running_mean - mu, 2))
-
-    for bn in (clf.bn1, clf.bn2):
-        bn.register_forward_hook(hook)
+    stats = bn_stat_terms([clf.bn1, clf.bn2])
     res = {}
     for with_ce in (True, False):
         stats.clear()

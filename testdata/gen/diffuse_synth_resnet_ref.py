@@ -103,17 +103,8 @@ def gen_narrow(out: Path):
         net.eval()
         sd = {k: v.contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
         save_file(sd, str(out / f"{name}-narrow.safetensors"))
-        stats = []
-
-        def hook(mod, inp, outp):
-            x = inp[0]
-            mu = x.mean(dim=(0, 2, 3))
-            var = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1).var(1, unbiased=False)
-            stats.append(torch.norm(mod.running_var - var, 2) + torch.norm(mod.running_mean - mu, 2))
-
         bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-        for m in bns:
-            m.register_forward_hook(hook)
+        stats = base.bn_stat_terms(bns)
         x = x0.clone().requires_grad_(True)
         logits = net(x)
         bn = sum(stats)

@@ -57,17 +57,9 @@ fn description_matches_pytorch_sgd() {
     let want = f32s(&fx, "final");
     let init = f32s(&fx, "prompt_embeds");
     // compare the learned change, relative to its size
-    let change = want
-        .iter()
-        .zip(&init)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let change = max_abs_diff(&want, &init);
     assert!(change > 1e-2, "the fixture's SGD must move the description");
-    let d = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let d = max_abs_diff(&got, &want);
     assert!(
         d <= 1e-3 * change,
         "description differs from PyTorch by {d} (change {change})"

@@ -19,27 +19,15 @@ fn gradients_match_pytorch() {
     let reff = TensorFile::open(&td.join("fedcado.safetensors")).unwrap();
     for (tag, with_ce) in [("ce_bn", true), ("bn", false)] {
         let (loss, g) = fedcado_loss_and_grad(&Placement::cpu(), with_ce);
-        let want_loss = reff
-            .require(&format!("loss.{tag}"))
-            .unwrap()
-            .to_f32_vec()
-            .unwrap()[0];
-        let want = reff
-            .require(&format!("grad.{tag}"))
-            .unwrap()
-            .to_f32_vec()
-            .unwrap();
+        let want_loss = f32_of(&reff, &format!("loss.{tag}"))[0];
+        let want = f32_of(&reff, &format!("grad.{tag}"));
         assert!(
             (loss - want_loss).abs() <= 1e-4 * want_loss.abs(),
             "{tag}: loss {loss} vs {want_loss}"
         );
-        let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+        let scale = max_abs(&want);
         assert!(scale > 0.0);
-        let d = g
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = max_abs_diff(&g, &want);
         eprintln!(
             "{tag}: loss {loss} (torch {want_loss}), grad rel diff {:e}",
             d / scale
@@ -120,11 +108,7 @@ fn guided_run_through_the_cli() {
     };
     let g = run(&out, true);
     let p = run(&plain, false);
-    let d = g
-        .iter()
-        .zip(&p)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let d = max_abs_diff(&g, &p);
     assert!(
         d > 1e-3,
         "guidance must change the samples (max change {d})"

@@ -45,18 +45,9 @@ fn latents(final_mode: Option<&str>) -> Vec<f32> {
 
 #[test]
 fn final_x0_matches_the_authors_loop() {
-    let want = TensorFile::open(&td().join("final-x0.safetensors"))
-        .unwrap()
-        .require("x0")
-        .unwrap()
-        .to_f32_vec()
-        .unwrap();
+    let want = f32s(&td().join("final-x0.safetensors"), "x0");
     let got = latents(Some("x0"));
-    let d = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let d = max_abs_diff(&got, &want);
     assert!(d <= 1e-4, "max abs diff {d}");
     // Without a classifier the default is diffusers' behaviour: every step.
     let plain = latents(None);

@@ -9,7 +9,6 @@ use common::*;
 
 use candle_core::{Device, Tensor};
 use ftk::tensors::TensorFile;
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 #[test]
@@ -21,7 +20,7 @@ fn vae_decode_matches_diffusers() {
     let t = Tensor::from_vec(lat.to_f32_vec().unwrap(), shape, &Device::Cpu).unwrap();
     let img = diffuse_synth::model::decode(&vae, &t).unwrap();
     let got = img.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let want = f.require("images.pndm.g3").unwrap().to_f32_vec().unwrap();
+    let want = f32_of(&f, "images.pndm.g3");
     let d = max_abs_diff(&got, &want);
     assert!(d <= 1e-4, "VAE decode differs from diffusers by {d}");
 }
@@ -37,8 +36,7 @@ fn every_scheduler_matches_stable_diffusion_pipeline() {
     let td = td();
     let pipe = td.join("pipeline.safetensors");
     let f = TensorFile::open(&pipe).unwrap();
-    let meta = f.metadata().unwrap();
-    let runs: Vec<Value> = serde_json::from_str(&meta["runs"]).unwrap();
+    let (meta, runs) = runs_of(&f);
     let steps = meta["steps"].clone();
     assert_eq!(runs.len(), 12);
     let dir = tempfile::tempdir().unwrap();
@@ -78,11 +76,7 @@ fn every_scheduler_matches_stable_diffusion_pipeline() {
         );
         worst = worst.max(d);
         let (_, img) = read(&out, "images");
-        let want = f
-            .require(&format!("images.{key}"))
-            .unwrap()
-            .to_f32_vec()
-            .unwrap();
+        let want = f32_of(&f, &format!("images.{key}"));
         let d = max_abs_diff(&img, &want);
         assert!(d <= 1e-4, "{key}: images differ from diffusers by {d}");
     }

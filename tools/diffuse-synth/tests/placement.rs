@@ -26,17 +26,9 @@ fn f64_candle_ops_path_matches_pytorch_gradients() {
     let reff = TensorFile::open(&td().join("fedcado.safetensors")).unwrap();
     for (tag, with_ce) in [("ce_bn", true), ("bn", false)] {
         let (loss, g) = fedcado_loss_and_grad(&place(DType::F64), with_ce);
-        let want_loss = reff
-            .require(&format!("loss.{tag}"))
-            .unwrap()
-            .to_f32_vec()
-            .unwrap()[0];
-        let want = reff
-            .require(&format!("grad.{tag}"))
-            .unwrap()
-            .to_f32_vec()
-            .unwrap();
-        let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+        let want_loss = f32_of(&reff, &format!("loss.{tag}"))[0];
+        let want = f32_of(&reff, &format!("grad.{tag}"));
+        let scale = max_abs(&want);
         let d = max_abs_diff(&g, &want);
         eprintln!(
             "f64 {tag}: loss {loss} (torch {want_loss}), grad rel diff {:e}",
@@ -71,8 +63,8 @@ fn half_precision_plumbing_runs_and_stays_close() {
     let (e32, i32_) = run(&Placement::cpu());
     // candle's CPU matmul has no bf16: bf16 runs on CUDA only (tests/cuda.rs)
     let (e, i) = run(&place(DType::F16));
-    let re = max_abs_diff(&e, &e32) / e32.iter().fold(0f32, |a, b| a.max(b.abs()));
-    let ri = max_abs_diff(&i, &i32_) / i32_.iter().fold(0f32, |a, b| a.max(b.abs()));
+    let re = max_abs_diff(&e, &e32) / max_abs(&e32);
+    let ri = max_abs_diff(&i, &i32_) / max_abs(&i32_);
     eprintln!("f16: eps rel diff {re:e}, image rel diff {ri:e}");
     assert!(re <= 5e-2 && ri <= 5e-2, "f16: eps {re}, image {ri}");
 }

@@ -26,8 +26,7 @@ fn prompts_match_stable_diffusion_pipeline() {
     let td = td();
     let refs = td.join("prompt.safetensors");
     let f = TensorFile::open(&refs).unwrap();
-    let meta = f.metadata().unwrap();
-    let runs: Vec<Value> = serde_json::from_str(&meta["runs"]).unwrap();
+    let (meta, runs) = runs_of(&f);
     assert_eq!(runs.len(), 4);
     let dir = tempfile::tempdir().unwrap();
     for r in &runs {
@@ -54,17 +53,9 @@ fn prompts_match_stable_diffusion_pipeline() {
         }
         c.assert().success();
         let got = latents(&out);
-        let want = f
-            .require(&format!("final.{key}"))
-            .unwrap()
-            .to_f32_vec()
-            .unwrap();
+        let want = f32_of(&f, &format!("final.{key}"));
         assert_eq!(got.len(), want.len(), "{key}");
-        let d = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = max_abs_diff(&got, &want);
         assert!(
             d <= 1e-4,
             "{key}: final latents differ from diffusers by {d}"
@@ -93,7 +84,7 @@ fn text_and_embedding_conditions_combine() {
     .unwrap();
     let other = dir.path().join("other.safetensors");
     let f = TensorFile::open(&td.join("text.safetensors")).unwrap();
-    let v = f.require("sd.embeds").unwrap().to_f32_vec().unwrap();
+    let v = f32_of(&f, "sd.embeds");
     ftk::tensors::write_safetensors(
         &other,
         &[ftk::tensors::OutTensor::f32(
@@ -142,11 +133,7 @@ fn text_and_embedding_conditions_combine() {
         ],
         &dir.path().join("b.safetensors"),
     );
-    let d = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let d = max_abs_diff(&a, &b);
     assert!(d <= 1e-5, "text condition != its embeddings as a file: {d}");
 }
 

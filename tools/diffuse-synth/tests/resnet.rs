@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 fn vec_of(f: &TensorFile, name: &str) -> Vec<f32> {
-    f.require(name).unwrap().to_f32_vec().unwrap()
+    f32_of(f, name)
 }
 
 #[test]
@@ -59,7 +59,7 @@ fn narrow_resnets_match_torchvision() {
             .to_vec1::<f32>()
             .unwrap();
         let want = vec_of(&r, &format!("{net}.grad"));
-        let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+        let scale = max_abs(&want);
         assert!(scale > 0.0);
         let d = max_abs_diff(&g, &want);
         eprintln!(
@@ -223,22 +223,11 @@ fn json_arch_spellings_load_the_same_net() {
     let x = Tensor::ones((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
     let a = Classifier::from_arch(json.to_str().unwrap(), &w).unwrap();
     let b = Classifier::from_arch(&format!("json:{}", json.display()), &w).unwrap();
-    let la = a
-        .forward(&x)
-        .unwrap()
-        .0
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let lb = b
-        .forward(&x)
-        .unwrap()
-        .0
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let logits = |c: &Classifier| {
+        let l = c.forward(&x).unwrap().0;
+        l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (la, lb) = (logits(&a), logits(&b));
     assert_eq!(la.len(), 3);
     assert_eq!(la, lb);
     let e = Classifier::from_arch("json:no-such-file.json", &w)

@@ -72,12 +72,7 @@ fn schedulers_match_diffusers() {
             }
         };
         *counted.entry(kind.name()).or_insert(0) += 1;
-        let get = |n: &str| {
-            f.require(&format!("c{k}.{n}"))
-                .unwrap()
-                .to_f32_vec()
-                .unwrap()
-        };
+        let get = |n: &str| f32_of(&f, &format!("c{k}.{n}"));
         let ts_ref: Vec<f64> = {
             let name = format!("c{k}.timesteps");
             let t = f.require(&name).unwrap();

@@ -12,7 +12,6 @@ use common::*;
 use assert_cmd::Command;
 use diffuse_synth::unclip::timestep_embedding;
 use ftk::tensors::TensorFile;
-use serde_json::Value;
 use std::path::Path;
 
 /// The tiny unCLIP model with the reference's text embeddings.
@@ -30,8 +29,7 @@ fn stable_unclip_pipeline_runs_match_diffusers() {
     let td = td();
     let refp = td.join("unclip.safetensors");
     let f = TensorFile::open(&refp).unwrap();
-    let meta = f.metadata().unwrap();
-    let runs: Vec<Value> = serde_json::from_str(&meta["runs"]).unwrap();
+    let (meta, runs) = runs_of(&f);
     assert_eq!(runs.len(), 3);
     let dir = tempfile::tempdir().unwrap();
     for r in &runs {
@@ -57,11 +55,7 @@ fn stable_unclip_pipeline_runs_match_diffusers() {
             "{key}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        let want = f
-            .require(&format!("final.{key}"))
-            .unwrap()
-            .to_f32_vec()
-            .unwrap();
+        let want = f32_of(&f, &format!("final.{key}"));
         let d = max_abs_diff(&latents(&out), &want);
         eprintln!("{key}: max |diff| {d:e}");
         assert!(
@@ -103,7 +97,7 @@ fn feddisc_three_branch_guidance_matches_pytorch() {
     let meta = f.metadata().unwrap();
     assert_eq!(meta["noise_level"], "200");
     assert_eq!(meta["guidance"], "2.0");
-    let want = f.require("final").unwrap().to_f32_vec().unwrap();
+    let want = f32_of(&f, "final");
     let d = max_abs_diff(&latents(&out), &want);
     eprintln!("feddisc: max |diff| {d:e}");
     assert!(d <= 1e-4, "FedDISC final latents differ by {d}");

@@ -14,8 +14,9 @@
 use crate::cluster::{Cluster, PCIE_CLOCK};
 use crate::input::{job_from_value, Fallback, Job, Obj};
 use crate::perf::Calib;
-use crate::predict::{predict, Prediction};
+use crate::predict::predict;
 use ftk::jsonl::Reader;
+use ftk::records::MofaMetrics;
 use ftk::{Error, Result};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -157,7 +158,7 @@ pub fn dedupe(rows: Vec<Row>) -> Vec<Row> {
 }
 
 /// The row's metric from a prediction.
-pub fn metric_of(p: &Prediction, metric: &str, job: &Job) -> f64 {
+pub fn metric_of(p: &MofaMetrics, metric: &str, job: &Job) -> f64 {
     match metric {
         "hw_tflops_per_gpu" => p.hw_tflops_per_gpu,
         "iter_s" => p.iter_s,
@@ -177,7 +178,7 @@ fn is_time(metric: &str) -> bool {
 
 /// What the model predicts for a row's metric.
 pub fn predicted(row: &Row, c: &Calib) -> f64 {
-    metric_of(&predict(&row.job, c), &row.metric, &row.job)
+    metric_of(&predict(&row.job, c).metrics, &row.metric, &row.job)
 }
 
 /// Absolute percentage error.

@@ -20,12 +20,12 @@ use ftk::cli::Stdout;
 use ftk::io::Input;
 use ftk::jsonl::Reader;
 use ftk::model::ModelConfig;
+use ftk::records::MofaPredict;
 use ftk::records::{self, Tag};
 use ftk::table::Table;
 use ftk::{Error, Result};
 use input::Fallback;
 use perf::Terms;
-use predict::Prediction;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -280,7 +280,7 @@ fn with_flags(mut v: Value, c: &Common, imbalance: Option<f64>) -> Value {
     v
 }
 
-fn print_predictions(out: &mut Stdout, preds: &[(Prediction, Vec<String>)]) -> Result<()> {
+fn print_predictions(out: &mut Stdout, preds: &[MofaPredict]) -> Result<()> {
     let mut t = Table::new([
         "id",
         "iter s",
@@ -293,9 +293,10 @@ fn print_predictions(out: &mut Stdout, preds: &[(Prediction, Vec<String>)]) -> R
         "days",
         "bottleneck",
     ]);
-    for (p, _) in preds {
+    for r in preds {
+        let p = &r.metrics;
         t.row(vec![
-            match &p.id {
+            match &r.id {
                 Value::String(s) => s.clone(),
                 v => v.to_string(),
             },
@@ -307,14 +308,14 @@ fn print_predictions(out: &mut Stdout, preds: &[(Prediction, Vec<String>)]) -> R
             if p.fits { "yes".into() } else { "NO".into() },
             format!("{:.3}", p.ft.goodput),
             p.train_days.map_or("-".into(), |d| format!("{d:.1}")),
-            p.bottleneck.into(),
+            p.bottleneck.clone(),
         ]);
     }
     t.print(out)?;
-    for (p, a) in preds.iter().filter(|(_, a)| !a.is_empty()) {
-        out.line(&format!("assumed ({}): {}", p.id, a.join(", ")))?;
+    for r in preds.iter().filter(|r| !r.assumed.is_empty()) {
+        out.line(&format!("assumed ({}): {}", r.id, r.assumed.join(", ")))?;
     }
-    if let [(p, _)] = preds {
+    if let [MofaPredict { metrics: p, .. }] = preds {
         out.line("")?;
         let mut t = Table::new(["term", "seconds", "share"]);
         for (name, s) in p.breakdown.terms() {
@@ -374,14 +375,15 @@ fn run_predict(a: PredictArgs) -> Result<()> {
     };
     let c = perf::CALIB;
     let mut out = Stdout::new();
-    let mut preds: Vec<(Prediction, Vec<String>)> = vec![];
+    let mut preds: Vec<MofaPredict> = vec![];
     let table = a.common.table;
-    let mut emit = |out: &mut Stdout, p: Prediction, assumed: Vec<String>| -> Result<()> {
+    let mut emit = |out: &mut Stdout, mut p: MofaPredict, assumed: Vec<String>| -> Result<()> {
+        p.assumed = assumed;
         if table {
-            preds.push((p, assumed));
+            preds.push(p);
             Ok(())
         } else {
-            ftk::jsonl::write_record(out, &p.record(assumed))
+            ftk::jsonl::write_record(out, &p)
         }
     };
     let mut n = 0u64;
@@ -527,7 +529,7 @@ fn run_tune(c: Common, gbs: u64, top: usize, no_timing: bool) -> Result<()> {
                 format!("{:.1}", p.mem_gb_per_gpu),
                 format!("{:.3}", p.ft.goodput),
                 p.train_days.map_or("-".into(), |d| format!("{d:.1}")),
-                p.bottleneck.into(),
+                p.bottleneck.clone(),
             ]);
         }
         t.print(&mut out)?;
@@ -635,7 +637,7 @@ fn run_calibrate(data: Vec<PathBuf>, fit: bool, table: bool, iters: usize) -> Re
     ]);
     let mut in_sample: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     for (i, r) in rows.iter().enumerate() {
-        let pred = predict::predict(&r.job, &base);
+        let pred = predict::predict(&r.job, &base).metrics;
         let p = calibrate::metric_of(&pred, &r.metric, &r.job);
         let finite = |x: f64| Some(x).filter(|x| x.is_finite());
         let o = records::MofaCalibRow {

@@ -1,33 +1,10 @@
 //! One prediction: time model + memory + fault tolerance as the output record.
 
-use crate::ft::{self, Ft};
+use crate::ft;
 use crate::input::Job;
 use crate::mem;
 use crate::perf::{self, Breakdown, Calib, Terms};
-use ftk::records::{MofaPredict, MofaStrategy, MofaTune, Tag};
-
-/// One job's prediction; [`Prediction::record`] is its wire format
-/// (`{"kind":"mofa_predict", ...}`, see `--help`).
-#[derive(Clone, Debug)]
-pub struct Prediction {
-    pub id: serde_json::Value,
-    pub iter_s: f64,
-    /// Model FLOP/s per GPU (Megatron's convention, no recompute), TFLOP/s.
-    pub tflops_per_gpu: f64,
-    /// Hardware FLOP/s per GPU including recomputed FLOPs, TFLOP/s.
-    pub hw_tflops_per_gpu: f64,
-    pub mfu: f64,
-    pub tokens_per_s: f64,
-    pub mem_gb_per_gpu: f64,
-    pub fits: bool,
-    pub breakdown: Breakdown,
-    pub ft: Ft,
-    /// Wall-clock days for run.tokens including failures (null without it).
-    pub train_days: Option<f64>,
-    pub params_b: f64,
-    pub gpus: u64,
-    pub bottleneck: &'static str,
-}
+use ftk::records::{MofaMetrics, MofaPredict, Tag};
 
 /// The dominant cause of lost time: the largest breakdown term, or
 /// `fault_tolerance` when failures and checkpoints cost more.
@@ -40,7 +17,9 @@ pub fn bottleneck(b: &Breakdown, goodput: f64, iter_s: f64) -> &'static str {
         .map_or("compute", |t| t.0)
 }
 
-pub fn predict(job: &Job, c: &Calib) -> Prediction {
+/// One job's prediction as its `mofa_predict` record (no defaults listed in
+/// `assumed` yet: the caller knows which the job took).
+pub fn predict(job: &Job, c: &Calib) -> MofaPredict {
     let t = perf::predict_time(job, c);
     let gpus = job.cluster.gpus as f64;
     let tokens_per_iter = job.strategy.gbs as f64 * job.seq as f64;
@@ -50,8 +29,7 @@ pub fn predict(job: &Job, c: &Calib) -> Prediction {
     let solve = job.run.tokens.map(|n| n / tokens_per_s);
     let (ft, wall) = ft::fault_tolerance(job, solve);
     let mem = mem::peak_bytes(job);
-    Prediction {
-        id: job.id.clone(),
+    let metrics = MofaMetrics {
         iter_s: t.iter_s,
         tflops_per_gpu: tflops,
         hw_tflops_per_gpu: hw_tflops,
@@ -59,59 +37,17 @@ pub fn predict(job: &Job, c: &Calib) -> Prediction {
         tokens_per_s,
         mem_gb_per_gpu: mem / 1e9,
         fits: mem <= mem::ALPHA * job.cluster.hbm_gb * 1e9,
-        bottleneck: bottleneck(&t.breakdown, ft.goodput, t.iter_s),
+        bottleneck: bottleneck(&t.breakdown, ft.goodput, t.iter_s).to_string(),
         breakdown: t.breakdown,
         ft,
         train_days: wall.map(|w| w / 86400.0),
         params_b: job.model.total_params() as f64 / 1e9,
         gpus: job.cluster.gpus,
-    }
-}
-
-impl Prediction {
-    /// The `mofa_predict` record, with the defaults the job took.
-    pub fn record(&self, assumed: Vec<String>) -> MofaPredict {
-        MofaPredict {
-            kind: Tag::default(),
-            id: self.id.clone(),
-            iter_s: self.iter_s,
-            tflops_per_gpu: self.tflops_per_gpu,
-            hw_tflops_per_gpu: self.hw_tflops_per_gpu,
-            mfu: self.mfu,
-            tokens_per_s: self.tokens_per_s,
-            mem_gb_per_gpu: self.mem_gb_per_gpu,
-            fits: self.fits,
-            breakdown: self.breakdown,
-            ft: self.ft,
-            train_days: self.train_days,
-            params_b: self.params_b,
-            gpus: self.gpus,
-            bottleneck: self.bottleneck.to_string(),
-            assumed,
-        }
-    }
-
-    /// The `mofa_tune` record of the strategy ranked `rank`; its id is the
-    /// strategy in compact form.
-    pub fn tune_record(&self, rank: usize, strategy: MofaStrategy, id: String) -> MofaTune {
-        MofaTune {
-            rank: rank as u64,
-            strategy,
-            kind: Tag::default(),
-            id: serde_json::Value::String(id),
-            iter_s: self.iter_s,
-            tflops_per_gpu: self.tflops_per_gpu,
-            hw_tflops_per_gpu: self.hw_tflops_per_gpu,
-            mfu: self.mfu,
-            tokens_per_s: self.tokens_per_s,
-            mem_gb_per_gpu: self.mem_gb_per_gpu,
-            fits: self.fits,
-            breakdown: self.breakdown,
-            ft: self.ft,
-            train_days: self.train_days,
-            params_b: self.params_b,
-            gpus: self.gpus,
-            bottleneck: self.bottleneck.to_string(),
-        }
+    };
+    MofaPredict {
+        kind: Tag::default(),
+        id: job.id.clone(),
+        metrics,
+        assumed: vec![],
     }
 }

@@ -3,7 +3,8 @@
 
 use crate::input::{Job, Strategy};
 use crate::perf::Calib;
-use crate::predict::{predict, Prediction};
+use crate::predict::predict;
+use ftk::records::{MofaMetrics, MofaTune, Tag};
 use mem_plan::memory::Recompute;
 use rayon::prelude::*;
 
@@ -107,21 +108,26 @@ pub fn enumerate(base: &Job, sp: &Space) -> Vec<Job> {
 }
 
 /// Seconds per token at the wall clock (failures included): the ranking key.
-pub fn wall_s_per_token(p: &Prediction) -> f64 {
+pub fn wall_s_per_token(p: &MofaMetrics) -> f64 {
     1.0 / (p.tokens_per_s * p.ft.goodput)
 }
 
 pub struct Ranked {
     pub rank: usize,
     pub strategy: Strategy,
-    pub prediction: Prediction,
+    pub prediction: MofaMetrics,
 }
 
 impl Ranked {
     /// The `mofa_tune` record.
-    pub fn record(&self) -> ftk::records::MofaTune {
-        self.prediction
-            .tune_record(self.rank, self.strategy.record(), self.strategy.compact())
+    pub fn record(&self) -> MofaTune {
+        MofaTune {
+            rank: self.rank as u64,
+            strategy: self.strategy.record(),
+            kind: Tag::default(),
+            id: self.strategy.compact().into(),
+            metrics: self.prediction.clone(),
+        }
     }
 }
 
@@ -133,10 +139,10 @@ pub struct Outcome {
 
 pub fn tune(base: &Job, space: &Space, c: &Calib, top: usize) -> Outcome {
     let jobs = enumerate(base, space);
-    let mut preds: Vec<(usize, Prediction)> = jobs
+    let mut preds: Vec<(usize, MofaMetrics)> = jobs
         .par_iter()
         .enumerate()
-        .map(|(i, j)| (i, predict(j, c)))
+        .map(|(i, j)| (i, predict(j, c).metrics))
         .filter(|(_, p)| p.fits && p.iter_s.is_finite())
         .collect();
     let fitting = preds.len();

@@ -214,25 +214,27 @@ fn calibrate_reports_leave_one_source_out_from_any_directory() {
 
 const LLAMA_DIR: &str = "testdata/configs/llama-3-8b";
 
+/// `[sub] --model <Llama-3-8B dir> --seq 4096 --cluster H100 --gpus N`, then `rest`.
+fn llama8b<'a>(sub: Option<&'a str>, gpus: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let base = [
+        "--model",
+        LLAMA_DIR,
+        "--seq",
+        "4096",
+        "--cluster",
+        "H100",
+        "--gpus",
+        gpus,
+    ];
+    sub.into_iter()
+        .chain(base)
+        .chain(rest.iter().copied())
+        .collect()
+}
+
 #[test]
 fn unknown_keys_are_rejected_with_a_suggestion() {
-    let flags = |strategy: &str| {
-        run(
-            &[
-                "--model",
-                LLAMA_DIR,
-                "--seq",
-                "4096",
-                "--cluster",
-                "H100",
-                "--gpus",
-                "64",
-                "--strategy",
-                strategy,
-            ],
-            "",
-        )
-    };
+    let flags = |strategy: &str| run(&llama8b(None, "64", &["--strategy", strategy]), "");
     let (code, _, err) = flags("tp=8,pp=4,vp=2,gbs=64");
     assert_eq!(code, Some(2), "{err}");
     assert!(
@@ -429,40 +431,15 @@ fn gpu_names_as_vendors_print_them() {
 #[test]
 fn model_directory_and_tune_skipping_invalid_layouts() {
     // A Hugging Face model directory is read through its config.json.
-    let (code, recs, err) = run(
-        &[
-            "--model",
-            LLAMA_DIR,
-            "--seq",
-            "4096",
-            "--cluster",
-            "H100",
-            "--gpus",
-            "64",
-            "--strategy",
-            "tp=8,gbs=64",
-        ],
-        "",
-    );
+    let (code, recs, err) = run(&llama8b(None, "64", &["--strategy", "tp=8,gbs=64"]), "");
     assert_eq!(code, Some(0), "{err}");
     assert!((recs[0]["params_b"].as_f64().unwrap() - 8.03).abs() < 0.05);
     // gbs 512 on 1024 GPUs: dp = 1024 is invalid, smaller dp are not.
-    let args = [
-        "tune",
-        "--model",
-        LLAMA_DIR,
-        "--seq",
-        "4096",
-        "--cluster",
-        "H100",
-        "--gpus",
+    let args = llama8b(
+        Some("tune"),
         "1024",
-        "--gbs",
-        "512",
-        "--top",
-        "3",
-        "--no-timing",
-    ];
+        &["--gbs", "512", "--top", "3", "--no-timing"],
+    );
     let (code, recs, err) = run(&args, "");
     assert_eq!(code, Some(0), "{err}");
     let sum = recs.last().unwrap();
@@ -477,7 +454,7 @@ fn model_directory_and_tune_skipping_invalid_layouts() {
         Command::cargo_bin("mofa-predict")
             .unwrap()
             .current_dir(root(""))
-            .args(args)
+            .args(&args)
             .output()
             .unwrap()
             .stdout
@@ -613,21 +590,7 @@ fn help_documents_every_record_kind_and_the_output_decodes() {
     let r: MofaPredict = same_keys(&p[0]);
     assert_eq!(r.id, "g");
     let t = lines(
-        &[
-            "tune",
-            "--model",
-            LLAMA_DIR,
-            "--seq",
-            "4096",
-            "--cluster",
-            "H100",
-            "--gpus",
-            "16",
-            "--gbs",
-            "64",
-            "--top",
-            "2",
-        ],
+        &llama8b(Some("tune"), "16", &["--gbs", "64", "--top", "2"]),
         "",
     );
     assert_eq!(t.len(), 3);

@@ -23,12 +23,30 @@ pub fn bin() -> Command {
 
 /// A tensor of a safetensors file as f32.
 pub fn f32s(p: &Path, name: &str) -> Vec<f32> {
-    TensorFile::open(p)
-        .unwrap()
-        .require(name)
-        .unwrap()
-        .to_f32_vec()
-        .unwrap()
+    f32_of(&TensorFile::open(p).unwrap(), name)
+}
+
+/// Tensor `name` of an open file as f32.
+pub fn f32_of(f: &TensorFile, name: &str) -> Vec<f32> {
+    f.require(name).unwrap().to_f32_vec().unwrap()
+}
+
+/// A reference file's metadata and its `runs` list (one JSON object per
+/// pipeline run the generator made).
+pub fn runs_of(
+    f: &TensorFile,
+) -> (
+    &std::collections::HashMap<String, String>,
+    Vec<serde_json::Value>,
+) {
+    let meta = f.metadata().unwrap();
+    let runs = serde_json::from_str(&meta["runs"]).unwrap();
+    (meta, runs)
+}
+
+/// max |v|.
+pub fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0.0, |a, b| a.max(b.abs()))
 }
 
 /// The `latents` a run wrote.
