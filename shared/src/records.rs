@@ -14,6 +14,7 @@
 
 use crate::error::Result;
 use crate::jsonl::{KindOnly, Reader};
+use crate::recompute::Recompute;
 use serde::{Deserialize, Serialize};
 use std::io::BufRead;
 
@@ -577,7 +578,37 @@ pub struct MofaPredict {
     pub assumed: Vec<String>,
 }
 
-/// The parallel layout and options of one strategy as mofa-predict resolved it.
+/// The attention kernel, by generation: what it costs depends on it far
+/// more than on anything else at long context.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AttnKernel {
+    /// Unfused: scores as batched GEMMs, softmax/dropout passes through HBM
+    /// (Megatron 2021-22, `flash_attn: false`).
+    None,
+    /// FlashAttention (v1, Dao et al. 2022) or its Triton port.
+    Fa1,
+    /// FlashAttention-2 (Dao 2023): what `flash_attn: true` means.
+    Fa2,
+    /// FlashAttention-3 / cuDNN fused attention on Hopper (Shah et al. 2024).
+    Fa3,
+}
+
+/// How context-parallel ranks exchange K and V.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CpComm {
+    /// Ring attention (Megatron / Transformer Engine): K/V blocks travel the
+    /// ring while each step's attention runs; only what outlasts it shows.
+    Ring,
+    /// All-gather K/V before attention, reduce-scatter dK/dV after it, on
+    /// the critical path (Llama 3, Dubey et al. 2024 §3.3.2).
+    AllGather,
+}
+
+/// The parallel layout and options of one strategy as mofa-predict
+/// resolved it: its time and memory models read this struct, and the
+/// `mofa_tune` record carries it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct MofaStrategy {
     pub tp: u64,
@@ -589,24 +620,84 @@ pub struct MofaStrategy {
     pub mbs: u64,
     pub gbs: u64,
     /// `none`, `selective` or `full`.
-    pub recompute: String,
+    #[serde(with = "by_name")]
+    pub recompute: Recompute,
     pub zero: u64,
     pub sp: bool,
     pub flash_attn: bool,
     /// `none`, `fa1`, `fa2` or `fa3`.
-    pub attn_kernel: String,
+    pub attn_kernel: AttnKernel,
     pub overlap_grad_reduce: bool,
+    /// ZeRO 1/2 parameter all-gather under the next forward.
     pub overlap_param_gather: bool,
+    /// Tensor-parallel collectives pipelined with the GEMMs (Megatron/TE
+    /// userbuffers, PyTorch async TP).
     pub tp_comm_overlap: bool,
+    /// MoE all-to-all hidden under another micro-batch's compute.
     pub ep_comm_overlap: bool,
+    /// Expert tensor parallel size (Megatron's default: tp).
     pub etp: u64,
+    /// Bytes per gradient element in the data-parallel reduction (fp32
+    /// main grads = 4; FSDP PURE / DeepSpeed fp16 = 2).
     pub grad_bytes: f64,
     pub moe_imbalance: f64,
+    /// ZeRO-3 gathers and reduce-scatters leave through each rank's own
+    /// NIC (a flat ring) instead of a node's every NIC: DeepSpeed's stage 3
+    /// gathers each parameter's partitions with per-rank collectives over
+    /// the flat data-parallel group, with no intra-node stage (set for
+    /// `framework` naming DeepSpeed with zero 3).
     pub z3_rank_nic: bool,
+    /// Selective recompute is torchtitan's op-level policy: every op's
+    /// output is saved except every second matmul's and the non-matmul
+    /// ops' (norms, activations, rotary), which re-run in the backward.
     pub sac_op: bool,
+    /// MoE tokens dispatched by DeepEP: a token crosses to each remote
+    /// node holding one of its experts once, and NVLink fans it out there.
     pub deepep: bool,
     /// `ring` or `allgather`.
-    pub cp_comm: String,
+    pub cp_comm: CpComm,
+}
+
+impl MofaStrategy {
+    /// `tp=8,pp=4,...` as tables print it, `mofa_tune` records carry it as
+    /// their `id`, and `--strategy` accepts it.
+    pub fn compact(&self) -> String {
+        format!(
+            "tp={},pp={},dp={},cp={},ep={},vpp={},mbs={},gbs={},recompute={},zero={},sp={}",
+            self.tp,
+            self.pp,
+            self.dp,
+            self.cp,
+            self.ep,
+            self.vpp,
+            self.mbs,
+            self.gbs,
+            self.recompute,
+            self.zero,
+            self.sp
+        )
+    }
+}
+
+/// A value written as its `Display` form and read through `FromStr`.
+mod by_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// One ranked strategy of `mofa-predict tune`: the prediction's fields

@@ -80,7 +80,7 @@ pub const CALIB: Calib = Calib {
     coll_lat_s: 10e-6,
     ring_step_s: 4e-6,
     nic_par: 1.0,
-    attn_eff: 0.762,
+    attn_eff: 0.752,
     attn_s0: 512.0,
     attn_bwd_rate: 0.75,
     dp_bucket_params: 40e6,
@@ -316,6 +316,19 @@ impl Group {
     }
 }
 
+/// Weight-gradient GEMM of an m×n output by m×k input product (the weight
+/// is n×k, m the tokens): its FLOPs run as [`gemm_s`], but it also reads
+/// and writes the weight-sized gradient buffer it accumulates into
+/// (`grad_bytes` each way: Megatron's gradient-accumulation fusion adds
+/// the wgrad into the fp32 `main_grad` in the GEMM's epilogue, beta = 1)
+/// and reads its two bf16 inputs. With few tokens per weight (a MoE
+/// expert's share of a micro-batch) those bytes outlast the FLOPs; the
+/// slower of the two sets the time.
+pub fn wgrad_s(m: f64, n: f64, k: f64, grad_bytes: f64, hw: &Hw, c: &Calib) -> f64 {
+    let bytes = 2.0 * grad_bytes * n * k + 2.0 * m * (n + k);
+    gemm_s(m, n, k, hw, c).max(bytes / hw.hbm)
+}
+
 /// Achieved GEMM time for an m×k by k×n product.
 pub fn gemm_s(m: f64, n: f64, k: f64, hw: &Hw, c: &Calib) -> f64 {
     if m <= 0.0 || n <= 0.0 || k <= 0.0 {
@@ -530,6 +543,14 @@ impl WeightModule {
             .map(|&(x, y, z, n)| n * gemm_s(x, y, z, hw, c))
             .sum()
     }
+
+    /// The backward's weight-gradient GEMMs ([`wgrad_s`]).
+    fn wgrad_s(&self, grad_bytes: f64, hw: &Hw, c: &Calib) -> f64 {
+        self.gemms
+            .iter()
+            .map(|&(x, y, z, n)| n * wgrad_s(x, y, z, grad_bytes, hw, c))
+            .sum()
+    }
 }
 
 /// The weight modules of layer `i` in forward order, and how many of them
@@ -611,6 +632,7 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     // GEMMs.
     let (mods, _) = weight_modules(job, i);
     let gemm: f64 = mods.iter().map(|w| w.gemm_s(hw, c)).sum();
+    let wgrad: f64 = mods.iter().map(|w| w.wgrad_s(st.grad_bytes, hw, c)).sum();
     let mut elem_ffn = 0.0; // elementwise elements per token on the MLP side
     match moe {
         Some(e) => {
@@ -648,7 +670,7 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
         _ => (0.0, 0.0),
     };
     let fwd = gemm + attn_fwd + elem + bias_f;
-    let bwd = 2.0 * gemm + attn_bwd + 2.0 * elem + bias_b;
+    let bwd = gemm + wgrad + attn_bwd + 2.0 * elem + bias_b;
     let recompute = match st.recompute {
         Recompute::Full => fwd,
         // Half the forward's matmuls and all its elementwise work re-run.
@@ -764,12 +786,16 @@ pub fn zero3_layer(
     let st = &job.strategy;
     let (mods, n_attn) = weight_modules(job, i);
     let gs: Vec<f64> = mods.iter().map(|w| w.gemm_s(hw, c)).collect();
+    let wg: Vec<f64> = mods
+        .iter()
+        .map(|w| w.wgrad_s(st.grad_bytes, hw, c))
+        .collect();
     let sum_g: f64 = gs.iter().sum();
     let (af, ab) = attn_core(job, hw, c);
     let full = st.recompute == Recompute::Full;
     let phases = 2.0 + rc_passes_of(st.recompute);
     let elem_f = lc.fwd - sum_g - af;
-    let elem_b = lc.bwd - 2.0 * sum_g - ab;
+    let elem_b = lc.bwd - sum_g - wg.iter().sum::<f64>() - ab;
     let core = n_attn.saturating_sub(2);
     let oproj = n_attn - 1;
     let last = mods.len() - 1;
@@ -778,7 +804,7 @@ pub fn zero3_layer(
     for (k, w) in mods.iter().enumerate() {
         let share = gs[k] / sum_g;
         let mut fwd = gs[k] + elem_f * share;
-        let mut bwd = 2.0 * gs[k] + elem_b * share;
+        let mut bwd = gs[k] + wg[k] + elem_b * share;
         let mut comm = 0.0;
         if k == core {
             fwd += af;
@@ -913,6 +939,30 @@ pub fn layout(job: &Job) -> Layout {
     }
 }
 
+/// Exposed pipeline point-to-point seconds per micro-batch on a stage whose
+/// layers cost `s`, when each of the `2·vpp` transfers (activations
+/// forward, gradients backward, once per model chunk) takes `one` seconds.
+///
+/// The non-interleaved 1F1B schedule waits for each transfer (Megatron
+/// batches the send and receive but blocks on them; DeepSpeed's pipeline
+/// engine too). The interleaved schedule posts the next chunk's receive and
+/// the previous chunk's send asynchronously and waits only when the data is
+/// needed, so a transfer hides under one chunk's compute: Megatron-LM turns
+/// `overlap_p2p_comm` on by default whenever virtual stages are used
+/// (`--no-overlap-p2p-communication`, forced off only without
+/// interleaving) and NeMo / Megatron-Bridge set it for `vp_size > 1`
+/// (`comm_overlap.py`). Only what outlasts the chunk's forward (backward)
+/// shows.
+pub fn p2p_exposed(one: f64, vpp: u64, s: &LayerCost) -> f64 {
+    let v = vpp as f64;
+    if vpp <= 1 {
+        return 2.0 * one;
+    }
+    let chunk_f = s.fwd / v;
+    let chunk_b = (s.bwd + s.recompute) / v;
+    v * ((one - chunk_f).max(0.0) + (one - chunk_b).max(0.0))
+}
+
 /// Iteration time and its breakdown.
 pub fn predict_time(job: &Job, c: &Calib) -> Timing {
     let hw = Hw {
@@ -950,7 +1000,8 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
     let head_elem = tok * v_local * 4.0 * 3.0 / hw.hbm;
     let last = stages.len() - 1;
     stages[last].fwd += head_g + head_elem;
-    stages[last].bwd += 2.0 * head_g + head_elem;
+    let head_b = head_g + wgrad_s(tok, v_local, h, st.grad_bytes, &hw, c) + head_elem;
+    stages[last].bwd += head_b;
     // vocab-parallel cross entropy: 3 tiny all-reduces; the embedding's
     // forward all-reduce (or reduce-scatter) on stage 0 and its backward.
     let emb_tp = 2.0 * hw.group(1, st.tp).allreduce_s(tok * h * 2.0, c);
@@ -958,13 +1009,21 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
     // Pipeline point-to-point per micro-batch: activations forward, grads
     // backward, once per model chunk, split across the TP ranks
     // (scatter/gather, Narayanan et al. 2021 §4.1).
-    let p2p = if st.pp > 1 {
+    let p2p_one = if st.pp > 1 {
         let bw = hw.link(st.tp * st.cp * st.dp, st.pp);
-        2.0 * st.vpp as f64 * (tok * h * 2.0 / t / (bw * c.comm_eff) + c.coll_lat_s)
+        tok * h * 2.0 / t / (bw * c.comm_eff) + c.coll_lat_s
     } else {
         0.0
     };
-    let totals: Vec<f64> = stages.iter().map(|s| s.total() + p2p).collect();
+    let p2p: Vec<f64> = stages
+        .iter()
+        .map(|s| p2p_exposed(p2p_one, st.vpp, s))
+        .collect();
+    let totals: Vec<f64> = stages
+        .iter()
+        .zip(&p2p)
+        .map(|(s, x)| s.total() + x)
+        .collect();
     let (stage, t_max) = totals
         .iter()
         .copied()
@@ -1010,7 +1069,7 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
                     stage: stage as u64,
                     dense: &dense_cost,
                     moe: moe_cost.as_ref(),
-                    head: (head_g + head_elem, 2.0 * head_g + head_elem),
+                    head: (head_g + head_elem, head_b),
                     emb_tp,
                 };
                 let blocks = zero3_blocks(job, &ctx, &g, &hw, c);
@@ -1068,7 +1127,7 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
         cp_comm_s: mf * sc.cp,
         ep_comm_s: mf * sc.ep,
         pp_bubble_s: bubble,
-        pp_p2p_s: mf * p2p,
+        pp_p2p_s: mf * p2p[stage],
         dp_comm_exposed_s: dp_exposed,
         optimizer_s: optimizer,
     };
@@ -1252,6 +1311,86 @@ mod tests {
             p4.breakdown.pp_bubble_s / per_mb
         );
         assert!(p4v2.breakdown.pp_bubble_s < 0.55 * p4.breakdown.pp_bubble_s);
+    }
+
+    #[test]
+    fn interleaved_pipeline_hides_point_to_point_under_chunks() {
+        // A GPT whose stages sit on different nodes (TP 8 fills a node):
+        // each transfer crosses the network.
+        let mk = |vpp: u64, gbps: f64| {
+            let v = serde_json::json!({"model":{"arch":"gpt","layers":48,"hidden":8192,"heads":64,"vocab":51200,"seq":2048},
+                "cluster":{"gpu":"A100-80GB","gpus":32,"inter_node_gbps":gbps},
+                "strategy":{"tp":8,"pp":4,"vpp":vpp,"mbs":1,"gbs":16}});
+            predict_time(
+                &job_from_value(&v, &Fallback::default(), "t").unwrap(),
+                &CALIB,
+            )
+        };
+        // The blocking 1F1B schedule waits for both transfers of the
+        // micro-batch: 2 · (activations / link + latency).
+        let one = |gbps: f64| {
+            2048.0 * 8192.0 * 2.0 / 8.0 / (gbps * 1e9 * CALIB.comm_eff) + CALIB.coll_lat_s
+        };
+        let plain = mk(1, 25.0);
+        assert!((plain.breakdown.pp_p2p_s - 16.0 * 2.0 * one(25.0)).abs() < 1e-12);
+        // Interleaved, a transfer of ~0.2 ms hides under a 4-layer chunk.
+        assert_eq!(mk(3, 25.0).breakdown.pp_p2p_s, 0.0);
+        // On a link slow enough to outlast a chunk's forward (but not its
+        // backward), only the excess shows, once per chunk and micro-batch.
+        let slow = mk(3, 0.02);
+        let s = LayerCost {
+            fwd: 0.01,
+            bwd: 0.02,
+            ..LayerCost::default()
+        };
+        assert_eq!(p2p_exposed(0.005, 1, &s), 0.01);
+        assert_eq!(p2p_exposed(0.005, 2, &s), 0.0);
+        assert!((p2p_exposed(0.008, 2, &s) - 2.0 * 0.003).abs() < 1e-15);
+        assert!(slow.breakdown.pp_p2p_s > 0.0);
+        assert!(slow.breakdown.pp_p2p_s < 16.0 * 2.0 * 3.0 * one(0.02));
+    }
+
+    #[test]
+    fn weight_gradients_pay_their_fp32_accumulation_when_tokens_are_few() {
+        let hw = Hw {
+            peak: 989e12,
+            eff: 0.65,
+            attn: 335e12,
+            hbm: 3.35e12,
+            intra: 4.5e11,
+            inter: 5e10,
+            gpn: 8,
+            hopper: true,
+            nic_par: 1.0,
+        };
+        let c = CALIB;
+        // A dense layer's wgrad (8192 tokens into a 4096x14336 weight) is
+        // bound by its FLOPs ...
+        let (m, n, k) = (8192.0, 14336.0, 4096.0);
+        assert_eq!(wgrad_s(m, n, k, 4.0, &hw, &c), gemm_s(m, n, k, &hw, &c));
+        // ... an expert's share of a micro-batch (256 tokens) by reading and
+        // writing its fp32 main_grad (8 bytes per weight) and its inputs.
+        let (m, n, k) = (256.0, 3072.0, 4096.0);
+        let bytes = 8.0 * n * k + 2.0 * m * (n + k);
+        assert!(bytes / hw.hbm > gemm_s(m, n, k, &hw, &c));
+        assert_eq!(wgrad_s(m, n, k, 4.0, &hw, &c), bytes / hw.hbm);
+        // bf16 gradient buffers move half the weight-sized bytes.
+        assert!(wgrad_s(m, n, k, 2.0, &hw, &c) < wgrad_s(m, n, k, 4.0, &hw, &c));
+        // In a MoE layer with few tokens per expert the backward exceeds
+        // twice the forward GEMMs by the excess; a dense layer's does not.
+        let v = serde_json::json!({"model":{"arch":"llama","layers":2,"hidden":4096,"heads":32,
+            "kv_heads":4,"ffn":12288,"vocab":32000,"seq":1024,
+            "moe":{"experts":128,"topk":8,"expert_ffn":1536,"moe_layers":1}},
+            "cluster":{"gpu":"H100","gpus":8},
+            "strategy":{"tp":1,"pp":1,"ep":8,"mbs":1,"gbs":8,"recompute":"none"}});
+        let j = job_from_value(&v, &Fallback::default(), "t").unwrap();
+        let hw = Hw::of(&j);
+        for (i, moe) in [(0, false), (1, true)] {
+            let (mods, _) = weight_modules(&j, i);
+            let g: f64 = mods.iter().map(|w| w.gemm_s(&hw, &c)).sum();
+            let wg: f64 = mods.iter().map(|w| w.wgrad_s(4.0, &hw, &c)).sum();
+            assert_eq!(wg > g * (1.0 + 1e-9), moe, "layer {i}: {wg} vs {g}");
+        }
     }
 
     #[test]

@@ -123,7 +123,7 @@ impl Ranked {
     pub fn record(&self) -> MofaTune {
         MofaTune {
             rank: self.rank as u64,
-            strategy: self.strategy.record(),
+            strategy: self.strategy.clone(),
             kind: Tag::default(),
             id: self.strategy.compact().into(),
             metrics: self.prediction.clone(),
