@@ -378,7 +378,7 @@ def guided_peer(a) -> None:
             loss = loss + F.cross_entropy(logits, torch.tensor([1]))
         return torch.autograd.grad(loss, z)[0]
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     lat = lat * sch.init_noise_sigma
     for _ in range(a.noise_edit):
         lat = lat - grad(lat, ts[0], False)
@@ -391,9 +391,9 @@ def guided_peer(a) -> None:
     t1 = time.perf_counter()
     with torch.no_grad():
         img = (vae.decode(x0 / sf).sample / 2 + 0.5).clamp(0, 1)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     save_file({"latents": x0.contiguous(), "images": img.contiguous()}, a.out)
-    print(json.dumps({"loop_s": t1 - t0, "total_s": t2 - t0, "threads": torch.get_num_threads(),
+    print(json.dumps({"loop_s": t1 - t0, "total_s": t2 - t0, "cpu_s": c2 - c0, "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "diffusers": diffusers.__version__}))
 
 
@@ -417,7 +417,7 @@ def describe_peer(a) -> None:
     desc = load_file(a.emb)["prompt_embeds"][:1].clone().requires_grad_(True)
     m = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     s = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for k in range(d["images"].shape[0]):
         x = (d["images"][k : k + 1] - m) / s
         with torch.no_grad():
@@ -429,9 +429,9 @@ def describe_peer(a) -> None:
         (g,) = torch.autograd.grad(loss, desc)
         with torch.no_grad():
             desc -= 10.0 * g
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     save_file({"prompt_embeds": desc.detach().contiguous()}, a.out)
-    print(json.dumps({"total_s": t1 - t0, "threads": torch.get_num_threads(), "torch": torch.__version__}))
+    print(json.dumps({"total_s": t1 - t0, "cpu_s": c1 - c0, "threads": torch.get_num_threads(), "torch": torch.__version__}))
 
 
 def run_guided(a, model, emb, lat, fenv) -> None:
@@ -458,13 +458,16 @@ def run_guided(a, model, emb, lat, fenv) -> None:
                     "--steps", str(GUIDED_STEPS), "--cfg", str(a.cfg), "--noise-edit", str(ne),
                     "--out", str(OUT / "peer_guided.safetensors"), "--threads", str(a.threads)]
             key = "latents"
-        fs, ps, frss, prss = [], [], [], []
+        fs, ps, frss, prss, fcpu, pcpu = [], [], [], [], [], []
         for _ in range(a.reps):
-            dt, rss, _ = timed(ftk, fenv)
+            dt, rss, cpu, _, _ = timed_cpu(ftk, fenv)
             fs.append(dt)
             frss.append(rss)
+            fcpu.append(cpu)
             dt, rss, out = timed(peer)
-            ps.append(json.loads(out.strip().splitlines()[-1])["total_s"])
+            pr = json.loads(out.strip().splitlines()[-1])
+            ps.append(pr["total_s"])
+            pcpu.append(pr["cpu_s"])
             prss.append(rss)
         import numpy as np
         from safetensors.numpy import load_file
@@ -481,6 +484,11 @@ def run_guided(a, model, emb, lat, fenv) -> None:
             "ftk_s": round(ftk_s, 3),
             "peer_s": round(peer_s, 3),
             "speedup": round(peer_s / ftk_s, 3),
+            "ftk_cpu_s": round(statistics.median(fcpu), 3),
+            "peer_cpu_s": round(statistics.median(pcpu), 3),
+            "cpu_speedup": round(statistics.median(pcpu) / statistics.median(fcpu), 3),
+            "ftk_s_all": [round(x, 3) for x in fs],
+            "peer_s_all": [round(x, 3) for x in ps],
             "ftk_max_rss_mib": round(max(frss), 1),
             "peer_max_rss_mib": round(max(prss), 1),
             "max_abs_diff": diff,
@@ -489,6 +497,7 @@ def run_guided(a, model, emb, lat, fenv) -> None:
             "reps": a.reps,
             "ftk_s_includes": "process start, load, the loop, decode, write",
             "peer_s_includes": "the loop (+ decode for FedCADO); load excluded",
+            "cpu_s_includes": "ftk: user + sys of the whole process; peer: process time of the timed part",
             "workload": (f"{DESCRIBE_IMAGES} SGD steps, description [1,{TOKENS},{UNET['cross_attention_dim']}]"
                          if case == "describe" else
                          f"DDPM {GUIDED_STEPS} steps (x0 at the last), CFG {a.cfg}, ResNet-18 at 224, "

@@ -1,8 +1,8 @@
 //! A fuzzing harness on the stable toolchain: seeded structured-random and
 //! mutated inputs through every parser ftk has — safetensors headers, each
 //! JSON-lines kind (route traces and histograms, client manifests, FedRA
-//! allocations, mofa-predict jobs), Hugging Face and diffusers configs,
-//! tokenizer files, PNG, and the strategy / skew / recompute / size strings.
+//! allocations, mofa-predict jobs), Hugging Face and diffusers configs
+//! (scheduler, UNet, VAE, CLIP text encoder, unCLIP noising), tokenizer files, PNG, and the strategy / skew / recompute / size strings.
 //!
 //! Property: no panic, and every refusal is one line of the input class
 //! (exit 2) or a "no" (exit 1), never an internal or device error.
@@ -537,6 +537,78 @@ fn targets() -> Vec<Target> {
                 let c = diffuse_synth::scheduler::Config::from_json(kind, &v, "fuzz.json")?;
                 diffuse_synth::scheduler::Scheduler::new(&c, steps, 0.0)?;
                 Ok(())
+            })
+        }),
+    });
+
+    // diffusers model folders: unet/, vae/ and text_encoder/ config.json
+    // (the weights linked in unchanged), and Stable-unCLIP's image_normalizer
+    // and image_noising_scheduler; every config field is mapped or refused.
+    let sd = td().join("diffuse-synth/tiny-sd");
+    let unclip = td().join("diffuse-synth/tiny-unclip");
+    let parts: Vec<(PathBuf, &'static str, String)> = [
+        (&sd, "unet"),
+        (&sd, "vae"),
+        (&sd, "text_encoder"),
+        (&unclip, "image_noising_scheduler"),
+    ]
+    .iter()
+    .map(|(root, sub)| {
+        let name = if *sub == "image_noising_scheduler" {
+            "scheduler_config.json"
+        } else {
+            "config.json"
+        };
+        let text = std::fs::read_to_string(root.join(sub).join(name)).unwrap();
+        (root.to_path_buf(), *sub, text)
+    })
+    .collect();
+    t.push(Target {
+        name: "diffusers model configs",
+        run: Box::new(move |r, dir| {
+            let (root, sub, text) = &parts[r.random_range(0..parts.len())];
+            // A model folder of links to the real one, with one config mutated.
+            let m = dir.join("model");
+            let _ = std::fs::remove_dir_all(&m);
+            std::fs::create_dir_all(&m).unwrap();
+            for e in std::fs::read_dir(root).unwrap().flatten() {
+                let to = m.join(e.file_name());
+                if e.file_name() == *sub {
+                    std::fs::create_dir(&to).unwrap();
+                    for f in std::fs::read_dir(e.path()).unwrap().flatten() {
+                        std::os::unix::fs::symlink(f.path(), to.join(f.file_name())).unwrap();
+                    }
+                } else {
+                    std::os::unix::fs::symlink(e.path(), to).unwrap();
+                }
+            }
+            let name = if *sub == "image_noising_scheduler" {
+                "scheduler_config.json"
+            } else {
+                "config.json"
+            };
+            let b = if r.random_bool(0.8) {
+                let mut v: Value = serde_json::from_str(text).unwrap();
+                let keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                for _ in 0..r.random_range(1..=3) {
+                    mutate_json(r, &mut v, &keys);
+                }
+                v.to_string().into_bytes()
+            } else {
+                mutate_bytes(r, text.as_bytes().to_vec())
+            };
+            let cfg = m.join(sub).join(name);
+            let _ = std::fs::remove_file(&cfg);
+            write(&cfg, &b);
+            let sub = *sub;
+            check(move || match sub {
+                "unet" => diffuse_synth::model::load_unet(&m).map(|_| ()),
+                "vae" => diffuse_synth::model::load_vae(&m).map(|_| ()),
+                "text_encoder" => {
+                    diffuse_synth::text::TextModel::load(&m.join("text_encoder")).map(|_| ())
+                }
+                _ => diffuse_synth::unclip::Noiser::load(&m, 16).map(|_| ()),
             })
         }),
     });

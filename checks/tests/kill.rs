@@ -307,3 +307,192 @@ fn fed_aggregate_truncated_client_mid_read_names_it() {
     }
     assert!(temps_in(dir.path()).is_empty());
 }
+
+/// The two files of a FedAdam round (global model, then optimiser state)
+/// under SIGKILL/SIGTERM at random moments: afterwards the pair is the old
+/// one, the new one, or (a kill between the two renames) the new model with
+/// the old state, which the next round refuses rather than applying round 1
+/// again. Never a torn file, never a temporary left after the next run.
+#[test]
+fn killed_fedadam_round_leaves_a_consistent_or_refused_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let m = clients(work, 3, 1 << 22);
+    let g0: Vec<f32> = (0..1 << 22).map(|i| (i % 13) as f32 * 1e-2).collect();
+    write_safetensors(
+        &work.join("g0.safetensors"),
+        &[OutTensor::f32("w", vec![g0.len()], &g0)],
+        None,
+    )
+    .unwrap();
+    let round = |extra: &[&str]| -> Vec<String> {
+        [
+            "--strategy",
+            "fedadam",
+            "--global",
+            "g.safetensors",
+            "--state",
+            "s.safetensors",
+            "-o",
+            "g.safetensors",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .chain([m.display().to_string()])
+        .collect()
+    };
+    let read = |n: &str| std::fs::read(work.join(n)).unwrap();
+    let put = |n: &str, b: &[u8]| std::fs::write(work.join(n), b).unwrap();
+    // Round 1 from g0 gives the old pair; round 2 from it the new pair.
+    put("g.safetensors", &read("g0.safetensors"));
+    run_to_end("fed-aggregate", &round(&["--init-state"]), work);
+    let (g1, s1) = (read("g.safetensors"), read("s.safetensors"));
+    let t_ref = run_to_end("fed-aggregate", &round(&[]), work);
+    let (g2, s2) = (read("g.safetensors"), read("s.safetensors"));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let (mut old, mut new, mut torn_pair) = (0, 0, 0);
+    for trial in 0..10 {
+        put("g.safetensors", &g1);
+        put("s.safetensors", &s1);
+        let mut child = Command::new(bin_dir().join("fed-aggregate"))
+            .args(round(&[]))
+            .current_dir(work)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(t_ref.mul_f64(rng.random_range(0.0..1.2)));
+        let sig = if trial % 2 == 0 {
+            libc::SIGKILL
+        } else {
+            libc::SIGTERM
+        };
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        child.wait().unwrap();
+        let (g, s) = (read("g.safetensors"), read("s.safetensors"));
+        if g == g1 && s == s1 {
+            old += 1;
+        } else if g == g2 && s == s2 {
+            new += 1;
+        } else if g == g2 && s == s1 {
+            // The next round must refuse this pair.
+            torn_pair += 1;
+            let o = Command::new(bin_dir().join("fed-aggregate"))
+                .args(round(&[]))
+                .current_dir(work)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{err}");
+            assert!(err.contains("not the model this state belongs to"), "{err}");
+        } else {
+            panic!("trial {trial} (signal {sig}): a global/state pair that is neither old nor new");
+        }
+        // A kill inside the instant between link and rename may leave a
+        // temporary; the next run writing there removes it.
+        if !temps_in(work).is_empty() {
+            run_to_end(
+                "fed-aggregate",
+                &[
+                    "--strategy".into(),
+                    "fedavg".into(),
+                    "-o".into(),
+                    "sweep.safetensors".into(),
+                    m.display().to_string(),
+                ],
+                work,
+            );
+            assert!(temps_in(work).is_empty(), "trial {trial}: not swept");
+        }
+    }
+    eprintln!("fedadam pair: old {old}, new {new}, new model + old state (refused) {torn_pair}");
+}
+
+/// diffuse-synth with --png-dir: -o is committed after every PNG, so a kill
+/// leaves -o old (or new and complete), each PNG present complete, and no
+/// temporary in either directory.
+#[test]
+fn killed_diffuse_synth_leaves_complete_pngs_and_no_temporaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let td = testdata();
+    let args = |out: &str| -> Vec<String> {
+        vec![
+            "--model".into(),
+            td.join("diffuse-synth/tiny-sd").display().to_string(),
+            "--scheduler".into(),
+            "ddim".into(),
+            "--steps".into(),
+            "30".into(),
+            "--prompt-embeds".into(),
+            td.join("diffuse-synth/pipeline.safetensors")
+                .display()
+                .to_string(),
+            "--seed".into(),
+            "1".into(),
+            "--batch".into(),
+            "2".into(),
+            "-o".into(),
+            out.into(),
+            "--png-dir".into(),
+            "png".into(),
+        ]
+    };
+    let t_ref = run_to_end("diffuse-synth", &args("ref.safetensors"), work);
+    let new = std::fs::read(work.join("ref.safetensors")).unwrap();
+    let pngs: std::collections::BTreeMap<_, _> = std::fs::read_dir(work.join("png"))
+        .unwrap()
+        .flatten()
+        .map(|e| (e.file_name(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    assert_eq!(pngs.len(), 2);
+    let old = b"previous samples".to_vec();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    for trial in 0..8 {
+        std::fs::remove_dir_all(work.join("png")).unwrap();
+        std::fs::write(work.join("o.safetensors"), &old).unwrap();
+        let mut child = Command::new(bin_dir().join("diffuse-synth"))
+            .args(args("o.safetensors"))
+            .current_dir(work)
+            .env("FTK_NO_PROGRESS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(t_ref.mul_f64(rng.random_range(0.0..1.2)));
+        let sig = if trial % 2 == 0 {
+            libc::SIGKILL
+        } else {
+            libc::SIGTERM
+        };
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        child.wait().unwrap();
+        let got = std::fs::read(work.join("o.safetensors")).unwrap();
+        assert!(got == old || got == new, "trial {trial}: -o torn");
+        let mut present = 0;
+        if let Ok(rd) = std::fs::read_dir(work.join("png")) {
+            for e in rd
+                .flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with(".ftk-tmp"))
+            {
+                let want = pngs
+                    .get(&e.file_name())
+                    .unwrap_or_else(|| panic!("trial {trial}: stray {:?}", e.file_name()));
+                assert_eq!(
+                    &std::fs::read(e.path()).unwrap(),
+                    want,
+                    "trial {trial}: {:?} torn",
+                    e.file_name()
+                );
+                present += 1;
+            }
+        }
+        if got == new {
+            assert_eq!(present, 2, "trial {trial}: -o committed before every PNG");
+        }
+        assert!(temps_in(work).is_empty() && temps_in(&work.join("png")).is_empty());
+    }
+}

@@ -3,23 +3,40 @@
 
 use crate::error::{Error, Result};
 use std::io::{self, IsTerminal, Write};
+use std::path::Path;
 
 /// Parse the command line; a usage error becomes one line
 /// `name: error: <what>; see 'name --help'` and exit 2, like every other
 /// error (clap's own report spans several lines). --help and --version
 /// print as usual and exit 0.
 pub fn parse_args<T: clap::Parser>(name: &'static str) -> T {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(m) = mistyped_subcommand(&T::command(), &argv) {
+        let _ = writeln!(io::stderr(), "{name}: error: {m}; see '{name} --help'");
+        std::process::exit(2)
+    }
     match T::try_parse() {
         Ok(a) => a,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 e.exit()
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                // An exit-2 run is one line like every other usage error; the
+                // subcommands are named so the next try needs no --help.
+                let cmd = T::command();
+                let subs: Vec<&str> = cmd
+                    .get_subcommands()
+                    .map(|s| s.get_name())
+                    .filter(|n| *n != "help")
+                    .collect();
+                let _ = writeln!(
+                    io::stderr(),
+                    "{name}: error: a subcommand is required: {}; see '{name} --help'",
+                    subs.join(", ")
+                );
+                std::process::exit(2)
             }
             let _ = writeln!(
                 io::stderr(),
@@ -29,6 +46,28 @@ pub fn parse_args<T: clap::Parser>(name: &'static str) -> T {
             std::process::exit(2)
         }
     }
+}
+
+/// A first argument that is no subcommand and no existing file but close to
+/// a subcommand's name (`fed-aggregate merg a b`): clap would read it as the
+/// tool's positional input and report something unrelated ("cannot open
+/// merg", "the subcommand 'a' cannot be used with '[MANIFEST]'").
+pub fn mistyped_subcommand(cmd: &clap::Command, argv: &[std::ffi::OsString]) -> Option<String> {
+    let first = argv.get(1)?.to_str()?;
+    if first.starts_with('-') || first.contains(['/', '.']) || Path::new(first).exists() {
+        return None;
+    }
+    let names: Vec<&str> = cmd
+        .get_subcommands()
+        .flat_map(|s| std::iter::once(s.get_name()).chain(s.get_all_aliases()))
+        .collect();
+    if names.is_empty() || names.contains(&first) {
+        return None;
+    }
+    let s = crate::suggest::suggest(first, &names)?;
+    Some(format!(
+        "unknown subcommand '{first}'; did you mean '{s}'? (no input file of that name exists either)"
+    ))
 }
 
 /// clap's report in one line: its `error:` sentence plus any `tip:`.

@@ -39,11 +39,18 @@ impl Input {
 
     /// The whole input as a string.
     pub fn read_string(mut self) -> Result<String> {
-        let mut s = String::new();
+        let mut b = Vec::new();
         self.reader
-            .read_to_string(&mut s)
+            .read_to_end(&mut b)
             .map_err(|e| Error::io("reading", &self.name, e))?;
-        Ok(s)
+        // std's "stream did not contain valid UTF-8" names neither the file nor the fix.
+        String::from_utf8(b).map_err(|e| {
+            Error::input(format!(
+                "{}: byte {}: not UTF-8 text (a binary file?); give the text file (JSON) this flag expects",
+                self.name,
+                e.utf8_error().valid_up_to()
+            ))
+        })
     }
 }
 

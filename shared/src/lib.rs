@@ -24,6 +24,7 @@ pub mod rng;
 pub mod routing;
 pub mod signals;
 pub mod size;
+pub mod suggest;
 pub mod table;
 pub mod tensor_writer;
 pub mod tensors;

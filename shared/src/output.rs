@@ -590,6 +590,28 @@ pub fn probe_dir(dir: &Path) -> Result<()> {
     }
 }
 
+/// Make room for `n` more open outputs: a run that stages many files to
+/// commit them together (diffuse-synth's PNGs) holds one descriptor each,
+/// beyond the common soft limit of 1024. Raises the soft limit toward the
+/// hard one; where that is not enough, opening fails with an ordinary error.
+pub fn reserve_fds(n: usize) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return;
+        }
+        let want = (n as libc::rlim_t).saturating_add(256);
+        if r.rlim_cur < want {
+            r.rlim_cur = want.min(r.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 /// Write `path` through an [`Output`] in one go (open, fill, fsync, commit).
 pub fn write_file(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     Output::create(path)?.fill(fill)?.commit()

@@ -92,6 +92,25 @@ def main():
     full = open(os.path.join(ROOT, "fed-aggregate", "clients", "r1_c0.safetensors"), "rb").read()
     with open(os.path.join(OUT, "client_truncated.safetensors"), "wb") as f:
         f.write(full[: len(full) - 16])
+    # chunk-run: finite router weights whose logits overflow to inf - inf = NaN
+    # (layer 0 only; x's first two features set to 10)
+    ts, _ = load(os.path.join(ROOT, "chunk-run", "mixtral_k2.weights.safetensors"))
+    keep = {k: v for k, v in ts.items() if k.startswith("layers.0.")}
+    g = "layers.0.gate.weight"
+    keep[g] = poke_f32(poke_f32(keep[g], 0, 3e38), 1, -3e38)
+    write_st(os.path.join(OUT, "router_overflow.weights.safetensors"), keep)
+    ts, _ = load(os.path.join(ROOT, "chunk-run", "mixtral_k2.input.safetensors"))
+    x = ts["x"]
+    for row in range(x[1][0]):
+        x = poke_f32(poke_f32(x, row * x[1][1], 10.0), row * x[1][1] + 1, 10.0)
+    write_st(os.path.join(OUT, "router_overflow.input.safetensors"), {"x": x, "dy": ts["dy"]})
+    # fed-embed: one label of 2^40 among 100 samples (was: a 562 TB allocation)
+    ts, _ = load(os.path.join(ROOT, "fed-embed", "server.safetensors"))
+    dt, shape, raw = ts["labels"]
+    raw = bytearray(raw)
+    raw[8 * 5 : 8 * 6] = struct.pack("<q", 1 << 40)
+    write_st(os.path.join(OUT, "labels_2p40.safetensors"),
+             {"features": ts["features"], "labels": (dt, shape, bytes(raw))})
 
 
 if __name__ == "__main__":

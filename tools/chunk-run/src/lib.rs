@@ -51,9 +51,13 @@ fn resolve_shape(a: &Args, wfile: Option<&TensorFile>, tokens: usize) -> Result<
                 name: &str|
      -> Result<usize> {
         let v = file.or(flag).or(cfg).ok_or_else(|| {
-            Error::input(format!(
-                "--{name} is needed (or --model config.json / --weights)"
-            ))
+            // A weights file gives the sizes, never top-k (no tensor holds it).
+            let from = if name == "topk" {
+                "--model config.json; a weights file does not record it"
+            } else {
+                "--model config.json / --weights"
+            };
+            Error::input(format!("--{name} is needed (or {from})"))
         })?;
         if let (Some(fl), Some(fi)) = (flag, file) {
             if fl != fi {

@@ -278,8 +278,14 @@ pub fn load_unet_on(model_dir: &Path, place: &Placement) -> Result<Unet> {
         use_linear_projection: f.bool_or("use_linear_projection", false)?,
         projection_class_embeddings_input_dim: class_dim,
     };
+    if let Some(i) = heads.iter().position(|&h| h == 0) {
+        return Err(f.err(
+            "attention_head_dim",
+            format!("block {i} has 0 heads; every block needs at least 1"),
+        ));
+    }
     for &c in &chans {
-        if c % cfg.norm_num_groups != 0 {
+        if cfg.norm_num_groups == 0 || c % cfg.norm_num_groups != 0 {
             return Err(f.err(
                 "norm_num_groups",
                 format!("{} does not divide block channels {c}", cfg.norm_num_groups),
@@ -350,6 +356,21 @@ pub fn load_vae_on(model_dir: &Path, place: &Placement) -> Result<Vae> {
         use_quant_conv: f.bool_or("use_quant_conv", true)?,
         use_post_quant_conv: f.bool_or("use_post_quant_conv", true)?,
     };
+    // candle's GroupNorm reports these as a bug (exit 4); they are the config's.
+    if chans.is_empty() || chans.len() > 16 {
+        return Err(f.err(
+            "block_out_channels",
+            format!("{} blocks; a VAE has 1 to 16", chans.len()),
+        ));
+    }
+    for &c in &chans {
+        if cfg.norm_num_groups == 0 || c % cfg.norm_num_groups != 0 {
+            return Err(f.err(
+                "norm_num_groups",
+                format!("{} does not divide block channels {c}", cfg.norm_num_groups),
+            ));
+        }
+    }
     let in_c = f.usize_or("in_channels", 3)?;
     let out_c = f.usize_or("out_channels", 3)?;
     let scaling_factor = f.f64_or("scaling_factor", 0.18215)?;

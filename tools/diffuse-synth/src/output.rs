@@ -53,15 +53,20 @@ pub fn write(
         Some(meta),
     )?;
     let mut paths = vec![output.display().to_string(); rows];
+    // Every PNG is written and synced before any is put in place, then -o
+    // last: a failure (a full disk) leaves none of this run's files.
+    let mut pngs = Vec::new();
     if let Some(dir) = &a.png_dir {
         let (ch, ih, iw) = (ishape[1], ishape[2], ishape[3]);
+        ftk::output::reserve_fds(rows);
         for (r, path) in paths.iter_mut().enumerate() {
             let p = dir.join(format!("{:06}.png", start + r));
             let px = &pixels[r * ch * ih * iw..(r + 1) * ch * ih * iw];
-            png::write_png_chw(&p, px, ch, ih, iw)?;
+            pngs.push(png::stage_png_chw(&p, px, ch, ih, iw)?);
             *path = p.display().to_string();
         }
     }
+    ftk::output::commit_all(pngs)?;
     ready.commit()?;
     ph.done();
     let mut out = Stdout::new();

@@ -49,6 +49,22 @@ pub fn write_png_chw(path: &Path, px: &[f32], ch: usize, h: usize, w: usize) -> 
     })
 }
 
+/// As [`write_png_chw`], but written and synced without being put in place:
+/// the caller commits a run's PNGs together, so a failure on one leaves none.
+pub fn stage_png_chw(
+    path: &Path,
+    px: &[f32],
+    ch: usize,
+    h: usize,
+    w: usize,
+) -> Result<ftk::output::Ready> {
+    let bytes = encode_chw(px, ch, h, w)?;
+    ftk::output::Output::create(path)?.fill(|f: &mut dyn Write| {
+        f.write_all(&bytes)
+            .map_err(|e| ftk::Error::io("writing", path, e))
+    })
+}
+
 /// Decode one PNG (any bit depth and colour type) to RGB CHW floats k/255:
 /// grey is replicated, alpha dropped, palettes expanded, 16-bit cut to 8.
 pub fn read_rgb_chw(path: &Path) -> Result<(usize, usize, Vec<f32>)> {

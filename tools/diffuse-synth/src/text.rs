@@ -400,7 +400,10 @@ impl TextModel {
                 let e = vb.pp("embeddings");
                 let token = embedding(vocab_size, hidden, e.pp("token_embedding"))?;
                 let pos = e.get((max_positions, hidden), "position_embedding.weight")?;
-                let mut layers = Vec::with_capacity(n_layers);
+                // Grown as the file's layers load: num_hidden_layers comes from
+                // the config and a hostile one (2^40) must fail on the missing
+                // layer, not abort reserving for it.
+                let mut layers = Vec::new();
                 for i in 0..n_layers {
                     let l = vb.pp(format!("encoder.layers.{i}"));
                     let a = l.pp("self_attn");

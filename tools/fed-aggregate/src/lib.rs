@@ -168,6 +168,14 @@ fn open_global_state(c: &Common, s: &Strategy, need_global: bool) -> Result<(Ope
             s.name()
         );
     }
+    if let (Some(p), None) = (&c.state, &c.output) {
+        // Only the run that applies the server step reads and writes the
+        // state; ignoring it here would hide a pipeline wired wrongly.
+        bail!(
+            "--state {}: the optimiser state is read and written only by the run that writes the model (-o); a --partial-out run only sums clients: drop --state here and give it to the final run",
+            p.display()
+        );
+    }
     if c.init_state && c.state.is_none() {
         bail!("--init-state needs --state S.safetensors (the file to create)");
     }
@@ -182,7 +190,7 @@ fn open_global_state(c: &Common, s: &Strategy, need_global: bool) -> Result<(Ope
             let name = p.display().to_string();
             let meta = m.metadata().cloned().unwrap_or_default();
             if meta.get("ftk_state").map(String::as_str) != Some("fed-aggregate") {
-                bail!("state {name}: not a fed-aggregate state file (no ftk_state metadata)");
+                bail!("state {name}: not a fed-aggregate state file (no ftk_state metadata); give the --state file of the previous round, or --init-state to start one");
             }
             let st = meta.get("strategy").cloned().unwrap_or_default();
             if st != s.name() {
@@ -776,7 +784,10 @@ impl Writers {
                 meta.insert("round".to_string(), inp.round.to_string());
                 // Filled in once the output is complete (same length).
                 meta.insert("global_digest".to_string(), DIGEST_PENDING.to_string());
-                let out = Output::create_in_place(p, c.state.as_deref())?;
+                // Replaced in place only when it was read as the state: a new
+                // state (--init-state) over a client or --global would destroy it.
+                let read = (!c.init_state).then_some(p.as_path());
+                let out = Output::create_in_place(p, read)?;
                 (Some(StreamWriter::on(out, &st_specs, Some(meta))?), base)
             }
             _ => (None, vec![None; specs.len()]),

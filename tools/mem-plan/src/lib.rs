@@ -53,6 +53,7 @@ pub fn run(a: Args) -> Result<()> {
         sequence_parallel: a.sequence_parallel,
     };
     let mut p = plan::plan(&inputs);
+    saturated(&p, &a)?;
     let summary = MemPlanSummary {
         kind: Tag::default(),
         model: m.arch.clone(),
@@ -102,6 +103,37 @@ pub fn run(a: Args) -> Result<()> {
             format_bytes(a.mact.device_mem.unwrap_or(0) as f64),
             p.why
         )));
+    }
+    Ok(())
+}
+
+/// The plan's byte counts are f64 rounded to u64, which saturates: a
+/// count at u64::MAX is not an answer but an overflow (an absurd --seq,
+/// --micro-batch or --tokens-received), so it is refused, not printed.
+fn saturated(p: &plan::Plan, a: &Args) -> Result<()> {
+    let over = p.min_peak == u64::MAX
+        || p.records.iter().any(|r| {
+            [
+                r.tokens_received,
+                r.static_bytes,
+                r.layer_static_bytes,
+                r.ckpt_bytes,
+                r.act_bytes.none,
+                r.act_bytes.full,
+                r.act_bytes.chunked,
+                r.peak_bytes,
+            ]
+            .contains(&u64::MAX)
+        });
+    if over {
+        ftk::bail!(
+            "--seq {} --micro-batch {}{}: the memory per device exceeds 2^64 bytes (16 EiB), beyond what mem-plan counts; lower them",
+            a.seq,
+            a.micro_batch,
+            a.tokens_received
+                .map(|t| format!(" --tokens-received {t}"))
+                .unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -243,8 +243,10 @@ fn read_inputs(a: &Args, mut s: Settings, sink: &mut Sink) -> Result<()> {
                 .is_some_and(|b| *b != b'{' && !b.is_ascii_whitespace())
             {
                 // Read a little more to say what it is not.
-                let mut peek = String::new();
-                let _ = input.reader.by_ref().take(40).read_to_string(&mut peek);
+                // Bytes, not a String: a binary file would read as nothing.
+                let mut peek = Vec::new();
+                let _ = input.reader.by_ref().take(40).read_to_end(&mut peek);
+                let peek = String::from_utf8_lossy(&peek);
                 ftk::bail!(
                     "{}: neither JSON lines nor safetensors (starts with {:?})",
                     input.name,
