@@ -25,6 +25,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def gen_ref():
+    """testdata/gen/diffuse_synth_ref.py, whose loss and weight-drawing code the
+    benchmarks share with the fixtures (imported on first use: it loads diffusers)."""
+    sys.path.insert(0, str(ROOT / "testdata" / "gen"))
+    import diffuse_synth_ref
+
+    return diffuse_synth_ref
 BIN = Path(os.environ.get("FTK_DIFFUSE_SYNTH", ROOT / "target" / "release" / "diffuse-synth"))
 OUT = ROOT / "bench" / "out" / "diffuse-synth"
 TIME = "/usr/bin/time" if Path("/usr/bin/time").exists() else None
@@ -73,22 +82,6 @@ def spec() -> dict:
     return {"seed": SEED, "tokens": TOKENS, "unet": UNET, "vae": VAE, "sched": SCHED, "max_batch": MAX_BATCH}
 
 
-def reinit(module, gen):
-    """As testdata/gen/diffuse_synth_ref.py: every parameter redrawn so none is zero
-    (diffusers zero-initialises some output projections): weights N(0, 1/fan_in),
-    biases N(0, 0.05^2), norm scales 1 + N(0, 0.1^2)."""
-    import torch
-
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-
-
 def build() -> tuple[Path, Path]:
     """The model folder and the inputs file, generated once (reused while spec() matches)."""
     model, inputs, stamp = OUT / "model", OUT / "inputs.safetensors", OUT / "spec.json"
@@ -108,8 +101,8 @@ def build() -> tuple[Path, Path]:
     gen = torch.Generator().manual_seed(SEED)
     unet = UNet2DConditionModel(**UNET)
     vae = AutoencoderKL(**VAE)
-    reinit(unet, gen)
-    reinit(vae, gen)
+    gen_ref().reinit(unet, gen)
+    gen_ref().reinit(vae, gen)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler.from_config(SCHED),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -332,17 +325,7 @@ def guided_peer(a) -> None:
     clf = torchvision.models.resnet18(num_classes=NUM_CLASSES)
     clf.load_state_dict(load_file(a.clf), strict=False)
     clf.eval().requires_grad_(False)
-    stats = []
-
-    def hook(mod, inp, outp):
-        x = inp[0]
-        mu = x.mean(dim=(0, 2, 3))
-        var = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1).var(1, unbiased=False)
-        stats.append(torch.norm(mod.running_var - var, 2) + torch.norm(mod.running_mean - mu, 2))
-
-    for m in clf.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.register_forward_hook(hook)
+    stats = gen_ref().bn_stat_terms(clf.modules())
     e = load_file(a.emb)
     ctx = torch.cat([e["negative_prompt_embeds"][:1], e["prompt_embeds"][:1]])
     lat = load_file(a.lat)["latents"][:1]

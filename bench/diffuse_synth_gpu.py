@@ -42,6 +42,15 @@ from array import array
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def gen_ref():
+    """testdata/gen/diffuse_synth_ref.py, whose loss and weight-drawing code the
+    benchmarks share with the fixtures (imported on first use: it loads diffusers)."""
+    sys.path.insert(0, str(ROOT / "testdata" / "gen"))
+    import diffuse_synth_ref
+
+    return diffuse_synth_ref
 TD = ROOT / "testdata" / "diffuse-synth"
 TOL = {"f32": 1e-3, "bf16": 5e-2, "f16": 5e-2}
 
@@ -374,17 +383,7 @@ def peer_guided(a) -> None:
     clf = torchvision.models.resnet18(num_classes=10)
     clf.load_state_dict(load_file(a.clf), strict=False)
     clf = clf.to(dev).eval().requires_grad_(False)
-    stats = []
-
-    def hook(mod, inp, outp):
-        x = inp[0]
-        mu = x.mean(dim=(0, 2, 3))
-        var = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1).var(1, unbiased=False)
-        stats.append(torch.norm(mod.running_var - var, 2) + torch.norm(mod.running_mean - mu, 2))
-
-    for m in clf.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.register_forward_hook(hook)
+    stats = gen_ref().bn_stat_terms(clf.modules())
     e = load_file(a.emb)
     ctx = torch.cat([e["negative_prompt_embeds"][:1], e["prompt_embeds"][:1]]).to(dev)
     lat = load_file(a.lat)["latents"][:1].to(dev)

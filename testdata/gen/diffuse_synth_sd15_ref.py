@@ -71,16 +71,12 @@ SCHED = {
 
 
 def reinit(module, gen):
-    import torch
+    """diffuse_synth_ref.reinit, imported here so that a run without torch
+    (the CLI's --help) does not load diffusers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import diffuse_synth_ref
 
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    diffuse_synth_ref.reinit(module, gen)
 
 
 def gen(out: Path) -> None:
