@@ -20,6 +20,13 @@ struct Writer {
     args: ArgsFor,
 }
 
+/// `args` followed by the output path (a tool whose output flag comes last).
+fn then_output(args: &[&str], o: &Path) -> Vec<String> {
+    let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    v.push(o.display().to_string());
+    v
+}
+
 fn run_to_end(tool: &str, args: &[String], dir: &Path) -> Duration {
     let t0 = Instant::now();
     let o = Command::new(bin_dir().join(tool))
@@ -151,22 +158,21 @@ fn killed_writers_leave_old_or_complete_output_and_no_temporaries() {
             Writer {
                 name: "noise",
                 args: Box::new(|o| {
-                    [
-                        "noise",
-                        "--features",
-                        "f.safetensors",
-                        "--clip",
-                        "4",
-                        "--sigma",
-                        "1",
-                        "--seed",
-                        "0",
-                        "-o",
-                    ]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .chain([o.display().to_string()])
-                    .collect()
+                    then_output(
+                        &[
+                            "noise",
+                            "--features",
+                            "f.safetensors",
+                            "--clip",
+                            "4",
+                            "--sigma",
+                            "1",
+                            "--seed",
+                            "0",
+                            "-o",
+                        ],
+                        o,
+                    )
                 }),
             },
         ),
@@ -175,23 +181,22 @@ fn killed_writers_leave_old_or_complete_output_and_no_temporaries() {
             Writer {
                 name: "grads",
                 args: Box::new(|o| {
-                    [
-                        "--hidden",
-                        "128",
-                        "--ffn",
-                        "256",
-                        "--experts",
-                        "8",
-                        "--topk",
-                        "2",
-                        "--tokens",
-                        "256",
-                        "--grads-out",
-                    ]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .chain([o.display().to_string()])
-                    .collect()
+                    then_output(
+                        &[
+                            "--hidden",
+                            "128",
+                            "--ffn",
+                            "256",
+                            "--experts",
+                            "8",
+                            "--topk",
+                            "2",
+                            "--tokens",
+                            "256",
+                            "--grads-out",
+                        ],
+                        o,
+                    )
                 }),
             },
         ),

@@ -2,7 +2,7 @@
 //! for `vpp`, `recomp=full`) must not be dropped silently, because the
 //! default it leaves in place changes the answer.
 
-pub use ftk::suggest::{distance, suggest};
+pub use ftk::suggest::suggest;
 
 /// "unknown key 'vp'; did you mean 'vpp'?" or the list of known keys.
 pub fn unknown(word: &str, candidates: &[&str]) -> String {
@@ -20,15 +20,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn suggestions() {
+    fn unknown_key_messages() {
         let strat = ["tp", "pp", "vpp", "mbs", "gbs", "recompute", "zero"];
-        assert_eq!(suggest("vp", &strat), Some("vpp"));
-        assert_eq!(suggest("recomp", &strat), Some("recompute"));
-        assert_eq!(suggest("recompte", &strat), Some("recompute"));
-        assert_eq!(suggest("zreo", &strat), Some("zero"));
-        assert_eq!(suggest("banana", &strat), None);
-        assert_eq!(distance("kitten", "sitting"), 3);
-        assert_eq!(distance("", "abc"), 3);
-        assert!(unknown("banana", &strat).contains("known keys: tp"));
+        assert_eq!(
+            unknown("vp", &strat),
+            "unknown key 'vp'; did you mean 'vpp'?"
+        );
+        assert!(unknown("banana", &strat).contains("known keys: tp, pp, vpp"));
     }
 }

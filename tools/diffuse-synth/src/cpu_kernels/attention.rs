@@ -46,29 +46,9 @@ fn softmax_unnorm_body<const FMA: bool>(rows: &mut [f32], n: usize, inv: &mut [f
     }
 }
 
-/// [`softmax_unnorm_body`] compiled for AVX-512 or AVX2 with FMA when the CPU has them.
-fn softmax_unnorm(rows: &mut [f32], n: usize, inv: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-        unsafe fn avx512(rows: &mut [f32], n: usize, inv: &mut [f32]) {
-            softmax_unnorm_body::<true>(rows, n, inv)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(rows: &mut [f32], n: usize, inv: &mut [f32]) {
-            softmax_unnorm_body::<true>(rows, n, inv)
-        }
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512vl") && has!("fma") {
-            // SAFETY: the CPU has the features `avx512` was compiled for.
-            return unsafe { avx512(rows, n, inv) };
-        }
-        if has!("avx2") && has!("fma") {
-            // SAFETY: as above, for `avx2`.
-            return unsafe { avx2(rows, n, inv) };
-        }
-    }
-    softmax_unnorm_body::<false>(rows, n, inv)
+multiversion! {
+    /// [`softmax_unnorm_body`] compiled for AVX-512 or AVX2 with FMA when the CPU has them.
+    fn softmax_unnorm(rows: &mut [f32], n: usize, inv: &mut [f32]) = softmax_unnorm_body::<FMA>
 }
 
 /// Softmax of each row of `n`.
@@ -172,7 +152,7 @@ impl CustomOp2 for Geglu {
 // ---------------------------------------------------------------- attention
 
 /// Query rows per attention task: their scores [QB, Lk] stay in L2.
-const QB: usize = 64;
+pub(super) const QB: usize = 64;
 
 /// Whether [`attention`] can run on these f32 CPU projections (tracked or not).
 pub fn attention_ok(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
@@ -333,29 +313,9 @@ fn softmax_cols_body<const FMA: bool>(s: &mut [f32], m: usize, inv: &mut [f32]) 
         .for_each(|(i, &t)| *i = 1.0 / t);
 }
 
-/// [`softmax_cols_body`] compiled for AVX-512 or AVX2 with FMA when the CPU has them.
-fn softmax_cols(s: &mut [f32], m: usize, inv: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-        unsafe fn avx512(s: &mut [f32], m: usize, inv: &mut [f32]) {
-            softmax_cols_body::<true>(s, m, inv)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(s: &mut [f32], m: usize, inv: &mut [f32]) {
-            softmax_cols_body::<true>(s, m, inv)
-        }
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512vl") && has!("fma") {
-            // SAFETY: the CPU has the features `avx512` was compiled for.
-            return unsafe { avx512(s, m, inv) };
-        }
-        if has!("avx2") && has!("fma") {
-            // SAFETY: as above, for `avx2`.
-            return unsafe { avx2(s, m, inv) };
-        }
-    }
-    softmax_cols_body::<false>(s, m, inv)
+multiversion! {
+    /// [`softmax_cols_body`] compiled for AVX-512 or AVX2 with FMA when the CPU has them.
+    pub(super) fn softmax_cols(s: &mut [f32], m: usize, inv: &mut [f32]) = softmax_cols_body::<FMA>
 }
 
 impl Attn {

@@ -11,11 +11,8 @@
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::math::exp_g;
+use super::attention::{softmax_cols, QB};
 use super::{with_scratch, with_slice, SCORES};
-
-/// Query rows per task: the GEMM kernel's row block (4 x 16 lanes).
-const QB: usize = 64;
 
 /// softmax(scale · Q Kᵀ) V per head for untracked f32 CPU q [B, Lq, H·d], k, v [B, Lk, H·d],
 /// as [`super::attention`] computes it (same shapes, same result up to rounding).
@@ -152,56 +149,6 @@ impl Geom {
         });
         out
     }
-}
-
-/// Each column of `s` ([rows of m] = [keys, queries]) becomes exp(x - max); `inv` gets
-/// 1 / its sum. The loops run across the m queries of a key row, so they vectorise.
-#[inline(always)]
-fn softmax_cols_body<const FMA: bool>(s: &mut [f32], m: usize, inv: &mut [f32]) {
-    let mut mx = [f32::NEG_INFINITY; QB];
-    let mx = &mut mx[..m];
-    for row in s.chunks_exact(m) {
-        for (a, &x) in mx.iter_mut().zip(row) {
-            *a = a.max(x);
-        }
-    }
-    let mut sum = [0f32; QB];
-    let sum = &mut sum[..m];
-    for row in s.chunks_exact_mut(m) {
-        for ((x, &mm), su) in row.iter_mut().zip(mx.iter()).zip(sum.iter_mut()) {
-            let e = exp_g::<FMA>(*x - mm);
-            *x = e;
-            *su += e;
-        }
-    }
-    for (iv, &su) in inv.iter_mut().zip(sum.iter()) {
-        *iv = 1.0 / su;
-    }
-}
-
-/// [`softmax_cols_body`] compiled for AVX-512 or AVX2 with FMA when the CPU has them.
-fn softmax_cols(s: &mut [f32], m: usize, inv: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-        unsafe fn avx512(s: &mut [f32], m: usize, inv: &mut [f32]) {
-            softmax_cols_body::<true>(s, m, inv)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(s: &mut [f32], m: usize, inv: &mut [f32]) {
-            softmax_cols_body::<true>(s, m, inv)
-        }
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512vl") && has!("fma") {
-            // SAFETY: the CPU has the features `avx512` was compiled for.
-            return unsafe { avx512(s, m, inv) };
-        }
-        if has!("avx2") && has!("fma") {
-            // SAFETY: as above, for `avx2`.
-            return unsafe { avx2(s, m, inv) };
-        }
-    }
-    softmax_cols_body::<false>(s, m, inv)
 }
 
 #[cfg(test)]

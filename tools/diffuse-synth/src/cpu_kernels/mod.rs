@@ -16,39 +16,50 @@ use rayon::prelude::*;
 
 /// Defines `fn $name` that runs its body compiled for AVX-512 or AVX2 (+FMA) when the CPU
 /// has them (elementwise loops vectorise 16 or 8 wide), else for the baseline target.
+/// The body is a block, or `= f::<FMA>` for a function generic over `const FMA: bool`
+/// (the vector paths run `f::<true>`, the baseline `f::<false>`).
 macro_rules! multiversion {
-    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
-        fn $name($($a: $t),*) $(-> $r)? {
+        $vis fn $name($($a: $t),*) $(-> $r)? {
             #[inline(always)]
-            fn generic($($a: $t),*) $(-> $r)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-                unsafe fn avx512($($a: $t),*) $(-> $r)? {
-                    generic($($a),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($a: $t),*) $(-> $r)? {
-                    generic($($a),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has the features `avx512` was compiled for.
-                    return unsafe { avx512($($a),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has the features `avx2` was compiled for.
-                    return unsafe { avx2($($a),*) };
-                }
-            }
-            generic($($a),*)
+            fn generic<const FMA: bool>($($a: $t),*) $(-> $r)? $body
+            multiversion!(@dispatch generic; $($a: $t),*; $($r)?)
         }
     };
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? = $body:ident::<FMA>) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) $(-> $r)? {
+            multiversion!(@dispatch $body; $($a: $t),*; $($r)?)
+        }
+    };
+    (@dispatch $body:ident; $($a:ident: $t:ty),*; $($r:ty)?) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+            unsafe fn avx512($($a: $t),*) $(-> $r)? {
+                $body::<true>($($a),*)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($a: $t),*) $(-> $r)? {
+                $body::<true>($($a),*)
+            }
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has the features `avx512` was compiled for.
+                return unsafe { avx512($($a),*) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has the features `avx2` was compiled for.
+                return unsafe { avx2($($a),*) };
+            }
+        }
+        $body::<false>($($a),*)
+    }};
 }
 
 mod attention;
