@@ -63,7 +63,6 @@ macro_rules! multiversion {
 }
 
 mod attention;
-mod attention_fwd;
 mod conv;
 mod linear;
 mod math;
@@ -73,7 +72,6 @@ pub mod resnet;
 mod tests;
 
 pub use attention::{attention, attention_ok, geglu, softmax_last_dim};
-pub use attention_fwd::attention_forward;
 pub use conv::{conv2d, Conv2d};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use math::{erf, exp};

@@ -229,11 +229,7 @@ impl CrossAttention {
         if self.slice_size.is_none() && crate::cpu_kernels::attention_ok(&query, &key, &value) {
             // ftk: fused per-head attention when no gradient is tracked
             let t = crate::timing::Kernel::Attention.timer();
-            let xs = if [&query, &key, &value].iter().any(|t| t.track_op()) {
-                crate::cpu_kernels::attention(&query, &key, &value, self.heads, self.scale)?
-            } else {
-                crate::cpu_kernels::attention_forward(&query, &key, &value, self.heads, self.scale)?
-            };
+            let xs = crate::cpu_kernels::attention(&query, &key, &value, self.heads, self.scale)?;
             drop(t);
             return self.to_out.forward(&xs);
         }
@@ -583,11 +579,7 @@ impl Module for AttentionBlock {
             let t = crate::timing::Kernel::Attention.timer();
             let (q, k, v) = (&query_proj, &key_proj, &value_proj);
             let scale = 1.0 / (d as f64).sqrt();
-            let xs = if [q, k, v].iter().any(|t| t.track_op()) {
-                crate::cpu_kernels::attention(q, k, v, self.num_heads, scale)?
-            } else {
-                crate::cpu_kernels::attention_forward(q, k, v, self.num_heads, scale)?
-            };
+            let xs = crate::cpu_kernels::attention(q, k, v, self.num_heads, scale)?;
             drop(t);
             let xs = self
                 .proj_attn
