@@ -368,7 +368,9 @@ def reinit(module, gen):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-            assert (p != 0).all(), name
+            # a parameter left at its (zero) init would hide a missing weight; a
+            # single exact 0.0 drawn among millions of values is fine
+            assert (p != 0).any(), name
 
 
 def tiny_pipeline(gen):
@@ -743,7 +745,9 @@ def reinit_text(model, gen):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-            assert (p != 0).all(), name
+            # a parameter left at its (zero) init would hide a missing weight; a
+            # single exact 0.0 drawn among millions of values is fine
+            assert (p != 0).any(), name
 
 
 def encode(te, ids, mask, clip_skip=None):
