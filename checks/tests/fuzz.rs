@@ -144,6 +144,23 @@ fn mutate_json(r: &mut Rng8, v: &mut Value, keys: &[&str]) {
     }
 }
 
+/// A JSON object's text: with probability `p_struct` one to three
+/// structured mutations (new keys drawn from the object's own), else
+/// byte-level mutation.
+fn mutate_config(r: &mut Rng8, text: &str, p_struct: f64) -> Vec<u8> {
+    if r.random_bool(p_struct) {
+        let mut v: Value = serde_json::from_str(text).unwrap();
+        let keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        for _ in 0..r.random_range(1..=3) {
+            mutate_json(r, &mut v, &keys);
+        }
+        v.to_string().into_bytes()
+    } else {
+        mutate_bytes(r, text.as_bytes().to_vec())
+    }
+}
+
 /// A JSON-lines text: structured mutation of one record, a random record
 /// built from the kind's keys, or byte-level mutation.
 fn mutate_jsonl(r: &mut Rng8, seed: &str, keys: &[&str]) -> Vec<u8> {
@@ -352,17 +369,7 @@ fn targets() -> Vec<Target> {
         name: "HF config.json",
         run: Box::new(move |r, _| {
             let seed = &cfgs[r.random_range(0..cfgs.len())];
-            let text = if r.random_bool(0.7) {
-                let mut v: Value = serde_json::from_str(seed).unwrap();
-                let keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
-                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                for _ in 0..r.random_range(1..=3) {
-                    mutate_json(r, &mut v, &keys);
-                }
-                v.to_string().into_bytes()
-            } else {
-                mutate_bytes(r, seed.as_bytes().to_vec())
-            };
+            let text = mutate_config(r, seed, 0.7);
             check(|| {
                 let s = String::from_utf8(text).map_err(|_| Error::input("not UTF-8"))?;
                 let m = ftk::model::ModelConfig::from_json_str(&s, "fuzz.json")?;
@@ -587,17 +594,7 @@ fn targets() -> Vec<Target> {
             } else {
                 "config.json"
             };
-            let b = if r.random_bool(0.8) {
-                let mut v: Value = serde_json::from_str(text).unwrap();
-                let keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
-                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                for _ in 0..r.random_range(1..=3) {
-                    mutate_json(r, &mut v, &keys);
-                }
-                v.to_string().into_bytes()
-            } else {
-                mutate_bytes(r, text.as_bytes().to_vec())
-            };
+            let b = mutate_config(r, text, 0.8);
             let cfg = m.join(sub).join(name);
             let _ = std::fs::remove_file(&cfg);
             write(&cfg, &b);

@@ -73,6 +73,26 @@ fn clients(dir: &Path, n: usize, len: usize) -> PathBuf {
     mp
 }
 
+/// Start `cmd` (output discarded), send it SIGKILL on even trials and
+/// SIGTERM on odd ones after `after`, and reap it; the signal sent.
+fn kill_after(cmd: &mut Command, after: Duration, trial: usize) -> i32 {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    let sig = if trial.is_multiple_of(2) {
+        libc::SIGKILL
+    } else {
+        libc::SIGTERM
+    };
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(child.id() as i32, sig) };
+    child.wait().unwrap();
+    sig
+}
+
 /// Kill `tool` at random moments; after each: the output is the old bytes
 /// or the complete new bytes, and no temporary is left.
 fn kill_at_random(tool: &str, w: &Writer, work: &Path, trials: usize, seed: u64) {
@@ -86,24 +106,12 @@ fn kill_at_random(tool: &str, w: &Writer, work: &Path, trials: usize, seed: u64)
     let (mut saw_old, mut saw_new) = (0, 0);
     for trial in 0..trials {
         std::fs::write(&out, &old).unwrap();
-        let mut child = Command::new(bin_dir().join(tool))
-            .args((w.args)(&out))
-            .current_dir(work)
-            .env("FTK_NO_PROGRESS", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
         let at = t_ref.mul_f64(rng.random_range(0.0..1.2));
-        std::thread::sleep(at);
-        let sig = if trial % 2 == 0 {
-            libc::SIGKILL
-        } else {
-            libc::SIGTERM
-        };
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        child.wait().unwrap();
+        let mut cmd = Command::new(bin_dir().join(tool));
+        cmd.args((w.args)(&out))
+            .current_dir(work)
+            .env("FTK_NO_PROGRESS", "1");
+        let sig = kill_after(&mut cmd, at, trial);
         let got = std::fs::read(&out).unwrap();
         if got == old {
             saw_old += 1;
@@ -360,22 +368,9 @@ fn killed_fedadam_round_leaves_a_consistent_or_refused_pair() {
     for trial in 0..10 {
         put("g.safetensors", &g1);
         put("s.safetensors", &s1);
-        let mut child = Command::new(bin_dir().join("fed-aggregate"))
-            .args(round(&[]))
-            .current_dir(work)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(t_ref.mul_f64(rng.random_range(0.0..1.2)));
-        let sig = if trial % 2 == 0 {
-            libc::SIGKILL
-        } else {
-            libc::SIGTERM
-        };
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        child.wait().unwrap();
+        let mut cmd = Command::new(bin_dir().join("fed-aggregate"));
+        cmd.args(round(&[])).current_dir(work);
+        let sig = kill_after(&mut cmd, t_ref.mul_f64(rng.random_range(0.0..1.2)), trial);
         let (g, s) = (read("g.safetensors"), read("s.safetensors"));
         if g == g1 && s == s1 {
             old += 1;
@@ -458,23 +453,11 @@ fn killed_diffuse_synth_leaves_complete_pngs_and_no_temporaries() {
     for trial in 0..8 {
         std::fs::remove_dir_all(work.join("png")).unwrap();
         std::fs::write(work.join("o.safetensors"), &old).unwrap();
-        let mut child = Command::new(bin_dir().join("diffuse-synth"))
-            .args(args("o.safetensors"))
+        let mut cmd = Command::new(bin_dir().join("diffuse-synth"));
+        cmd.args(args("o.safetensors"))
             .current_dir(work)
-            .env("FTK_NO_PROGRESS", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(t_ref.mul_f64(rng.random_range(0.0..1.2)));
-        let sig = if trial % 2 == 0 {
-            libc::SIGKILL
-        } else {
-            libc::SIGTERM
-        };
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        child.wait().unwrap();
+            .env("FTK_NO_PROGRESS", "1");
+        kill_after(&mut cmd, t_ref.mul_f64(rng.random_range(0.0..1.2)), trial);
         let got = std::fs::read(work.join("o.safetensors")).unwrap();
         assert!(got == old || got == new, "trial {trial}: -o torn");
         let mut present = 0;

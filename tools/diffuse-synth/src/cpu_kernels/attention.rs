@@ -622,6 +622,45 @@ mod tests {
             .collect()
     }
 
+    /// An attention of these sizes (scale 1/sqrt(d)) and its q, k, v.
+    fn case(b: usize, lq: usize, lk: usize, heads: usize, d: usize) -> (Attn, [Vec<f32>; 3]) {
+        let hd = heads * d;
+        let op = Attn {
+            b,
+            lq,
+            lk,
+            hd,
+            heads,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let qkv = [
+            noise(b * lq * hd, 1),
+            noise(b * lk * hd, 2),
+            noise(b * lk * hd, 3),
+        ];
+        (op, qkv)
+    }
+
+    /// softmax(scale · q_i · Kᵀ) in f64 for query `i` of head `h`, sample `bi`.
+    fn naive_probs(op: &Attn, q: &[f32], k: &[f32], bi: usize, h: usize, i: usize) -> Vec<f64> {
+        let d = op.hd / op.heads;
+        let at = |x: &[f32], l: usize, r: usize, c: usize| {
+            f64::from(x[(bi * l + r) * op.hd + h * d + c])
+        };
+        let s: Vec<f64> = (0..op.lk)
+            .map(|j| {
+                f64::from(op.scale)
+                    * (0..d)
+                        .map(|c| at(q, op.lq, i, c) * at(k, op.lk, j, c))
+                        .sum::<f64>()
+            })
+            .collect();
+        let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+        let z: f64 = e.iter().sum();
+        e.iter().map(|x| x / z).collect()
+    }
+
     /// dQ, dK, dV by the textbook formulas in f64, one (sample, head) at a time.
     fn naive_grads(op: &Attn, q: &[f32], k: &[f32], v: &[f32], g: &[f32]) -> [Vec<f64>; 3] {
         let (b, lq, lk, hd, heads) = (op.b, op.lq, op.lk, op.hd, op.heads);
@@ -637,17 +676,7 @@ mod tests {
                     f64::from(x[(bi * l + r) * hd + h * d + c])
                 };
                 for i in 0..lq {
-                    let s: Vec<f64> = (0..lk)
-                        .map(|j| {
-                            sc * (0..d)
-                                .map(|c| at(q, lq, i, c) * at(k, lk, j, c))
-                                .sum::<f64>()
-                        })
-                        .collect();
-                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
-                    let z: f64 = e.iter().sum();
-                    let p: Vec<f64> = e.iter().map(|x| x / z).collect();
+                    let p = naive_probs(op, q, k, bi, h, i);
                     let dp: Vec<f64> = (0..lk)
                         .map(|j| {
                             (0..d)
@@ -675,22 +704,8 @@ mod tests {
     #[test]
     fn attention_gradients_match_the_formulas() {
         for d in [8usize, 16, 32, 40] {
-            let (b, heads, lq, lk) = (2usize, 2usize, 70usize, 37usize);
-            let hd = heads * d;
-            let op = Attn {
-                b,
-                lq,
-                lk,
-                hd,
-                heads,
-                scale: 1.0 / (d as f32).sqrt(),
-            };
-            let (q, k, v, g) = (
-                noise(b * lq * hd, 1),
-                noise(b * lk * hd, 2),
-                noise(b * lk * hd, 3),
-                noise(b * lq * hd, 4),
-            );
+            let (op, [q, k, v]) = case(2, 70, 37, 2, d);
+            let g = noise(op.b * op.lq * op.hd, 4);
             let a = op.grads(&q, &k, &v, &g);
             let want = naive_grads(&op, &q, &k, &v, &g);
             for (got, want) in a.iter().zip(&want) {
@@ -718,41 +733,18 @@ mod tests {
             (1, 257, 257, 8, 40),
             (2, 70, 1, 1, 80),
         ] {
-            let hd = heads * d;
-            let op = Attn {
-                b,
-                lq,
-                lk,
-                hd,
-                heads,
-                scale: 1.0 / (d as f32).sqrt(),
-            };
-            let (q, k, v) = (
-                noise(b * lq * hd, 1),
-                noise(b * lk * hd, 2),
-                noise(b * lk * hd, 3),
-            );
+            let (op, [q, k, v]) = case(b, lq, lk, heads, d);
+            let hd = op.hd;
             let got = op.forward(&q, &k, &v);
-            let at = |x: &[f32], l: usize, bi: usize, r: usize, c: usize| {
-                f64::from(x[(bi * l + r) * hd + c])
-            };
             let mut diff = 0f64;
             for bi in 0..b {
                 for h in 0..heads {
                     for i in 0..lq {
-                        let s: Vec<f64> = (0..lk)
-                            .map(|j| {
-                                let dot: f64 = (h * d..(h + 1) * d)
-                                    .map(|c| at(&q, lq, bi, i, c) * at(&k, lk, bi, j, c))
-                                    .sum();
-                                f64::from(op.scale) * dot
-                            })
-                            .collect();
-                        let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
-                        let z: f64 = e.iter().sum();
+                        let p = naive_probs(&op, &q, &k, bi, h, i);
                         for c in h * d..(h + 1) * d {
-                            let want: f64 = (0..lk).map(|j| e[j] / z * at(&v, lk, bi, j, c)).sum();
+                            let want: f64 = (0..lk)
+                                .map(|j| p[j] * f64::from(v[(bi * lk + j) * hd + c]))
+                                .sum();
                             let y = f64::from(got[(bi * lq + i) * hd + c]);
                             diff = diff.max((y - want).abs());
                         }
