@@ -97,6 +97,36 @@ pub fn geglu(a: &Tensor, g: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
+/// GEGLU of a projection's output `y` [.., 2 dim] whose first half of each row is the
+/// value and second half the gate (diffusers' `chunk(2, -1)`), read in place: the same
+/// numbers as `geglu` of the two chunks, without copying each strided half out first.
+pub fn geglu_halves(y: &Tensor) -> Result<Tensor> {
+    let dims = y.dims().to_vec();
+    let two = *dims.last().unwrap_or(&0);
+    if !fast(&[y]) || !two.is_multiple_of(2) || two == 0 {
+        let h = y.chunk(2, D::Minus1)?;
+        return geglu(&h[0], &h[1]);
+    }
+    let d = two / 2;
+    let mut od = dims;
+    *od.last_mut().unwrap_or(&mut 0) = d;
+    let out = with_slice(y, |yv| {
+        let mut out = vec![0f32; yv.len() / 2];
+        // rows per task: about 64 KiB of output
+        let rows = (1usize << 14).div_ceil(d);
+        out.par_chunks_mut(rows * d)
+            .zip(yv.par_chunks(rows * two))
+            .for_each(|(o, ys)| {
+                for (orow, yrow) in o.chunks_mut(d).zip(ys.chunks(two)) {
+                    orow.copy_from_slice(&yrow[..d]);
+                    geglu_chunk(orow, &yrow[d..]);
+                }
+            });
+        Ok(out)
+    })?;
+    Tensor::from_vec(out, od, &Device::Cpu)
+}
+
 fn geglu_fwd(a: &[f32], g: &[f32]) -> Vec<f32> {
     let mut out = a.to_vec();
     out.par_chunks_mut(1 << 14)
@@ -199,7 +229,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
 /// Every element the strides reach must lie inside its allocation; `c` must not alias
 /// `a` or `b`, and no other thread writes the elements of `c` it reaches.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_s(
+pub(super) unsafe fn gemm_s(
     (m, n, k): (usize, usize, usize),
     c: *mut f32,
     (ccs, crs): (usize, usize),

@@ -95,6 +95,20 @@ const BAND_FLOATS: usize = 1 << 24;
 #[cfg(test)]
 const BAND_FLOATS: usize = 1 << 8;
 
+/// Narrowest input plane [`Geom::forward_taps`] takes: below it the two pad columns per
+/// row waste more than the column copy costs (tiny under test, so the unit tests run it).
+#[cfg(not(test))]
+const TAPS_MIN_W: usize = 24;
+#[cfg(test)]
+const TAPS_MIN_W: usize = 4;
+
+/// Floats of output per band of [`Geom::forward_taps`] (1 MiB: the block stays in L2
+/// across the nine GEMMs; tiny under test, so the unit tests run several bands).
+#[cfg(not(test))]
+const TAPS_BAND: usize = 1 << 18;
+#[cfg(test)]
+const TAPS_BAND: usize = 100;
+
 impl Geom {
     /// Output rows per band: all of them unless the columns exceed [`BAND_FLOATS`].
     fn band_rows(&self, kk: usize) -> usize {
@@ -107,8 +121,17 @@ impl Geom {
         self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
     }
 
+    /// A 3x3, stride 1, padding 1 conv on a plane wide enough that computing over the
+    /// padded width wastes little: [`Geom::forward_taps`] runs it.
+    fn taps(&self) -> bool {
+        (self.kh, self.kw, self.s, self.d, self.p) == (3, 3, 1, 1, 1) && self.w >= TAPS_MIN_W
+    }
+
     /// y[b, co, ho, wo] from x [b, ci, h, w] and W [co, ci, kh, kw].
     pub fn forward(&self, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        if self.taps() {
+            return self.forward_taps(xv, wv, bias);
+        }
         let Geom {
             b,
             ci,
@@ -176,6 +199,108 @@ impl Geom {
             });
         };
         per_sample(&mut out, co * np, one);
+        out
+    }
+
+    /// The 3x3 conv as nine accumulated GEMMs, one per tap (ky, kx), K = ci each, over
+    /// a zero-padded copy of the input read in place: with rows of `w + 2`, tap (ky, kx)
+    /// of output position q (on the padded width) reads x_pad[c, q + ky (w + 2) + kx], so
+    /// each tap's right-hand matrix is x_pad shifted by one offset (no 9x column copy).
+    /// The two pad columns of each output row come out as garbage and are dropped when a
+    /// band of rows is copied out. Bands of rows run in parallel, each keeping its
+    /// output block in cache across the nine GEMMs; the weights go tap-major first
+    /// ([9][co][ci]) so each tap's matrix is contiguous for the GEMM's packing.
+    fn forward_taps(&self, xv: &[f32], wv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        let Geom {
+            b, ci, h, w, co, ..
+        } = *self;
+        let (wp, plane) = (w + 2, (h + 2) * (w + 2));
+        // rows per band: its [co, rows * wp] output block in about 1 MiB of L2
+        let rows = (TAPS_BAND / (co * wp)).clamp(1, h);
+        let bands = h.div_ceil(rows);
+        let mut wt = vec![0f32; 9 * co * ci];
+        wt.par_chunks_mut(co * ci)
+            .enumerate()
+            .for_each(|(t, wtap)| {
+                for (dst, k) in wtap.iter_mut().zip(wv.chunks(9)) {
+                    *dst = k[t];
+                }
+            });
+        // zero-padded input of every sample, with slack for the last tap's overrun
+        let mut xp: Vec<f32> = Vec::with_capacity(b * ci * plane + 2 * wp);
+        let spare = &mut xp.spare_capacity_mut()[..b * ci * plane + 2 * wp];
+        let zero = std::mem::MaybeUninit::new(0f32);
+        let (planes, slack) = spare.split_at_mut(b * ci * plane);
+        slack.fill(zero);
+        planes
+            .par_chunks_mut(plane)
+            .zip(xv.par_chunks(h * w))
+            .for_each(|(pp, xs)| {
+                pp[..wp].fill(zero);
+                pp[(h + 1) * wp..].fill(zero);
+                for (prow, row) in pp[wp..(h + 1) * wp].chunks_mut(wp).zip(xs.chunks(w)) {
+                    prow[0] = zero;
+                    prow[w + 1] = zero;
+                    for (d, &v) in prow[1..=w].iter_mut().zip(row) {
+                        *d = std::mem::MaybeUninit::new(v);
+                    }
+                }
+            });
+        // SAFETY: every element up to this length was written just above.
+        unsafe { xp.set_len(b * ci * plane + 2 * wp) };
+        let mut out: Vec<f32> = Vec::with_capacity(b * co * h * w);
+        let optr = out.spare_capacity_mut().as_mut_ptr() as usize;
+        (0..b * bands).into_par_iter().for_each(|task| {
+            let (n, band) = (task / bands, task % bands);
+            let y0 = band * rows;
+            let nr = rows.min(h - y0);
+            let nq = nr * wp;
+            with_scratch(&BAND, co * nq, |cb| {
+                if let Some(bv) = bias {
+                    for (row, &bb) in cb.chunks_mut(nq).zip(bv) {
+                        row.fill(bb);
+                    }
+                }
+                let x0 = &xp[n * ci * plane + y0 * wp..];
+                for t in 0..9 {
+                    let off = (t / 3) * wp + t % 3;
+                    // the farthest input element this tap reads
+                    assert!(off + (ci - 1) * plane + nq <= x0.len());
+                    // SAFETY: tap t's weights are wt[t co ci..(t + 1) co ci]; the input
+                    // window's farthest element is checked above; `cb` is this task's own
+                    // scratch.
+                    unsafe {
+                        super::attention::gemm_s(
+                            (co, nq, ci),
+                            cb.as_mut_ptr(),
+                            (1, nq),
+                            bias.is_some() || t > 0,
+                            wt.as_ptr().add(t * co * ci),
+                            (1, ci),
+                            x0.as_ptr().add(off),
+                            (1, plane),
+                            1.0,
+                        );
+                    }
+                }
+                for (c, crow) in cb.chunks(nq).enumerate() {
+                    for (r, src) in crow.chunks(wp).enumerate() {
+                        let at = ((n * co + c) * h + y0 + r) * w;
+                        // SAFETY: rows (n, c, y0 + r) are this task's alone, inside `out`'s
+                        // capacity; `out` outlives the parallel loop.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                src.as_ptr(),
+                                (optr as *mut f32).add(at),
+                                w,
+                            );
+                        }
+                    }
+                }
+            });
+        });
+        // SAFETY: the bands cover every (n, c, y) row of `out`, each written in full.
+        unsafe { out.set_len(b * co * h * w) };
         out
     }
 

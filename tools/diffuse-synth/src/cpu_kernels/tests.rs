@@ -90,6 +90,7 @@ fn kernels_match_candle() {
     // conv: 3x3 pad 1, stride 2, 1x1, no bias, dilation 2
     for (k, p, s, d, bias) in [
         (3, 1, 1, 1, true),
+        (3, 1, 1, 1, false),
         (3, 1, 2, 1, true),
         (1, 0, 1, 1, true),
         (3, 0, 1, 1, false),
@@ -176,6 +177,13 @@ fn kernels_match_candle() {
     let g = randn(&[3, 4, 37], 8);
     close(
         &geglu(&x, &g).unwrap(),
+        &(&x * g.gelu_erf().unwrap()).unwrap(),
+        1e-5,
+    );
+    // the projection's [value | gate] rows read in place
+    let y = Tensor::cat(&[&x, &g], 2).unwrap();
+    close(
+        &geglu_halves(&y).unwrap(),
         &(&x * g.gelu_erf().unwrap()).unwrap(),
         1e-5,
     );

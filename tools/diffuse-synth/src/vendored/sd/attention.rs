@@ -44,9 +44,8 @@ impl GeGlu {
 impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let hidden_states_and_gate = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
-        // ftk: diffusers uses the exact (erf) GELU
-        crate::cpu_kernels::geglu(&hidden_states_and_gate[0], &hidden_states_and_gate[1])
+        // ftk: diffusers uses the exact (erf) GELU; the halves are read in place
+        crate::cpu_kernels::geglu_halves(&self.proj.forward(xs)?)
     }
 }
 
