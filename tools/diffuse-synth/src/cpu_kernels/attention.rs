@@ -127,6 +127,11 @@ pub fn geglu_halves(y: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, od, &Device::Cpu)
 }
 
+/// y <- y gelu(g), in place (one row of [`super::Linear::forward_geglu`]).
+pub(super) fn geglu_rows(y: &mut [f32], g: &[f32]) {
+    geglu_chunk(y, g)
+}
+
 fn geglu_fwd(a: &[f32], g: &[f32]) -> Vec<f32> {
     let mut out = a.to_vec();
     out.par_chunks_mut(1 << 14)

@@ -3,7 +3,9 @@
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn as nn;
 
-use super::{contiguous_f32, f32_cpu, fast, per_sample, with_slice};
+use rayon::prelude::*;
+
+use super::{contiguous_f32, f32_cpu, fast, per_sample, with_scratch, with_slice, COLS};
 
 /// candle_nn's Linear whose fast forward runs one GEMM per leading-dim row (M = the
 /// tokens of one sample), so a row's result never depends on the batch it is in (candle
@@ -55,6 +57,79 @@ impl Module for Linear {
         }
         let out = with_slice(x, |xv| op.forward(xv))?;
         Tensor::from_vec(out, op.out_dims.clone(), &Device::Cpu)
+    }
+}
+
+/// Rows per block of [`Linear::forward_geglu`]: the block's [rows, 2 d] projection
+/// stays in L2 (d = 1280: 1.25 MiB) between the GEMM and the gating.
+const GEGLU_ROWS: usize = 64;
+
+/// Fewest rows per sample [`Linear::forward_geglu`] fuses: with fewer (1024 tokens and
+/// below at SD-1.5 size) one whole-sample GEMM beats blocks that each repack the weights,
+/// and the projection's round trip through memory is small (tiny under test).
+#[cfg(not(test))]
+const GEGLU_MIN_ROWS: usize = 2048;
+#[cfg(test)]
+const GEGLU_MIN_ROWS: usize = 1;
+
+impl Linear {
+    /// `geglu_halves(self.forward(x))` (diffusers' GEGLU: value and gate are the two
+    /// halves of this projection's output) without the full projection ever reaching
+    /// memory: blocks of a sample's rows are projected into a cache-sized scratch and gated
+    /// from there. Blocks never straddle samples, so a row's numbers do not depend on the
+    /// batch it is in.
+    pub fn forward_geglu(&self, x: &Tensor) -> Result<Tensor> {
+        let l = &self.0;
+        let w = l.weight();
+        let mut ws = vec![w];
+        ws.extend(l.bias());
+        let (o, i) = w.dims2()?;
+        let dims = x.dims().to_vec();
+        if !fast(&ws)
+            || !fast(&[x])
+            || dims.len() != 3
+            || dims[2] != i
+            || !o.is_multiple_of(2)
+            || dims[1] < GEGLU_MIN_ROWS
+        {
+            return super::geglu_halves(&self.forward(x)?);
+        }
+        let _t = crate::timing::Kernel::Linear.timer();
+        let (b, m, d) = (dims[0], dims[1], o / 2);
+        let bias = match l.bias() {
+            Some(bt) => Some(bt.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut out = vec![0f32; b * m * d];
+        with_slice(w, |wv| {
+            with_slice(x, |xv| {
+                out.par_chunks_mut(m * d).enumerate().for_each(|(n, yo)| {
+                    yo.par_chunks_mut(GEGLU_ROWS * d)
+                        .enumerate()
+                        .for_each(|(blk, yb)| {
+                            let r0 = n * m + blk * GEGLU_ROWS;
+                            let rows = yb.len() / d;
+                            let xb = &xv[r0 * i..(r0 + rows) * i];
+                            with_scratch(&COLS, rows * o, |p| {
+                                if let Some(bv) = &bias {
+                                    p.chunks_mut(o).for_each(|row| row.copy_from_slice(bv));
+                                }
+                                ftk::linalg::serial(|| {
+                                    ftk::linalg::matmul_bt(p, xb, wv, rows, o, i, bias.is_some())
+                                });
+                                for (yrow, prow) in yb.chunks_mut(d).zip(p.chunks(o)) {
+                                    yrow.copy_from_slice(&prow[..d]);
+                                    super::attention::geglu_rows(yrow, &prow[d..]);
+                                }
+                            })
+                        });
+                });
+                Ok(())
+            })
+        })?;
+        let mut od = dims;
+        od[2] = d;
+        Tensor::from_vec(out, od, &Device::Cpu)
     }
 }
 

@@ -187,6 +187,15 @@ fn kernels_match_candle() {
         &(&x * g.gelu_erf().unwrap()).unwrap(),
         1e-5,
     );
+    // the projection and its gating fused, over several row blocks per sample
+    let l = Linear(nn::Linear::new(randn(&[14, 5], 9), Some(randn(&[14], 10))));
+    let x = randn(&[2, 150, 5], 11);
+    let y = l.0.forward(&x).unwrap().chunk(2, D::Minus1).unwrap();
+    close(
+        &l.forward_geglu(&x).unwrap(),
+        &(&y[0] * y[1].gelu_erf().unwrap()).unwrap(),
+        1e-5,
+    );
 }
 
 /// d/dx sum(f(x) · r) by candle's autograd, x a fresh variable.

@@ -45,7 +45,7 @@ impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
         // ftk: diffusers uses the exact (erf) GELU; the halves are read in place
-        crate::cpu_kernels::geglu_halves(&self.proj.forward(xs)?)
+        self.proj.forward_geglu(xs)
     }
 }
 
