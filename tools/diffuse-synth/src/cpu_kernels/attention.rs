@@ -111,7 +111,7 @@ pub fn geglu_halves(y: &Tensor) -> Result<Tensor> {
     let mut od = dims;
     *od.last_mut().unwrap_or(&mut 0) = d;
     let out = with_slice(y, |yv| {
-        let mut out = vec![0f32; yv.len() / 2];
+        let mut out = super::zeros(yv.len() / 2);
         // rows per task: about 64 KiB of output
         let rows = (1usize << 14).div_ceil(d);
         out.par_chunks_mut(rows * d)
@@ -399,7 +399,7 @@ impl Attn {
             scale,
         } = *self;
         let d = hd / heads;
-        let mut out = vec![0f32; b * lq * hd];
+        let mut out = super::zeros(b * lq * hd);
         let optr = out.as_mut_ptr() as usize;
         let nqb = lq.div_ceil(FQB);
         (0..b * heads * nqb).into_par_iter().for_each(|task| {

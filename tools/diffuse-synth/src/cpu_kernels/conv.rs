@@ -158,7 +158,7 @@ impl Geom {
                 }
                 v
             }
-            None => vec![0f32; b * co * np],
+            None => super::zeros(b * co * np),
         };
         let rows = self.band_rows(kk);
         let one = |n: usize, o: &mut [f32]| {

@@ -100,7 +100,7 @@ impl Linear {
             Some(bt) => Some(bt.to_vec1::<f32>()?),
             None => None,
         };
-        let mut out = vec![0f32; b * m * d];
+        let mut out = super::zeros(b * m * d);
         with_slice(w, |wv| {
             with_slice(x, |xv| {
                 out.par_chunks_mut(m * d).enumerate().for_each(|(n, yo)| {
@@ -148,7 +148,7 @@ struct LinearOp {
 impl LinearOp {
     fn forward(&self, xv: &[f32]) -> Result<Vec<f32>> {
         let (m, i, o) = (self.m, self.i, self.o);
-        let mut out = vec![0f32; self.rows * o];
+        let mut out = super::zeros(self.rows * o);
         with_slice(&self.weight, |wv| {
             per_sample(&mut out, m * o, |n, yo| {
                 let xi = &xv[n * m * i..(n + 1) * m * i];

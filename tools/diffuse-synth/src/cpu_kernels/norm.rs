@@ -91,7 +91,7 @@ impl GnOp {
 
     fn forward(&self, xv: &[f32]) -> Vec<f32> {
         let (n, cg, sp) = self.sizes();
-        let mut out = vec![0f32; xv.len()];
+        let mut out = super::zeros(xv.len());
         out.par_chunks_mut(n)
             .zip(xv.par_chunks(n))
             .enumerate()

@@ -457,3 +457,13 @@ fn narrow_head_attention_matches_tensor_ops() {
         close(&g1, &g0, 2e-5);
     }
 }
+
+#[test]
+fn large_zeros_are_zero() {
+    // past the parallel-fill threshold, on a heap block that held other values
+    let n = (5 << 18) + 3;
+    drop(vec![1f32; n]);
+    let z = zeros(n);
+    assert_eq!(z.len(), n);
+    assert!(z.iter().all(|&v| v == 0.0));
+}
