@@ -202,6 +202,32 @@ pub struct Job {
     /// `model.moe.expert_bias`: the experts' linear layers carry biases
     /// (gpt-oss); Megatron-Core adds the second one outside the grouped GEMM.
     pub expert_bias: bool,
+    /// HBM bytes per local parameter and micro-batch of a gradient
+    /// accumulation that runs as its own elementwise pass after the
+    /// weight-gradient GEMM (0 where the GEMM's epilogue accumulates, as
+    /// Megatron's `gradient_accumulation_fusion` does): set for `framework`
+    /// naming DeepSpeed below ZeRO 3, see [`unfused_grad_accum_bytes`].
+    pub grad_accum_bytes: f64,
+}
+
+/// Bytes per parameter and micro-batch that a DeepSpeed engine spends
+/// accumulating gradients outside the GEMM. Megatron-DeepSpeed computes
+/// each weight gradient as a fresh tensor (`grad_output.t().matmul(input)`;
+/// its `gradient_accumulation_fusion` branch, which writes into Megatron's
+/// fp32 `main_grad`, is commented out, and the BigScience fork predates
+/// it) and DeepSpeed keeps no `main_grad`, so autograd's `AccumulateGrad`
+/// adds it into the 16-bit `.grad` (fp16: read 2 + 2, write 2). Under bf16
+/// DeepSpeed's `BF16_Optimizer` also folds the 16-bit gradients into its
+/// fp32 copies after every micro-batch's backward (`update_hp_grads` in the
+/// pipeline engine's `_exec_backward_pass`: read 2, read and write 4 + 4).
+/// ZeRO-3 reduce-scatters each micro-batch's gradients instead (zero3.rs).
+pub fn unfused_grad_accum_bytes(framework: Option<&str>, zero: u64, bf16: bool) -> f64 {
+    let ds = framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed"));
+    match (ds && zero < 3, bf16) {
+        (false, _) => 0.0,
+        (true, false) => 6.0,
+        (true, true) => 10.0,
+    }
 }
 
 /// A JSON object with the dotted path of its fields, for messages, and the
@@ -996,6 +1022,14 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         // (`GptOssExperts.gate_up_proj_bias`, `down_proj_bias`).
         None => model.moe.is_some() && model.arch == "gpt_oss",
     };
+    let bf16 = root
+        .obj("strategy")?
+        .map(|s| s.opt_str("precision"))
+        .transpose()?
+        .flatten()
+        == Some("bf16");
+    let grad_accum_bytes =
+        unfused_grad_accum_bytes(root.opt_str("framework")?, strategy.zero, bf16);
     let job = Job {
         id: map.get("id").cloned().unwrap_or(Value::Null),
         model,
@@ -1004,6 +1038,7 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         strategy,
         run,
         expert_bias,
+        grad_accum_bytes,
     };
     Ok((job, assumed.into_inner()))
 }

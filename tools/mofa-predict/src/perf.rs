@@ -994,6 +994,14 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
         };
         stages[sgi].add(lc);
     }
+    // A DeepSpeed engine accumulates each micro-batch's weight gradients in
+    // a pass of its own over every local parameter of the stage.
+    if job.grad_accum_bytes > 0.0 {
+        for (sgi, sc) in stages.iter_mut().enumerate() {
+            let (pd, pe) = mem_plan::layout::stage_params(m, &l, sgi as u64);
+            sc.bwd += (pd + pe) * job.grad_accum_bytes / hw.hbm;
+        }
+    }
     // LM head and its cross-entropy on the last stage.
     let v_local = m.vocab as f64 / t;
     let head_g = gemm_s(tok, v_local, h, &hw, c);
@@ -1422,6 +1430,36 @@ mod tests {
         let b = &o.breakdown;
         let c = (b.compute_s + b.recompute_s) / 2.0;
         assert!(b.dp_comm_exposed_s >= 2.0 * (3.0 * p16 - c) - 1e-9);
+    }
+
+    #[test]
+    fn deepspeed_accumulates_gradients_in_a_pass_of_its_own() {
+        let mk = |framework: &str, zero: u64, precision: &str| {
+            let v = serde_json::json!({"framework":framework,
+                "model":{"arch":"gpt","layers":24,"hidden":4096,"heads":32,"vocab":51200,"seq":2048},
+                "cluster":{"gpu":"A100-80GB","gpus":64},"strategy":{"tp":2,"pp":4,"mbs":1,"gbs":64,
+                "zero":zero,"recompute":"full","precision":precision,"overlap_grad_reduce":false}});
+            let j = job_from_value(&v, &Fallback::default(), "t").unwrap();
+            (predict_time(&j, &CALIB), j)
+        };
+        let (meg, j) = mk("Megatron-LM", 1, "fp16");
+        let (ds, jd) = mk("Megatron-DeepSpeed", 1, "fp16");
+        let (bf, jb) = mk("Megatron-DeepSpeed", 1, "bf16");
+        assert_eq!(
+            (j.grad_accum_bytes, jd.grad_accum_bytes, jb.grad_accum_bytes),
+            (0.0, 6.0, 10.0)
+        );
+        assert_eq!(mk("DeepSpeed", 3, "fp16").1.grad_accum_bytes, 0.0);
+        // Every micro-batch on the pacing stage pays one pass over its
+        // parameters, in the compute term; nothing else moves.
+        let micro = 64.0 / 8.0;
+        let (pd, pe) = mem_plan::layout::stage_params(&jd.model, &layout(&jd), ds.stage);
+        let want = micro * (pd + pe) * 6.0 / 2039e9;
+        let got = ds.breakdown.compute_s - meg.breakdown.compute_s;
+        assert_eq!(ds.stage, meg.stage);
+        assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
+        assert_eq!(ds.breakdown.recompute_s, meg.breakdown.recompute_s);
+        assert!(bf.iter_s > ds.iter_s);
     }
 
     #[test]
