@@ -821,8 +821,11 @@ pub fn strategy_from_obj(
     // (DeepSpeed, FSDP) reduce-scatters in the 16-bit compute type unless
     // FSDP's DEFAULT/FULL mixed precision keeps fp32 for the reduction.
     let zero_given = o.opt_u64("zero")?.unwrap_or(1);
+    // DeepSpeed's engines reduce gradients in the training dtype
+    // (`communication_data_type` defaults to fp16 / bf16 when enabled).
+    let deepspeed = framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed"));
     let grad_bytes = match o.opt_str("fsdp_mixed_precision")? {
-        None if zero_given == 3 => 2.0,
+        None if zero_given == 3 || deepspeed => 2.0,
         None | Some("DEFAULT" | "FULL") => 4.0,
         Some("PURE") => 2.0,
         Some(other) => {

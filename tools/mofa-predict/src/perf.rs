@@ -1450,6 +1450,9 @@ mod tests {
             (0.0, 6.0, 10.0)
         );
         assert_eq!(mk("DeepSpeed", 3, "fp16").1.grad_accum_bytes, 0.0);
+        // DeepSpeed reduces gradients in the training dtype, Megatron its
+        // fp32 main grads.
+        assert_eq!((j.strategy.grad_bytes, jd.strategy.grad_bytes), (4.0, 2.0));
         // Every micro-batch on the pacing stage pays one pass over its
         // parameters, in the compute term; nothing else moves.
         let micro = 64.0 / 8.0;
