@@ -208,6 +208,9 @@ pub struct Job {
     /// Megatron's `gradient_accumulation_fusion` does): set for `framework`
     /// naming DeepSpeed below ZeRO 3, see [`unfused_grad_accum_bytes`].
     pub grad_accum_bytes: f64,
+    /// The first micro-batch of an iteration pays that pass too (bf16's
+    /// fp32 fold does; fp16's `.grad +=` has nothing to add to yet).
+    pub grad_accum_first: bool,
 }
 
 /// Bytes per parameter and micro-batch that a DeepSpeed engine spends
@@ -221,12 +224,14 @@ pub struct Job {
 /// fp32 copies after every micro-batch's backward (`update_hp_grads` in the
 /// pipeline engine's `_exec_backward_pass`: read 2, read and write 4 + 4).
 /// ZeRO-3 reduce-scatters each micro-batch's gradients instead (zero3.rs).
-pub fn unfused_grad_accum_bytes(framework: Option<&str>, zero: u64, bf16: bool) -> f64 {
+/// Returns the bytes and whether the first micro-batch pays them too.
+pub fn unfused_grad_accum_bytes(framework: Option<&str>, zero: u64, bf16: bool) -> (f64, bool) {
     let ds = framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed"));
     match (ds && zero < 3, bf16) {
-        (false, _) => 0.0,
-        (true, false) => 6.0,
-        (true, true) => 10.0,
+        (false, _) => (0.0, false),
+        // autograd keeps the first micro-batch's gradient as `.grad`
+        (true, false) => (6.0, false),
+        (true, true) => (10.0, true),
     }
 }
 
@@ -1031,7 +1036,7 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         .transpose()?
         .flatten()
         == Some("bf16");
-    let grad_accum_bytes =
+    let (grad_accum_bytes, grad_accum_first) =
         unfused_grad_accum_bytes(root.opt_str("framework")?, strategy.zero, bf16);
     let job = Job {
         id: map.get("id").cloned().unwrap_or(Value::Null),
@@ -1042,6 +1047,7 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         run,
         expert_bias,
         grad_accum_bytes,
+        grad_accum_first,
     };
     Ok((job, assumed.into_inner()))
 }

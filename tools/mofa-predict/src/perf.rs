@@ -995,11 +995,18 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
         stages[sgi].add(lc);
     }
     // A DeepSpeed engine accumulates each micro-batch's weight gradients in
-    // a pass of its own over every local parameter of the stage.
+    // a pass of its own over every local parameter of the stage (under fp16
+    // every micro-batch but the first: spread over all of them here).
     if job.grad_accum_bytes > 0.0 {
+        let share = if job.grad_accum_first {
+            1.0
+        } else {
+            let mb = micro.max(1) as f64;
+            (mb - 1.0) / mb
+        };
         for (sgi, sc) in stages.iter_mut().enumerate() {
             let (pd, pe) = mem_plan::layout::stage_params(m, &l, sgi as u64);
-            sc.bwd += (pd + pe) * job.grad_accum_bytes / hw.hbm;
+            sc.bwd += share * (pd + pe) * job.grad_accum_bytes / hw.hbm;
         }
     }
     // LM head and its cross-entropy on the last stage.
@@ -1449,15 +1456,17 @@ mod tests {
             (j.grad_accum_bytes, jd.grad_accum_bytes, jb.grad_accum_bytes),
             (0.0, 6.0, 10.0)
         );
+        assert!(!jd.grad_accum_first && jb.grad_accum_first);
         assert_eq!(mk("DeepSpeed", 3, "fp16").1.grad_accum_bytes, 0.0);
         // DeepSpeed reduces gradients in the training dtype, Megatron its
         // fp32 main grads.
         assert_eq!((j.strategy.grad_bytes, jd.strategy.grad_bytes), (4.0, 2.0));
         // Every micro-batch on the pacing stage pays one pass over its
         // parameters, in the compute term; nothing else moves.
+        // fp16: the first of the 8 micro-batches has nothing to add to.
         let micro = 64.0 / 8.0;
         let (pd, pe) = mem_plan::layout::stage_params(&jd.model, &layout(&jd), ds.stage);
-        let want = micro * (pd + pe) * 6.0 / 2039e9;
+        let want = (micro - 1.0) * (pd + pe) * 6.0 / 2039e9;
         let got = ds.breakdown.compute_s - meg.breakdown.compute_s;
         assert_eq!(ds.stage, meg.stage);
         assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
