@@ -211,6 +211,27 @@ pub struct Job {
     /// The first micro-batch of an iteration pays that pass too (bf16's
     /// fp32 fold does; fp16's `.grad +=` has nothing to add to yet).
     pub grad_accum_first: bool,
+    /// HBM bytes per logit (tokens × vocab/TP) that the loss's memory-bound
+    /// passes move, forward and backward: see [`cross_entropy_bytes`].
+    pub ce_bytes: (f64, f64),
+}
+
+/// Bytes per logit of the loss's elementwise passes, forward and backward.
+/// Megatron's vocab-parallel cross entropy (`tensor_parallel/cross_entropy.py`)
+/// forward: cast to fp32 (read 2, write 4), max (4), subtract the max in
+/// place (4 + 4), exp in place (4 + 4), sum (4), divide by the sum in place
+/// (4 + 4): 38; backward: the softmax times the loss gradient in place
+/// (4 + 4), the cast back to bf16 (4 + 2): 14. PyTorch's `cross_entropy` on
+/// fp32-cast logits moves about as much. llm-foundry's MPT defaults to
+/// `loss_fn: fused_crossentropy`, flash-attn's Triton kernels: the forward
+/// reads the bf16 logits once (2), the backward reads them and writes
+/// their gradient (2 + 2).
+pub fn cross_entropy_bytes(framework: Option<&str>) -> (f64, f64) {
+    if framework.is_some_and(|f| f.to_ascii_lowercase().contains("llm-foundry")) {
+        (2.0, 4.0)
+    } else {
+        (38.0, 14.0)
+    }
 }
 
 /// Bytes per parameter and micro-batch that a DeepSpeed engine spends
@@ -1048,6 +1069,7 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         expert_bias,
         grad_accum_bytes,
         grad_accum_first,
+        ce_bytes: cross_entropy_bytes(root.opt_str("framework")?),
     };
     Ok((job, assumed.into_inner()))
 }

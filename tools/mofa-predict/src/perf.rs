@@ -80,7 +80,7 @@ pub const CALIB: Calib = Calib {
     coll_lat_s: 10e-6,
     ring_step_s: 4e-6,
     nic_par: 1.0,
-    attn_eff: 0.752,
+    attn_eff: 0.759,
     attn_s0: 512.0,
     attn_bwd_rate: 0.75,
     dp_bucket_params: 40e6,
@@ -1012,10 +1012,12 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
     // LM head and its cross-entropy on the last stage.
     let v_local = m.vocab as f64 / t;
     let head_g = gemm_s(tok, v_local, h, &hw, c);
-    let head_elem = tok * v_local * 4.0 * 3.0 / hw.hbm;
+    // The loss's memory-bound passes over the tok × v/t logits.
+    let logits = tok * v_local / hw.hbm;
+    let (ce_f, ce_b) = (job.ce_bytes.0 * logits, job.ce_bytes.1 * logits);
     let last = stages.len() - 1;
-    stages[last].fwd += head_g + head_elem;
-    let head_b = head_g + wgrad_s(tok, v_local, h, st.grad_bytes, &hw, c) + head_elem;
+    stages[last].fwd += head_g + ce_f;
+    let head_b = head_g + wgrad_s(tok, v_local, h, st.grad_bytes, &hw, c) + ce_b;
     stages[last].bwd += head_b;
     // vocab-parallel cross entropy: 3 tiny all-reduces; the embedding's
     // forward all-reduce (or reduce-scatter) on stage 0 and its backward.
@@ -1084,7 +1086,7 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
                     stage: stage as u64,
                     dense: &dense_cost,
                     moe: moe_cost.as_ref(),
-                    head: (head_g + head_elem, head_b),
+                    head: (head_g + ce_f, head_b),
                     emb_tp,
                 };
                 let blocks = zero3_blocks(job, &ctx, &g, &hw, c);
