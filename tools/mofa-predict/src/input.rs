@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! {"id", "model": {"arch","layers","hidden","heads","kv_heads","ffn","vocab","seq",
-//!   "params_b","head_dim","tie_embeddings",
+//!   "params_b","head_dim","tie_embeddings","sliding_window","window_layers",
 //!   "moe": null | {"experts","topk","expert_ffn","shared_experts","shared_ffn","moe_layers",
 //!                  "expert_bias"}},
 //!  "cluster": {"gpu","peak_tflops","gpus","gpus_per_node","hbm_gb","hbm_gbs",
@@ -44,7 +44,8 @@ pub const CKPT_BYTES_PER_PARAM: f64 = 14.0;
 pub const DEFAULTS_HELP: &str = "\
 Defaults: model.arch llama (SwiGLU; gpt = GELU MLP, learned positions, tied embeddings),
 kv_heads = heads, head_dim = hidden/heads, ffn = 4·hidden for gpt; moe.expert_ffn = ffn,
-shared_experts 0, moe_layers = layers (dense layers first), expert_bias false. cluster: every field from the
+shared_experts 0, moe_layers = layers (dense layers first), expert_bias false; sliding_window none
+(tokens a windowed layer attends back), window_layers = layers when a window is given. cluster: every field from the
 gpu preset, gpus = tp·pp·cp·dp, gpus_per_node 8. strategy: tp pp cp ep vpp mbs 1,
 dp = gpus/(tp·pp·cp), gbs = mbs·dp, recompute selective, zero 1, sp = (tp > 1),
 flash_attn true, overlap_grad_reduce true, moe_imbalance 0 (max_vio of route-hist),
@@ -90,6 +91,8 @@ pub const MODEL_KEYS: &[&str] = &[
     "name",
     "active_params_b",
     "mla",
+    "sliding_window",
+    "window_layers",
 ];
 pub const MLA_KEYS: &[&str] = &[
     "q_lora_rank",
@@ -214,6 +217,9 @@ pub struct Job {
     /// HBM bytes per logit (tokens × vocab/TP) that the loss's memory-bound
     /// passes move, forward and backward: see [`cross_entropy_bytes`].
     pub ce_bytes: (f64, f64),
+    /// `model.sliding_window`/`window_layers`; a Hugging Face gpt-oss config
+    /// alternates 128-token windowed and full layers (`layer_types`).
+    pub window: Option<Window>,
 }
 
 /// Bytes per logit of the loss's elementwise passes, forward and backward.
@@ -254,6 +260,38 @@ pub fn unfused_grad_accum_bytes(framework: Option<&str>, zero: u64, bf16: bool) 
         (true, false) => (6.0, false),
         (true, true) => (10.0, true),
     }
+}
+
+/// `model.sliding_window` (tokens) and `model.window_layers` (how many of
+/// the layers use it): `None` when no window is given.
+pub fn sliding_window_of(o: &Obj, layers: u64) -> Result<Option<Window>> {
+    let Some(tokens) = o.opt_u64("sliding_window")? else {
+        if o.opt_u64("window_layers")?.is_some() {
+            return Err(o.err(
+                "window_layers",
+                "needs model.sliding_window; add it or drop this field",
+            ));
+        }
+        return Ok(None);
+    };
+    if tokens == 0 {
+        return Err(o.err("sliding_window", "must be a positive integer, got 0"));
+    }
+    let n = o.pos("window_layers", Some(layers))?;
+    if n > layers {
+        return Err(o.err(
+            "window_layers",
+            format!("exceeds model.layers ({layers}), got {n}"),
+        ));
+    }
+    Ok(Some(Window { tokens, layers: n }))
+}
+
+/// Sliding-window attention on some of the layers (Mistral, gpt-oss).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Window {
+    pub tokens: u64,
+    pub layers: u64,
 }
 
 /// A JSON object with the dotted path of its fields, for messages, and the
@@ -1051,6 +1089,16 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         // (`GptOssExperts.gate_up_proj_bias`, `down_proj_bias`).
         None => model.moe.is_some() && model.arch == "gpt_oss",
     };
+    let window = match root.obj("model")? {
+        Some(m) => sliding_window_of(&m, model.layers)?,
+        // gpt-oss's configs: `sliding_window` 128 on every other layer
+        // (`layer_types` alternates sliding_attention and full_attention).
+        None if model.arch == "gpt_oss" => Some(Window {
+            tokens: 128,
+            layers: model.layers / 2,
+        }),
+        None => None,
+    };
     let bf16 = root
         .obj("strategy")?
         .map(|s| s.opt_str("precision"))
@@ -1070,6 +1118,7 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         grad_accum_bytes,
         grad_accum_first,
         ce_bytes: cross_entropy_bytes(root.opt_str("framework")?),
+        window,
     };
     Ok((job, assumed.into_inner()))
 }
@@ -1133,6 +1182,11 @@ mod tests {
             let j = job_from_value(&v, &fb, "t").unwrap();
             assert!(j.model.moe.is_some(), "{t}");
             assert_eq!(j.expert_bias, want, "{t}");
+            let w = want.then_some(Window {
+                tokens: 128,
+                layers: 1,
+            });
+            assert_eq!(j.window, w, "{t}");
         }
     }
 
@@ -1223,6 +1277,44 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("model.vocab: missing"));
+    }
+
+    #[test]
+    fn sliding_window_fields_and_their_checks() {
+        assert_eq!(job(base()).unwrap().window, None);
+        let mut v = base();
+        v["model"]["sliding_window"] = json!(128);
+        let j = job(v.clone()).unwrap();
+        assert_eq!(
+            j.window,
+            Some(Window {
+                tokens: 128,
+                layers: 24
+            })
+        );
+        v["model"]["window_layers"] = json!(12);
+        assert_eq!(job(v.clone()).unwrap().window.unwrap().layers, 12);
+        for (field, val, want) in [
+            (
+                "window_layers",
+                json!(25),
+                "model.window_layers: exceeds model.layers (24)",
+            ),
+            (
+                "sliding_window",
+                json!(0),
+                "model.sliding_window: must be a positive integer",
+            ),
+        ] {
+            let mut w = v.clone();
+            w["model"][field] = val;
+            let e = job(w).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let mut w = base();
+        w["model"]["window_layers"] = json!(12);
+        let e = job(w).unwrap_err().to_string();
+        assert!(e.contains("needs model.sliding_window"), "{e}");
     }
 
     #[test]

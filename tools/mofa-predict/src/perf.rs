@@ -80,7 +80,7 @@ pub const CALIB: Calib = Calib {
     coll_lat_s: 10e-6,
     ring_step_s: 4e-6,
     nic_par: 1.0,
-    attn_eff: 0.759,
+    attn_eff: 0.767,
     attn_s0: 512.0,
     attn_bwd_rate: 0.75,
     dp_bucket_params: 40e6,
@@ -517,7 +517,16 @@ pub fn attn_core(job: &Job, hw: &Hw, c: &Calib) -> (f64, f64) {
     // (Dao 2023, Fig. 4-7); hd/(hd + 43) normalised at 128 gives that.
     let per_head = ((hd / (hd + 43.0)) / (128.0 / 171.0)).min(1.0);
     let rate = hw.attn * c.attn_eff * gen * per_head * q / (q + c.attn_s0);
-    let flops = 4.0 * heads_local * q * s * hd * 0.5;
+    // A windowed layer's queries reach back `w` keys; the kernel visits
+    // them in 128-key tiles, so a query tile touches (w + 128) keys instead
+    // of s/2 on average under the causal mask. Spread over the layers (the
+    // stages hold windowed and full layers alike: gpt-oss alternates them).
+    let window = job.window.map_or(1.0, |w| {
+        let share = w.layers as f64 / job.model.layers.max(1) as f64;
+        let frac = (2.0 * (w.tokens as f64 + 128.0) / s).min(1.0);
+        1.0 - share * (1.0 - frac)
+    });
+    let flops = 4.0 * heads_local * q * s * hd * 0.5 * window;
     let f = flops / rate;
     (f, 2.5 * f / c.attn_bwd_rate)
 }
@@ -1187,6 +1196,30 @@ mod tests {
         // Selective adds the attention forward: 4 B s² h per layer.
         let (_, sel) = iteration_flops(&gpt_job(128, 25600, 160, 8, "selective"));
         assert!((sel - mfu - 4.0 * b * s * s * h * l).abs() < 1e-9 * sel);
+    }
+
+    #[test]
+    fn a_sliding_window_cuts_only_the_windowed_layers_attention() {
+        let with = |w: Option<(u64, u64)>| {
+            let mut j = gpt_job(24, 4096, 32, 8, "selective");
+            j.window = w.map(|(tokens, layers)| crate::input::Window { tokens, layers });
+            let hw = Hw::of(&j);
+            (
+                attn_core(&j, &hw, &CALIB).0,
+                layer_cost(&j, 0, &hw, &CALIB).fwd,
+            )
+        };
+        let (full, lf) = with(None);
+        // A window as long as the causal reach changes nothing.
+        assert_eq!(with(Some((2048, 24))).0, full);
+        // Windowed layers do (w + 128)·s of the s²/2 causal work; half of
+        // the layers windowed pays half that saving, and only attention moves.
+        let (all, la) = with(Some((128, 24)));
+        let (half, _) = with(Some((128, 12)));
+        let frac = 2.0 * (128.0 + 128.0) / 2048.0;
+        assert!((all / full - frac).abs() < 1e-12, "{}", all / full);
+        assert!((half - 0.5 * (full + all)).abs() < 1e-12 * full);
+        assert!((lf - la - (full - all)).abs() < 1e-12 * lf);
     }
 
     #[test]
