@@ -228,13 +228,20 @@ pub struct Job {
 /// place (4 + 4), exp in place (4 + 4), sum (4), divide by the sum in place
 /// (4 + 4): 38; backward: the softmax times the loss gradient in place
 /// (4 + 4), the cast back to bf16 (4 + 2): 14. PyTorch's `cross_entropy` on
-/// fp32-cast logits moves about as much. llm-foundry's MPT defaults to
-/// `loss_fn: fused_crossentropy`, flash-attn's Triton kernels: the forward
-/// reads the bf16 logits once (2), the backward reads them and writes
-/// their gradient (2 + 2).
+/// fp32-cast logits moves about as much. NeMo's and Megatron-Bridge's model
+/// configs turn on `cross_entropy_loss_fusion` (the "native" jit-fused
+/// `fused_cross_entropy.py`): the cast and max in one kernel (2 + 4), the
+/// subtract and exp in one (4 + 4), the sum (4) and the divide (4 + 4): 26
+/// forward, the same 14 backward. llm-foundry's MPT defaults to `loss_fn:
+/// fused_crossentropy`, flash-attn's Triton kernels: the forward reads the
+/// bf16 logits once (2), the backward reads them and writes their
+/// gradient (2 + 2).
 pub fn cross_entropy_bytes(framework: Option<&str>) -> (f64, f64) {
-    if framework.is_some_and(|f| f.to_ascii_lowercase().contains("llm-foundry")) {
+    let f = framework.unwrap_or("").to_ascii_lowercase();
+    if f.contains("llm-foundry") {
         (2.0, 4.0)
+    } else if f.contains("nemo") {
+        (26.0, 14.0)
     } else {
         (38.0, 14.0)
     }
