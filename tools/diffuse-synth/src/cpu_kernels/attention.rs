@@ -1,6 +1,8 @@
 //! Softmax, GEGLU and multi-head attention.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor, D,
+};
 use candle_nn as nn;
 use rayon::prelude::*;
 
@@ -80,6 +82,89 @@ multiversion! {
             *da = dy * x * cdf;
             *dg = dy * a * (cdf + x * pdf);
         }
+    }
+}
+
+/// GEGLU of a projection [.., 2d] whose last dim holds a then g (diffusers'
+/// `hidden_states, gate = proj(x).chunk(2, -1)`): `a * gelu_erf(g)` [.., d], read in place
+/// (no chunk copies). A tracked projection runs as one custom op whose backward writes the
+/// projection's gradient [.., 2d] directly (no narrow / pad-and-cat nodes).
+pub fn geglu_packed(x: &Tensor) -> Result<Tensor> {
+    let two_d = x.dim(D::Minus1)?;
+    if !f32_cpu(x) || two_d % 2 != 0 {
+        let h = x.chunk(2, D::Minus1)?;
+        return geglu(&h[0], &h[1]);
+    }
+    if x.track_op() {
+        return x.contiguous()?.apply_op1(GegluPacked);
+    }
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().unwrap_or(&mut 0) = two_d / 2;
+    let out = with_slice(x, |xv| Ok(GegluPacked::forward(xv, two_d / 2)))?;
+    Tensor::from_vec(out, dims, &Device::Cpu)
+}
+
+/// Rows per GEGLU task (a few tens of KiB each).
+fn geglu_rows(d: usize) -> usize {
+    ((1 << 13) / d.max(1)).max(1)
+}
+
+struct GegluPacked;
+
+impl GegluPacked {
+    fn forward(xv: &[f32], d: usize) -> Vec<f32> {
+        let rows = xv.len() / (2 * d).max(1);
+        let mut out = vec![0f32; rows * d];
+        let r = geglu_rows(d);
+        out.par_chunks_mut(r * d)
+            .zip(xv.par_chunks(r * 2 * d))
+            .for_each(|(o, x)| {
+                for (or, xr) in o.chunks_mut(d).zip(x.chunks(2 * d)) {
+                    let (a, g) = xr.split_at(d);
+                    or.copy_from_slice(a);
+                    geglu_chunk(or, g);
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for GegluPacked {
+    fn name(&self) -> &'static str {
+        "ftk-geglu-packed"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let xv = contiguous_f32(st, l)?;
+        let mut dims = l.dims().to_vec();
+        let d = *dims.last().unwrap_or(&0) / 2;
+        *dims.last_mut().unwrap_or(&mut 0) = d;
+        Ok((CpuStorage::F32(Self::forward(xv, d)), Shape::from(dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let d = arg.dim(D::Minus1)? / 2;
+        let dx = with_slice(arg, |xv| {
+            with_slice(grad, |gv| {
+                let mut dx = vec![0f32; xv.len()];
+                let r = geglu_rows(d);
+                dx.par_chunks_mut(r * 2 * d)
+                    .zip(xv.par_chunks(r * 2 * d).zip(gv.par_chunks(r * d)))
+                    .for_each(|(dx, (x, g))| {
+                        for ((dr, xr), gr) in
+                            dx.chunks_mut(2 * d).zip(x.chunks(2 * d)).zip(g.chunks(d))
+                        {
+                            let (da, dg) = dr.split_at_mut(d);
+                            da.copy_from_slice(gr);
+                            dg.copy_from_slice(gr);
+                            let (a, g) = xr.split_at(d);
+                            geglu_grad_chunk(da, dg, a, g);
+                        }
+                    });
+                Ok(dx)
+            })
+        })?;
+        Tensor::from_vec(dx, arg.dims(), &Device::Cpu).map(Some)
     }
 }
 

@@ -71,7 +71,7 @@ pub mod resnet;
 #[cfg(test)]
 mod tests;
 
-pub use attention::{attention, attention_ok, geglu, softmax_last_dim};
+pub use attention::{attention, attention_ok, geglu, geglu_packed, softmax_last_dim};
 pub use conv::{conv2d, Conv2d};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use math::{erf, exp};

@@ -199,6 +199,8 @@ fn input_gradients_match_candle_autograd() {
         (3, 1, 2, false),
         (1, 0, 1, true),
         (7, 3, 2, false),
+        (3, 0, 1, false),
+        (5, 1, 1, true),
     ] {
         let x = randn(&[2, 5, 9, 9], 1); // square: candle derives the output padding from the height
         let w = (randn(&[6, 5, k, k], 2) * 0.3).unwrap();
@@ -262,6 +264,17 @@ fn input_gradients_match_candle_autograd() {
     let (_, gg0) = grad_of(&g, |g| &a * g.gelu_erf()?);
     let (_, gg1) = grad_of(&g, |g| geglu(&a, g));
     close(&gg1, &gg0, 1e-5);
+    // geglu on the packed projection [.., 2d] (as diffusers' GEGLU chunks it)
+    let x = randn(&[3, 70, 74], 24);
+    let packed_ref = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let h = x.chunk(2, D::Minus1)?;
+        &h[0] * h[1].gelu_erf()?
+    };
+    let (y0, g0) = grad_of(&x, packed_ref);
+    let (y1, g1) = grad_of(&x, geglu_packed);
+    close(&y1, &y0, 1e-5);
+    close(&g1, &g0, 1e-5);
+    close(&geglu_packed(&x).unwrap(), &y0, 1e-5);
     // attention: gradient w.r.t. each of q, k, v (Lq 70: two row blocks)
     let (q, k, v) = (
         randn(&[2, 70, 6], 21),

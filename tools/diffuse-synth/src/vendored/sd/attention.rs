@@ -44,9 +44,8 @@ impl GeGlu {
 impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let hidden_states_and_gate = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
-        // ftk: diffusers uses the exact (erf) GELU
-        crate::cpu_kernels::geglu(&hidden_states_and_gate[0], &hidden_states_and_gate[1])
+        // ftk: diffusers uses the exact (erf) GELU; the kernel reads both halves in place
+        crate::cpu_kernels::geglu_packed(&self.proj.forward(xs)?)
     }
 }
 
@@ -586,7 +585,7 @@ impl Module for AttentionBlock {
                 .forward(&xs)?
                 .t()?
                 .reshape((batch, channel, height, width))?;
-            return (xs + residual)? / self.config.rescale_output_factor;
+            return super::div_unless_one((xs + residual)?, self.config.rescale_output_factor);
         }
 
         let query_states = self
@@ -614,6 +613,6 @@ impl Module for AttentionBlock {
             .forward(&xs)?
             .t()?
             .reshape((batch, channel, height, width))?;
-        (xs + residual)? / self.config.rescale_output_factor
+        super::div_unless_one((xs + residual)?, self.config.rescale_output_factor)
     }
 }
