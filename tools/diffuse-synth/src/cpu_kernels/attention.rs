@@ -479,7 +479,21 @@ impl Attn {
     ///
     /// Long because the strided GEMMs share one unsafe block whose offsets are checked
     /// together.
+    #[cfg(test)]
     fn grads(&self, qv: &[f32], kv: &[f32], vv: &[f32], dov: &[f32]) -> [Vec<f32>; 3] {
+        self.grads_of(qv, kv, vv, dov, [true; 3])
+    }
+
+    /// [`Attn::grads`] computing only the gradients `need` asks for (the others come
+    /// back empty): cross-attention's K and V of a constant context need none.
+    fn grads_of(
+        &self,
+        qv: &[f32],
+        kv: &[f32],
+        vv: &[f32],
+        dov: &[f32],
+        need: [bool; 3],
+    ) -> [Vec<f32>; 3] {
         let Attn {
             b,
             lq,
@@ -490,9 +504,11 @@ impl Attn {
         } = *self;
         let d = hd / heads;
         let narrow = d < NARROW;
-        let mut dq = vec![0f32; b * lq * hd];
-        let mut dk = vec![0f32; b * lk * hd];
-        let mut dv = vec![0f32; b * lk * hd];
+        let buf = |n: usize, keep: bool| if keep { vec![0f32; n] } else { Vec::new() };
+        let mut dq = buf(b * lq * hd, need[0]);
+        let mut dk = buf(b * lk * hd, need[1]);
+        let mut dv = buf(b * lk * hd, need[2]);
+        let need_ds = need[0] || need[1];
         let ptrs = (
             dq.as_mut_ptr() as usize,
             dk.as_mut_ptr() as usize,
@@ -543,7 +559,7 @@ impl Attn {
                         r.iter_mut().for_each(|v| *v *= iv);
                     }
                     // dV[lk, d] += P[m, lk]ᵀ · dO[m, d]
-                    if narrow {
+                    if need[2] && narrow {
                         gemm_s(
                             (lk, d, m),
                             dvt.as_mut_ptr(),
@@ -555,7 +571,7 @@ impl Attn {
                             (1, hd),
                             1.0,
                         );
-                    } else {
+                    } else if need[2] {
                         gemm_s(
                             (lk, d, m),
                             dvp,
@@ -567,6 +583,9 @@ impl Attn {
                             (1, hd),
                             1.0,
                         );
+                    }
+                    if !need_ds {
+                        continue;
                     }
                     // dP[m, lk] = dO[m, d] · V[lk, d]ᵀ, then dS in its place
                     gemm_s(
@@ -582,20 +601,22 @@ impl Attn {
                     );
                     softmax_grad_rows(p, dp, lk);
                     // dQ[m, d] = scale dS[m, lk] · K[lk, d]
-                    let dqp = (ptrs.0 as *mut f32).add(qoff);
-                    gemm_s(
-                        (m, d, lk),
-                        dqp,
-                        (1, hd),
-                        false,
-                        dp.as_ptr(),
-                        (1, lk),
-                        kp,
-                        (1, hd),
-                        scale,
-                    );
+                    if need[0] {
+                        let dqp = (ptrs.0 as *mut f32).add(qoff);
+                        gemm_s(
+                            (m, d, lk),
+                            dqp,
+                            (1, hd),
+                            false,
+                            dp.as_ptr(),
+                            (1, lk),
+                            kp,
+                            (1, hd),
+                            scale,
+                        );
+                    }
                     // dK[lk, d] += scale dS[m, lk]ᵀ · Q[m, d]
-                    if narrow {
+                    if need[1] && narrow {
                         gemm_s(
                             (lk, d, m),
                             dkt.as_mut_ptr(),
@@ -607,7 +628,7 @@ impl Attn {
                             (1, hd),
                             scale,
                         );
-                    } else {
+                    } else if need[1] {
                         gemm_s(
                             (lk, d, m),
                             dkp,
@@ -626,8 +647,12 @@ impl Attn {
                 // SAFETY: this task alone writes head h of sample bi in dk and dv; the
                 // rows reach (lk - 1) · hd + d elements past kvoff.
                 unsafe {
-                    untranspose(dkp, hd, dkt, lk, d);
-                    untranspose(dvp, hd, dvt, lk, d);
+                    if need[1] {
+                        untranspose(dkp, hd, dkt, lk, d);
+                    }
+                    if need[2] {
+                        untranspose(dvp, hd, dvt, lk, d);
+                    }
                 }
             }
         });
@@ -670,10 +695,11 @@ impl CustomOp3 for Attn {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need = [q.track_op(), k.track_op(), v.track_op()];
         let [dq, dk, dv] = with_slice(q, |qv| {
             with_slice(k, |kv| {
                 with_slice(v, |vv| {
-                    with_slice(grad, |gv| Ok(self.grads(qv, kv, vv, gv)))
+                    with_slice(grad, |gv| Ok(self.grads_of(qv, kv, vv, gv, need)))
                 })
             })
         })?;
@@ -685,9 +711,9 @@ impl CustomOp3 for Attn {
             }
         };
         Ok((
-            t(dq, lq, q.track_op())?,
-            t(dk, lk, k.track_op())?,
-            t(dv, lk, v.track_op())?,
+            t(dq, lq, need[0])?,
+            t(dk, lk, need[1])?,
+            t(dv, lk, need[2])?,
         ))
     }
 }

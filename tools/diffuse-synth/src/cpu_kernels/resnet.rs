@@ -75,6 +75,175 @@ pub fn channel_affine(x: &Tensor, scale: &[f32], shift: &[f32]) -> Result<Tensor
     x.contiguous()?.apply_op1(op)
 }
 
+/// relu(x · scale[c] + shift[c] (+ r)): eval-mode BN, the residual add of a block's
+/// last BN and the ReLU after it, one pass and one node (with `r`: two inputs).
+struct ChannelAffineRelu {
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+impl ChannelAffineRelu {
+    fn forward(&self, x: &[f32], r: Option<&[f32]>, c: usize, sp: usize) -> Vec<f32> {
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(sp)
+            .zip(x.par_chunks(sp))
+            .enumerate()
+            .for_each(|(i, (o, xs))| {
+                let (a, b) = (self.scale[i % c], self.shift[i % c]);
+                match r {
+                    // the same roundings as BN, then `+ identity`, then ReLU
+                    Some(r) => o
+                        .iter_mut()
+                        .zip(xs.iter().zip(&r[i * sp..(i + 1) * sp]))
+                        .for_each(|(o, (&v, &rv))| *o = (v * a + b + rv).max(0.0)),
+                    None => o
+                        .iter_mut()
+                        .zip(xs)
+                        .for_each(|(o, &v)| *o = (v * a + b).max(0.0)),
+                }
+            });
+        y
+    }
+
+    /// (dx, dr): the output gradient where the output is positive (torch's ReLU), times
+    /// scale[c] for x.
+    fn grads(
+        &self,
+        y: &[f32],
+        g: &[f32],
+        c: usize,
+        sp: usize,
+        with_r: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut dx = vec![0f32; g.len()];
+        let planes = y.par_chunks(sp).zip(g.par_chunks(sp));
+        if with_r {
+            let mut dr = vec![0f32; g.len()];
+            dx.par_chunks_mut(sp)
+                .zip(dr.par_chunks_mut(sp))
+                .zip(planes)
+                .enumerate()
+                .for_each(|(i, ((d, dr), (ys, gs)))| {
+                    let a = self.scale[i % c];
+                    for (((d, dr), &yv), &gv) in d.iter_mut().zip(dr.iter_mut()).zip(ys).zip(gs) {
+                        let m = if yv > 0.0 { gv } else { 0.0 };
+                        *dr = m;
+                        *d = m * a;
+                    }
+                });
+            return (dx, dr);
+        }
+        dx.par_chunks_mut(sp)
+            .zip(planes)
+            .enumerate()
+            .for_each(|(i, (d, (ys, gs)))| {
+                let a = self.scale[i % c];
+                for ((d, &yv), &gv) in d.iter_mut().zip(ys).zip(gs) {
+                    *d = if yv > 0.0 { gv * a } else { 0.0 };
+                }
+            });
+        (dx, Vec::new())
+    }
+}
+
+impl CustomOp1 for ChannelAffineRelu {
+    fn name(&self) -> &'static str {
+        "ftk-channel-affine-relu"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, c, sp) = nchw(l)?;
+        let y = self.forward(contiguous_f32(st, l)?, None, c, sp);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, c, h, w) = arg.dims4()?;
+        let (dx, _) = with_slice(res, |y| {
+            with_slice(grad, |g| Ok(self.grads(y, g, c, h * w, false)))
+        })?;
+        Tensor::from_vec(dx, arg.dims(), &Device::Cpu).map(Some)
+    }
+}
+
+impl candle_core::CustomOp2 for ChannelAffineRelu {
+    fn name(&self) -> &'static str {
+        "ftk-channel-affine-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, sp) = nchw(l1)?;
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "channel_affine_relu: residual {:?} for input {:?}",
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let y = self.forward(
+            contiguous_f32(s1, l1)?,
+            Some(contiguous_f32(s2, l2)?),
+            c,
+            sp,
+        );
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, c, h, w) = x.dims4()?;
+        let (dx, dr) = with_slice(res, |y| {
+            with_slice(grad, |g| Ok(self.grads(y, g, c, h * w, true)))
+        })?;
+        let dx = Tensor::from_vec(dx, x.dims(), &Device::Cpu)?;
+        let dr = match r.track_op() {
+            true => Some(Tensor::from_vec(dr, r.dims(), &Device::Cpu)?),
+            false => None,
+        };
+        Ok((Some(dx), dr))
+    }
+}
+
+/// relu(x · scale[c] + shift[c] + r) for [N, C, H, W] x (r the same shape, or none):
+/// eval-mode BN, a ResNet block's residual add and its ReLU as one op.
+pub fn channel_affine_relu(
+    x: &Tensor,
+    scale: &[f32],
+    shift: &[f32],
+    r: Option<&Tensor>,
+) -> Result<Tensor> {
+    if !f32_cpu(x) || x.rank() != 4 || x.dim(1)? != scale.len() {
+        candle_core::bail!(
+            "channel_affine_relu: expected f32 [N, {}, H, W], got {:?}",
+            scale.len(),
+            x.dims()
+        );
+    }
+    let op = ChannelAffineRelu {
+        scale: scale.to_vec(),
+        shift: shift.to_vec(),
+    };
+    match r {
+        Some(r) if f32_cpu(r) => x.contiguous()?.apply_op2(&r.contiguous()?, op),
+        Some(r) => candle_core::bail!(
+            "channel_affine_relu: residual {:?} is not f32 on the CPU",
+            r.dims()
+        ),
+        None => x.contiguous()?.apply_op1(op),
+    }
+}
+
 /// Per-channel batch mean and biased variance over N, H, W: [2, C] (means, variances).
 struct ChannelStats;
 

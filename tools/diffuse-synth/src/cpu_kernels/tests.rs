@@ -306,7 +306,9 @@ fn input_gradients_match_candle_autograd() {
 
 #[test]
 fn classifier_kernels_match_tensor_ops() {
-    use super::resnet::{channel_affine, channel_stats, max_pool_3x3_s2, relu};
+    use super::resnet::{
+        channel_affine, channel_affine_relu, channel_stats, max_pool_3x3_s2, relu,
+    };
     let x = randn(&[2, 3, 7, 6], 30);
     // relu, per-channel affine
     let (y0, g0) = grad_of(&x, |x| x.relu());
@@ -322,6 +324,20 @@ fn classifier_kernels_match_tensor_ops() {
     let (y1, g1) = grad_of(&x, |x| channel_affine(x, &sc, &sh));
     close(&y1, &y0, 1e-6);
     close(&g1, &g0, 1e-6);
+    // BN + ReLU and BN + residual + ReLU as one op, against the separate kernels; the
+    // residual's gradient too
+    let res = randn(&[2, 3, 7, 6], 32);
+    let (y0, g0) = grad_of(&x, |x| relu(&channel_affine(x, &sc, &sh)?));
+    let (y1, g1) = grad_of(&x, |x| channel_affine_relu(x, &sc, &sh, None));
+    close(&y1, &y0, 0.0);
+    close(&g1, &g0, 0.0);
+    let (y0, g0) = grad_of(&x, |x| relu(&(channel_affine(x, &sc, &sh)? + &res)?));
+    let (y1, g1) = grad_of(&x, |x| channel_affine_relu(x, &sc, &sh, Some(&res)));
+    close(&y1, &y0, 0.0);
+    close(&g1, &g0, 0.0);
+    let (_, g0) = grad_of(&res, |r| relu(&(channel_affine(&x, &sc, &sh)? + r)?));
+    let (_, g1) = grad_of(&res, |r| channel_affine_relu(&x, &sc, &sh, Some(r)));
+    close(&g1, &g0, 0.0);
     // batch statistics [2, C]
     let (y0, g0) = grad_of(&x, |x| {
         let mu = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
