@@ -5,7 +5,10 @@ use candle_nn as nn;
 use rayon::prelude::*;
 
 use super::{contiguous_f32, f32_cpu, fast, per_sample, with_scratch, with_slice, BAND, COLS};
+use candle_core::TensorId;
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// candle_nn's Conv2d with a fast forward.
 #[derive(Debug, Clone)]
@@ -289,13 +292,43 @@ impl CustomOp1 for ConvOp {
         let dx = with_slice(&self.weight, |wv| {
             with_slice(grad, |gv| {
                 Ok(match g.transposed() {
-                    Some(t) => t.forward(gv, &flip_kernel(wv, &g), None),
+                    Some(t) => t.forward(gv, &flipped(&self.weight, wv, &g), None),
                     None => g.input_grad(gv, wv),
                 })
             })
         })?;
         Tensor::from_vec(dx, (g.b, g.ci, g.h, g.w), &Device::Cpu).map(Some)
     }
+}
+
+/// Flipped kernels kept between backward passes (a guided run differentiates through the
+/// same weights every step), by weight tensor, up to [`FLIP_CACHE_FLOATS`] in all.
+#[allow(clippy::type_complexity)]
+static FLIPPED: std::sync::Mutex<Option<(usize, HashMap<TensorId, Arc<Vec<f32>>>)>> =
+    std::sync::Mutex::new(None);
+
+/// 64 Mi floats (256 MiB): every 3x3 kernel of a mid-size UNet, a part of SD-1.5's.
+#[cfg(not(test))]
+const FLIP_CACHE_FLOATS: usize = 1 << 26;
+#[cfg(test)]
+const FLIP_CACHE_FLOATS: usize = 1 << 10;
+
+/// [`flip_kernel`] of `weight` (values `w`), from the cache when it is there.
+fn flipped(weight: &Tensor, w: &[f32], g: &Geom) -> Arc<Vec<f32>> {
+    let lock = || FLIPPED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, m)) = &*lock() {
+        if let Some(f) = m.get(&weight.id()) {
+            return f.clone();
+        }
+    }
+    let f = Arc::new(flip_kernel(w, g));
+    let mut c = lock();
+    let (used, m) = c.get_or_insert_with(|| (0, HashMap::new()));
+    if *used + f.len() <= FLIP_CACHE_FLOATS {
+        *used += f.len();
+        m.insert(weight.id(), f.clone());
+    }
+    f
 }
 
 /// W'[ci, co, ky, kx] = W[co, ci, kh-1-ky, kw-1-kx]: the kernel of [`Geom::transposed`].

@@ -368,7 +368,11 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 
 /// torch's MaxPool2d(kernel 3, stride 2, padding 1): padding never wins; the gradient goes
 /// to the first maximum of each window in (row, column) order, as torch's CPU kernel.
-struct MaxPool3s2;
+/// The forward keeps each window's argmax for the backward.
+#[derive(Default)]
+struct MaxPool3s2 {
+    argmax: std::sync::Mutex<Vec<u32>>,
+}
 
 impl MaxPool3s2 {
     /// The output size and, per output, the flat in-plane index of its maximum.
@@ -412,14 +416,18 @@ impl CustomOp1 for MaxPool3s2 {
         let (n, c, h, w) = l.shape().dims4()?;
         let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
         let mut y = vec![0f32; n * c * ho * wo];
+        let mut keep = vec![0u32; n * c * ho * wo];
         y.par_chunks_mut(ho * wo)
+            .zip(keep.par_chunks_mut(ho * wo))
             .zip(x.par_chunks(h * w))
-            .for_each(|(o, plane)| {
+            .for_each(|((o, k), plane)| {
                 let (_, _, idx) = Self::argmax(plane, h, w);
                 o.iter_mut()
                     .zip(&idx)
                     .for_each(|(o, &j)| *o = plane[j as usize]);
+                k.copy_from_slice(&idx);
             });
+        *self.argmax.lock().unwrap_or_else(|e| e.into_inner()) = keep;
         Ok((CpuStorage::F32(y), Shape::from((n, c, ho, wo))))
     }
 
@@ -428,11 +436,20 @@ impl CustomOp1 for MaxPool3s2 {
         let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
         let dx = with_slice(arg, |x| {
             with_slice(grad, |g| {
+                let kept = self.argmax.lock().unwrap_or_else(|e| e.into_inner());
                 let mut dx = vec![0f32; x.len()];
                 dx.par_chunks_mut(h * w)
                     .zip(x.par_chunks(h * w).zip(g.par_chunks(ho * wo)))
-                    .for_each(|(d, (plane, gs))| {
-                        let (_, _, idx) = Self::argmax(plane, h, w);
+                    .enumerate()
+                    .for_each(|(p, (d, (plane, gs)))| {
+                        let fresh;
+                        let idx = match kept.get(p * ho * wo..(p + 1) * ho * wo) {
+                            Some(k) => k,
+                            None => {
+                                fresh = Self::argmax(plane, h, w).2;
+                                &fresh
+                            }
+                        };
                         for (&j, &gv) in idx.iter().zip(gs) {
                             d[j as usize] += gv;
                         }
@@ -452,5 +469,5 @@ pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
             x.dims()
         );
     }
-    x.contiguous()?.apply_op1(MaxPool3s2)
+    x.contiguous()?.apply_op1(MaxPool3s2::default())
 }
