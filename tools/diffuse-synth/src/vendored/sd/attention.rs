@@ -416,25 +416,20 @@ impl SpatialTransformer {
 
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let (batch, _channel, height, weight) = xs.dims4()?;
+        let (_batch, _channel, height, weight) = xs.dims4()?;
         let residual = xs;
         let xs = self.norm.forward(xs)?;
-        let (inner_dim, xs) = match &self.proj_in {
+        let (_inner_dim, xs) = match &self.proj_in {
             Proj::Conv2d(p) => {
                 let xs = p.forward(&xs)?;
                 let inner_dim = xs.dim(1)?;
-                let xs = xs
-                    .transpose(1, 2)?
-                    .t()?
-                    .reshape((batch, height * weight, inner_dim))?;
+                // ftk: one op (and one node when tracked) for the layout change
+                let xs = crate::cpu_kernels::nchw_to_tokens(&xs)?;
                 (inner_dim, xs)
             }
             Proj::Linear(p) => {
                 let inner_dim = xs.dim(1)?;
-                let xs = xs
-                    .transpose(1, 2)?
-                    .t()?
-                    .reshape((batch, height * weight, inner_dim))?;
+                let xs = crate::cpu_kernels::nchw_to_tokens(&xs)?;
                 (inner_dim, p.forward(&xs)?)
             }
         };
@@ -443,16 +438,12 @@ impl SpatialTransformer {
             xs = block.forward(&xs, context)?
         }
         let xs = match &self.proj_out {
-            Proj::Conv2d(p) => p.forward(
-                &xs.reshape((batch, height, weight, inner_dim))?
-                    .t()?
-                    .transpose(1, 2)?,
-            )?,
-            Proj::Linear(p) => p
-                .forward(&xs)?
-                .reshape((batch, height, weight, inner_dim))?
-                .t()?
-                .transpose(1, 2)?,
+            Proj::Conv2d(p) => {
+                p.forward(&crate::cpu_kernels::tokens_to_nchw(&xs, height, weight)?)?
+            }
+            Proj::Linear(p) => {
+                crate::cpu_kernels::tokens_to_nchw(&p.forward(&xs)?, height, weight)?
+            }
         };
         xs + residual
     }
