@@ -105,7 +105,7 @@ pub fn geglu_packed(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Rows per GEGLU task (a few tens of KiB each).
-fn geglu_rows(d: usize) -> usize {
+fn geglu_task_rows(d: usize) -> usize {
     ((1 << 13) / d.max(1)).max(1)
 }
 
@@ -115,7 +115,7 @@ impl GegluPacked {
     fn forward(xv: &[f32], d: usize) -> Vec<f32> {
         let rows = xv.len() / (2 * d).max(1);
         let mut out = vec![0f32; rows * d];
-        let r = geglu_rows(d);
+        let r = geglu_task_rows(d);
         out.par_chunks_mut(r * d)
             .zip(xv.par_chunks(r * 2 * d))
             .for_each(|(o, x)| {
@@ -147,7 +147,7 @@ impl CustomOp1 for GegluPacked {
         let dx = with_slice(arg, |xv| {
             with_slice(grad, |gv| {
                 let mut dx = vec![0f32; xv.len()];
-                let r = geglu_rows(d);
+                let r = geglu_task_rows(d);
                 dx.par_chunks_mut(r * 2 * d)
                     .zip(xv.par_chunks(r * 2 * d).zip(gv.par_chunks(r * d)))
                     .for_each(|(dx, (x, g))| {
