@@ -44,9 +44,8 @@ impl GeGlu {
 impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let hidden_states_and_gate = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
-        // ftk: diffusers uses the exact (erf) GELU
-        crate::cpu_kernels::geglu(&hidden_states_and_gate[0], &hidden_states_and_gate[1])
+        // ftk: diffusers uses the exact (erf) GELU; the kernel reads both halves in place
+        crate::cpu_kernels::geglu_packed(&self.proj.forward(xs)?)
     }
 }
 
@@ -417,25 +416,20 @@ impl SpatialTransformer {
 
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let (batch, _channel, height, weight) = xs.dims4()?;
+        let (_batch, _channel, height, weight) = xs.dims4()?;
         let residual = xs;
         let xs = self.norm.forward(xs)?;
-        let (inner_dim, xs) = match &self.proj_in {
+        let (_inner_dim, xs) = match &self.proj_in {
             Proj::Conv2d(p) => {
                 let xs = p.forward(&xs)?;
                 let inner_dim = xs.dim(1)?;
-                let xs = xs
-                    .transpose(1, 2)?
-                    .t()?
-                    .reshape((batch, height * weight, inner_dim))?;
+                // ftk: one op (and one node when tracked) for the layout change
+                let xs = crate::cpu_kernels::nchw_to_tokens(&xs)?;
                 (inner_dim, xs)
             }
             Proj::Linear(p) => {
                 let inner_dim = xs.dim(1)?;
-                let xs = xs
-                    .transpose(1, 2)?
-                    .t()?
-                    .reshape((batch, height * weight, inner_dim))?;
+                let xs = crate::cpu_kernels::nchw_to_tokens(&xs)?;
                 (inner_dim, p.forward(&xs)?)
             }
         };
@@ -444,16 +438,12 @@ impl SpatialTransformer {
             xs = block.forward(&xs, context)?
         }
         let xs = match &self.proj_out {
-            Proj::Conv2d(p) => p.forward(
-                &xs.reshape((batch, height, weight, inner_dim))?
-                    .t()?
-                    .transpose(1, 2)?,
-            )?,
-            Proj::Linear(p) => p
-                .forward(&xs)?
-                .reshape((batch, height, weight, inner_dim))?
-                .t()?
-                .transpose(1, 2)?,
+            Proj::Conv2d(p) => {
+                p.forward(&crate::cpu_kernels::tokens_to_nchw(&xs, height, weight)?)?
+            }
+            Proj::Linear(p) => {
+                crate::cpu_kernels::tokens_to_nchw(&p.forward(&xs)?, height, weight)?
+            }
         };
         xs + residual
     }
@@ -586,7 +576,7 @@ impl Module for AttentionBlock {
                 .forward(&xs)?
                 .t()?
                 .reshape((batch, channel, height, width))?;
-            return (xs + residual)? / self.config.rescale_output_factor;
+            return super::div_unless_one((xs + residual)?, self.config.rescale_output_factor);
         }
 
         let query_states = self
@@ -614,6 +604,6 @@ impl Module for AttentionBlock {
             .forward(&xs)?
             .t()?
             .reshape((batch, channel, height, width))?;
-        (xs + residual)? / self.config.rescale_output_factor
+        super::div_unless_one((xs + residual)?, self.config.rescale_output_factor)
     }
 }
