@@ -760,6 +760,7 @@ def megatron_moe_modelzoo():
 MB_COMMIT = "067f987df03b8355b03192d88d70f1709fedf51a"
 GPT_OSS_120B = {"arch": "llama", "name": "gpt-oss-120b", "layers": 36, "hidden": 2880, "heads": 64,
                 "kv_heads": 8, "head_dim": 64, "ffn": 2880, "vocab": 201088, "seq": 4096, "params_b": 120.0,
+                "sliding_window": 128, "window_layers": 18,
                 "moe": {"experts": 128, "topk": 4, "expert_ffn": 2880, "shared_experts": 0, "moe_layers": 36,
                         "expert_bias": True}}
 MB_ROWS = [  # release, gbs, mbs, vp, tokens/s/GPU, TF/GPU
@@ -795,8 +796,9 @@ def megatron_bridge():
                       "sequence parallel off. Model shape: Hugging Face GptOssConfig defaults = gpt-oss-120b "
                       "(36 layers, hidden 2880, 64 heads of 64, 8 KV heads, 128 experts top-4, expert ffn 2880, "
                       "vocab 201088; the experts' linear layers carry biases: expert_bias, Megatron-Bridge's "
-                      "gpt_oss_bridge.py sets add_bias_linear); half the layers use a 128-token sliding window and attention sinks, which "
-                      "the row does not encode. Distributed optimizer and grad-reduce overlap are Megatron-Bridge "
+                      "gpt_oss_bridge.py sets add_bias_linear); half the layers (window_layers 18) attend to a 128-token "
+                      "sliding window (sliding_window; HF layer_types, Megatron-Bridge window_size (127, 0) with "
+                      "window_attn_skip_freq 2); the attention sinks are not encoded. Distributed optimizer and grad-reduce overlap are Megatron-Bridge "
                       "perf-recipe defaults (assumed). DGX-H100 fabric not stated."
                       % (", VP %d" % vp if vp else ", VP n/a"))},
             "medium", "NeMo Megatron-Bridge %s (Megatron-Core)" % rel))
@@ -1227,7 +1229,7 @@ METRICS = {"iter_s", "tokens_per_s_per_gpu", "tokens_per_s", "model_tflops_per_g
            "hw_tflops_per_gpu", "mfu"}
 TOP = {"id", "model", "cluster", "strategy", "measured", "source", "confidence", "framework"}
 MODEL = {"arch", "name", "layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "seq",
-         "params_b", "active_params_b", "tie_embeddings", "moe", "mla"}
+         "params_b", "active_params_b", "tie_embeddings", "moe", "mla", "sliding_window", "window_layers"}
 MLA = {"q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_rope_head_dim", "v_head_dim"}
 MOE = {"experts", "topk", "expert_ffn", "shared_experts", "shared_ffn", "moe_layers", "expert_bias"}
 CLUSTER = {"gpu", "gpus", "gpus_per_node", "nic_gbps_per_node", "peak_tflops", "hbm_gb", "hbm_gbs",
@@ -1302,6 +1304,10 @@ def check_row(r, slug, where):
     pos_int(m, "head_dim", where + ": model", False)
     pos_num(m, "params_b", where + ": model")
     pos_num(m, "active_params_b", where + ": model", False)
+    pos_int(m, "sliding_window", where + ": model", False)
+    wl = pos_int(m, "window_layers", where + ": model", False)
+    need(wl is None or ("sliding_window" in m and wl <= m["layers"]), where,
+         "model.window_layers needs sliding_window and must not exceed layers")
     if "moe" in m:
         keys(m["moe"], MOE, where + ": model.moe")
         e = pos_int(m["moe"], "experts", where + ": model.moe")

@@ -31,11 +31,15 @@ def gpt(layers, hidden, heads, vocab=51200, seq=2048):
     return {"arch": "gpt", "layers": layers, "hidden": hidden, "heads": heads, "vocab": vocab, "seq": seq}
 
 
-def add(id_, model, gpu, gpus, strat, metric, value, paper, where, split, conf, note=""):
-    rows.append({"id": id_, "model": model, "cluster": {"gpu": gpu, "gpus": gpus},
-                 "strategy": strat, "measured": {"metric": metric, "value": value},
-                 "source": {"paper": paper, "where": where, "note": note},
-                 "split": split, "confidence": conf})
+def add(id_, model, gpu, gpus, strat, metric, value, paper, where, split, conf, note="", framework=None):
+    r = {"id": id_, "model": model, "cluster": {"gpu": gpu, "gpus": gpus},
+         "strategy": strat, "measured": {"metric": metric, "value": value}}
+    # The framework a source names picks framework defaults in mofa-predict
+    # (DeepSpeed's ZeRO-3 NIC use, gradient accumulation and reduction dtype).
+    if framework:
+        r["framework"] = framework
+    r |= {"source": {"paper": paper, "where": where, "note": note}, "split": split, "confidence": conf}
+    rows.append(r)
 
 
 # Narayanan et al. 2021 Table 1: weak scaling, A100-80GB (Selene), s=2048, V=51200,
@@ -78,7 +82,8 @@ for pb, (l, h, a), n, m, b, mbs, tf in [
         {"tp": m, "pp": 1, "mbs": mbs, "gbs": b, "recompute": "full", "zero": 3, "sp": False,
          "flash_attn": False, "overlap_grad_reduce": True},
         "hw_tflops_per_gpu", tf, MEG21, "Table 2 (ZeRO-3 rows)", "valid", "medium",
-        "DeepSpeed ZeRO-3 as run by the authors; prefetch/overlap details not stated")
+        "DeepSpeed ZeRO-3 as run by the authors; prefetch/overlap details not stated",
+        framework="DeepSpeed ZeRO-3 (2021)")
 
 # Korthikanti et al. 2022 Tables 3 and 5: selective recompute + sequence parallelism,
 # A100-80GB, s=2048, V=51200, micro-batch 1, DP 1; model FLOPs utilisation x 312.
@@ -98,7 +103,9 @@ for n, tf in [(2240, 126), (2800, 121), (3360, 113)]:
         {"tp": 8, "pp": 35, "mbs": 1, "gbs": 1920, "recompute": "full", "zero": 1, "sp": False,
          "flash_attn": False, "overlap_grad_reduce": False},
         "hw_tflops_per_gpu", tf, MTNLG, "Table 1 (iteration time 60.1/50.2/44.4 s)", "valid", "medium",
-        "micro-batch 1 and ZeRO-1 (DeepSpeed) assumed")
+        "micro-batch 1 and ZeRO-1 (DeepSpeed) assumed; framework from the paper (title and \u00a72.3: "
+        "DeepSpeed's pipeline engine and ZeRO data parallelism with Megatron's tensor slicing)",
+        framework="Megatron-DeepSpeed")
 
 # Llama 3 405B (Dubey et al. 2024, Table 4): H100-80GB, 126 layers, h=16384, ffn 53248,
 # 128 heads, 8 KV heads, V=128256; tokens per batch 16M; BF16 MFU 43/41/38%.

@@ -119,31 +119,71 @@ impl BatchNorm {
     /// Eval-mode BN of x [N,C,H,W]; adds the DeepInversion term of its input to `loss`:
     /// ||running_var - var||_2 + ||running_mean - mean||_2 (biased variance over N,H,W).
     pub fn forward(&self, x: &Tensor, loss: &mut Tensor) -> candle_core::Result<Tensor> {
-        if x.dtype() == DType::F32 && x.device().is_cpu() && x.rank() == 4 {
-            // the CPU kernels: one pass for the statistics, one for the affine map
+        self.add_term(x, loss)?;
+        self.apply(x)
+    }
+
+    /// relu(BN(x)), adding x's term to `loss` as [`BatchNorm::forward`].
+    pub fn forward_relu(&self, x: &Tensor, loss: &mut Tensor) -> candle_core::Result<Tensor> {
+        self.add_term(x, loss)?;
+        self.apply_relu(x, None)
+    }
+
+    fn kernels(x: &Tensor) -> bool {
+        x.dtype() == DType::F32 && x.device().is_cpu() && x.rank() == 4
+    }
+
+    /// loss += x's DeepInversion term (see [`BatchNorm::forward`]).
+    pub fn add_term(&self, x: &Tensor, loss: &mut Tensor) -> candle_core::Result<()> {
+        let (mu, v) = if Self::kernels(x) {
+            // the CPU kernels: one pass for the statistics
             let st = crate::cpu_kernels::resnet::channel_stats(x)?;
-            let (mu, v) = (st.get(0)?, st.get(1)?);
-            let r = ((&self.var - &v)?.sqr()?.sum_all()?.sqrt()?
-                + (&self.mean - &mu)?.sqr()?.sum_all()?.sqrt()?)?;
-            *loss = (&*loss + r)?;
-            return crate::cpu_kernels::resnet::channel_affine(x, &self.scale, &self.shift);
-        }
-        let mu = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-        let centered = x.broadcast_sub(&mu)?;
-        let v = centered
-            .sqr()?
-            .mean_keepdim(0)?
-            .mean_keepdim(2)?
-            .mean_keepdim(3)?;
-        let (mu, v) = (mu.flatten_all()?, v.flatten_all()?);
+            (st.get(0)?, st.get(1)?)
+        } else {
+            let mu = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let centered = x.broadcast_sub(&mu)?;
+            let v = centered
+                .sqr()?
+                .mean_keepdim(0)?
+                .mean_keepdim(2)?
+                .mean_keepdim(3)?;
+            (mu.flatten_all()?, v.flatten_all()?)
+        };
         let r = ((&self.var - &v)?.sqr()?.sum_all()?.sqrt()?
             + (&self.mean - &mu)?.sqr()?.sum_all()?.sqrt()?)?;
         *loss = (&*loss + r)?;
+        Ok(())
+    }
+
+    /// The eval-mode map alone.
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if Self::kernels(x) {
+            return crate::cpu_kernels::resnet::channel_affine(x, &self.scale, &self.shift);
+        }
         let shape = (1, self.weight.dim(0)?, 1, 1);
         let inv = (&self.weight / (&self.var + self.eps)?.sqrt()?)?;
         let scale = inv.reshape(shape)?;
         let shift = (&self.bias - (&self.mean * &inv)?)?.reshape(shape)?;
         x.broadcast_mul(&scale)?.broadcast_add(&shift)
+    }
+
+    /// relu(BN(x) + residual) (no residual: relu(BN(x))), no loss term: on f32 CPU
+    /// tensors one op (one pass, one graph node) for the three.
+    pub fn apply_relu(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+        if Self::kernels(x) && residual.is_none_or(cpu) {
+            return crate::cpu_kernels::resnet::channel_affine_relu(
+                x,
+                &self.scale,
+                &self.shift,
+                residual,
+            );
+        }
+        let y = self.apply(x)?;
+        match residual {
+            Some(r) => crate::cpu_kernels::resnet::relu(&(y + r)?),
+            None => crate::cpu_kernels::resnet::relu(&y),
+        }
     }
 }
 

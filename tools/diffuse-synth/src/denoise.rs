@@ -176,7 +176,9 @@ impl<'a> Denoise<'a> {
                     }
                 }
             }
+            let ph_eps = crate::timing::phase(|| format!("step {i} unet eps"));
             let eps_all = self.unet_eps(&mut samples, i, &ctx, chunk_labels.as_ref())?;
+            ph_eps.done();
             let rows_per = self.ctx_parts.len() * self.per();
             for ((s, &r), rows_j) in samples.iter_mut().zip(chunk).zip(eps_all.chunks(rows_per)) {
                 let eps = self.combine(rows_j);

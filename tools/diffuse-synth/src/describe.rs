@@ -141,7 +141,9 @@ impl Models<'_> {
         let x = clip_normalize(&x)?;
         let ln = Tensor::from_vec(d.latent_noise.clone(), (1, lc, lh, lw), &dev)?;
         let vp = &self.vae.place;
+        let ph = crate::timing::phase(|| "describe vae encode".into());
         let z0 = self.vae.model.encode(&vp.input(&x)?)?;
+        ph.done();
         let z0 = (z0
             .sample_with(&vp.input(&ln)?)?
             .to_dtype(candle_core::DType::F32)?
@@ -154,9 +156,13 @@ impl Models<'_> {
             Prediction::VPrediction => ((&e * f64::from(sa))? - (&z0 * f64::from(sb))?)?,
         };
         let dv = Var::from_vec(desc.to_vec(), (1, l, dim), &dev)?;
+        let ph = crate::timing::phase(|| "describe unet forward".into());
         let pred = self.unet.eps(&zt, d.t as f64, dv.as_tensor(), None)?;
         let loss = (pred - target)?.sqr()?.mean_all()?;
+        ph.done();
+        let ph = crate::timing::phase(|| "describe backward".into());
         let grads = loss.backward()?;
+        ph.done();
         let g = grads
             .get(dv.as_tensor())
             .ok_or_else(|| candle_core::Error::Msg("no gradient reached the description".into()))?

@@ -73,18 +73,29 @@ pub fn loss_and_grad(
     let run = || -> candle_core::Result<(f32, Vec<f32>)> {
         let zv = Var::from_vec(z.to_vec(), shape, &den.unet.place.device)?;
         let zt = zv.as_tensor();
-        let eps = den.eps(&(zt * f64::from(c_in))?, t)?;
+        let ph = crate::timing::phase(|| "guidance unet forward".into());
+        let eps = crate::timing::backward_mark(den.eps(&(zt * f64::from(c_in))?, t)?, "vae")?;
+        ph.done();
+        let ph = crate::timing::phase(|| "guidance vae forward".into());
         let x0 = ((zt * f64::from(a))? + (eps * f64::from(b))?)?;
         let x = (x0 / vae.scaling_factor)?;
         let img = vae.decode_f32(&x)?;
-        let img = ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        let img =
+            crate::timing::backward_mark(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?, "classifier")?;
+        ph.done();
+        let ph = crate::timing::phase(|| "guidance classifier forward".into());
         let inp = clip_normalize(&resize_bicubic(&img, fc.size)?)?;
         let (logits, bn) = fc.classifier.forward(&inp)?;
         let mut loss = (bn * fc.bn_weight)?;
         if with_ce {
             loss = (loss + cross_entropy(&logits, fc.class)?)?;
         }
+        ph.done();
+        let ph = crate::timing::phase(|| "guidance backward".into());
+        crate::timing::backward_start();
         let grads = loss.backward()?;
+        crate::timing::backward_end("unet");
+        ph.done();
         let g = grads
             .get(zt)
             .ok_or_else(|| candle_core::Error::Msg("no gradient reached the latents".into()))?

@@ -110,3 +110,74 @@ impl Phase {
         }
     }
 }
+
+/// `x` itself; with timings on, an identity node whose backward prints the CPU time since
+/// the previous mark's (or [`backward_start`]), so a guided step's backward shows how much
+/// of it went to `name`: the layers downstream of this point.
+pub fn backward_mark(
+    x: candle_core::Tensor,
+    name: &'static str,
+) -> candle_core::Result<candle_core::Tensor> {
+    let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
+    if !on() || !x.track_op() || !cpu_f32 {
+        return Ok(x);
+    }
+    x.apply_op1(Mark(name))
+}
+
+struct Mark(&'static str);
+
+static LAST_MARK: std::sync::Mutex<Option<(f64, Instant)>> = std::sync::Mutex::new(None);
+
+/// Start the backward's mark clock.
+pub fn backward_start() {
+    if on() {
+        let (u, s) = cpu_s();
+        *LAST_MARK.lock().unwrap_or_else(|e| e.into_inner()) = Some((u + s, Instant::now()));
+    }
+}
+
+/// Print the time since the last mark as `name`'s (the layers upstream of every mark).
+pub fn backward_end(name: &'static str) {
+    if on() {
+        mark(name);
+    }
+}
+
+fn mark(name: &str) {
+    let (u, s) = cpu_s();
+    let mut m = LAST_MARK.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((c0, t0)) = *m {
+        eprintln!(
+            "diffuse-synth: timing: backward of {name}: {:.3} s wall, {:.3} s cpu",
+            t0.elapsed().as_secs_f64(),
+            u + s - c0
+        );
+    }
+    *m = Some((u + s, Instant::now()));
+}
+
+impl candle_core::CustomOp1 for Mark {
+    fn name(&self) -> &'static str {
+        "ftk-timing-mark"
+    }
+
+    fn cpu_fwd(
+        &self,
+        st: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let v = crate::cpu_kernels::contiguous_f32(st, l)?.to_vec();
+        Ok((candle_core::CpuStorage::F32(v), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        mark(self.0);
+        Ok(Some(grad.clone()))
+    }
+}

@@ -19,7 +19,6 @@
 //! statistics); every BN layer's input also feeds the DeepInversion BN-statistics loss.
 
 use crate::classifier::BatchNorm;
-use crate::cpu_kernels::resnet::relu;
 use crate::cpu_kernels::{Conv2d, Linear};
 use crate::model::ce;
 use candle_core::{DType, Device, Module, Tensor};
@@ -400,22 +399,31 @@ impl ResNet {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let mut loss = Tensor::zeros((), DType::F32, x.device())?;
         let (c, b) = &self.stem;
-        let x = relu(&b.forward(&c.forward(x)?, &mut loss)?)?;
+        let x = b.forward_relu(&c.forward(x)?, &mut loss)?;
         let mut x = crate::place::max_pool_3x3_s2(&x)?;
         for blk in &self.blocks {
             let mut out = x.clone();
             let n = blk.convs.len();
             for (j, (c, b)) in blk.convs.iter().enumerate() {
-                out = b.forward(&c.forward(&out)?, &mut loss)?;
+                let z = c.forward(&out)?;
                 if j + 1 < n {
-                    out = relu(&out)?;
+                    out = b.forward_relu(&z, &mut loss)?;
+                } else {
+                    // BN, + identity, ReLU as one op after the identity branch; the loss
+                    // terms in torchvision's order (this BN's before the downsample's)
+                    b.add_term(&z, &mut loss)?;
+                    out = z;
                 }
             }
             let identity = match &blk.downsample {
                 Some((c, b)) => b.forward(&c.forward(&x)?, &mut loss)?,
                 None => x.clone(),
             };
-            x = relu(&(out + identity)?)?;
+            let (_, b) = blk
+                .convs
+                .last()
+                .ok_or_else(|| candle_core::Error::Msg("a residual block without convs".into()))?;
+            x = b.apply_relu(&out, Some(&identity))?;
         }
         let feats = x.mean_keepdim(2)?.mean_keepdim(3)?.flatten_from(1)?;
         Ok((self.head.forward(&feats)?, loss))

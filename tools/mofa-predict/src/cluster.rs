@@ -65,8 +65,8 @@ pub struct Cluster {
 
 /// Calibrated best-GEMM efficiencies (fraction of peak), from
 /// `mofa-predict calibrate --fit` on every source of the corpus (see the README).
-pub const A100_GEMM_EFF: f64 = 0.681;
-pub const H100_GEMM_EFF: f64 = 0.652;
+pub const A100_GEMM_EFF: f64 = 0.677;
+pub const H100_GEMM_EFF: f64 = 0.655;
 /// Not calibrated (no published run with a complete configuration in the
 /// data set): assumed equal to H100's for Blackwell, lower for MI300X whose
 /// BF16 GEMM libraries reached about half of peak in public 2024 benchmarks,

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! {"id", "model": {"arch","layers","hidden","heads","kv_heads","ffn","vocab","seq",
-//!   "params_b","head_dim","tie_embeddings",
+//!   "params_b","head_dim","tie_embeddings","sliding_window","window_layers",
 //!   "moe": null | {"experts","topk","expert_ffn","shared_experts","shared_ffn","moe_layers",
 //!                  "expert_bias"}},
 //!  "cluster": {"gpu","peak_tflops","gpus","gpus_per_node","hbm_gb","hbm_gbs",
@@ -44,7 +44,8 @@ pub const CKPT_BYTES_PER_PARAM: f64 = 14.0;
 pub const DEFAULTS_HELP: &str = "\
 Defaults: model.arch llama (SwiGLU; gpt = GELU MLP, learned positions, tied embeddings),
 kv_heads = heads, head_dim = hidden/heads, ffn = 4·hidden for gpt; moe.expert_ffn = ffn,
-shared_experts 0, moe_layers = layers (dense layers first), expert_bias false. cluster: every field from the
+shared_experts 0, moe_layers = layers (dense layers first), expert_bias false; sliding_window none
+(tokens a windowed layer attends back), window_layers = layers when a window is given. cluster: every field from the
 gpu preset, gpus = tp·pp·cp·dp, gpus_per_node 8. strategy: tp pp cp ep vpp mbs 1,
 dp = gpus/(tp·pp·cp), gbs = mbs·dp, recompute selective, zero 1, sp = (tp > 1),
 flash_attn true, overlap_grad_reduce true, moe_imbalance 0 (max_vio of route-hist),
@@ -90,6 +91,8 @@ pub const MODEL_KEYS: &[&str] = &[
     "name",
     "active_params_b",
     "mla",
+    "sliding_window",
+    "window_layers",
 ];
 pub const MLA_KEYS: &[&str] = &[
     "q_lora_rank",
@@ -202,6 +205,100 @@ pub struct Job {
     /// `model.moe.expert_bias`: the experts' linear layers carry biases
     /// (gpt-oss); Megatron-Core adds the second one outside the grouped GEMM.
     pub expert_bias: bool,
+    /// HBM bytes per local parameter and micro-batch of a gradient
+    /// accumulation that runs as its own elementwise pass after the
+    /// weight-gradient GEMM (0 where the GEMM's epilogue accumulates, as
+    /// Megatron's `gradient_accumulation_fusion` does): set for `framework`
+    /// naming DeepSpeed below ZeRO 3, see [`unfused_grad_accum_bytes`].
+    pub grad_accum_bytes: f64,
+    /// The first micro-batch of an iteration pays that pass too (bf16's
+    /// fp32 fold does; fp16's `.grad +=` has nothing to add to yet).
+    pub grad_accum_first: bool,
+    /// HBM bytes per logit (tokens × vocab/TP) that the loss's memory-bound
+    /// passes move, forward and backward: see [`cross_entropy_bytes`].
+    pub ce_bytes: (f64, f64),
+    /// `model.sliding_window`/`window_layers`; a Hugging Face gpt-oss config
+    /// alternates 128-token windowed and full layers (`layer_types`).
+    pub window: Option<Window>,
+}
+
+/// Bytes per logit of the loss's elementwise passes, forward and backward.
+/// Megatron's vocab-parallel cross entropy (`tensor_parallel/cross_entropy.py`)
+/// forward: cast to fp32 (read 2, write 4), max (4), subtract the max in
+/// place (4 + 4), exp in place (4 + 4), sum (4), divide by the sum in place
+/// (4 + 4): 38; backward: the softmax times the loss gradient in place
+/// (4 + 4), the cast back to bf16 (4 + 2): 14. PyTorch's `cross_entropy` on
+/// fp32-cast logits moves about as much. NeMo's and Megatron-Bridge's model
+/// configs turn on `cross_entropy_loss_fusion` (the "native" jit-fused
+/// `fused_cross_entropy.py`): the cast and max in one kernel (2 + 4), the
+/// subtract and exp in one (4 + 4), the sum (4) and the divide (4 + 4): 26
+/// forward, the same 14 backward. llm-foundry's MPT defaults to `loss_fn:
+/// fused_crossentropy`, flash-attn's Triton kernels: the forward reads the
+/// bf16 logits once (2), the backward reads them and writes their
+/// gradient (2 + 2).
+pub fn cross_entropy_bytes(framework: Option<&str>) -> (f64, f64) {
+    let f = framework.unwrap_or("").to_ascii_lowercase();
+    if f.contains("llm-foundry") {
+        (2.0, 4.0)
+    } else if f.contains("nemo") {
+        (26.0, 14.0)
+    } else {
+        (38.0, 14.0)
+    }
+}
+
+/// Bytes per parameter and micro-batch that a DeepSpeed engine spends
+/// accumulating gradients outside the GEMM. Megatron-DeepSpeed computes
+/// each weight gradient as a fresh tensor (`grad_output.t().matmul(input)`;
+/// its `gradient_accumulation_fusion` branch, which writes into Megatron's
+/// fp32 `main_grad`, is commented out, and the BigScience fork predates
+/// it) and DeepSpeed keeps no `main_grad`, so autograd's `AccumulateGrad`
+/// adds it into the 16-bit `.grad` (fp16: read 2 + 2, write 2). Under bf16
+/// DeepSpeed's `BF16_Optimizer` also folds the 16-bit gradients into its
+/// fp32 copies after every micro-batch's backward (`update_hp_grads` in the
+/// pipeline engine's `_exec_backward_pass`: read 2, read and write 4 + 4).
+/// ZeRO-3 reduce-scatters each micro-batch's gradients instead (zero3.rs).
+/// Returns the bytes and whether the first micro-batch pays them too.
+pub fn unfused_grad_accum_bytes(framework: Option<&str>, zero: u64, bf16: bool) -> (f64, bool) {
+    let ds = framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed"));
+    match (ds && zero < 3, bf16) {
+        (false, _) => (0.0, false),
+        // autograd keeps the first micro-batch's gradient as `.grad`
+        (true, false) => (6.0, false),
+        (true, true) => (10.0, true),
+    }
+}
+
+/// `model.sliding_window` (tokens) and `model.window_layers` (how many of
+/// the layers use it): `None` when no window is given.
+pub fn sliding_window_of(o: &Obj, layers: u64) -> Result<Option<Window>> {
+    let Some(tokens) = o.opt_u64("sliding_window")? else {
+        if o.opt_u64("window_layers")?.is_some() {
+            return Err(o.err(
+                "window_layers",
+                "needs model.sliding_window; add it or drop this field",
+            ));
+        }
+        return Ok(None);
+    };
+    if tokens == 0 {
+        return Err(o.err("sliding_window", "must be a positive integer, got 0"));
+    }
+    let n = o.pos("window_layers", Some(layers))?;
+    if n > layers {
+        return Err(o.err(
+            "window_layers",
+            format!("exceeds model.layers ({layers}), got {n}"),
+        ));
+    }
+    Ok(Some(Window { tokens, layers: n }))
+}
+
+/// Sliding-window attention on some of the layers (Mistral, gpt-oss).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Window {
+    pub tokens: u64,
+    pub layers: u64,
 }
 
 /// A JSON object with the dotted path of its fields, for messages, and the
@@ -795,8 +892,11 @@ pub fn strategy_from_obj(
     // (DeepSpeed, FSDP) reduce-scatters in the 16-bit compute type unless
     // FSDP's DEFAULT/FULL mixed precision keeps fp32 for the reduction.
     let zero_given = o.opt_u64("zero")?.unwrap_or(1);
+    // DeepSpeed's engines reduce gradients in the training dtype
+    // (`communication_data_type` defaults to fp16 / bf16 when enabled).
+    let deepspeed = framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed"));
     let grad_bytes = match o.opt_str("fsdp_mixed_precision")? {
-        None if zero_given == 3 => 2.0,
+        None if zero_given == 3 || deepspeed => 2.0,
         None | Some("DEFAULT" | "FULL") => 4.0,
         Some("PURE") => 2.0,
         Some(other) => {
@@ -996,6 +1096,24 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         // (`GptOssExperts.gate_up_proj_bias`, `down_proj_bias`).
         None => model.moe.is_some() && model.arch == "gpt_oss",
     };
+    let window = match root.obj("model")? {
+        Some(m) => sliding_window_of(&m, model.layers)?,
+        // gpt-oss's configs: `sliding_window` 128 on every other layer
+        // (`layer_types` alternates sliding_attention and full_attention).
+        None if model.arch == "gpt_oss" => Some(Window {
+            tokens: 128,
+            layers: model.layers / 2,
+        }),
+        None => None,
+    };
+    let bf16 = root
+        .obj("strategy")?
+        .map(|s| s.opt_str("precision"))
+        .transpose()?
+        .flatten()
+        == Some("bf16");
+    let (grad_accum_bytes, grad_accum_first) =
+        unfused_grad_accum_bytes(root.opt_str("framework")?, strategy.zero, bf16);
     let job = Job {
         id: map.get("id").cloned().unwrap_or(Value::Null),
         model,
@@ -1004,6 +1122,10 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         strategy,
         run,
         expert_bias,
+        grad_accum_bytes,
+        grad_accum_first,
+        ce_bytes: cross_entropy_bytes(root.opt_str("framework")?),
+        window,
     };
     Ok((job, assumed.into_inner()))
 }
@@ -1067,6 +1189,11 @@ mod tests {
             let j = job_from_value(&v, &fb, "t").unwrap();
             assert!(j.model.moe.is_some(), "{t}");
             assert_eq!(j.expert_bias, want, "{t}");
+            let w = want.then_some(Window {
+                tokens: 128,
+                layers: 1,
+            });
+            assert_eq!(j.window, w, "{t}");
         }
     }
 
@@ -1157,6 +1284,44 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("model.vocab: missing"));
+    }
+
+    #[test]
+    fn sliding_window_fields_and_their_checks() {
+        assert_eq!(job(base()).unwrap().window, None);
+        let mut v = base();
+        v["model"]["sliding_window"] = json!(128);
+        let j = job(v.clone()).unwrap();
+        assert_eq!(
+            j.window,
+            Some(Window {
+                tokens: 128,
+                layers: 24
+            })
+        );
+        v["model"]["window_layers"] = json!(12);
+        assert_eq!(job(v.clone()).unwrap().window.unwrap().layers, 12);
+        for (field, val, want) in [
+            (
+                "window_layers",
+                json!(25),
+                "model.window_layers: exceeds model.layers (24)",
+            ),
+            (
+                "sliding_window",
+                json!(0),
+                "model.sliding_window: must be a positive integer",
+            ),
+        ] {
+            let mut w = v.clone();
+            w["model"][field] = val;
+            let e = job(w).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let mut w = base();
+        w["model"]["window_layers"] = json!(12);
+        let e = job(w).unwrap_err().to_string();
+        assert!(e.contains("needs model.sliding_window"), "{e}");
     }
 
     #[test]

@@ -37,6 +37,7 @@ fields take the defaults below and the output lists them in \"assumed\".
   {\"id\": any,
    \"model\": {\"arch\" (llama|gpt|bloom|opt), \"layers\", \"hidden\", \"heads\", \"kv_heads\", \"ffn\",
      \"vocab\", \"seq\", \"head_dim\", \"tie_embeddings\", \"params_b\" (informational),
+     \"sliding_window\" (tokens; default none), \"window_layers\" (layers using it; default all),
      \"mla\": null | {\"q_lora_rank\", \"kv_lora_rank\", \"qk_head_dim\", \"qk_rope_head_dim\", \"v_head_dim\"},
      \"moe\": null | {\"experts\", \"topk\", \"expert_ffn\", \"shared_experts\", \"shared_ffn\", \"moe_layers\",
        \"expert_bias\" (the experts' linear layers carry biases; a --model gpt-oss config sets it)}},

@@ -80,7 +80,7 @@ pub const CALIB: Calib = Calib {
     coll_lat_s: 10e-6,
     ring_step_s: 4e-6,
     nic_par: 1.0,
-    attn_eff: 0.752,
+    attn_eff: 0.767,
     attn_s0: 512.0,
     attn_bwd_rate: 0.75,
     dp_bucket_params: 40e6,
@@ -517,7 +517,16 @@ pub fn attn_core(job: &Job, hw: &Hw, c: &Calib) -> (f64, f64) {
     // (Dao 2023, Fig. 4-7); hd/(hd + 43) normalised at 128 gives that.
     let per_head = ((hd / (hd + 43.0)) / (128.0 / 171.0)).min(1.0);
     let rate = hw.attn * c.attn_eff * gen * per_head * q / (q + c.attn_s0);
-    let flops = 4.0 * heads_local * q * s * hd * 0.5;
+    // A windowed layer's queries reach back `w` keys; the kernel visits
+    // them in 128-key tiles, so a query tile touches (w + 128) keys instead
+    // of s/2 on average under the causal mask. Spread over the layers (the
+    // stages hold windowed and full layers alike: gpt-oss alternates them).
+    let window = job.window.map_or(1.0, |w| {
+        let share = w.layers as f64 / job.model.layers.max(1) as f64;
+        let frac = (2.0 * (w.tokens as f64 + 128.0) / s).min(1.0);
+        1.0 - share * (1.0 - frac)
+    });
+    let flops = 4.0 * heads_local * q * s * hd * 0.5 * window;
     let f = flops / rate;
     (f, 2.5 * f / c.attn_bwd_rate)
 }
@@ -994,13 +1003,30 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
         };
         stages[sgi].add(lc);
     }
+    // A DeepSpeed engine accumulates each micro-batch's weight gradients in
+    // a pass of its own over every local parameter of the stage (under fp16
+    // every micro-batch but the first: spread over all of them here).
+    if job.grad_accum_bytes > 0.0 {
+        let share = if job.grad_accum_first {
+            1.0
+        } else {
+            let mb = micro.max(1) as f64;
+            (mb - 1.0) / mb
+        };
+        for (sgi, sc) in stages.iter_mut().enumerate() {
+            let (pd, pe) = mem_plan::layout::stage_params(m, &l, sgi as u64);
+            sc.bwd += share * (pd + pe) * job.grad_accum_bytes / hw.hbm;
+        }
+    }
     // LM head and its cross-entropy on the last stage.
     let v_local = m.vocab as f64 / t;
     let head_g = gemm_s(tok, v_local, h, &hw, c);
-    let head_elem = tok * v_local * 4.0 * 3.0 / hw.hbm;
+    // The loss's memory-bound passes over the tok × v/t logits.
+    let logits = tok * v_local / hw.hbm;
+    let (ce_f, ce_b) = (job.ce_bytes.0 * logits, job.ce_bytes.1 * logits);
     let last = stages.len() - 1;
-    stages[last].fwd += head_g + head_elem;
-    let head_b = head_g + wgrad_s(tok, v_local, h, st.grad_bytes, &hw, c) + head_elem;
+    stages[last].fwd += head_g + ce_f;
+    let head_b = head_g + wgrad_s(tok, v_local, h, st.grad_bytes, &hw, c) + ce_b;
     stages[last].bwd += head_b;
     // vocab-parallel cross entropy: 3 tiny all-reduces; the embedding's
     // forward all-reduce (or reduce-scatter) on stage 0 and its backward.
@@ -1069,7 +1095,7 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
                     stage: stage as u64,
                     dense: &dense_cost,
                     moe: moe_cost.as_ref(),
-                    head: (head_g + head_elem, head_b),
+                    head: (head_g + ce_f, head_b),
                     emb_tp,
                 };
                 let blocks = zero3_blocks(job, &ctx, &g, &hw, c);
@@ -1170,6 +1196,30 @@ mod tests {
         // Selective adds the attention forward: 4 B s² h per layer.
         let (_, sel) = iteration_flops(&gpt_job(128, 25600, 160, 8, "selective"));
         assert!((sel - mfu - 4.0 * b * s * s * h * l).abs() < 1e-9 * sel);
+    }
+
+    #[test]
+    fn a_sliding_window_cuts_only_the_windowed_layers_attention() {
+        let with = |w: Option<(u64, u64)>| {
+            let mut j = gpt_job(24, 4096, 32, 8, "selective");
+            j.window = w.map(|(tokens, layers)| crate::input::Window { tokens, layers });
+            let hw = Hw::of(&j);
+            (
+                attn_core(&j, &hw, &CALIB).0,
+                layer_cost(&j, 0, &hw, &CALIB).fwd,
+            )
+        };
+        let (full, lf) = with(None);
+        // A window as long as the causal reach changes nothing.
+        assert_eq!(with(Some((2048, 24))).0, full);
+        // Windowed layers do (w + 128)·s of the s²/2 causal work; half of
+        // the layers windowed pays half that saving, and only attention moves.
+        let (all, la) = with(Some((128, 24)));
+        let (half, _) = with(Some((128, 12)));
+        let frac = 2.0 * (128.0 + 128.0) / 2048.0;
+        assert!((all / full - frac).abs() < 1e-12, "{}", all / full);
+        assert!((half - 0.5 * (full + all)).abs() < 1e-12 * full);
+        assert!((lf - la - (full - all)).abs() < 1e-12 * lf);
     }
 
     #[test]
@@ -1422,6 +1472,41 @@ mod tests {
         let b = &o.breakdown;
         let c = (b.compute_s + b.recompute_s) / 2.0;
         assert!(b.dp_comm_exposed_s >= 2.0 * (3.0 * p16 - c) - 1e-9);
+    }
+
+    #[test]
+    fn deepspeed_accumulates_gradients_in_a_pass_of_its_own() {
+        let mk = |framework: &str, zero: u64, precision: &str| {
+            let v = serde_json::json!({"framework":framework,
+                "model":{"arch":"gpt","layers":24,"hidden":4096,"heads":32,"vocab":51200,"seq":2048},
+                "cluster":{"gpu":"A100-80GB","gpus":64},"strategy":{"tp":2,"pp":4,"mbs":1,"gbs":64,
+                "zero":zero,"recompute":"full","precision":precision,"overlap_grad_reduce":false}});
+            let j = job_from_value(&v, &Fallback::default(), "t").unwrap();
+            (predict_time(&j, &CALIB), j)
+        };
+        let (meg, j) = mk("Megatron-LM", 1, "fp16");
+        let (ds, jd) = mk("Megatron-DeepSpeed", 1, "fp16");
+        let (bf, jb) = mk("Megatron-DeepSpeed", 1, "bf16");
+        assert_eq!(
+            (j.grad_accum_bytes, jd.grad_accum_bytes, jb.grad_accum_bytes),
+            (0.0, 6.0, 10.0)
+        );
+        assert!(!jd.grad_accum_first && jb.grad_accum_first);
+        assert_eq!(mk("DeepSpeed", 3, "fp16").1.grad_accum_bytes, 0.0);
+        // DeepSpeed reduces gradients in the training dtype, Megatron its
+        // fp32 main grads.
+        assert_eq!((j.strategy.grad_bytes, jd.strategy.grad_bytes), (4.0, 2.0));
+        // Every micro-batch on the pacing stage pays one pass over its
+        // parameters, in the compute term; nothing else moves.
+        // fp16: the first of the 8 micro-batches has nothing to add to.
+        let micro = 64.0 / 8.0;
+        let (pd, pe) = mem_plan::layout::stage_params(&jd.model, &layout(&jd), ds.stage);
+        let want = (micro - 1.0) * (pd + pe) * 6.0 / 2039e9;
+        let got = ds.breakdown.compute_s - meg.breakdown.compute_s;
+        assert_eq!(ds.stage, meg.stage);
+        assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
+        assert_eq!(ds.breakdown.recompute_s, meg.breakdown.recompute_s);
+        assert!(bf.iter_s > ds.iter_s);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Softmax, GEGLU and multi-head attention.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor, D,
+};
 use candle_nn as nn;
 use rayon::prelude::*;
 
@@ -83,6 +85,89 @@ multiversion! {
     }
 }
 
+/// GEGLU of a projection [.., 2d] whose last dim holds a then g (diffusers'
+/// `hidden_states, gate = proj(x).chunk(2, -1)`): `a * gelu_erf(g)` [.., d], read in place
+/// (no chunk copies). A tracked projection runs as one custom op whose backward writes the
+/// projection's gradient [.., 2d] directly (no narrow / pad-and-cat nodes).
+pub fn geglu_packed(x: &Tensor) -> Result<Tensor> {
+    let two_d = x.dim(D::Minus1)?;
+    if !f32_cpu(x) || two_d % 2 != 0 {
+        let h = x.chunk(2, D::Minus1)?;
+        return geglu(&h[0], &h[1]);
+    }
+    if x.track_op() {
+        return x.contiguous()?.apply_op1(GegluPacked);
+    }
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().unwrap_or(&mut 0) = two_d / 2;
+    let out = with_slice(x, |xv| Ok(GegluPacked::forward(xv, two_d / 2)))?;
+    Tensor::from_vec(out, dims, &Device::Cpu)
+}
+
+/// Rows per GEGLU task (a few tens of KiB each).
+fn geglu_task_rows(d: usize) -> usize {
+    ((1 << 13) / d.max(1)).max(1)
+}
+
+struct GegluPacked;
+
+impl GegluPacked {
+    fn forward(xv: &[f32], d: usize) -> Vec<f32> {
+        let rows = xv.len() / (2 * d).max(1);
+        let mut out = vec![0f32; rows * d];
+        let r = geglu_task_rows(d);
+        out.par_chunks_mut(r * d)
+            .zip(xv.par_chunks(r * 2 * d))
+            .for_each(|(o, x)| {
+                for (or, xr) in o.chunks_mut(d).zip(x.chunks(2 * d)) {
+                    let (a, g) = xr.split_at(d);
+                    or.copy_from_slice(a);
+                    geglu_chunk(or, g);
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for GegluPacked {
+    fn name(&self) -> &'static str {
+        "ftk-geglu-packed"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let xv = contiguous_f32(st, l)?;
+        let mut dims = l.dims().to_vec();
+        let d = *dims.last().unwrap_or(&0) / 2;
+        *dims.last_mut().unwrap_or(&mut 0) = d;
+        Ok((CpuStorage::F32(Self::forward(xv, d)), Shape::from(dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let d = arg.dim(D::Minus1)? / 2;
+        let dx = with_slice(arg, |xv| {
+            with_slice(grad, |gv| {
+                let mut dx = vec![0f32; xv.len()];
+                let r = geglu_task_rows(d);
+                dx.par_chunks_mut(r * 2 * d)
+                    .zip(xv.par_chunks(r * 2 * d).zip(gv.par_chunks(r * d)))
+                    .for_each(|(dx, (x, g))| {
+                        for ((dr, xr), gr) in
+                            dx.chunks_mut(2 * d).zip(x.chunks(2 * d)).zip(g.chunks(d))
+                        {
+                            let (da, dg) = dr.split_at_mut(d);
+                            da.copy_from_slice(gr);
+                            dg.copy_from_slice(gr);
+                            let (a, g) = xr.split_at(d);
+                            geglu_grad_chunk(da, dg, a, g);
+                        }
+                    });
+                Ok(dx)
+            })
+        })?;
+        Tensor::from_vec(dx, arg.dims(), &Device::Cpu).map(Some)
+    }
+}
+
 /// `a * gelu_erf(g)` (diffusers' GEGLU with the exact GELU); tracked inputs run as a
 /// custom op with its own backward.
 pub fn geglu(a: &Tensor, g: &Tensor) -> Result<Tensor> {
@@ -95,36 +180,6 @@ pub fn geglu(a: &Tensor, g: &Tensor) -> Result<Tensor> {
     let dims = a.dims().to_vec();
     let out = with_slice(a, |av| with_slice(g, |gv| Ok(geglu_fwd(av, gv))))?;
     Tensor::from_vec(out, dims, &Device::Cpu)
-}
-
-/// GEGLU of a projection's output `y` [.., 2 dim] whose first half of each row is the
-/// value and second half the gate (diffusers' `chunk(2, -1)`), read in place: the same
-/// numbers as `geglu` of the two chunks, without copying each strided half out first.
-pub fn geglu_halves(y: &Tensor) -> Result<Tensor> {
-    let dims = y.dims().to_vec();
-    let two = *dims.last().unwrap_or(&0);
-    if !fast(&[y]) || !two.is_multiple_of(2) || two == 0 {
-        let h = y.chunk(2, D::Minus1)?;
-        return geglu(&h[0], &h[1]);
-    }
-    let d = two / 2;
-    let mut od = dims;
-    *od.last_mut().unwrap_or(&mut 0) = d;
-    let out = with_slice(y, |yv| {
-        let mut out = super::zeros(yv.len() / 2);
-        // rows per task: about 64 KiB of output
-        let rows = (1usize << 14).div_ceil(d);
-        out.par_chunks_mut(rows * d)
-            .zip(yv.par_chunks(rows * two))
-            .for_each(|(o, ys)| {
-                for (orow, yrow) in o.chunks_mut(d).zip(ys.chunks(two)) {
-                    orow.copy_from_slice(&yrow[..d]);
-                    geglu_chunk(orow, &yrow[d..]);
-                }
-            });
-        Ok(out)
-    })?;
-    Tensor::from_vec(out, od, &Device::Cpu)
 }
 
 /// y <- y gelu(g), in place (one row of [`super::Linear::forward_geglu`]).
@@ -477,7 +532,21 @@ impl Attn {
     ///
     /// Long because the strided GEMMs share one unsafe block whose offsets are checked
     /// together.
+    #[cfg(test)]
     fn grads(&self, qv: &[f32], kv: &[f32], vv: &[f32], dov: &[f32]) -> [Vec<f32>; 3] {
+        self.grads_of(qv, kv, vv, dov, [true; 3])
+    }
+
+    /// [`Attn::grads`] computing only the gradients `need` asks for (the others come
+    /// back empty): cross-attention's K and V of a constant context need none.
+    fn grads_of(
+        &self,
+        qv: &[f32],
+        kv: &[f32],
+        vv: &[f32],
+        dov: &[f32],
+        need: [bool; 3],
+    ) -> [Vec<f32>; 3] {
         let Attn {
             b,
             lq,
@@ -488,9 +557,11 @@ impl Attn {
         } = *self;
         let d = hd / heads;
         let narrow = d < NARROW;
-        let mut dq = vec![0f32; b * lq * hd];
-        let mut dk = vec![0f32; b * lk * hd];
-        let mut dv = vec![0f32; b * lk * hd];
+        let buf = |n: usize, keep: bool| if keep { vec![0f32; n] } else { Vec::new() };
+        let mut dq = buf(b * lq * hd, need[0]);
+        let mut dk = buf(b * lk * hd, need[1]);
+        let mut dv = buf(b * lk * hd, need[2]);
+        let need_ds = need[0] || need[1];
         let ptrs = (
             dq.as_mut_ptr() as usize,
             dk.as_mut_ptr() as usize,
@@ -541,7 +612,7 @@ impl Attn {
                         r.iter_mut().for_each(|v| *v *= iv);
                     }
                     // dV[lk, d] += P[m, lk]ᵀ · dO[m, d]
-                    if narrow {
+                    if need[2] && narrow {
                         gemm_s(
                             (lk, d, m),
                             dvt.as_mut_ptr(),
@@ -553,7 +624,7 @@ impl Attn {
                             (1, hd),
                             1.0,
                         );
-                    } else {
+                    } else if need[2] {
                         gemm_s(
                             (lk, d, m),
                             dvp,
@@ -565,6 +636,9 @@ impl Attn {
                             (1, hd),
                             1.0,
                         );
+                    }
+                    if !need_ds {
+                        continue;
                     }
                     // dP[m, lk] = dO[m, d] · V[lk, d]ᵀ, then dS in its place
                     gemm_s(
@@ -580,20 +654,22 @@ impl Attn {
                     );
                     softmax_grad_rows(p, dp, lk);
                     // dQ[m, d] = scale dS[m, lk] · K[lk, d]
-                    let dqp = (ptrs.0 as *mut f32).add(qoff);
-                    gemm_s(
-                        (m, d, lk),
-                        dqp,
-                        (1, hd),
-                        false,
-                        dp.as_ptr(),
-                        (1, lk),
-                        kp,
-                        (1, hd),
-                        scale,
-                    );
+                    if need[0] {
+                        let dqp = (ptrs.0 as *mut f32).add(qoff);
+                        gemm_s(
+                            (m, d, lk),
+                            dqp,
+                            (1, hd),
+                            false,
+                            dp.as_ptr(),
+                            (1, lk),
+                            kp,
+                            (1, hd),
+                            scale,
+                        );
+                    }
                     // dK[lk, d] += scale dS[m, lk]ᵀ · Q[m, d]
-                    if narrow {
+                    if need[1] && narrow {
                         gemm_s(
                             (lk, d, m),
                             dkt.as_mut_ptr(),
@@ -605,7 +681,7 @@ impl Attn {
                             (1, hd),
                             scale,
                         );
-                    } else {
+                    } else if need[1] {
                         gemm_s(
                             (lk, d, m),
                             dkp,
@@ -624,8 +700,12 @@ impl Attn {
                 // SAFETY: this task alone writes head h of sample bi in dk and dv; the
                 // rows reach (lk - 1) · hd + d elements past kvoff.
                 unsafe {
-                    untranspose(dkp, hd, dkt, lk, d);
-                    untranspose(dvp, hd, dvt, lk, d);
+                    if need[1] {
+                        untranspose(dkp, hd, dkt, lk, d);
+                    }
+                    if need[2] {
+                        untranspose(dvp, hd, dvt, lk, d);
+                    }
                 }
             }
         });
@@ -668,10 +748,11 @@ impl CustomOp3 for Attn {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need = [q.track_op(), k.track_op(), v.track_op()];
         let [dq, dk, dv] = with_slice(q, |qv| {
             with_slice(k, |kv| {
                 with_slice(v, |vv| {
-                    with_slice(grad, |gv| Ok(self.grads(qv, kv, vv, gv)))
+                    with_slice(grad, |gv| Ok(self.grads_of(qv, kv, vv, gv, need)))
                 })
             })
         })?;
@@ -683,9 +764,9 @@ impl CustomOp3 for Attn {
             }
         };
         Ok((
-            t(dq, lq, q.track_op())?,
-            t(dk, lk, k.track_op())?,
-            t(dv, lk, v.track_op())?,
+            t(dq, lq, need[0])?,
+            t(dk, lk, need[1])?,
+            t(dv, lk, need[2])?,
         ))
     }
 }

@@ -5,7 +5,10 @@ use candle_nn as nn;
 use rayon::prelude::*;
 
 use super::{contiguous_f32, f32_cpu, fast, per_sample, with_scratch, with_slice, BAND, COLS};
+use candle_core::TensorId;
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// candle_nn's Conv2d with a fast forward.
 #[derive(Debug, Clone)]
@@ -304,6 +307,34 @@ impl Geom {
         out
     }
 
+    /// For a stride-1, undilated conv padded by at most k - 1: the conv whose forward is
+    /// this one's input gradient, dx = conv(dy, W') with W'[ci, co, ky, kx] =
+    /// W[co, ci, kh-1-ky, kw-1-kx] and padding k-1-p. Its GEMM sums over co·kh·kw (the
+    /// forward's shape) where [`Geom::input_grad`]'s sums over co alone and then
+    /// scatters kh·kw times as many columns back (col2im).
+    pub fn transposed(&self) -> Option<Geom> {
+        let ok = self.s == 1
+            && self.d == 1
+            && self.p < self.kh
+            && self.p < self.kw
+            && self.kh == self.kw
+            && !self.direct();
+        ok.then(|| Geom {
+            b: self.b,
+            ci: self.co,
+            h: self.ho,
+            w: self.wo,
+            co: self.ci,
+            kh: self.kh,
+            kw: self.kw,
+            ho: self.h,
+            wo: self.w,
+            p: self.kh - 1 - self.p,
+            s: 1,
+            d: 1,
+        })
+    }
+
     /// dx [b, ci, h, w] from dy [b, co, ho, wo]: per sample Wᵀ · dy, then col2im.
     pub fn input_grad(&self, dy: &[f32], wv: &[f32]) -> Vec<f32> {
         let Geom {
@@ -384,10 +415,60 @@ impl CustomOp1 for ConvOp {
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = self.g;
         let dx = with_slice(&self.weight, |wv| {
-            with_slice(grad, |gv| Ok(g.input_grad(gv, wv)))
+            with_slice(grad, |gv| {
+                Ok(match g.transposed() {
+                    Some(t) => t.forward(gv, &flipped(&self.weight, wv, &g), None),
+                    None => g.input_grad(gv, wv),
+                })
+            })
         })?;
         Tensor::from_vec(dx, (g.b, g.ci, g.h, g.w), &Device::Cpu).map(Some)
     }
+}
+
+/// Flipped kernels kept between backward passes (a guided run differentiates through the
+/// same weights every step), by weight tensor, up to [`FLIP_CACHE_FLOATS`] in all.
+#[allow(clippy::type_complexity)]
+static FLIPPED: std::sync::Mutex<Option<(usize, HashMap<TensorId, Arc<Vec<f32>>>)>> =
+    std::sync::Mutex::new(None);
+
+/// 64 Mi floats (256 MiB): every 3x3 kernel of a mid-size UNet, a part of SD-1.5's.
+#[cfg(not(test))]
+const FLIP_CACHE_FLOATS: usize = 1 << 26;
+#[cfg(test)]
+const FLIP_CACHE_FLOATS: usize = 1 << 10;
+
+/// [`flip_kernel`] of `weight` (values `w`), from the cache when it is there.
+fn flipped(weight: &Tensor, w: &[f32], g: &Geom) -> Arc<Vec<f32>> {
+    let lock = || FLIPPED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, m)) = &*lock() {
+        if let Some(f) = m.get(&weight.id()) {
+            return f.clone();
+        }
+    }
+    let f = Arc::new(flip_kernel(w, g));
+    let mut c = lock();
+    let (used, m) = c.get_or_insert_with(|| (0, HashMap::new()));
+    if *used + f.len() <= FLIP_CACHE_FLOATS {
+        *used += f.len();
+        m.insert(weight.id(), f.clone());
+    }
+    f
+}
+
+/// W'[ci, co, ky, kx] = W[co, ci, kh-1-ky, kw-1-kx]: the kernel of [`Geom::transposed`].
+fn flip_kernel(w: &[f32], g: &Geom) -> Vec<f32> {
+    let (ci, co, kk) = (g.ci, g.co, g.kh * g.kw);
+    let mut out = vec![0f32; w.len()];
+    out.par_chunks_mut(co * kk).enumerate().for_each(|(i, o)| {
+        for (c, oc) in o.chunks_mut(kk).enumerate() {
+            let src = &w[(c * ci + i) * kk..(c * ci + i + 1) * kk];
+            oc.iter_mut()
+                .zip(src.iter().rev())
+                .for_each(|(d, &v)| *d = v);
+        }
+    });
+    out
 }
 
 /// dx[c, oy*s + ky*d - p, ox*s + kx*d - p] += col[(c, ky, kx), (oy, ox)] for the output

@@ -73,7 +73,7 @@ const GEGLU_MIN_ROWS: usize = 2048;
 const GEGLU_MIN_ROWS: usize = 1;
 
 impl Linear {
-    /// `geglu_halves(self.forward(x))` (diffusers' GEGLU: value and gate are the two
+    /// `geglu_packed(self.forward(x))` (diffusers' GEGLU: value and gate are the two
     /// halves of this projection's output) without the full projection ever reaching
     /// memory: blocks of a sample's rows are projected into a cache-sized scratch and gated
     /// from there. Blocks never straddle samples, so a row's numbers do not depend on the
@@ -92,7 +92,7 @@ impl Linear {
             || !o.is_multiple_of(2)
             || dims[1] < GEGLU_MIN_ROWS
         {
-            return super::geglu_halves(&self.forward(x)?);
+            return super::geglu_packed(&self.forward(x)?);
         }
         let _t = crate::timing::Kernel::Linear.timer();
         let (b, m, d) = (dims[0], dims[1], o / 2);

@@ -64,6 +64,7 @@ macro_rules! multiversion {
 
 mod attention;
 mod conv;
+mod layout;
 mod linear;
 mod math;
 mod norm;
@@ -71,8 +72,9 @@ pub mod resnet;
 #[cfg(test)]
 mod tests;
 
-pub use attention::{attention, attention_ok, geglu, geglu_halves, softmax_last_dim};
+pub use attention::{attention, attention_ok, geglu, geglu_packed, softmax_last_dim};
 pub use conv::{conv2d, Conv2d};
+pub use layout::{nchw_to_tokens, tokens_to_nchw};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use math::{erf, exp};
 pub use norm::{group_norm, layer_norm, GroupNorm};

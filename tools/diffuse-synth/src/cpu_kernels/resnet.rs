@@ -75,6 +75,175 @@ pub fn channel_affine(x: &Tensor, scale: &[f32], shift: &[f32]) -> Result<Tensor
     x.contiguous()?.apply_op1(op)
 }
 
+/// relu(x · scale[c] + shift[c] (+ r)): eval-mode BN, the residual add of a block's
+/// last BN and the ReLU after it, one pass and one node (with `r`: two inputs).
+struct ChannelAffineRelu {
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+impl ChannelAffineRelu {
+    fn forward(&self, x: &[f32], r: Option<&[f32]>, c: usize, sp: usize) -> Vec<f32> {
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(sp)
+            .zip(x.par_chunks(sp))
+            .enumerate()
+            .for_each(|(i, (o, xs))| {
+                let (a, b) = (self.scale[i % c], self.shift[i % c]);
+                match r {
+                    // the same roundings as BN, then `+ identity`, then ReLU
+                    Some(r) => o
+                        .iter_mut()
+                        .zip(xs.iter().zip(&r[i * sp..(i + 1) * sp]))
+                        .for_each(|(o, (&v, &rv))| *o = (v * a + b + rv).max(0.0)),
+                    None => o
+                        .iter_mut()
+                        .zip(xs)
+                        .for_each(|(o, &v)| *o = (v * a + b).max(0.0)),
+                }
+            });
+        y
+    }
+
+    /// (dx, dr): the output gradient where the output is positive (torch's ReLU), times
+    /// scale[c] for x.
+    fn grads(
+        &self,
+        y: &[f32],
+        g: &[f32],
+        c: usize,
+        sp: usize,
+        with_r: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut dx = vec![0f32; g.len()];
+        let planes = y.par_chunks(sp).zip(g.par_chunks(sp));
+        if with_r {
+            let mut dr = vec![0f32; g.len()];
+            dx.par_chunks_mut(sp)
+                .zip(dr.par_chunks_mut(sp))
+                .zip(planes)
+                .enumerate()
+                .for_each(|(i, ((d, dr), (ys, gs)))| {
+                    let a = self.scale[i % c];
+                    for (((d, dr), &yv), &gv) in d.iter_mut().zip(dr.iter_mut()).zip(ys).zip(gs) {
+                        let m = if yv > 0.0 { gv } else { 0.0 };
+                        *dr = m;
+                        *d = m * a;
+                    }
+                });
+            return (dx, dr);
+        }
+        dx.par_chunks_mut(sp)
+            .zip(planes)
+            .enumerate()
+            .for_each(|(i, (d, (ys, gs)))| {
+                let a = self.scale[i % c];
+                for ((d, &yv), &gv) in d.iter_mut().zip(ys).zip(gs) {
+                    *d = if yv > 0.0 { gv * a } else { 0.0 };
+                }
+            });
+        (dx, Vec::new())
+    }
+}
+
+impl CustomOp1 for ChannelAffineRelu {
+    fn name(&self) -> &'static str {
+        "ftk-channel-affine-relu"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, c, sp) = nchw(l)?;
+        let y = self.forward(contiguous_f32(st, l)?, None, c, sp);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, c, h, w) = arg.dims4()?;
+        let (dx, _) = with_slice(res, |y| {
+            with_slice(grad, |g| Ok(self.grads(y, g, c, h * w, false)))
+        })?;
+        Tensor::from_vec(dx, arg.dims(), &Device::Cpu).map(Some)
+    }
+}
+
+impl candle_core::CustomOp2 for ChannelAffineRelu {
+    fn name(&self) -> &'static str {
+        "ftk-channel-affine-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, sp) = nchw(l1)?;
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "channel_affine_relu: residual {:?} for input {:?}",
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let y = self.forward(
+            contiguous_f32(s1, l1)?,
+            Some(contiguous_f32(s2, l2)?),
+            c,
+            sp,
+        );
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, c, h, w) = x.dims4()?;
+        let (dx, dr) = with_slice(res, |y| {
+            with_slice(grad, |g| Ok(self.grads(y, g, c, h * w, true)))
+        })?;
+        let dx = Tensor::from_vec(dx, x.dims(), &Device::Cpu)?;
+        let dr = match r.track_op() {
+            true => Some(Tensor::from_vec(dr, r.dims(), &Device::Cpu)?),
+            false => None,
+        };
+        Ok((Some(dx), dr))
+    }
+}
+
+/// relu(x · scale[c] + shift[c] + r) for [N, C, H, W] x (r the same shape, or none):
+/// eval-mode BN, a ResNet block's residual add and its ReLU as one op.
+pub fn channel_affine_relu(
+    x: &Tensor,
+    scale: &[f32],
+    shift: &[f32],
+    r: Option<&Tensor>,
+) -> Result<Tensor> {
+    if !f32_cpu(x) || x.rank() != 4 || x.dim(1)? != scale.len() {
+        candle_core::bail!(
+            "channel_affine_relu: expected f32 [N, {}, H, W], got {:?}",
+            scale.len(),
+            x.dims()
+        );
+    }
+    let op = ChannelAffineRelu {
+        scale: scale.to_vec(),
+        shift: shift.to_vec(),
+    };
+    match r {
+        Some(r) if f32_cpu(r) => x.contiguous()?.apply_op2(&r.contiguous()?, op),
+        Some(r) => candle_core::bail!(
+            "channel_affine_relu: residual {:?} is not f32 on the CPU",
+            r.dims()
+        ),
+        None => x.contiguous()?.apply_op1(op),
+    }
+}
+
 /// Per-channel batch mean and biased variance over N, H, W: [2, C] (means, variances).
 struct ChannelStats;
 
@@ -199,7 +368,11 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 
 /// torch's MaxPool2d(kernel 3, stride 2, padding 1): padding never wins; the gradient goes
 /// to the first maximum of each window in (row, column) order, as torch's CPU kernel.
-struct MaxPool3s2;
+/// The forward keeps each window's argmax for the backward.
+#[derive(Default)]
+struct MaxPool3s2 {
+    argmax: std::sync::Mutex<Vec<u32>>,
+}
 
 impl MaxPool3s2 {
     /// The output size and, per output, the flat in-plane index of its maximum.
@@ -243,14 +416,18 @@ impl CustomOp1 for MaxPool3s2 {
         let (n, c, h, w) = l.shape().dims4()?;
         let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
         let mut y = vec![0f32; n * c * ho * wo];
+        let mut keep = vec![0u32; n * c * ho * wo];
         y.par_chunks_mut(ho * wo)
+            .zip(keep.par_chunks_mut(ho * wo))
             .zip(x.par_chunks(h * w))
-            .for_each(|(o, plane)| {
+            .for_each(|((o, k), plane)| {
                 let (_, _, idx) = Self::argmax(plane, h, w);
                 o.iter_mut()
                     .zip(&idx)
                     .for_each(|(o, &j)| *o = plane[j as usize]);
+                k.copy_from_slice(&idx);
             });
+        *self.argmax.lock().unwrap_or_else(|e| e.into_inner()) = keep;
         Ok((CpuStorage::F32(y), Shape::from((n, c, ho, wo))))
     }
 
@@ -259,11 +436,20 @@ impl CustomOp1 for MaxPool3s2 {
         let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
         let dx = with_slice(arg, |x| {
             with_slice(grad, |g| {
+                let kept = self.argmax.lock().unwrap_or_else(|e| e.into_inner());
                 let mut dx = vec![0f32; x.len()];
                 dx.par_chunks_mut(h * w)
                     .zip(x.par_chunks(h * w).zip(g.par_chunks(ho * wo)))
-                    .for_each(|(d, (plane, gs))| {
-                        let (_, _, idx) = Self::argmax(plane, h, w);
+                    .enumerate()
+                    .for_each(|(p, (d, (plane, gs)))| {
+                        let fresh;
+                        let idx = match kept.get(p * ho * wo..(p + 1) * ho * wo) {
+                            Some(k) => k,
+                            None => {
+                                fresh = Self::argmax(plane, h, w).2;
+                                &fresh
+                            }
+                        };
                         for (&j, &gv) in idx.iter().zip(gs) {
                             d[j as usize] += gv;
                         }
@@ -283,5 +469,5 @@ pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
             x.dims()
         );
     }
-    x.contiguous()?.apply_op1(MaxPool3s2)
+    x.contiguous()?.apply_op1(MaxPool3s2::default())
 }

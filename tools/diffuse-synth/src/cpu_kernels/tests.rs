@@ -180,13 +180,6 @@ fn kernels_match_candle() {
         &(&x * g.gelu_erf().unwrap()).unwrap(),
         1e-5,
     );
-    // the projection's [value | gate] rows read in place
-    let y = Tensor::cat(&[&x, &g], 2).unwrap();
-    close(
-        &geglu_halves(&y).unwrap(),
-        &(&x * g.gelu_erf().unwrap()).unwrap(),
-        1e-5,
-    );
     // the projection and its gating fused, over several row blocks per sample
     let l = Linear(nn::Linear::new(randn(&[14, 5], 9), Some(randn(&[14], 10))));
     let x = randn(&[2, 150, 5], 11);
@@ -216,6 +209,8 @@ fn input_gradients_match_candle_autograd() {
         (3, 1, 2, false),
         (1, 0, 1, true),
         (7, 3, 2, false),
+        (3, 0, 1, false),
+        (5, 1, 1, true),
     ] {
         let x = randn(&[2, 5, 9, 9], 1); // square: candle derives the output padding from the height
         let w = (randn(&[6, 5, k, k], 2) * 0.3).unwrap();
@@ -279,6 +274,28 @@ fn input_gradients_match_candle_autograd() {
     let (_, gg0) = grad_of(&g, |g| &a * g.gelu_erf()?);
     let (_, gg1) = grad_of(&g, |g| geglu(&a, g));
     close(&gg1, &gg0, 1e-5);
+    // geglu on the packed projection [.., 2d] (as diffusers' GEGLU chunks it)
+    let x = randn(&[3, 70, 74], 24);
+    let packed_ref = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let h = x.chunk(2, D::Minus1)?;
+        &h[0] * h[1].gelu_erf()?
+    };
+    let (y0, g0) = grad_of(&x, packed_ref);
+    let (y1, g1) = grad_of(&x, geglu_packed);
+    close(&y1, &y0, 1e-5);
+    close(&g1, &g0, 1e-5);
+    close(&geglu_packed(&x).unwrap(), &y0, 1e-5);
+    // the spatial transformer's layout changes (blocks of 32: odd sizes cross them)
+    let x = randn(&[2, 37, 5, 9], 25);
+    let (y0, g0) = grad_of(&x, |x| x.transpose(1, 2)?.t()?.reshape((2, 45, 37)));
+    let (y1, g1) = grad_of(&x, nchw_to_tokens);
+    close(&y1, &y0, 0.0);
+    close(&g1, &g0, 0.0);
+    let t = randn(&[2, 45, 37], 26);
+    let (y0, g0) = grad_of(&t, |t| t.reshape((2, 5, 9, 37))?.t()?.transpose(1, 2));
+    let (y1, g1) = grad_of(&t, |t| tokens_to_nchw(t, 5, 9));
+    close(&y1, &y0, 0.0);
+    close(&g1, &g0, 0.0);
     // attention: gradient w.r.t. each of q, k, v (Lq 70: two row blocks)
     let (q, k, v) = (
         randn(&[2, 70, 6], 21),
@@ -310,7 +327,9 @@ fn input_gradients_match_candle_autograd() {
 
 #[test]
 fn classifier_kernels_match_tensor_ops() {
-    use super::resnet::{channel_affine, channel_stats, max_pool_3x3_s2, relu};
+    use super::resnet::{
+        channel_affine, channel_affine_relu, channel_stats, max_pool_3x3_s2, relu,
+    };
     let x = randn(&[2, 3, 7, 6], 30);
     // relu, per-channel affine
     let (y0, g0) = grad_of(&x, |x| x.relu());
@@ -326,6 +345,20 @@ fn classifier_kernels_match_tensor_ops() {
     let (y1, g1) = grad_of(&x, |x| channel_affine(x, &sc, &sh));
     close(&y1, &y0, 1e-6);
     close(&g1, &g0, 1e-6);
+    // BN + ReLU and BN + residual + ReLU as one op, against the separate kernels; the
+    // residual's gradient too
+    let res = randn(&[2, 3, 7, 6], 32);
+    let (y0, g0) = grad_of(&x, |x| relu(&channel_affine(x, &sc, &sh)?));
+    let (y1, g1) = grad_of(&x, |x| channel_affine_relu(x, &sc, &sh, None));
+    close(&y1, &y0, 0.0);
+    close(&g1, &g0, 0.0);
+    let (y0, g0) = grad_of(&x, |x| relu(&(channel_affine(x, &sc, &sh)? + &res)?));
+    let (y1, g1) = grad_of(&x, |x| channel_affine_relu(x, &sc, &sh, Some(&res)));
+    close(&y1, &y0, 0.0);
+    close(&g1, &g0, 0.0);
+    let (_, g0) = grad_of(&res, |r| relu(&(channel_affine(&x, &sc, &sh)? + r)?));
+    let (_, g1) = grad_of(&res, |r| channel_affine_relu(&x, &sc, &sh, Some(r)));
+    close(&g1, &g0, 0.0);
     // batch statistics [2, C]
     let (y0, g0) = grad_of(&x, |x| {
         let mu = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;

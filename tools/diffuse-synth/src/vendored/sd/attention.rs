@@ -44,7 +44,7 @@ impl GeGlu {
 impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        // ftk: diffusers uses the exact (erf) GELU; the halves are read in place
+        // ftk: diffusers uses the exact (erf) GELU; the kernels read both halves in place
         self.proj.forward_geglu(xs)
     }
 }
@@ -416,25 +416,20 @@ impl SpatialTransformer {
 
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let (batch, _channel, height, weight) = xs.dims4()?;
+        let (_batch, _channel, height, weight) = xs.dims4()?;
         let residual = xs;
         let xs = self.norm.forward(xs)?;
-        let (inner_dim, xs) = match &self.proj_in {
+        let (_inner_dim, xs) = match &self.proj_in {
             Proj::Conv2d(p) => {
                 let xs = p.forward(&xs)?;
                 let inner_dim = xs.dim(1)?;
-                let xs = xs
-                    .transpose(1, 2)?
-                    .t()?
-                    .reshape((batch, height * weight, inner_dim))?;
+                // ftk: one op (and one node when tracked) for the layout change
+                let xs = crate::cpu_kernels::nchw_to_tokens(&xs)?;
                 (inner_dim, xs)
             }
             Proj::Linear(p) => {
                 let inner_dim = xs.dim(1)?;
-                let xs = xs
-                    .transpose(1, 2)?
-                    .t()?
-                    .reshape((batch, height * weight, inner_dim))?;
+                let xs = crate::cpu_kernels::nchw_to_tokens(&xs)?;
                 (inner_dim, p.forward(&xs)?)
             }
         };
@@ -443,16 +438,12 @@ impl SpatialTransformer {
             xs = block.forward(&xs, context)?
         }
         let xs = match &self.proj_out {
-            Proj::Conv2d(p) => p.forward(
-                &xs.reshape((batch, height, weight, inner_dim))?
-                    .t()?
-                    .transpose(1, 2)?,
-            )?,
-            Proj::Linear(p) => p
-                .forward(&xs)?
-                .reshape((batch, height, weight, inner_dim))?
-                .t()?
-                .transpose(1, 2)?,
+            Proj::Conv2d(p) => {
+                p.forward(&crate::cpu_kernels::tokens_to_nchw(&xs, height, weight)?)?
+            }
+            Proj::Linear(p) => {
+                crate::cpu_kernels::tokens_to_nchw(&p.forward(&xs)?, height, weight)?
+            }
         };
         xs + residual
     }
@@ -585,7 +576,7 @@ impl Module for AttentionBlock {
                 .forward(&xs)?
                 .t()?
                 .reshape((batch, channel, height, width))?;
-            return (xs + residual)? / self.config.rescale_output_factor;
+            return super::div_unless_one((xs + residual)?, self.config.rescale_output_factor);
         }
 
         let query_states = self
@@ -613,6 +604,6 @@ impl Module for AttentionBlock {
             .forward(&xs)?
             .t()?
             .reshape((batch, channel, height, width))?;
-        (xs + residual)? / self.config.rescale_output_factor
+        super::div_unless_one((xs + residual)?, self.config.rescale_output_factor)
     }
 }

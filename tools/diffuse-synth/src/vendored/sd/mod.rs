@@ -20,7 +20,10 @@
 //! - conv, linear, group norm (+ SiLU), layer norm, attention and GEGLU go through
 //!   `crate::cpu_kernels`: CPU kernels for f32 inputs, as candle custom ops with an
 //!   input-gradient backward when a gradient is tracked (constant weights), and the candle
-//!   ops above otherwise (e.g. a tracked weight); the VAE's attention block too.
+//!   ops above otherwise (e.g. a tracked weight); the VAE's attention block too;
+//! - GEGLU reads its projection's two halves in place (no chunk copies; one node with a
+//!   backward when tracked), and residual outputs skip the division by a scale factor
+//!   of 1 (a full pass, and a node on the guided path).
 #![allow(clippy::all)]
 
 pub mod attention;
@@ -29,3 +32,12 @@ pub mod resnet;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod vae;
+
+/// x / f, or x itself when f is 1 (the usual output scale factors).
+fn div_unless_one(x: candle_core::Tensor, f: f64) -> candle_core::Result<candle_core::Tensor> {
+    if f == 1.0 {
+        Ok(x)
+    } else {
+        x / f
+    }
+}

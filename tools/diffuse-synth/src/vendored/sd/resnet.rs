@@ -136,6 +136,7 @@ impl ResnetBlock2D {
             _ => xs,
         };
         let xs = self.conv2.forward(&self.norm2.forward_act(&xs, true)?)?;
-        (shortcut_xs + xs)? / self.config.output_scale_factor
+        super::div_unless_one((shortcut_xs + xs)?, self.config.output_scale_factor)
+        // ftk: no x/1 pass
     }
 }
