@@ -59,15 +59,17 @@ impl CustomOp1 for ChannelAffine {
     }
 }
 
+/// The per-channel ops take f32 [N, C, H, W] on the CPU with one scale per channel.
+fn check_nchw(op: &str, x: &Tensor, c: usize) -> Result<()> {
+    if !f32_cpu(x) || x.rank() != 4 || x.dim(1)? != c {
+        candle_core::bail!("{op}: expected f32 [N, {c}, H, W], got {:?}", x.dims());
+    }
+    Ok(())
+}
+
 /// x · scale[c] + shift[c] for [N, C, H, W] x; constant scale and shift.
 pub fn channel_affine(x: &Tensor, scale: &[f32], shift: &[f32]) -> Result<Tensor> {
-    if !f32_cpu(x) || x.rank() != 4 || x.dim(1)? != scale.len() {
-        candle_core::bail!(
-            "channel_affine: expected f32 [N, {}, H, W], got {:?}",
-            scale.len(),
-            x.dims()
-        );
-    }
+    check_nchw("channel_affine", x, scale.len())?;
     let op = ChannelAffine {
         scale: scale.to_vec(),
         shift: shift.to_vec(),
@@ -223,13 +225,7 @@ pub fn channel_affine_relu(
     shift: &[f32],
     r: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if !f32_cpu(x) || x.rank() != 4 || x.dim(1)? != scale.len() {
-        candle_core::bail!(
-            "channel_affine_relu: expected f32 [N, {}, H, W], got {:?}",
-            scale.len(),
-            x.dims()
-        );
-    }
+    check_nchw("channel_affine_relu", x, scale.len())?;
     let op = ChannelAffineRelu {
         scale: scale.to_vec(),
         shift: shift.to_vec(),
