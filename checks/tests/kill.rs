@@ -27,6 +27,24 @@ fn then_output(args: &[&str], o: &Path) -> Vec<String> {
     v
 }
 
+/// diffuse-synth sampling a batch of 2 from the tiny SD fixture with DDIM, seed 1.
+fn tiny_sd_ddim(td: &Path, steps: usize, out: &str) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--model".into(),
+        td.join("diffuse-synth/tiny-sd").display().to_string(),
+        "--scheduler".into(),
+        "ddim".into(),
+        "--steps".into(),
+        steps.to_string(),
+        "--prompt-embeds".into(),
+        td.join("diffuse-synth/pipeline.safetensors")
+            .display()
+            .to_string(),
+    ];
+    v.extend(["--seed", "1", "--batch", "2", "-o", out].map(String::from));
+    v
+}
+
 fn run_to_end(tool: &str, args: &[String], dir: &Path) -> Duration {
     let t0 = Instant::now();
     let o = Command::new(bin_dir().join(tool))
@@ -212,26 +230,7 @@ fn killed_writers_leave_old_or_complete_output_and_no_temporaries() {
             "diffuse-synth",
             Writer {
                 name: "samples",
-                args: Box::new(move |o| {
-                    vec![
-                        "--model".into(),
-                        td.join("diffuse-synth/tiny-sd").display().to_string(),
-                        "--scheduler".into(),
-                        "ddim".into(),
-                        "--steps".into(),
-                        "3".into(),
-                        "--prompt-embeds".into(),
-                        td.join("diffuse-synth/pipeline.safetensors")
-                            .display()
-                            .to_string(),
-                        "--seed".into(),
-                        "1".into(),
-                        "--batch".into(),
-                        "2".into(),
-                        "-o".into(),
-                        o.display().to_string(),
-                    ]
-                }),
+                args: Box::new(move |o| tiny_sd_ddim(&td, 3, &o.display().to_string())),
             },
         ),
     ];
@@ -419,26 +418,9 @@ fn killed_diffuse_synth_leaves_complete_pngs_and_no_temporaries() {
     let work = dir.path();
     let td = testdata();
     let args = |out: &str| -> Vec<String> {
-        vec![
-            "--model".into(),
-            td.join("diffuse-synth/tiny-sd").display().to_string(),
-            "--scheduler".into(),
-            "ddim".into(),
-            "--steps".into(),
-            "30".into(),
-            "--prompt-embeds".into(),
-            td.join("diffuse-synth/pipeline.safetensors")
-                .display()
-                .to_string(),
-            "--seed".into(),
-            "1".into(),
-            "--batch".into(),
-            "2".into(),
-            "-o".into(),
-            out.into(),
-            "--png-dir".into(),
-            "png".into(),
-        ]
+        let mut v = tiny_sd_ddim(&td, 30, out);
+        v.extend(["--png-dir".into(), "png".into()]);
+        v
     };
     let t_ref = run_to_end("diffuse-synth", &args("ref.safetensors"), work);
     let new = std::fs::read(work.join("ref.safetensors")).unwrap();
