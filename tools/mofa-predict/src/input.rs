@@ -222,6 +222,12 @@ pub struct Job {
     pub window: Option<Window>,
 }
 
+/// Whether the job's free-text `framework` names `name` (lower case), e.g.
+/// "Megatron-DeepSpeed" names "deepspeed".
+pub fn framework_is(framework: Option<&str>, name: &str) -> bool {
+    framework.is_some_and(|f| f.to_ascii_lowercase().contains(name))
+}
+
 /// Bytes per logit of the loss's elementwise passes, forward and backward.
 /// Megatron's vocab-parallel cross entropy (`tensor_parallel/cross_entropy.py`)
 /// forward: cast to fp32 (read 2, write 4), max (4), subtract the max in
@@ -237,10 +243,9 @@ pub struct Job {
 /// bf16 logits once (2), the backward reads them and writes their
 /// gradient (2 + 2).
 pub fn cross_entropy_bytes(framework: Option<&str>) -> (f64, f64) {
-    let f = framework.unwrap_or("").to_ascii_lowercase();
-    if f.contains("llm-foundry") {
+    if framework_is(framework, "llm-foundry") {
         (2.0, 4.0)
-    } else if f.contains("nemo") {
+    } else if framework_is(framework, "nemo") {
         (26.0, 14.0)
     } else {
         (38.0, 14.0)
@@ -260,7 +265,7 @@ pub fn cross_entropy_bytes(framework: Option<&str>) -> (f64, f64) {
 /// ZeRO-3 reduce-scatters each micro-batch's gradients instead (zero3.rs).
 /// Returns the bytes and whether the first micro-batch pays them too.
 pub fn unfused_grad_accum_bytes(framework: Option<&str>, zero: u64, bf16: bool) -> (f64, bool) {
-    let ds = framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed"));
+    let ds = framework_is(framework, "deepspeed");
     match (ds && zero < 3, bf16) {
         (false, _) => (0.0, false),
         // autograd keeps the first micro-batch's gradient as `.grad`
@@ -894,7 +899,7 @@ pub fn strategy_from_obj(
     let zero_given = o.opt_u64("zero")?.unwrap_or(1);
     // DeepSpeed's engines reduce gradients in the training dtype
     // (`communication_data_type` defaults to fp16 / bf16 when enabled).
-    let deepspeed = framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed"));
+    let deepspeed = framework_is(framework, "deepspeed");
     let grad_bytes = match o.opt_str("fsdp_mixed_precision")? {
         None if zero_given == 3 || deepspeed => 2.0,
         None | Some("DEFAULT" | "FULL") => 4.0,
@@ -944,7 +949,7 @@ pub fn strategy_from_obj(
     // DeepSpeed's PipelineEngine reduces gradients after the whole
     // schedule (TrainSchedule ends with ReduceTiedGrads, ReduceGrads,
     // OptimizerStep), so nothing overlaps there; Megatron and FSDP overlap.
-    let ds_pipe = pp > 1 && framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed"));
+    let ds_pipe = pp > 1 && deepspeed;
     let overlap_grad_reduce = o.opt_bool("overlap_grad_reduce")?.unwrap_or_else(|| {
         o.assume("overlap_grad_reduce", !ds_pipe);
         !ds_pipe
@@ -984,10 +989,8 @@ pub fn strategy_from_obj(
         grad_bytes,
         moe_imbalance,
         deepep,
-        sac_op: recompute == Recompute::Selective
-            && framework.is_some_and(|f| f.to_ascii_lowercase().contains("torchtitan")),
-        z3_rank_nic: zero == 3
-            && framework.is_some_and(|f| f.to_ascii_lowercase().contains("deepspeed")),
+        sac_op: recompute == Recompute::Selective && framework_is(framework, "torchtitan"),
+        z3_rank_nic: zero == 3 && deepspeed,
         cp_comm,
     })
 }
