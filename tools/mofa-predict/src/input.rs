@@ -205,15 +205,12 @@ pub struct Job {
     /// `model.moe.expert_bias`: the experts' linear layers carry biases
     /// (gpt-oss); Megatron-Core adds the second one outside the grouped GEMM.
     pub expert_bias: bool,
-    /// HBM bytes per local parameter and micro-batch of a gradient
-    /// accumulation that runs as its own elementwise pass after the
-    /// weight-gradient GEMM (0 where the GEMM's epilogue accumulates, as
-    /// Megatron's `gradient_accumulation_fusion` does): set for `framework`
-    /// naming DeepSpeed below ZeRO 3, see [`unfused_grad_accum_bytes`].
-    pub grad_accum_bytes: f64,
-    /// The first micro-batch of an iteration pays that pass too (bf16's
-    /// fp32 fold does; fp16's `.grad +=` has nothing to add to yet).
-    pub grad_accum_first: bool,
+    /// `framework` names DeepSpeed: its engines accumulate gradients in a
+    /// pass of their own below ZeRO 3 ([`unfused_grad_accum_bytes`], taken
+    /// with the strategy's `zero` where it is used, since `tune` varies it).
+    pub deepspeed: bool,
+    /// `strategy.precision` is bf16 (else fp16).
+    pub bf16: bool,
     /// HBM bytes per logit (tokens × vocab/TP) that the loss's memory-bound
     /// passes move, forward and backward: see [`cross_entropy_bytes`].
     pub ce_bytes: (f64, f64),
@@ -252,7 +249,20 @@ pub fn cross_entropy_bytes(framework: Option<&str>) -> (f64, f64) {
     }
 }
 
-/// Bytes per parameter and micro-batch that a DeepSpeed engine spends
+/// Bytes per gradient element reduced across data parallel when nothing
+/// says otherwise: Megatron reduces its fp32 main grads; ZeRO-3 (DeepSpeed,
+/// FSDP) reduce-scatters in the 16-bit compute type, and DeepSpeed's engines
+/// reduce in the training dtype at every stage (`communication_data_type`
+/// defaults to fp16 / bf16 when enabled).
+pub fn default_grad_bytes(zero: u64, deepspeed: bool) -> f64 {
+    if zero == 3 || deepspeed {
+        2.0
+    } else {
+        4.0
+    }
+}
+
+/// Bytes per parameter and micro-batch that a DeepSpeed engine spends/// Bytes per parameter and micro-batch that a DeepSpeed engine spends
 /// accumulating gradients outside the GEMM. Megatron-DeepSpeed computes
 /// each weight gradient as a fresh tensor (`grad_output.t().matmul(input)`;
 /// its `gradient_accumulation_fusion` branch, which writes into Megatron's
@@ -263,10 +273,12 @@ pub fn cross_entropy_bytes(framework: Option<&str>) -> (f64, f64) {
 /// fp32 copies after every micro-batch's backward (`update_hp_grads` in the
 /// pipeline engine's `_exec_backward_pass`: read 2, read and write 4 + 4).
 /// ZeRO-3 reduce-scatters each micro-batch's gradients instead (zero3.rs).
-/// Returns the bytes and whether the first micro-batch pays them too.
-pub fn unfused_grad_accum_bytes(framework: Option<&str>, zero: u64, bf16: bool) -> (f64, bool) {
-    let ds = framework_is(framework, "deepspeed");
-    match (ds && zero < 3, bf16) {
+/// Returns the bytes (0 where the GEMM's epilogue accumulates, as Megatron's
+/// `gradient_accumulation_fusion` does) and whether the first micro-batch
+/// pays them too (bf16's fp32 fold does; fp16's `.grad +=` has nothing to
+/// add to yet).
+pub fn unfused_grad_accum_bytes(deepspeed: bool, zero: u64, bf16: bool) -> (f64, bool) {
+    match (deepspeed && zero < 3, bf16) {
         (false, _) => (0.0, false),
         // autograd keeps the first micro-batch's gradient as `.grad`
         (true, false) => (6.0, false),
@@ -893,16 +905,12 @@ pub fn strategy_from_obj(
             ))
         }
     }
-    // Gradient reduction dtype: Megatron reduces fp32 main grads; ZeRO-3
-    // (DeepSpeed, FSDP) reduce-scatters in the 16-bit compute type unless
     // FSDP's DEFAULT/FULL mixed precision keeps fp32 for the reduction.
     let zero_given = o.opt_u64("zero")?.unwrap_or(1);
-    // DeepSpeed's engines reduce gradients in the training dtype
-    // (`communication_data_type` defaults to fp16 / bf16 when enabled).
     let deepspeed = framework_is(framework, "deepspeed");
     let grad_bytes = match o.opt_str("fsdp_mixed_precision")? {
-        None if zero_given == 3 || deepspeed => 2.0,
-        None | Some("DEFAULT" | "FULL") => 4.0,
+        None => default_grad_bytes(zero_given, deepspeed),
+        Some("DEFAULT" | "FULL") => 4.0,
         Some("PURE") => 2.0,
         Some(other) => {
             return Err(o.err(
@@ -1115,8 +1123,6 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         .transpose()?
         .flatten()
         == Some("bf16");
-    let (grad_accum_bytes, grad_accum_first) =
-        unfused_grad_accum_bytes(root.opt_str("framework")?, strategy.zero, bf16);
     let job = Job {
         id: map.get("id").cloned().unwrap_or(Value::Null),
         model,
@@ -1125,8 +1131,8 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         strategy,
         run,
         expert_bias,
-        grad_accum_bytes,
-        grad_accum_first,
+        deepspeed: framework_is(root.opt_str("framework")?, "deepspeed"),
+        bf16,
         ce_bytes: cross_entropy_bytes(root.opt_str("framework")?),
         window,
     };

@@ -1006,8 +1006,10 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
     // A DeepSpeed engine accumulates each micro-batch's weight gradients in
     // a pass of its own over every local parameter of the stage (under fp16
     // every micro-batch but the first: spread over all of them here).
-    if job.grad_accum_bytes > 0.0 {
-        let share = if job.grad_accum_first {
+    let (accum_bytes, accum_first) =
+        crate::input::unfused_grad_accum_bytes(job.deepspeed, st.zero, job.bf16);
+    if accum_bytes > 0.0 {
+        let share = if accum_first {
             1.0
         } else {
             let mb = micro.max(1) as f64;
@@ -1015,7 +1017,7 @@ pub fn predict_time(job: &Job, c: &Calib) -> Timing {
         };
         for (sgi, sc) in stages.iter_mut().enumerate() {
             let (pd, pe) = mem_plan::layout::stage_params(m, &l, sgi as u64);
-            sc.bwd += share * (pd + pe) * job.grad_accum_bytes / hw.hbm;
+            sc.bwd += share * (pd + pe) * accum_bytes / hw.hbm;
         }
     }
     // LM head and its cross-entropy on the last stage.
@@ -1487,12 +1489,22 @@ mod tests {
         let (meg, j) = mk("Megatron-LM", 1, "fp16");
         let (ds, jd) = mk("Megatron-DeepSpeed", 1, "fp16");
         let (bf, jb) = mk("Megatron-DeepSpeed", 1, "bf16");
+        let accum =
+            |j: &Job| crate::input::unfused_grad_accum_bytes(j.deepspeed, j.strategy.zero, j.bf16);
+        assert_eq!((accum(&j).0, accum(&jd).0, accum(&jb).0), (0.0, 6.0, 10.0));
+        assert!(!accum(&jd).1 && accum(&jb).1);
+        assert_eq!(accum(&mk("DeepSpeed", 3, "fp16").1).0, 0.0);
+        // The pass follows the strategy's ZeRO stage, as `tune` sets it on a
+        // copy of the job: at ZeRO 3 the DeepSpeed job pays no extra pass.
+        let mut z3 = jd.clone();
+        z3.strategy.zero = 3;
+        let mut z3_meg = j.clone();
+        z3_meg.strategy.zero = 3;
+        z3_meg.strategy.grad_bytes = z3.strategy.grad_bytes;
         assert_eq!(
-            (j.grad_accum_bytes, jd.grad_accum_bytes, jb.grad_accum_bytes),
-            (0.0, 6.0, 10.0)
+            predict_time(&z3, &CALIB).breakdown.compute_s,
+            predict_time(&z3_meg, &CALIB).breakdown.compute_s
         );
-        assert!(!jd.grad_accum_first && jb.grad_accum_first);
-        assert_eq!(mk("DeepSpeed", 3, "fp16").1.grad_accum_bytes, 0.0);
         // DeepSpeed reduces gradients in the training dtype, Megatron its
         // fp32 main grads.
         assert_eq!((j.strategy.grad_bytes, jd.strategy.grad_bytes), (4.0, 2.0));

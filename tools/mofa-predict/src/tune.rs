@@ -90,9 +90,11 @@ pub fn enumerate(base: &Job, sp: &Space) -> Vec<Job> {
                                         zero,
                                         sp: tp > 1,
                                         etp: tp,
-                                        // The same defaults a job gets:
-                                        // ZeRO-3 reduces 16-bit gradients.
-                                        grad_bytes: if zero == 3 { 2.0 } else { 4.0 },
+                                        // The same default a job gets.
+                                        grad_bytes: crate::input::default_grad_bytes(
+                                            zero,
+                                            base.deepspeed,
+                                        ),
                                         ..base.strategy.clone()
                                     };
                                     out.push(j);
