@@ -211,12 +211,53 @@ pub struct Job {
     pub deepspeed: bool,
     /// `strategy.precision` is bf16 (else fp16).
     pub bf16: bool,
+    /// `framework` names torchtitan: "selective" recompute is its op-level
+    /// policy (`sac_op`, taken with the strategy's `recompute`).
+    pub torchtitan: bool,
+    /// The strategy fields given explicitly whose defaults follow the
+    /// layout; `tune` keeps these and re-derives the others per candidate.
+    pub given: Given,
     /// HBM bytes per logit (tokens × vocab/TP) that the loss's memory-bound
     /// passes move, forward and backward: see [`cross_entropy_bytes`].
     pub ce_bytes: (f64, f64),
     /// `model.sliding_window`/`window_layers`; a Hugging Face gpt-oss config
     /// alternates 128-token windowed and full layers (`layer_types`).
     pub window: Option<Window>,
+}
+
+/// Strategy fields whose defaults depend on the layout (pp, zero,
+/// recompute) or the framework, as the job gave them (None: not given).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Given {
+    pub overlap_grad_reduce: Option<bool>,
+    pub overlap_param_gather: Option<bool>,
+    /// From `fsdp_mixed_precision` (DEFAULT/FULL 4 bytes, PURE 2).
+    pub grad_bytes: Option<f64>,
+}
+
+/// Whether the data-parallel reduction overlaps the backward by default.
+/// DeepSpeed's PipelineEngine reduces gradients after the whole schedule
+/// (TrainSchedule ends with ReduceTiedGrads, ReduceGrads, OptimizerStep),
+/// so nothing overlaps there; Megatron and FSDP overlap.
+pub fn default_overlap_grad_reduce(pp: u64, deepspeed: bool) -> bool {
+    !(pp > 1 && deepspeed)
+}
+
+/// Set the strategy fields that follow its own pp, zero and recompute and
+/// the framework: the given value where the job gave one, else the
+/// documented default. The parser and `tune` (which varies the layout on a
+/// copy of the base job) both go through here, so a candidate gets the
+/// defaults a job with its layout would get.
+pub fn apply_layout_defaults(st: &mut Strategy, given: &Given, deepspeed: bool, torchtitan: bool) {
+    st.overlap_grad_reduce = given
+        .overlap_grad_reduce
+        .unwrap_or_else(|| default_overlap_grad_reduce(st.pp, deepspeed));
+    st.overlap_param_gather = given.overlap_param_gather.unwrap_or(st.overlap_grad_reduce);
+    st.grad_bytes = given
+        .grad_bytes
+        .unwrap_or_else(|| default_grad_bytes(st.zero, deepspeed));
+    st.sac_op = st.recompute == Recompute::Selective && torchtitan;
+    st.z3_rank_nic = st.zero == 3 && deepspeed;
 }
 
 /// Whether the job's free-text `framework` names `name` (lower case), e.g.
@@ -726,7 +767,7 @@ pub fn strategy_from_obj(
     model: &ModelConfig,
     gpus: u64,
     framework: Option<&str>,
-) -> Result<Strategy> {
+) -> Result<(Strategy, Given)> {
     o.check_keys(STRATEGY_KEYS)?;
     let tp = o.pos("tp", Some(1))?;
     let pp = o.pos("pp", Some(1))?;
@@ -906,12 +947,11 @@ pub fn strategy_from_obj(
         }
     }
     // FSDP's DEFAULT/FULL mixed precision keeps fp32 for the reduction.
-    let zero_given = o.opt_u64("zero")?.unwrap_or(1);
     let deepspeed = framework_is(framework, "deepspeed");
-    let grad_bytes = match o.opt_str("fsdp_mixed_precision")? {
-        None => default_grad_bytes(zero_given, deepspeed),
-        Some("DEFAULT" | "FULL") => 4.0,
-        Some("PURE") => 2.0,
+    let given_grad_bytes = match o.opt_str("fsdp_mixed_precision")? {
+        None => None,
+        Some("DEFAULT" | "FULL") => Some(4.0),
+        Some("PURE") => Some(2.0),
         Some(other) => {
             return Err(o.err(
                 "fsdp_mixed_precision",
@@ -954,15 +994,12 @@ pub fn strategy_from_obj(
             AttnKernel::Fa2
         }
     };
-    // DeepSpeed's PipelineEngine reduces gradients after the whole
-    // schedule (TrainSchedule ends with ReduceTiedGrads, ReduceGrads,
-    // OptimizerStep), so nothing overlaps there; Megatron and FSDP overlap.
-    let ds_pipe = pp > 1 && deepspeed;
-    let overlap_grad_reduce = o.opt_bool("overlap_grad_reduce")?.unwrap_or_else(|| {
-        o.assume("overlap_grad_reduce", !ds_pipe);
-        !ds_pipe
-    });
-    Ok(Strategy {
+    let given = Given {
+        overlap_grad_reduce: o.opt_bool("overlap_grad_reduce")?,
+        overlap_param_gather: o.opt_bool("overlap_param_gather")?,
+        grad_bytes: given_grad_bytes,
+    };
+    let mut st = Strategy {
         tp,
         pp,
         dp,
@@ -976,31 +1013,41 @@ pub fn strategy_from_obj(
         sp,
         flash_attn: attn_kernel != AttnKernel::None,
         attn_kernel,
-        overlap_grad_reduce,
-        overlap_param_gather: o.opt_bool("overlap_param_gather")?.unwrap_or_else(|| {
-            o.assume("overlap_param_gather", overlap_grad_reduce);
-            overlap_grad_reduce
-        }),
-        tp_comm_overlap: o.opt_bool("tp_comm_overlap")?.unwrap_or_else(|| {
-            if tp > 1 {
-                o.assume("tp_comm_overlap", false);
-            }
-            false
-        }),
-        ep_comm_overlap: o.opt_bool("ep_comm_overlap")?.unwrap_or_else(|| {
-            if ep > 1 {
-                o.assume("ep_comm_overlap", false);
-            }
-            false
-        }),
+        // The layout-dependent fields: set by apply_layout_defaults below.
+        overlap_grad_reduce: false,
+        overlap_param_gather: false,
+        // Assumed below, after the overlap fields (the order `assumed` lists).
+        tp_comm_overlap: false,
+        ep_comm_overlap: false,
         etp,
-        grad_bytes,
+        grad_bytes: 0.0,
         moe_imbalance,
         deepep,
-        sac_op: recompute == Recompute::Selective && framework_is(framework, "torchtitan"),
-        z3_rank_nic: zero == 3 && deepspeed,
+        sac_op: false,
+        z3_rank_nic: false,
         cp_comm,
-    })
+    };
+    let torchtitan = framework_is(framework, "torchtitan");
+    apply_layout_defaults(&mut st, &given, deepspeed, torchtitan);
+    if given.overlap_grad_reduce.is_none() {
+        o.assume("overlap_grad_reduce", st.overlap_grad_reduce);
+    }
+    if given.overlap_param_gather.is_none() {
+        o.assume("overlap_param_gather", st.overlap_param_gather);
+    }
+    st.tp_comm_overlap = o.opt_bool("tp_comm_overlap")?.unwrap_or_else(|| {
+        if tp > 1 {
+            o.assume("tp_comm_overlap", false);
+        }
+        false
+    });
+    st.ep_comm_overlap = o.opt_bool("ep_comm_overlap")?.unwrap_or_else(|| {
+        if ep > 1 {
+            o.assume("ep_comm_overlap", false);
+        }
+        false
+    });
+    Ok((st, given))
 }
 
 pub fn run_from_obj(o: Option<&Obj>) -> Result<Run> {
@@ -1082,7 +1129,7 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         o => o,
     };
     let mut cluster = cluster_from_obj(cluster_obj.as_ref(), fb.cluster.as_ref(), here)?;
-    let strategy = match root.obj("strategy")? {
+    let (strategy, given) = match root.obj("strategy")? {
         Some(s) => strategy_from_obj(&s, &model, cluster.gpus, root.opt_str("framework")?)?,
         None => return Err(root.err("strategy", "missing; give a strategy object or --strategy")),
     };
@@ -1133,6 +1180,8 @@ pub fn job_and_assumed(v: &Value, fb: &Fallback, here: &str) -> Result<(Job, Vec
         expert_bias,
         deepspeed: framework_is(root.opt_str("framework")?, "deepspeed"),
         bf16,
+        torchtitan: framework_is(root.opt_str("framework")?, "torchtitan"),
+        given,
         ce_bytes: cross_entropy_bytes(root.opt_str("framework")?),
         window,
     };

@@ -1,7 +1,7 @@
 //! `mofa-predict tune`: enumerate valid strategies, predict each (rayon),
 //! rank by time-to-train including fault tolerance, name each bottleneck.
 
-use crate::input::{Job, Strategy};
+use crate::input::{apply_layout_defaults, Job, Strategy};
 use crate::perf::Calib;
 use crate::predict::predict;
 use ftk::records::{MofaMetrics, MofaTune, Tag};
@@ -90,13 +90,18 @@ pub fn enumerate(base: &Job, sp: &Space) -> Vec<Job> {
                                         zero,
                                         sp: tp > 1,
                                         etp: tp,
-                                        // The same default a job gets.
-                                        grad_bytes: crate::input::default_grad_bytes(
-                                            zero,
-                                            base.deepspeed,
-                                        ),
                                         ..base.strategy.clone()
                                     };
+                                    // The defaults a job with this layout
+                                    // gets (gradient overlap, reduction
+                                    // dtype, ZeRO-3 NIC, torchtitan's SAC),
+                                    // not the base layout's.
+                                    apply_layout_defaults(
+                                        &mut j.strategy,
+                                        &base.given,
+                                        base.deepspeed,
+                                        base.torchtitan,
+                                    );
                                     out.push(j);
                                 }
                             }
@@ -167,5 +172,83 @@ pub fn tune(base: &Job, space: &Space, c: &Calib, top: usize) -> Outcome {
         candidates: jobs.len(),
         fitting,
         top,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::{job_from_value, Fallback};
+    use serde_json::{json, Value};
+
+    /// A base job as `tune` gets one: layout on one rank, the cluster's
+    /// GPUs set afterwards.
+    fn base(framework: &str, strategy: Value) -> Job {
+        let v = json!({"model": {"arch":"gpt","layers":8,"hidden":1024,"heads":16,"vocab":32000,"seq":2048},
+            "cluster": {"gpu":"A100-80GB"}, "framework": framework, "strategy": strategy});
+        let mut j = job_from_value(&v, &Fallback::default(), "t").unwrap();
+        j.cluster.gpus = 16;
+        j
+    }
+
+    #[test]
+    fn candidates_take_their_own_layouts_defaults() {
+        // The base (pp 1, ZeRO 1) overlaps its reduction and has no ZeRO-3
+        // NIC; DeepSpeed candidates with pp > 1 must not overlap, and those
+        // at ZeRO 3 must send through each rank's NIC.
+        let b = base("Megatron-DeepSpeed", json!({"gbs": 64}));
+        assert!(b.strategy.overlap_grad_reduce && !b.strategy.z3_rank_nic);
+        let c = enumerate(&b, &Space::default());
+        assert!(c.iter().any(|j| j.strategy.pp > 1) && c.iter().any(|j| j.strategy.zero == 3));
+        for j in &c {
+            let s = &j.strategy;
+            assert_eq!(s.overlap_grad_reduce, s.pp == 1, "{}", s.compact());
+            assert_eq!(s.overlap_param_gather, s.overlap_grad_reduce);
+            assert_eq!(s.z3_rank_nic, s.zero == 3, "{}", s.compact());
+            assert_eq!(s.grad_bytes, 2.0);
+            assert!(!s.sac_op);
+        }
+        // The same from a DeepSpeed pipeline base, the other way round.
+        let b = base("DeepSpeed", json!({"gbs": 64, "pp": 2, "zero": 3}));
+        assert!(!b.strategy.overlap_grad_reduce && b.strategy.z3_rank_nic);
+        for j in enumerate(&b, &Space::default()) {
+            assert_eq!(j.strategy.overlap_grad_reduce, j.strategy.pp == 1);
+            assert_eq!(j.strategy.z3_rank_nic, j.strategy.zero == 3);
+        }
+        // Megatron: fp32 gradients except at ZeRO 3, always overlapped.
+        for j in enumerate(&base("Megatron-LM", json!({"gbs": 64})), &Space::default()) {
+            let s = &j.strategy;
+            assert!(s.overlap_grad_reduce && !s.z3_rank_nic);
+            assert_eq!(s.grad_bytes, if s.zero == 3 { 2.0 } else { 4.0 });
+        }
+        // torchtitan's op-level SAC follows the candidate's recompute.
+        let b = base("torchtitan", json!({"gbs": 64, "recompute": "full"}));
+        assert!(!b.strategy.sac_op);
+        for j in enumerate(&b, &Space::default()) {
+            assert_eq!(
+                j.strategy.sac_op,
+                j.strategy.recompute == Recompute::Selective
+            );
+        }
+    }
+
+    #[test]
+    fn candidates_keep_what_the_user_set() {
+        let b = base(
+            "DeepSpeed",
+            json!({"gbs": 64, "overlap_grad_reduce": true, "overlap_param_gather": false,
+                   "fsdp_mixed_precision": "FULL"}),
+        );
+        let c = enumerate(&b, &Space::default());
+        assert!(c.iter().any(|j| j.strategy.pp > 1) && c.iter().any(|j| j.strategy.zero == 3));
+        for j in &c {
+            let s = &j.strategy;
+            assert!(
+                s.overlap_grad_reduce && !s.overlap_param_gather,
+                "{}",
+                s.compact()
+            );
+            assert_eq!(s.grad_bytes, 4.0);
+        }
     }
 }
