@@ -1182,6 +1182,9 @@ DGXC2 = [
 ]
 
 
+TP_OVERLAP_2505 = {"llama3.1-405b-g512", "nemotron4-15b-g16"}
+
+
 @source("nvidia-dgxc-benchmarking", extend=True)
 def nvidia_dgxc_2505():
     rows = []
@@ -1199,6 +1202,14 @@ def nvidia_dgxc_2505():
             strat["etp"] = 1
         if cp > 1:
             strat["cp_comm"] = "ring"
+        # NeMo's performance recipes at the commit of NEMO_CFG add
+        # MegatronCommOverlapCallback(tp_comm_overlap=True) for Llama 3.1 405B
+        # (recipes/llama31_405b.py, with the h100 tp8/cp2 userbuffers config)
+        # and Nemotron-4 15B (recipes/nemotron4_15b.py), and their
+        # scripts/performance/llm scripts turn it off only for MXFP8; DeepSeek-V3's
+        # recipe sets tp_comm_overlap=False (the default here).
+        if rid in TP_OVERLAP_2505:
+            strat["tp_comm_overlap"] = True
         also = {}
         if tps:
             also["tokens_per_s"] = tps
@@ -1216,9 +1227,12 @@ def nvidia_dgxc_2505():
             {"paper": "NVIDIA DGX Cloud Benchmarking recipes v25.05.04 (NVIDIA/dgxc-benchmarking, %s)" % readme,
              "where": "%s, H100 Performance, BF16 %dx H100" % (readme, gpus), "url": DGXC2_URL % readme,
              "note": ("%s NeMo %s container. Distributed optimizer with grad/param overlap, sequence parallel "
-                      "with TP, TE flash attention: NeMo performance-recipe defaults (assumed). Step time is the "
+                      "with TP, TE flash attention: NeMo performance-recipe defaults (assumed).%s Step time is the "
                       "mean of iterations 11-44 (parse_train_timing.sh). Fabric not stated. NeMo config csv: %s"
-                      % (extra, nemo, NEMO_CFG))},
+                      % (extra, nemo,
+                         " TP communication overlap on: the NeMo recipe's MegatronCommOverlapCallback sets "
+                         "tp_comm_overlap=True." if rid in TP_OVERLAP_2505 else "",
+                         NEMO_CFG))},
             "medium", "NeMo %s (Megatron-Core)" % nemo))
     return rows
 
