@@ -1095,12 +1095,14 @@ def nvidia_dgxc():
             assert dp * ga == gbs, (key, gpus)
             strat = {"tp": tp, "pp": pp, "cp": cp, "dp": dp, "vpp": vp or 1, "mbs": 1, "gbs": gbs,
                      "recompute": rc, "zero": 1, "sp": tp > 1, "flash_attn": True, "overlap_grad_reduce": True,
-                     "overlap_param_gather": True, "tp_comm_overlap": tpo, "precision": "bf16"}
+                     "overlap_param_gather": True, "tp_comm_overlap": tpo, "precision": "bf16",
+                     # every v25.01 yaml sets optim.grad_sync_dtype: bf16
+                     "grad_reduce_dtype": "bf16"}
             if cp > 1:
                 strat["cp_comm"] = "ring"
             note = ("Configuration from the table title and %s at the cited commit: micro-batch 1, TP %d, PP %d, "
                     "CP %d, VP %s, gradient accumulation %d, distributed_fused_adam with overlap_grad_sync and "
-                    "overlap_param_sync (zero 1), sequence_parallel %s, ub_tp_comm_overlap %s, "
+                    "overlap_param_sync (zero 1) and grad_sync_dtype bf16, sequence_parallel %s, ub_tp_comm_overlap %s, "
                     "use_flash_attention / Transformer Engine, activation checkpointing %s. NeMo %s container, "
                     "BF16 (the recipes' FP8 tables are left out). The step time is the last training step's "
                     "train_step_timing. The H100 cluster's fabric is not stated; context parallelism is Megatron's "
@@ -1250,7 +1252,7 @@ CLUSTER = {"gpu", "gpus", "gpus_per_node", "nic_gbps_per_node", "peak_tflops", "
            "intra_node_gbps", "inter_node_gbps", "power_w", "rated_power_w"}
 STRATEGY = {"tp", "pp", "vpp", "cp", "ep", "etp", "dp", "mbs", "gbs", "grad_accum", "recompute", "zero",
             "sp", "flash_attn", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap",
-            "cp_comm", "precision", "fsdp_mixed_precision", "pp_schedule", "ep_comm_overlap",
+            "cp_comm", "precision", "fsdp_mixed_precision", "grad_reduce_dtype", "pp_schedule", "ep_comm_overlap",
             "moe_dispatcher", "moe_force_balance"}
 SOURCE = {"paper", "where", "url", "note", "slug"}
 MEASURED = {"metric", "value", "also", "flops"}
@@ -1378,6 +1380,8 @@ def check_row(r, slug, where):
     need(s.get("recompute") in ("none", "selective", "full"), where,
          "strategy.recompute must be none, selective or full")
     need(s.get("zero") in (0, 1, 2, 3), where, "strategy.zero must be 0..3")
+    need(s.get("grad_reduce_dtype") in (None, "fp32", "bf16", "fp16"), where,
+         "strategy.grad_reduce_dtype must be fp32, bf16 or fp16")
     for k in ("sp", "flash_attn", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap",
               "ep_comm_overlap", "moe_force_balance"):
         need(k not in s or isinstance(s[k], bool), where, "strategy.%s must be true or false" % k)

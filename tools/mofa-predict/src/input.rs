@@ -151,6 +151,7 @@ pub const STRATEGY_KEYS: &[&str] = &[
     "grad_accum",
     "precision",
     "fsdp_mixed_precision",
+    "grad_reduce_dtype",
     "pp_schedule",
 ];
 pub const RUN_KEYS: &[&str] = &[
@@ -231,7 +232,8 @@ pub struct Job {
 pub struct Given {
     pub overlap_grad_reduce: Option<bool>,
     pub overlap_param_gather: Option<bool>,
-    /// From `fsdp_mixed_precision` (DEFAULT/FULL 4 bytes, PURE 2).
+    /// From `fsdp_mixed_precision` (DEFAULT/FULL 4 bytes, PURE 2) or
+    /// `grad_reduce_dtype` (fp32 4, bf16/fp16 2).
     pub grad_bytes: Option<f64>,
 }
 
@@ -959,6 +961,31 @@ pub fn strategy_from_obj(
             ))
         }
     };
+    // The data-parallel reduction's type as the framework's own setting
+    // names it (Megatron-Core `grad_reduce_in_fp32`, NeMo's distributed
+    // Adam `grad_sync_dtype`): fp32 reduces 4 bytes, bf16/fp16 2.
+    let given_grad_bytes = match (given_grad_bytes, o.opt_str("grad_reduce_dtype")?) {
+        (g, None) => g,
+        (g, Some(d)) => {
+            let b = match d {
+                "fp32" => 4.0,
+                "bf16" | "fp16" => 2.0,
+                other => {
+                    return Err(o.err(
+                        "grad_reduce_dtype",
+                        format!("must be fp32, bf16 or fp16, got '{other}'"),
+                    ))
+                }
+            };
+            if g.is_some_and(|g| g != b) {
+                return Err(o.err(
+                    "grad_reduce_dtype",
+                    format!("is {d} but fsdp_mixed_precision says otherwise; give one of them"),
+                ));
+            }
+            Some(b)
+        }
+    };
     let deepep = o.opt_str("moe_dispatcher")? == Some("deepep");
     if let Some(d) = o.opt_str("moe_dispatcher")? {
         if !matches!(d, "alltoall" | "deepep" | "allgather") {
@@ -1418,6 +1445,24 @@ mod tests {
         assert_eq!(job(z.clone()).unwrap().strategy.grad_bytes, 2.0);
         z["strategy"]["fsdp_mixed_precision"] = json!("DEFAULT");
         assert_eq!(job(z.clone()).unwrap().strategy.grad_bytes, 4.0);
+        // The framework's reduction type, when the row states it.
+        let mut g = base();
+        assert_eq!(job(g.clone()).unwrap().strategy.grad_bytes, 4.0);
+        g["strategy"]["grad_reduce_dtype"] = json!("bf16");
+        assert_eq!(job(g.clone()).unwrap().strategy.grad_bytes, 2.0);
+        g["strategy"]["grad_reduce_dtype"] = json!("int8");
+        assert!(job(g.clone())
+            .unwrap_err()
+            .to_string()
+            .contains("strategy.grad_reduce_dtype: must be fp32, bf16 or fp16"));
+        g["strategy"]["grad_reduce_dtype"] = json!("bf16");
+        g["strategy"]["fsdp_mixed_precision"] = json!("FULL");
+        assert!(job(g.clone())
+            .unwrap_err()
+            .to_string()
+            .contains("give one of them"));
+        g["strategy"]["fsdp_mixed_precision"] = json!("PURE");
+        assert_eq!(job(g).unwrap().strategy.grad_bytes, 2.0);
         z["strategy"]["precision"] = json!("fp8");
         assert!(job(z)
             .unwrap_err()

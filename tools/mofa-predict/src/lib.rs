@@ -57,7 +57,9 @@ fields take the defaults below and the output lists them in \"assumed\".
      per EP rank), \"moe_force_balance\", \"moe_dispatcher\"
      (alltoall|allgather|deepep: a token crosses once per remote node),
      \"cp_comm\" (ring|allgather), \"grad_accum\" (checked = gbs/(mbs·dp)), \"precision\" (bf16|fp16),
-     \"fsdp_mixed_precision\" (DEFAULT|FULL: fp32 gradient reduction, PURE: 16-bit), \"pp_schedule\"},
+     \"fsdp_mixed_precision\" (DEFAULT|FULL: fp32 gradient reduction, PURE: 16-bit),
+     \"grad_reduce_dtype\" (fp32|bf16|fp16: the gradient reduction's type where the framework's
+     config states it, e.g. NeMo's grad_sync_dtype), \"pp_schedule\"},
    \"run\": {\"tokens\", \"gpu_failure_rate_per_hour\", \"node_failure_rate_per_hour\",
      \"ckpt_gbps_per_node\" (GB/s one node writes), \"ckpt_write_gbps\" (filesystem cap, GB/s),
      \"restart_s\", \"ckpt_interval_s\"}}
