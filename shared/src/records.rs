@@ -594,6 +594,91 @@ pub enum AttnKernel {
     Fa3,
 }
 
+/// A submodule Megatron-Core's selective recompute can re-run in the
+/// backward (`TransformerConfig.recompute_modules`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RecomputeModule {
+    /// The attention core (Megatron's default).
+    CoreAttn,
+    /// The MoE experts' activation function.
+    MoeAct,
+    /// The layer norms that are modules of their own.
+    Layernorm,
+    /// MLA's up projections and RoPE.
+    MlaUpProj,
+    /// A dense layer's MLP.
+    Mlp,
+    /// The whole MoE layer: router, dispatch, experts, combine.
+    Moe,
+    /// The MoE layer's shared experts.
+    SharedExperts,
+}
+
+impl RecomputeModule {
+    /// Every module, in Megatron's documentation order.
+    pub const ALL: [RecomputeModule; 7] = [
+        RecomputeModule::CoreAttn,
+        RecomputeModule::MoeAct,
+        RecomputeModule::Layernorm,
+        RecomputeModule::MlaUpProj,
+        RecomputeModule::Mlp,
+        RecomputeModule::Moe,
+        RecomputeModule::SharedExperts,
+    ];
+
+    /// The name Megatron's `--recompute-modules` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecomputeModule::CoreAttn => "core_attn",
+            RecomputeModule::MoeAct => "moe_act",
+            RecomputeModule::Layernorm => "layernorm",
+            RecomputeModule::MlaUpProj => "mla_up_proj",
+            RecomputeModule::Mlp => "mlp",
+            RecomputeModule::Moe => "moe",
+            RecomputeModule::SharedExperts => "shared_experts",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+/// A set of [`RecomputeModule`]s as bits (`tune` copies the strategy for
+/// every candidate; a bit set copies for free), written as a list of names.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(from = "Vec<RecomputeModule>", into = "Vec<RecomputeModule>")]
+pub struct RecomputeModules(u8);
+
+impl RecomputeModules {
+    /// Megatron-Core's default: `["core_attn"]`.
+    pub const MEGATRON_DEFAULT: RecomputeModules = RecomputeModules(1);
+
+    pub fn has(self, m: RecomputeModule) -> bool {
+        self.0 & (1 << m as u8) != 0
+    }
+
+    pub fn with(self, m: RecomputeModule) -> Self {
+        RecomputeModules(self.0 | (1 << m as u8))
+    }
+}
+
+impl From<Vec<RecomputeModule>> for RecomputeModules {
+    fn from(v: Vec<RecomputeModule>) -> Self {
+        v.into_iter().fold(RecomputeModules(0), |s, m| s.with(m))
+    }
+}
+
+impl From<RecomputeModules> for Vec<RecomputeModule> {
+    fn from(s: RecomputeModules) -> Self {
+        RecomputeModule::ALL
+            .into_iter()
+            .filter(|m| s.has(*m))
+            .collect()
+    }
+}
+
 /// How context-parallel ranks exchange K and V.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -656,6 +741,11 @@ pub struct MofaStrategy {
     pub deepep: bool,
     /// `ring` or `allgather`.
     pub cp_comm: CpComm,
+    /// What "selective" re-runs under Megatron-Core, as the job gave it
+    /// (`strategy.recompute_modules`); absent: Megatron's default
+    /// `["core_attn"]`, and the records leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recompute_modules: Option<RecomputeModules>,
 }
 
 impl MofaStrategy {

@@ -153,6 +153,7 @@ pub const STRATEGY_KEYS: &[&str] = &[
     "fsdp_mixed_precision",
     "grad_reduce_dtype",
     "pp_schedule",
+    "recompute_modules",
 ];
 pub const RUN_KEYS: &[&str] = &[
     "tokens",
@@ -164,7 +165,9 @@ pub const RUN_KEYS: &[&str] = &[
     "ckpt_interval_s",
 ];
 
-pub use ftk::records::{AttnKernel, CpComm, MofaStrategy as Strategy};
+pub use ftk::records::{
+    AttnKernel, CpComm, MofaStrategy as Strategy, RecomputeModule, RecomputeModules,
+};
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Run {
@@ -260,6 +263,52 @@ pub fn apply_layout_defaults(st: &mut Strategy, given: &Given, deepspeed: bool, 
         .unwrap_or_else(|| default_grad_bytes(st.zero, deepspeed));
     st.sac_op = st.recompute == Recompute::Selective && torchtitan;
     st.z3_rank_nic = st.zero == 3 && deepspeed;
+}
+
+/// `strategy.recompute_modules`: Megatron-Core's list of what selective
+/// recompute re-runs (`TransformerConfig.recompute_modules`, default
+/// `["core_attn"]`). It means something only under "selective" and only
+/// for Megatron's per-module policy, so it is an error with another
+/// `recompute` or under torchtitan's op-level policy.
+pub fn recompute_modules_of(
+    o: &Obj,
+    recompute: Recompute,
+    framework: Option<&str>,
+) -> Result<Option<RecomputeModules>> {
+    let key = "recompute_modules";
+    let list = match o.get(key) {
+        None => return Ok(None),
+        Some(Value::Array(a)) => a,
+        Some(v) => return Err(o.err(key, format!("must be a list of module names, got {v}"))),
+    };
+    let names: Vec<&str> = RecomputeModule::ALL.iter().map(|m| m.name()).collect();
+    let mut set = RecomputeModules::default();
+    for v in list {
+        let Some(name) = v.as_str() else {
+            return Err(o.err(key, format!("must be a list of module names, got {v}")));
+        };
+        let Some(m) = RecomputeModule::from_name(name) else {
+            let hint = match crate::keys::suggest(name, &names) {
+                Some(s) => format!("; did you mean '{s}'?"),
+                None => format!("; known modules: {}", names.join(", ")),
+            };
+            return Err(o.err(key, format!("unknown module '{name}'{hint}")));
+        };
+        set = set.with(m);
+    }
+    if recompute != Recompute::Selective {
+        return Err(o.err(
+            key,
+            format!("applies to recompute selective only, got recompute {recompute}"),
+        ));
+    }
+    if framework_is(framework, "torchtitan") {
+        return Err(o.err(
+            key,
+            "is Megatron-Core's; torchtitan's selective recompute is its op-level policy",
+        ));
+    }
+    Ok(Some(set))
 }
 
 /// Whether the job's free-text `framework` names `name` (lower case), e.g.
@@ -421,7 +470,7 @@ impl<'a> Obj<'a> {
         Error::input(format!("{}: {}: {msg}", self.here, self.name(key)))
     }
 
-    fn get(&self, key: &str) -> Option<&'a Value> {
+    pub fn get(&self, key: &str) -> Option<&'a Value> {
         self.map.get(key).filter(|v| !v.is_null())
     }
 
@@ -837,6 +886,7 @@ pub fn strategy_from_obj(
             ))
         }
     };
+    let recompute_modules = recompute_modules_of(o, recompute, framework)?;
     let zero = o.opt_u64("zero")?.unwrap_or_else(|| {
         o.assume("zero", 1);
         1
@@ -1053,6 +1103,7 @@ pub fn strategy_from_obj(
         sac_op: false,
         z3_rank_nic: false,
         cp_comm,
+        recompute_modules,
     };
     let torchtitan = framework_is(framework, "torchtitan");
     apply_layout_defaults(&mut st, &given, deepspeed, torchtitan);
@@ -1407,6 +1458,56 @@ mod tests {
         w["model"]["window_layers"] = json!(12);
         let e = job(w).unwrap_err().to_string();
         assert!(e.contains("needs model.sliding_window"), "{e}");
+    }
+
+    #[test]
+    fn recompute_modules_are_checked_by_name_and_context() {
+        let mut v = base();
+        v["strategy"]["recompute"] = json!("selective");
+        v["strategy"]["recompute_modules"] = json!(["layernorm", "moe"]);
+        let st = job(v.clone()).unwrap().strategy;
+        let rm = st.recompute_modules.unwrap();
+        assert!(rm.has(RecomputeModule::Layernorm) && rm.has(RecomputeModule::Moe));
+        assert!(!rm.has(RecomputeModule::CoreAttn));
+        // Not given: None, Megatron's default ["core_attn"] in the time model.
+        let mut d = v.clone();
+        d["strategy"]
+            .as_object_mut()
+            .unwrap()
+            .remove("recompute_modules");
+        assert_eq!(job(d).unwrap().strategy.recompute_modules, None);
+        for (val, rc, fw, want) in [
+            (
+                json!(["moe_ac"]),
+                "selective",
+                None,
+                "strategy.recompute_modules: unknown module 'moe_ac'; did you mean 'moe_act'?",
+            ),
+            (
+                json!(["banana"]),
+                "selective",
+                None,
+                "known modules: core_attn, moe_act, layernorm",
+            ),
+            (json!("moe"), "selective", None, "must be a list of module names"),
+            (json!([1]), "selective", None, "must be a list of module names"),
+            (
+                json!(["moe"]),
+                "full",
+                None,
+                "strategy.recompute_modules: applies to recompute selective only, got recompute full",
+            ),
+            (json!(["moe"]), "selective", Some("torchtitan"), "op-level policy"),
+        ] {
+            let mut w = v.clone();
+            w["strategy"]["recompute_modules"] = val;
+            w["strategy"]["recompute"] = json!(rc);
+            if let Some(f) = fw {
+                w["framework"] = json!(f);
+            }
+            let e = job(w).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]

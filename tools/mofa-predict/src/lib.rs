@@ -59,7 +59,9 @@ fields take the defaults below and the output lists them in \"assumed\".
      \"cp_comm\" (ring|allgather), \"grad_accum\" (checked = gbs/(mbs·dp)), \"precision\" (bf16|fp16),
      \"fsdp_mixed_precision\" (DEFAULT|FULL: fp32 gradient reduction, PURE: 16-bit),
      \"grad_reduce_dtype\" (fp32|bf16|fp16: the gradient reduction's type where the framework's
-     config states it, e.g. NeMo's grad_sync_dtype), \"pp_schedule\"},
+     config states it, e.g. NeMo's grad_sync_dtype), \"pp_schedule\",
+     \"recompute_modules\" (with recompute selective, Megatron-Core's list of what it re-runs:
+     core_attn|moe_act|layernorm|mla_up_proj|mlp|moe|shared_experts; default [\"core_attn\"])},
    \"run\": {\"tokens\", \"gpu_failure_rate_per_hour\", \"node_failure_rate_per_hour\",
      \"ckpt_gbps_per_node\" (GB/s one node writes), \"ckpt_write_gbps\" (filesystem cap, GB/s),
      \"restart_s\", \"ckpt_interval_s\"}}

@@ -11,7 +11,7 @@
 //! context, then data (expert groups inside data × context), then pipeline:
 //! a group stays on NVLink when `stride · size <= gpus_per_node`.
 
-use crate::input::{AttnKernel, CpComm, Job};
+use crate::input::{AttnKernel, CpComm, Job, RecomputeModule as RcMod, RecomputeModules};
 use crate::zero3;
 use ftk::model::{Attention, Mlp, ModelConfig};
 use mem_plan::layout::Layout;
@@ -445,6 +445,7 @@ pub fn iteration_flops(job: &Job) -> (f64, f64) {
     let mut layer_model = 0.0;
     let mut layer_fwd = 0.0;
     let mut attn_fwd = 0.0;
+    let mut modules_fwd = 0.0;
     // Layers come in two kinds at most (dense, MoE): count each kind once
     // (tune calls this for every candidate).
     let n_moe = m.is_moe.iter().filter(|x| **x).count();
@@ -460,16 +461,187 @@ pub fn iteration_flops(job: &Job) -> (f64, f64) {
         layer_model += n * (6.0 * p + 12.0 * s * a * hd);
         layer_fwd += n * (2.0 * p + 4.0 * s * a * hd);
         attn_fwd += n * 4.0 * s * a * hd;
+        if let Some(rm) = job.strategy.recompute_modules {
+            let core = if rm.has(RcMod::CoreAttn) {
+                4.0 * s * a * hd
+            } else {
+                0.0
+            };
+            modules_fwd += n * (core + 2.0 * rc_module_params(job, i, rm));
+        }
     }
     let head = 6.0 * m.vocab as f64 * h;
     let model_flops = tokens * (layer_model + head);
     let extra = match job.strategy.recompute {
         Recompute::Full => layer_fwd,
+        Recompute::Selective if job.strategy.recompute_modules.is_some() => modules_fwd,
         Recompute::Selective => attn_fwd,
         // mofa-predict's strategies offer none, selective and full only.
         Recompute::None | Recompute::Chunked(_) | Recompute::Auto => 0.0,
     };
     (model_flops, model_flops + tokens * extra)
+}
+
+/// Matmul parameters per token of the GEMMs that the listed modules re-run
+/// in layer `i` (the GEMMs [`rc_module_gemms`] picks), for hardware FLOPs.
+fn rc_module_params(job: &Job, i: usize, rm: RecomputeModules) -> f64 {
+    let m = &job.model;
+    let h = m.hidden as f64;
+    let mut p = 0.0;
+    if let (
+        Attention::Mla {
+            heads,
+            q_lora_rank,
+            kv_lora_rank,
+            qk_nope_head_dim,
+            qk_rope_head_dim,
+            v_head_dim,
+        },
+        true,
+    ) = (&m.attention, rm.has(RcMod::MlaUpProj))
+    {
+        let a = *heads as f64;
+        if let Some(r) = q_lora_rank {
+            p += *r as f64 * a * (qk_nope_head_dim + qk_rope_head_dim) as f64;
+        }
+        p += *kv_lora_rank as f64 * a * (qk_nope_head_dim + v_head_dim) as f64;
+    }
+    match (&m.moe, m.is_moe.get(i).copied().unwrap_or(false)) {
+        (Some(e), true) => {
+            let shared = e.shared_experts as f64 * 3.0 * h * e.shared_ffn as f64;
+            if rm.has(RcMod::Moe) {
+                p += e.experts as f64 * h + e.topk as f64 * 3.0 * h * e.expert_ffn as f64 + shared;
+            } else if rm.has(RcMod::SharedExperts) {
+                p += shared;
+            }
+        }
+        _ if rm.has(RcMod::Mlp) => {
+            let mats = if m.mlp == Mlp::Gelu { 2.0 } else { 3.0 };
+            p += mats * h * m.ffn as f64;
+        }
+        _ => {}
+    }
+    p
+}
+
+/// Indices into [`weight_modules`] of the GEMMs the listed modules re-run:
+/// MLA's up projections (`mla_up_proj`), a dense layer's MLP (`mlp`), an MoE
+/// layer's router, experts and shared experts (`moe`) or its shared experts
+/// alone (`shared_experts`).
+fn rc_module_gemms(
+    job: &Job,
+    i: usize,
+    rm: RecomputeModules,
+    mods: &[WeightModule],
+    n_attn: usize,
+) -> Vec<usize> {
+    let m = &job.model;
+    let is_moe = m.moe.is_some() && m.is_moe.get(i).copied().unwrap_or(false);
+    let mut out = vec![];
+    if let (Attention::Mla { q_lora_rank, .. }, true) = (&m.attention, rm.has(RcMod::MlaUpProj)) {
+        // [q_down, q_up,] kv_down, kv_up, o_proj
+        if q_lora_rank.is_some() {
+            out.push(1);
+        }
+        out.push(n_attn - 2);
+    }
+    if is_moe && rm.has(RcMod::Moe) {
+        out.extend(n_attn..mods.len());
+    } else if is_moe && rm.has(RcMod::SharedExperts) {
+        out.extend(n_attn + 2..mods.len());
+    } else if !is_moe && rm.has(RcMod::Mlp) {
+        out.extend(n_attn..mods.len());
+    }
+    out
+}
+
+/// Selective recompute by Megatron-Core's `recompute_modules`: the seconds
+/// the listed modules' forward takes again in the backward of layer `i`
+/// (one micro-batch, one GPU), and the extra TP all-reduces and EP
+/// all-to-alls (counted in passes of one) that re-run with them.
+///
+/// What each re-runs (megatron/core/transformer: `transformer_layer.py`,
+/// `moe/moe_layer.py`, `moe/experts.py`, `multi_latent_attention.py`):
+/// - `core_attn`: the attention core (`_checkpointed_attention_forward`);
+///   charged as the model's default "selective" always was (the unfused
+///   path's forward; a fused kernel's is not counted, see README).
+/// - `layernorm`: only norms that are modules of their own. Under
+///   Transformer Engine's layer spec the input norm and a dense layer's
+///   pre-MLP norm are fused into the following linear (`IdentityOp`, which
+///   Megatron skips); an MoE layer's pre-MLP norm (`TENorm`, the router
+///   cannot fuse it) re-runs: read h, write h, 2 bytes each.
+/// - `moe_act`: the experts' activation (`CheckpointWithoutOutput`), the
+///   same 3 × 2 bytes per expert ffn element the forward charges.
+/// - `mla_up_proj`: MLA's q and kv up projections (RoPE is not counted).
+/// - `mlp`: a dense layer's MLP (MoE layers excepted): its GEMMs, its
+///   activation and its TP collectives (one all-reduce's volume).
+/// - `moe`: the whole MoE layer (`tensor_parallel.checkpoint` around
+///   router, dispatch, experts, combine and shared experts): GEMMs,
+///   elementwise work, the expert-bias passes, and the dispatch and combine
+///   all-to-alls; TP collectives only with expert tensor parallelism
+///   (etp > 1), since with etp 1 the tokens reach the experts by the
+///   all-to-all alone.
+/// - `shared_experts`: the shared experts' GEMMs and activation.
+fn selective_modules(
+    job: &Job,
+    i: usize,
+    rm: RecomputeModules,
+    gs: &[f64],
+    n_attn: usize,
+    parts: &RcParts,
+) -> (f64, f64, f64) {
+    let m = &job.model;
+    let st = &job.strategy;
+    let t = st.tp as f64;
+    let is_moe = m.moe.is_some() && m.is_moe.get(i).copied().unwrap_or(false);
+    let (mods, _) = weight_modules(job, i);
+    let gemm: f64 = rc_module_gemms(job, i, rm, &mods, n_attn)
+        .into_iter()
+        .map(|k| gs[k])
+        .sum();
+    let mut secs = gemm;
+    let (mut tp_ar, mut ep_a2a) = (0.0, 0.0);
+    if rm.has(RcMod::CoreAttn) && st.attn_kernel == AttnKernel::None {
+        secs += parts.attn_fwd;
+    }
+    if is_moe && rm.has(RcMod::Layernorm) {
+        secs += parts.norm;
+    }
+    if is_moe && rm.has(RcMod::Moe) {
+        secs += parts.ffn_elem + parts.bias_f;
+        ep_a2a += 2.0;
+        if st.etp > 1 {
+            tp_ar += 1.0;
+        }
+    } else if is_moe {
+        if rm.has(RcMod::MoeAct) {
+            secs += parts.moe_act;
+        }
+        if rm.has(RcMod::SharedExperts) {
+            secs += parts.shared_act;
+        }
+    } else if rm.has(RcMod::Mlp) {
+        secs += parts.ffn_elem;
+        if t > 1.0 {
+            tp_ar += 1.0;
+        }
+    }
+    (secs, tp_ar, ep_a2a)
+}
+
+/// Memory-bound pieces of a layer's forward that selective recompute can
+/// re-run, seconds per micro-batch on one GPU.
+struct RcParts {
+    attn_fwd: f64,
+    /// One hidden-sized norm (read and write, 2 bytes each).
+    norm: f64,
+    /// The MLP side's elementwise work (what `6 · elem_ffn` charges).
+    ffn_elem: f64,
+    /// The routed experts' activation alone.
+    moe_act: f64,
+    /// The shared experts' activation alone.
+    shared_act: f64,
+    bias_f: f64,
 }
 
 /// Forward passes re-run per micro-batch (full recompute re-runs the layer).
@@ -639,8 +811,9 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     let imb = 1.0 + st.moe_imbalance;
 
     // GEMMs.
-    let (mods, _) = weight_modules(job, i);
-    let gemm: f64 = mods.iter().map(|w| w.gemm_s(hw, c)).sum();
+    let (mods, n_attn) = weight_modules(job, i);
+    let gs: Vec<f64> = mods.iter().map(|w| w.gemm_s(hw, c)).collect();
+    let gemm: f64 = gs.iter().sum();
     let wgrad: f64 = mods.iter().map(|w| w.wgrad_s(st.grad_bytes, hw, c)).sum();
     let mut elem_ffn = 0.0; // elementwise elements per token on the MLP side
     match moe {
@@ -680,11 +853,35 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     };
     let fwd = gemm + attn_fwd + elem + bias_f;
     let bwd = gemm + wgrad + attn_bwd + 2.0 * elem + bias_b;
-    let recompute = match st.recompute {
-        Recompute::Full => fwd,
+    let mut rc_tp_ar = 0.0; // TP all-reduces re-run by selective modules
+    let mut rc_ep_a2a = 0.0; // EP all-to-alls re-run by selective modules
+    let recompute = match (st.recompute, st.recompute_modules) {
+        (Recompute::Full, _) => fwd,
         // Half the forward's matmuls and all its elementwise work re-run.
-        Recompute::Selective if st.sac_op => 0.5 * gemm + elem,
-        Recompute::Selective if st.attn_kernel == AttnKernel::None => attn_fwd,
+        (Recompute::Selective, _) if st.sac_op => 0.5 * gemm + elem,
+        (Recompute::Selective, Some(rm)) => {
+            let hbm = |bytes_per_tok: f64| tok * bytes_per_tok / hw.hbm;
+            let (act_moe, act_shared) = match moe {
+                Some(e) => (
+                    6.0 * e.topk as f64 * imb * e.expert_ffn as f64 / t,
+                    6.0 * (e.shared_experts * e.shared_ffn) as f64 / t,
+                ),
+                None => (0.0, 0.0),
+            };
+            let parts = RcParts {
+                attn_fwd,
+                norm: hbm(4.0 * h / sp_div),
+                ffn_elem: hbm(6.0 * elem_ffn),
+                moe_act: hbm(act_moe),
+                shared_act: hbm(act_shared),
+                bias_f,
+            };
+            let (secs, tp_ar, ep_a2a) = selective_modules(job, i, rm, &gs, n_attn, &parts);
+            rc_tp_ar = tp_ar;
+            rc_ep_a2a = ep_a2a;
+            secs
+        }
+        (Recompute::Selective, None) if st.attn_kernel == AttnKernel::None => attn_fwd,
         _ => 0.0,
     };
     let rc_passes = rc_passes_of(st.recompute);
@@ -692,11 +889,12 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
     // TP: 2 all-reduces forward, 2 backward (SP: all-gather + reduce-scatter,
     // the same volume), 2 more when full recompute re-runs the forward.
     let tp = if st.tp > 1 {
-        let all = (4.0 + 2.0 * rc_passes) * hw.group(1, st.tp).allreduce_s(tok * h * 2.0, c);
+        let all =
+            (4.0 + 2.0 * rc_passes + rc_tp_ar) * hw.group(1, st.tp).allreduce_s(tok * h * 2.0, c);
         if st.tp_comm_overlap {
             // Pipelined with the GEMMs chunk by chunk (one chunk per TP
             // rank): what the GEMMs cannot cover, and at least one chunk.
-            let g = gemm * (3.0 + rc_passes);
+            let g = gemm * (3.0 + rc_passes) + if rc_tp_ar > 0.0 { recompute } else { 0.0 };
             (all - g).max(all / st.tp as f64)
         } else {
             all
@@ -740,7 +938,7 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
             } else {
                 grp.alltoall_s(tokens * k * h * 2.0, c)
             };
-            let a2a = (4.0 + 2.0 * rc_passes) * one;
+            let a2a = (4.0 + 2.0 * rc_passes + rc_ep_a2a) * one;
             if st.ep_comm_overlap {
                 // Hidden under another micro-batch's compute (Megatron's
                 // 1F1B A2A overlap): only what outlasts it shows.
@@ -1443,6 +1641,81 @@ mod tests {
             let wg: f64 = mods.iter().map(|w| w.wgrad_s(4.0, &hw, &c)).sum();
             assert_eq!(wg > g * (1.0 + 1e-9), moe, "layer {i}: {wg} vs {g}");
         }
+    }
+
+    #[test]
+    fn recompute_modules_charge_what_megatron_reruns() {
+        // Layer 0 dense, layer 1 MoE (with a shared expert); TP 2 without
+        // expert TP, EP 4 over 8 GPUs; FlashAttention (core_attn costs no
+        // time, as the default "selective" never did).
+        let mk = |mods: Option<serde_json::Value>| {
+            let mut v = serde_json::json!({"model":{"arch":"llama","layers":2,"hidden":4096,"heads":32,
+                "kv_heads":8,"ffn":12288,"vocab":32000,"seq":4096,
+                "moe":{"experts":16,"topk":2,"expert_ffn":1536,"shared_experts":1,"shared_ffn":2048,
+                "moe_layers":1}},
+                "cluster":{"gpu":"H100","gpus":8},
+                "strategy":{"tp":2,"pp":1,"ep":4,"etp":1,"mbs":1,"gbs":4,"recompute":"selective"}});
+            if let Some(m) = mods {
+                v["strategy"]["recompute_modules"] = m;
+            }
+            job_from_value(&v, &Fallback::default(), "t").unwrap()
+        };
+        let c = CALIB;
+        let def = mk(None);
+        let hw = Hw::of(&def);
+        let lc = |j: &Job, i| layer_cost(j, i, &hw, &c);
+        // Megatron's default written out is the default.
+        let core = mk(Some(serde_json::json!(["core_attn"])));
+        for i in 0..2 {
+            assert_eq!(lc(&core, i), lc(&def, i));
+        }
+        assert_eq!(iteration_flops(&core), iteration_flops(&def));
+        assert_eq!(lc(&def, 1).recompute, 0.0);
+        // `moe` re-runs the MoE layer's GEMMs (router, experts, shared
+        // expert), its elementwise work and the dispatch and combine
+        // all-to-alls; nothing in the dense layer.
+        let moe = mk(Some(serde_json::json!(["moe"])));
+        assert_eq!(lc(&moe, 0), lc(&def, 0));
+        let (mods, n_attn) = weight_modules(&moe, 1);
+        let g: f64 = mods[n_attn..].iter().map(|w| w.gemm_s(&hw, &c)).sum();
+        let (m1, d1) = (lc(&moe, 1), lc(&def, 1));
+        assert!(
+            m1.recompute > g && m1.recompute < d1.fwd,
+            "{} {g}",
+            m1.recompute
+        );
+        assert!((m1.ep - d1.ep * 6.0 / 4.0).abs() < 1e-12 * d1.ep);
+        assert_eq!(m1.tp, d1.tp); // etp 1: no TP collective inside the MoE layer
+                                  // `mlp` re-runs the dense layer's MLP and its TP collectives only.
+        let mlp = mk(Some(serde_json::json!(["mlp"])));
+        assert_eq!(lc(&mlp, 1), lc(&def, 1));
+        let (p0, d0) = (lc(&mlp, 0), lc(&def, 0));
+        let g0: f64 = mods_gemm(&mlp, 0, &hw, &c);
+        assert!(p0.recompute > g0 && p0.tp > d0.tp);
+        assert!((p0.tp - d0.tp * 5.0 / 4.0).abs() < 1e-12 * d0.tp);
+        // The small modules: cheaper than the MoE layer, and additive.
+        let ln = lc(&mk(Some(serde_json::json!(["layernorm"]))), 1).recompute;
+        let act = lc(&mk(Some(serde_json::json!(["moe_act"]))), 1).recompute;
+        let both = lc(&mk(Some(serde_json::json!(["layernorm", "moe_act"]))), 1);
+        assert!(ln > 0.0 && act > 0.0 && act + ln < m1.recompute);
+        assert!((both.recompute - (ln + act)).abs() < 1e-15);
+        assert_eq!((both.tp, both.ep), (d1.tp, d1.ep));
+        // Hardware FLOPs: `moe` adds the MoE layer's forward matmuls (router,
+        // top-k experts, shared expert: 2 FLOPs per parameter and token);
+        // with core_attn left out, the attention core's are not counted.
+        let (model, hwf) = iteration_flops(&moe);
+        let (_, hw_def) = iteration_flops(&def);
+        let (h, tokens) = (4096.0, 4.0 * 4096.0);
+        let p_moe = 16.0 * h + 2.0 * 3.0 * h * 1536.0 + 3.0 * h * 2048.0;
+        let attn = 4.0 * 4096.0 * 32.0 * 128.0 * 2.0; // both layers' cores
+        let want = model + tokens * 2.0 * p_moe;
+        assert!((hwf - want).abs() < 1e-9 * want, "{hwf} vs {want}");
+        assert!((hw_def - (model + tokens * attn)).abs() < 1e-9 * hw_def);
+    }
+
+    fn mods_gemm(j: &Job, i: usize, hw: &Hw, c: &Calib) -> f64 {
+        let (mods, n_attn) = weight_modules(j, i);
+        mods[n_attn..].iter().map(|w| w.gemm_s(hw, c)).sum()
     }
 
     #[test]
