@@ -702,9 +702,13 @@ def megatron_moe_modelzoo():
                  "recompute": rc, "zero": 3 if fsdp else 1, "sp": True, "flash_attn": True,
                  "overlap_grad_reduce": True, "overlap_param_gather": True, "ep_comm_overlap": ovl,
                  "moe_dispatcher": disp, "precision": "bf16"}
+        if rc == "selective":
+            # The table's recompute column 'norm, act': Megatron-Core's
+            # --recompute-modules layernorm moe_act.
+            strat["recompute_modules"] = ["layernorm", "moe_act"]
         note = ("Table 'Performance Results / H100' (256 H100, NVLink 4, InfiniBand 8x50 GB/s = 3200 Gb/s per "
                 "node, seq 4096, BF16, GBS 2048). Recompute 'norm, act' = selective recompute of layernorm and "
-                "the MoE activation. Code %s. Distributed optimizer, grad-reduce and param-gather overlap, "
+                "the MoE activation (recompute_modules layernorm, moe_act). Code %s. Distributed optimizer, grad-reduce and param-gather overlap, "
                 "sequence parallel, flash attention, expert TP 1 from model_configs/benchmarking/"
                 "Qwen3-235B-A22B.yaml. Whether routing was force-balanced or dropless is not stated for this "
                 "table. %s" % (code, extra))
@@ -719,9 +723,11 @@ def megatron_moe_modelzoo():
             strat = {"tp": 4, "pp": 8, "cp": cp, "dp": dp, "ep": 8, "etp": 1, "vpp": 4, "mbs": 1, "gbs": 256,
                      "recompute": "selective", "zero": 1, "sp": True, "flash_attn": True,
                      "overlap_grad_reduce": True, "overlap_param_gather": True, "ep_comm_overlap": False,
-                     "moe_dispatcher": "deepep", "moe_force_balance": bal == "balanced", "precision": "bf16"}
+                     "moe_dispatcher": "deepep", "moe_force_balance": bal == "balanced", "precision": "bf16",
+                     "recompute_modules": ["layernorm", "moe"]}
             note = ("Long Context table: 32 nodes of H100 (256 GPUs), InfiniBand 8x50 GB/s, DeepEP, BF16; the "
-                    "command gives PP 8, VPP 4, EP 8, A2A_OVERLAP 0, recompute selective (layernorm, moe), "
+                    "command gives PP 8, VPP 4, EP 8, A2A_OVERLAP 0, recompute selective with "
+                    "'--recompute-modules layernorm moe' (recompute_modules: the whole MoE layer re-runs), "
                     "optimizer offload off. MBS is not in the command: runtime_configs/benchmarking/runtime.conf "
                     "default for Qwen3-235B-A22B, 1. The table prints TFLOP/s only (%s routing)."
                     % ("forced-balance" if bal == "balanced" else "dropless"))
@@ -779,7 +785,8 @@ def megatron_bridge():
     for rel, gbs, mbs, vp, tps, tf in MB_ROWS:
         strat = {"tp": 1, "pp": 4, "cp": 1, "dp": 16, "ep": 8, "vpp": vp or 1, "mbs": mbs, "gbs": gbs,
                  "recompute": "selective", "zero": 1, "sp": False, "flash_attn": True, "overlap_grad_reduce": True,
-                 "moe_force_balance": True, "precision": "bf16"}
+                 "moe_force_balance": True, "precision": "bf16", "recompute_modules": ["layernorm", "moe_act"],
+                 "grad_reduce_dtype": "bf16"}
         rows.append(row(
             "megatron-bridge-gpt-oss-120b-h100-%s" % rel.replace(".", "_"),
             GPT_OSS_120B, {"gpu": "H100-SXM5-80GB", "gpus": 64, "gpus_per_node": 8}, strat,
@@ -791,7 +798,8 @@ def megatron_bridge():
                     % MB_COMMIT,
              "note": ("Table gives GPUs 64, BF16, GBS, MBS, seq 4096, TP 1, PP 4, CP 1, EP 8%s, FSDP 0. From "
                       "src/megatron/bridge/perf_recipes/gpt_oss/h100/gpt_oss.py (pretrain_64gpu_h100_bf16): "
-                      "selective recompute of layernorm and moe_act, forced load balancing "
+                      "selective recompute of layernorm and moe_act (recompute_modules=[\"layernorm\", "
+                      "\"moe_act\"] in the recipe's H100 BF16 config), forced load balancing "
                       "(moe_router_force_load_balancing; the docs say MoE benchmarks force-balance tokens), "
                       "sequence parallel off. Model shape: Hugging Face GptOssConfig defaults = gpt-oss-120b "
                       "(36 layers, hidden 2880, 64 heads of 64, 8 KV heads, 128 experts top-4, expert ffn 2880, "
@@ -799,7 +807,9 @@ def megatron_bridge():
                       "gpt_oss_bridge.py sets add_bias_linear); half the layers (window_layers 18) attend to a 128-token "
                       "sliding window (sliding_window; HF layer_types, Megatron-Bridge window_size (127, 0) with "
                       "window_attn_skip_freq 2); the attention sinks are not encoded. Distributed optimizer and grad-reduce overlap are Megatron-Bridge "
-                      "perf-recipe defaults (assumed). DGX-H100 fabric not stated."
+                      "perf-recipe defaults (assumed). Gradients are reduced in bf16 (grad_reduce_dtype): the "
+                      "perf recipes' _benchmark_common sets ddp.grad_reduce_in_fp32 = False. DGX-H100 fabric "
+                      "not stated."
                       % (", VP %d" % vp if vp else ", VP n/a"))},
             "medium", "NeMo Megatron-Bridge %s (Megatron-Core)" % rel))
     return rows
@@ -1212,6 +1222,11 @@ def nvidia_dgxc_2505():
         # recipe sets tp_comm_overlap=False (the default here).
         if rid in TP_OVERLAP_2505:
             strat["tp_comm_overlap"] = True
+        # DeepSeek-V3's launch.sh for h100 passes --recompute_modules
+        # mla_up_proj (Megatron-Core's recompute_modules; it replaces the
+        # default core_attn).
+        if rid.startswith("deepseek-v3"):
+            strat["recompute_modules"] = ["mla_up_proj"]
         also = {}
         if tps:
             also["tokens_per_s"] = tps
@@ -1253,6 +1268,7 @@ CLUSTER = {"gpu", "gpus", "gpus_per_node", "nic_gbps_per_node", "peak_tflops", "
 STRATEGY = {"tp", "pp", "vpp", "cp", "ep", "etp", "dp", "mbs", "gbs", "grad_accum", "recompute", "zero",
             "sp", "flash_attn", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap",
             "cp_comm", "precision", "fsdp_mixed_precision", "grad_reduce_dtype", "pp_schedule", "ep_comm_overlap",
+            "recompute_modules",
             "moe_dispatcher", "moe_force_balance"}
 SOURCE = {"paper", "where", "url", "note", "slug"}
 MEASURED = {"metric", "value", "also", "flops"}
@@ -1261,6 +1277,10 @@ ARCHS = {"gpt", "llama", "bloom", "opt"}
 
 class Bad(Exception):
     pass
+
+
+# Megatron-Core's TransformerConfig.recompute_modules choices that mofa-predict models.
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
 
 
 def need(cond, where, what):
@@ -1380,6 +1400,11 @@ def check_row(r, slug, where):
     need(s.get("recompute") in ("none", "selective", "full"), where,
          "strategy.recompute must be none, selective or full")
     need(s.get("zero") in (0, 1, 2, 3), where, "strategy.zero must be 0..3")
+    rm = s.get("recompute_modules")
+    need(rm is None or (isinstance(rm, list) and all(x in RECOMPUTE_MODULES for x in rm)), where,
+         "strategy.recompute_modules must be a list of %s" % ", ".join(RECOMPUTE_MODULES))
+    need(rm is None or s.get("recompute") == "selective", where,
+         "strategy.recompute_modules needs recompute selective")
     need(s.get("grad_reduce_dtype") in (None, "fp32", "bf16", "fp16"), where,
          "strategy.grad_reduce_dtype must be fp32, bf16 or fp16")
     for k in ("sp", "flash_attn", "overlap_grad_reduce", "overlap_param_gather", "tp_comm_overlap",
