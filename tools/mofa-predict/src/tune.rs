@@ -251,4 +251,41 @@ mod tests {
             assert_eq!(s.grad_bytes, 4.0);
         }
     }
+
+    #[test]
+    fn candidates_keep_recompute_modules() {
+        // Megatron-Core re-running the dense MLP: every candidate keeps the
+        // list; the selective ones pay for it (flash attention's default
+        // "selective" costs no time), and `mofa_tune` records carry it.
+        let b = base(
+            "Megatron-Core",
+            json!({"gbs": 64, "recompute": "selective", "recompute_modules": ["mlp"]}),
+        );
+        let rm = b.strategy.recompute_modules;
+        assert!(rm.is_some());
+        let mut seen = 0;
+        for j in enumerate(&b, &Space::default()) {
+            assert_eq!(j.strategy.recompute_modules, rm);
+            if j.strategy.recompute == Recompute::Selective {
+                let mut d = j.clone();
+                d.strategy.recompute_modules = None;
+                let (p, q) = (
+                    crate::perf::predict_time(&j, &crate::perf::CALIB),
+                    crate::perf::predict_time(&d, &crate::perf::CALIB),
+                );
+                assert!(p.breakdown.recompute_s > 0.0 && q.breakdown.recompute_s == 0.0);
+                seen += 1;
+            }
+        }
+        assert!(seen > 0);
+        let text = serde_json::to_string(&b.strategy).unwrap();
+        assert!(text.contains(r#""recompute_modules":["mlp"]"#), "{text}");
+        let back: ftk::records::MofaStrategy = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, b.strategy);
+        // Without the field the record has none (older records parse).
+        let plain = base("Megatron-Core", json!({"gbs": 64}));
+        assert!(!serde_json::to_string(&plain.strategy)
+            .unwrap()
+            .contains("recompute_modules"));
+    }
 }
