@@ -888,9 +888,19 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
 
     // TP: 2 all-reduces forward, 2 backward (SP: all-gather + reduce-scatter,
     // the same volume), 2 more when full recompute re-runs the forward.
+    // An MoE layer without expert TP (etp 1) and without shared experts has
+    // only the attention's pair: Megatron-Core's token dispatchers gather
+    // over the expert-TP group (`pg_collection.expt_tp`), so the
+    // sequence-parallel tokens reach the experts by the all-to-all alone
+    // (which `ep` charges on tok·etp/tp tokens); shared experts are a
+    // TP-split MLP and keep theirs.
+    let per_fwd = match moe {
+        Some(e) if st.etp == 1 && e.shared_experts == 0 => 1.0,
+        _ => 2.0,
+    };
     let tp = if st.tp > 1 {
-        let all =
-            (4.0 + 2.0 * rc_passes + rc_tp_ar) * hw.group(1, st.tp).allreduce_s(tok * h * 2.0, c);
+        let all = (2.0 * per_fwd + per_fwd * rc_passes + rc_tp_ar)
+            * hw.group(1, st.tp).allreduce_s(tok * h * 2.0, c);
         if st.tp_comm_overlap {
             // Pipelined with the GEMMs chunk by chunk (one chunk per TP
             // rank): what the GEMMs cannot cover, and at least one chunk.
@@ -1711,6 +1721,27 @@ mod tests {
         let want = model + tokens * 2.0 * p_moe;
         assert!((hwf - want).abs() < 1e-9 * want, "{hwf} vs {want}");
         assert!((hw_def - (model + tokens * attn)).abs() < 1e-9 * hw_def);
+    }
+
+    #[test]
+    fn moe_layers_without_expert_tp_skip_the_mlp_side_tp_collectives() {
+        let mk = |etp: u64, shared: u64| {
+            let v = serde_json::json!({"model":{"arch":"llama","layers":2,"hidden":4096,"heads":32,
+                "kv_heads":8,"ffn":12288,"vocab":32000,"seq":4096,
+                "moe":{"experts":16,"topk":2,"expert_ffn":1536,"shared_experts":shared,
+                "shared_ffn":2048,"moe_layers":1}},
+                "cluster":{"gpu":"H100","gpus":8},
+                "strategy":{"tp":2,"pp":1,"ep":4,"etp":etp,"mbs":1,"gbs":4,"recompute":"none"}});
+            job_from_value(&v, &Fallback::default(), "t").unwrap()
+        };
+        let hw = Hw::of(&mk(1, 0));
+        let tp = |j: &Job, i| layer_cost(j, i, &hw, &CALIB).tp;
+        let (e1, e2, sh) = (mk(1, 0), mk(2, 0), mk(1, 1));
+        // Dense layer 0: both pairs; MoE layer 1 with etp 1: the attention's
+        // pair only; with expert TP, or a TP-split shared expert, both.
+        assert!(tp(&e1, 0) > 0.0 && (tp(&e1, 1) - tp(&e1, 0) / 2.0).abs() < 1e-15);
+        assert_eq!(tp(&e2, 1), tp(&e2, 0));
+        assert_eq!(tp(&sh, 1), tp(&sh, 0));
     }
 
     fn mods_gemm(j: &Job, i: usize, hw: &Hw, c: &Calib) -> f64 {
