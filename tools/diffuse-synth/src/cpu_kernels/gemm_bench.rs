@@ -6,7 +6,6 @@
 //! thread (the machine is shared: wall time would count other processes' turns),
 //! summed over the threads.
 
-
 /// How a kernel calls the GEMM: c (+)= alpha · a · b with (column, row) strides.
 #[derive(Clone, Copy)]
 struct Shape {
@@ -76,7 +75,13 @@ fn shapes() -> Vec<Shape> {
     }
     // linear layers (linear.rs, matmul_bt): y[m, o] (+)= x[m, i] · W[o, i]ᵀ
     for &(name, m, i, o, per_step) in &[
-        ("linear 4096x320x320", 4096usize, 320usize, 320usize, 2 * 5 * 6),
+        (
+            "linear 4096x320x320",
+            4096usize,
+            320usize,
+            320usize,
+            2 * 5 * 6,
+        ),
         ("geglu blk 64x320x2560", 64, 320, 2560, 2 * 5 * 64),
         ("linear 4096x1280x320", 4096, 1280, 320, 2 * 5),
         ("linear 1024x640x640", 1024, 640, 640, 2 * 5 * 6),
@@ -161,7 +166,9 @@ struct Bufs {
 fn bufs(s: &Shape, seed: u32) -> Bufs {
     let fill = |n: usize, s: u32| {
         (0..n)
-            .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(s) >> 20) as f32 / 4096.0 - 0.5)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(s) >> 20) as f32 / 4096.0 - 0.5
+            })
             .collect::<Vec<f32>>()
     };
     Bufs {
@@ -189,7 +196,7 @@ fn run_crate(s: &Shape, o: &mut Bufs) {
     }
 }
 
-/// Blocking for [`run_ours`]: `GEMM_BENCH_BLOCKING=kc,mc,nc,direct_a(0/1)` overrides the default.
+/// Blocking for [`run_ours`]: `GEMM_BENCH_BLOCKING=kc,mc,nc,direct_a,a_in_l1` (flags 0/1) overrides the default.
 fn blocking() -> super::sgemm::Blocking {
     let v: Vec<usize> = std::env::var("GEMM_BENCH_BLOCKING")
         .unwrap_or_default()
@@ -197,11 +204,12 @@ fn blocking() -> super::sgemm::Blocking {
         .filter_map(|x| x.parse().ok())
         .collect();
     match v[..] {
-        [kc, mc, nc, d] => super::sgemm::Blocking {
+        [kc, mc, nc, d, l] => super::sgemm::Blocking {
             kc,
             mc,
             nc,
             direct_a: d != 0,
+            a_in_l1: l != 0,
         },
         _ => super::sgemm::BLOCKING,
     }
@@ -316,9 +324,15 @@ fn gemm_bench() {
         .unwrap_or(5);
     let only = std::env::var("GEMM_BENCH_ONLY").unwrap_or_default();
     let ours = std::env::var("GEMM_BENCH_OURS").is_ok_and(|v| v == "1");
+    // threads running GEMMs side by side (the kernels' 2 by default)
+    let threads: usize = std::env::var("GEMM_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let p1 = median((0..reps).map(|_| peak(1)).collect());
     let p2 = median((0..reps).map(|_| peak(2)).collect());
     println!("FMA peak: 1 thread {p1:.1} GFLOP/s, 2 threads {p2:.1} GFLOP/s");
+    let p2 = if threads == 1 { p1 } else { p2 };
     println!(
         "{:<24} {:>6} {:>6} {:>6} {:>9} {:>8} {:>9} {:>8} {:>7}",
         "shape", "M", "N", "K", "crate GF", "%peak", "ours GF", "%peak", "GFLOP"
@@ -328,9 +342,9 @@ fn gemm_bench() {
         let (mut c, mut o) = (Vec::new(), Vec::new());
         // interleaved: crate, ours, crate, ours, ...
         for _ in 0..reps {
-            c.push(gflops(s, 2, run_crate));
+            c.push(gflops(s, threads, run_crate));
             if ours {
-                o.push(gflops(s, 2, run_ours));
+                o.push(gflops(s, threads, run_ours));
             }
         }
         let gc = median(c);
