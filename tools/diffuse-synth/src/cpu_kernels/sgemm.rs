@@ -1,20 +1,24 @@
 //! A BLIS-style single-threaded f32 GEMM for AVX-512 (the `gemm` crate where the CPU
 //! lacks avx512f, or for layouts it does not cover).
 //!
-//! C is computed in MR x NR tiles held in 24 zmm registers: each step of k loads two
-//! vectors of a packed B row and broadcasts MR packed A values against them. B is packed
-//! in [KC, NR] panels (a panel stays in L1 while the A panels of one MC block, packed
-//! into L2, stream past it); A in [KC, MR] panels. C is written once per KC block,
-//! unpacked, with masked stores at its right edge.
+//! C is computed in MR x NR tiles held in 28 zmm registers: each step of k loads two
+//! vectors of a packed B row and broadcasts MR values of A against them. B is packed in
+//! [KC, NR] panels; A is read in place when its rows are contiguous along k (packing it
+//! would be a transpose) and packed in [KC, MR] panels otherwise. Tiles run along C's
+//! rows, so one A sliver stays in L1 while the packed B block streams from L2. C is
+//! written once per KC block, unpacked, with masked stores at its right edge.
 //!
-//! Why not the `gemm` crate alone: on SD-1.5's shapes as the kernels call it (conv taps
-//! of M = 320 rows, GEGLU blocks of 64 rows) it runs at 56-77% of the FMA peak of a
-//! Zen 4/5 core (see `gemm_bench`); this kernel's blocking is sized for those shapes.
+//! Measured with `gemm_bench` (2-core Zen 5, GFLOP per CPU second, 9 interleaved runs):
+//! on the 3x3 conv taps of the 64x64 and 32x32 planes (about 440 of a SD-1.5 step's 1610
+//! GFLOP) 2-13% above the `gemm` crate (75-85% of the FMA peak against its 70-78%), so
+//! `conv.rs` uses it there. Elsewhere it is at best even (linear layers) or slower (GEGLU's
+//! 64-row blocks, attention's PV, the 8x8 im2col conv: small or transposed operands it
+//! packs with scalar loads), so those keep the crate.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// Rows of a register tile (broadcast from packed A).
+/// Rows of a register tile (broadcast from A).
 const MR: usize = 14;
 /// Columns of a register tile: two zmm vectors.
 const NR: usize = 32;
@@ -33,7 +37,7 @@ pub(super) struct Blocking {
     pub a_in_l1: bool,
 }
 
-/// Blocking for a Zen 4/5 core: 48 KiB L1d, 1 MiB L2 (see /sys/devices/system/cpu).
+/// Blocking for a Zen 5 core: 48 KiB L1d, 1 MiB L2 (see /sys/devices/system/cpu).
 /// Tiles go along C's rows: the A sliver (MR rows x KC) stays in L1 and the packed B
 /// block (KC x NC, 768 KiB) streams contiguously from L2, which measured 3-10% faster
 /// on the 64x64 conv taps than keeping a B panel in L1 and streaming A slivers.
