@@ -123,7 +123,7 @@ pub(super) unsafe fn gemm_with(
         };
         if ccs == 1 {
             // SAFETY: avx512f checked; the operands as the caller promised.
-            return unsafe { drive(bl, &p) };
+            return unsafe { drive(bl, &p, None) };
         }
         if crs == 1 {
             // column-major C: compute Cᵀ = Bᵀ Aᵀ, whose rows are C's columns
@@ -140,7 +140,7 @@ pub(super) unsafe fn gemm_with(
                 ..p
             };
             // SAFETY: as above; the transposed view reaches the same elements.
-            return unsafe { drive(bl, &t) };
+            return unsafe { drive(bl, &t, None) };
         }
     }
     // SAFETY: forwarded to the caller.
@@ -183,6 +183,116 @@ thread_local! {
     static PACK: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// Equal k blocks no longer than `kc`: a short last block would pay a full C load and
+/// store for little work.
+fn k_block(k: usize, kc: usize) -> usize {
+    k.div_ceil(k.div_ceil(kc).max(1)).max(1)
+}
+
+/// A [k, n] B packed once in the driver's layout (k blocks of [`k_block`] rows, each the
+/// block's [kk, NR] panels left to right), for several products with the same B: GEGLU's
+/// weight over its 64-row blocks, which would otherwise each transpose it again.
+pub(super) struct PackedB {
+    k: usize,
+    n: usize,
+    kc: usize,
+    npan: usize,
+    buf: Vec<f32>,
+    /// floats skipped at `buf`'s start for 64-byte alignment
+    skip: usize,
+}
+
+impl PackedB {
+    /// Packs b[p brs + j bcs] for p < k, j < n.
+    ///
+    /// # Panics
+    /// If the strides reach past `b`.
+    pub fn new(b: &[f32], (bcs, brs): (usize, usize), k: usize, n: usize) -> Self {
+        assert!(
+            k > 0 && n > 0 && (k - 1) * brs + (n - 1) * bcs < b.len(),
+            "sgemm: packed operand empty or too small"
+        );
+        let kc = k_block(k, BLOCKING.kc);
+        let npan = n.div_ceil(NR);
+        let len = k * npan * NR;
+        let buf = vec![0f32; len + 16];
+        let skip = buf.as_ptr().align_offset(64).min(15);
+        let mut pb = PackedB {
+            k,
+            n,
+            kc,
+            npan,
+            buf,
+            skip,
+        };
+        let p = Problem {
+            m: 0,
+            n,
+            k,
+            c: std::ptr::null_mut(),
+            crs: 0,
+            acc: false,
+            beta: 0.0,
+            a: std::ptr::null(),
+            ars: 0,
+            acs: 0,
+            b: b.as_ptr(),
+            brs,
+            bcs,
+        };
+        let dst = &mut pb.buf[skip..skip + len];
+        for p0 in (0..k).step_by(kc) {
+            let kk = kc.min(k - p0);
+            // SAFETY: rows p0..p0 + kk, columns 0..n lie inside `b` (asserted above); the
+            // block's slice holds its npan panels.
+            unsafe { pack_b(&p, p0, kk, 0, n, &mut dst[p0 * npan * NR..]) };
+        }
+        pb
+    }
+
+    fn data(&self) -> &[f32] {
+        &self.buf[self.skip..]
+    }
+}
+
+/// c[m, n] (+)= beta · a[m, k] · B for row-major contiguous c and a and a B packed by
+/// [`PackedB::new`] (k and n are its).
+///
+/// # Panics
+/// Without avx512f (callers check [`available`]), or if `c` or `a` is too short.
+pub(super) fn gemm_packed(c: &mut [f32], m: usize, acc: bool, a: &[f32], pb: &PackedB, beta: f32) {
+    let (n, k) = (pb.n, pb.k);
+    assert!(available(), "sgemm: no avx512f");
+    assert!(
+        c.len() >= m * n && a.len() >= m * k,
+        "sgemm: operand too small"
+    );
+    if m == 0 {
+        return;
+    }
+    let p = Problem {
+        m,
+        n,
+        k,
+        c: c.as_mut_ptr(),
+        crs: n,
+        acc,
+        beta,
+        a: a.as_ptr(),
+        ars: k,
+        acs: 1,
+        b: std::ptr::null(),
+        brs: 0,
+        bcs: 0,
+    };
+    // SAFETY: avx512f checked; c and a span [m, n] and [m, k] (asserted); B comes packed,
+    // with the kc the driver reads it with.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        drive(BLOCKING, &p, Some(pb))
+    }
+}
+
 /// `len` rounded up to a whole number of cache lines (16 floats).
 fn lines(len: usize) -> usize {
     len.div_ceil(16) * 16
@@ -195,19 +305,21 @@ fn lines(len: usize) -> usize {
 /// avx512f; the operands as [`gemm_s`] requires.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn drive(bl: Blocking, p: &Problem) {
+unsafe fn drive(bl: Blocking, p: &Problem, pre: Option<&PackedB>) {
     let Problem { m, n, k, .. } = *p;
     // rows of A contiguous along k: the kernel broadcasts straight from them (packing
     // them would be a transpose costing a good part of the products at these sizes)
     let direct = p.acs == 1 && bl.direct_a;
     // equal k blocks no longer than bl.kc: a short last block would pay a full C
     // load/store for little work
-    let kb = k.div_ceil(bl.kc);
-    let kc = k.div_ceil(kb);
+    let kc = pre.map_or_else(|| k_block(k, bl.kc), |pb| pb.kc);
     let nc = bl.nc.min(n.div_ceil(NR) * NR);
     let mc = (bl.mc / MR).max(1) * MR;
     let mc = mc.min(m.div_ceil(MR) * MR);
-    let (alen, blen) = (lines(mc * kc), lines(nc * kc));
+    let (alen, blen) = (
+        lines(mc * kc),
+        if pre.is_some() { 0 } else { lines(nc * kc) },
+    );
     let mut buf = PACK.take();
     if buf.len() < alen + blen + 16 {
         buf = vec![0f32; alen + blen + 16];
@@ -220,8 +332,15 @@ unsafe fn drive(bl: Blocking, p: &Problem) {
         for p0 in (0..k).step_by(kc) {
             let kk = kc.min(k - p0);
             let acc = p.acc || p0 > 0;
-            // SAFETY: the block lies inside B; `bp` holds nc · kc floats.
-            unsafe { pack_b(p, p0, kk, j0, nb, bp) };
+            let bsrc = match pre {
+                // the block's panels, consecutive in the packed copy
+                Some(pb) => pb.data()[p0 * pb.npan * NR + (j0 / NR) * kk * NR..].as_ptr(),
+                None => {
+                    // SAFETY: the block lies inside B; `bp` holds nc · kc floats.
+                    unsafe { pack_b(p, p0, kk, j0, nb, bp) };
+                    bp.as_ptr()
+                }
+            };
             for i0 in (0..m).step_by(mc) {
                 let mb = mc.min(m - i0);
                 if !direct {
@@ -231,7 +350,8 @@ unsafe fn drive(bl: Blocking, p: &Problem) {
                 // one register tile: rows i0 + ir.., columns j0 + jr..
                 let tile_at = |ir: usize, jr: usize| {
                     let (mv, nv) = (MR.min(mb - ir), NR.min(nb - jr));
-                    let bpan = bp[jr * kk..].as_ptr();
+                    // SAFETY: panel jr / NR of the block (kk · NR floats each).
+                    let bpan = unsafe { bsrc.add(jr * kk) };
                     // SAFETY: the tile's rows and columns lie inside C; A's rows
                     // i0 + ir.. and columns p0.. inside A.
                     unsafe {
@@ -478,6 +598,40 @@ mod tests {
                 }
                 let y = &mut c[i * crs + j * ccs];
                 *y = (beta as f64 * s + if acc { *y as f64 } else { 0.0 }) as f32;
+            }
+        }
+    }
+
+    #[test]
+    fn prepacked_b_matches_f64_reference() {
+        if !available() {
+            return;
+        }
+        let mut rng = ftk::rng::stream(18, 0);
+        for case in 0..100 {
+            let (m, n) = (rng.random_range(1..70), rng.random_range(1..110));
+            // k past one k block in some cases
+            let k = if case % 3 == 0 {
+                rng.random_range(250..600)
+            } else {
+                rng.random_range(1..60)
+            };
+            let bs = strides(&mut rng, k, n);
+            let acc = rng.random_bool(0.5);
+            let mut gen = |len: usize| -> Vec<f32> {
+                (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+            };
+            let (a, b, c0) = (gen(m * k), gen(span(k, n, bs)), gen(m * n));
+            let mut want = c0.clone();
+            reference((m, n, k), &mut want, (1, n), acc, &a, (1, k), &b, bs, 0.5);
+            let pb = PackedB::new(&b, bs, k, n);
+            let mut got = c0;
+            gemm_packed(&mut got, m, acc, &a, &pb, 0.5);
+            for (idx, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + k as f32),
+                    "case {case} ({m}x{n}x{k}, b {bs:?}, acc {acc}): element {idx}: {g} vs {w}"
+                );
             }
         }
     }
