@@ -86,6 +86,8 @@ fn shapes() -> Vec<Shape> {
         ("linear 4096x1280x320", 4096, 1280, 320, 2 * 5),
         ("linear 1024x640x640", 1024, 640, 640, 2 * 5 * 6),
         ("linear 1024x640x5120", 1024, 640, 5120, 2 * 5),
+        // the same projection as 64-row blocks (not fused below 2048 rows today)
+        ("geglu blk 64x640x5120", 64, 640, 5120, 0),
         ("linear 1024x2560x640", 1024, 2560, 640, 2 * 5),
         ("linear 256x1280x1280", 256, 1280, 1280, 2 * 5 * 6),
     ] {
@@ -368,20 +370,19 @@ fn gemm_bench() {
     }
     // GEGLU's blocks with the weight packed once per call (as `forward_geglu` does; the
     // packing, shared by a call's 2 x 64 blocks, is left out)
-    if ours && "geglu prepacked".contains(&only) {
-        let s = shapes()
-            .into_iter()
-            .find(|s| s.name.starts_with("geglu"))
-            .expect("geglu shape");
-        let b = bufs(&s, 1).b;
+    for s in shapes()
+        .iter()
+        .filter(|s| ours && s.name.starts_with("geglu") && s.name.contains(&only))
+    {
+        let b = bufs(s, 1).b;
         let pb = super::sgemm::PackedB::new(&b, s.b, s.k, s.n);
         let flop = 2.0 * (s.m * s.n * s.k) as f64;
         let reps_n = ((2e10 / flop) as usize).max(3);
         let (mut c, mut o) = (Vec::new(), Vec::new());
         for _ in 0..reps {
-            c.push(gflops(&s, threads, run_crate));
+            c.push(gflops(s, threads, run_crate));
             o.push(on_threads(threads, |t| {
-                let mut bb = bufs(&s, 7 * t as u32);
+                let mut bb = bufs(s, 7 * t as u32);
                 super::sgemm::gemm_packed(&mut bb.c, s.m, s.acc, &bb.a, &pb, 1.0);
                 let t0 = thread_cpu();
                 for _ in 0..reps_n {
@@ -393,7 +394,7 @@ fn gemm_bench() {
         let (gc, go) = (median(c), median(o));
         println!(
             "{:<24} {:>6} {:>6} {:>6} {:>9.1} {:>7.0}% {:>9.1} {:>7.0}%",
-            "geglu blk, W prepacked",
+            format!("{}, W prepacked", s.name),
             s.m,
             s.n,
             s.k,

@@ -11,10 +11,12 @@
 //! Measured with `gemm_bench` (2-core Zen 5, GFLOP per CPU second, 9 interleaved runs):
 //! on the 3x3 conv taps of the 64x64 and 32x32 planes (about 440 of a SD-1.5 step's 1610
 //! GFLOP) 2-13% above the `gemm` crate (75-85% of the FMA peak against its 70-78%), so
-//! `conv.rs` uses it there. Elsewhere it is at best even (linear layers) or slower (GEGLU's
-//! 64-row blocks, attention's PV, the 8x8 im2col conv: small or transposed operands it
-//! packs with scalar loads), so those keep the crate.
+//! `conv.rs` uses it there; on GEGLU's 64-row blocks with the weight packed once per call
+//! ([`PackedB`]) 91% of the peak against the crate's 55% (it repacks the weight per block).
+//! Elsewhere it is at best even (linear layers) or slower (attention's PV, the 8x8 im2col
+//! conv: small or transposed operands it packs with scalar loads), so those keep the crate.
 
+use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -183,6 +185,20 @@ thread_local! {
     static PACK: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// B's pointer, shared read-only by the packing tasks.
+#[derive(Clone, Copy)]
+struct SendPtr(*const f32);
+// SAFETY: only read, while the slice it comes from is borrowed by `PackedB::new`.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *const f32 {
+        self.0
+    }
+}
+
 /// Equal k blocks no longer than `kc`: a short last block would pay a full C load and
 /// store for little work.
 fn k_block(k: usize, kc: usize) -> usize {
@@ -225,28 +241,38 @@ impl PackedB {
             buf,
             skip,
         };
-        let p = Problem {
-            m: 0,
-            n,
-            k,
-            c: std::ptr::null_mut(),
-            crs: 0,
-            acc: false,
-            beta: 0.0,
-            a: std::ptr::null(),
-            ars: 0,
-            acs: 0,
-            b: b.as_ptr(),
-            brs,
-            bcs,
-        };
+        // panels on every thread: the weights of a call are packed while nothing else runs
         let dst = &mut pb.buf[skip..skip + len];
-        for p0 in (0..k).step_by(kc) {
-            let kk = kc.min(k - p0);
-            // SAFETY: rows p0..p0 + kk, columns 0..n lie inside `b` (asserted above); the
-            // block's slice holds its npan panels.
-            unsafe { pack_b(&p, p0, kk, 0, n, &mut dst[p0 * npan * NR..]) };
-        }
+        let ptr = SendPtr(b.as_ptr());
+        dst.par_chunks_mut(kc * npan * NR)
+            .enumerate()
+            .for_each(|(kb, blk)| {
+                let p0 = kb * kc;
+                let kk = kc.min(k - p0);
+                blk.par_chunks_mut(kk * NR)
+                    .enumerate()
+                    .for_each(|(jp, pan)| {
+                        let p = Problem {
+                            m: 0,
+                            n,
+                            k,
+                            c: std::ptr::null_mut(),
+                            crs: 0,
+                            acc: false,
+                            beta: 0.0,
+                            a: std::ptr::null(),
+                            ars: 0,
+                            acs: 0,
+                            b: ptr.get(),
+                            brs,
+                            bcs,
+                        };
+                        let nb = NR.min(n - jp * NR);
+                        // SAFETY: rows p0..p0 + kk and columns jp NR..jp NR + nb lie inside
+                        // `b` (asserted above); `pan` holds one [kk, NR] panel.
+                        unsafe { pack_b(&p, p0, kk, jp * NR, nb, pan) };
+                    });
+            });
         pb
     }
 
