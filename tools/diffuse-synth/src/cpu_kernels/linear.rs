@@ -64,24 +64,16 @@ impl Module for Linear {
 /// stays in L2 (d = 1280: 1.25 MiB) between the GEMM and the gating.
 const GEGLU_ROWS: usize = 64;
 
-/// Fewest rows per sample [`Linear::forward_geglu`] fuses when the blocks run on the
-/// `gemm` crate: with fewer (1024 tokens and below at SD-1.5 size) one whole-sample GEMM
-/// beats blocks that each repack the weights, and the projection's round trip through
-/// memory is small (tiny under test).
+/// Fewest rows per sample [`Linear::forward_geglu`] fuses: with fewer (1024 tokens and
+/// below at SD-1.5 size) one whole-sample GEMM beats blocks that each repack the weights,
+/// and the projection's round trip through memory is small (tiny under test). With the
+/// weight packed once for `sgemm` the 1024-token blocks ([64, 640] x [640, 5120]) measured
+/// from 10% below to 23% above the crate's whole-sample GEMM (`gemm_bench`), no clear win,
+/// so they stay unfused too.
 #[cfg(not(test))]
 const GEGLU_MIN_ROWS: usize = 2048;
 #[cfg(test)]
 const GEGLU_MIN_ROWS: usize = 1;
-
-/// The same with the weight packed once per call for `sgemm`: 64-row blocks of the
-/// 1024-token [640 -> 5120] projection run at 76-93% of the FMA peak against 76% for the
-/// whole-sample GEMM on the crate (`gemm_bench`), and the [1024, 5120] projection stays out
-/// of memory. Not below: at 256 tokens the call's packed weight (1280 -> 10240, 52 MB)
-/// costs more than its few blocks gain.
-#[cfg(not(test))]
-const GEGLU_MIN_ROWS_PACKED: usize = 1024;
-#[cfg(test)]
-const GEGLU_MIN_ROWS_PACKED: usize = 1;
 
 impl Linear {
     /// `geglu_packed(self.forward(x))` (diffusers' GEGLU: value and gate are the two
@@ -101,12 +93,7 @@ impl Linear {
             || dims.len() != 3
             || dims[2] != i
             || !o.is_multiple_of(2)
-            || dims[1]
-                < if super::sgemm::available() {
-                    GEGLU_MIN_ROWS_PACKED
-                } else {
-                    GEGLU_MIN_ROWS
-                }
+            || dims[1] < GEGLU_MIN_ROWS
         {
             return super::geglu_packed(&self.forward(x)?);
         }
