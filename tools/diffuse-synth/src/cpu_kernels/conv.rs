@@ -271,9 +271,10 @@ impl Geom {
                     assert!(off + (ci - 1) * plane + nq <= x0.len());
                     // SAFETY: tap t's weights are wt[t co ci..(t + 1) co ci]; the input
                     // window's farthest element is checked above; `cb` is this task's own
-                    // scratch.
+                    // scratch. (The hand-written kernel: 2-13% faster than the `gemm`
+                    // crate on these shapes, see `sgemm`.)
                     unsafe {
-                        super::attention::gemm_s(
+                        super::sgemm::gemm_s(
                             (co, nq, ci),
                             cb.as_mut_ptr(),
                             (1, nq),

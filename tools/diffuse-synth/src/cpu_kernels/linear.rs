@@ -66,7 +66,10 @@ const GEGLU_ROWS: usize = 64;
 
 /// Fewest rows per sample [`Linear::forward_geglu`] fuses: with fewer (1024 tokens and
 /// below at SD-1.5 size) one whole-sample GEMM beats blocks that each repack the weights,
-/// and the projection's round trip through memory is small (tiny under test).
+/// and the projection's round trip through memory is small (tiny under test). With the
+/// weight packed once for `sgemm` the 1024-token blocks ([64, 640] x [640, 5120]) measured
+/// from 10% below to 23% above the crate's whole-sample GEMM (`gemm_bench`), no clear win,
+/// so they stay unfused too.
 #[cfg(not(test))]
 const GEGLU_MIN_ROWS: usize = 2048;
 #[cfg(test)]
@@ -102,6 +105,11 @@ impl Linear {
         };
         let mut out = super::zeros(b * m * d);
         with_slice(w, |wv| {
+            // Wᵀ packed once for every block of the call: each block's GEMM then only reads
+            // it (the `gemm` crate repacks it per 64-row block, which costs as much as a third
+            // of the block's products: 55% of the FMA peak against 91%, see `sgemm`)
+            let packed =
+                super::sgemm::available().then(|| super::sgemm::PackedB::new(wv, (i, 1), i, o));
             with_slice(x, |xv| {
                 out.par_chunks_mut(m * d).enumerate().for_each(|(n, yo)| {
                     yo.par_chunks_mut(GEGLU_ROWS * d)
@@ -114,9 +122,27 @@ impl Linear {
                                 if let Some(bv) = &bias {
                                     p.chunks_mut(o).for_each(|row| row.copy_from_slice(bv));
                                 }
-                                ftk::linalg::serial(|| {
-                                    ftk::linalg::matmul_bt(p, xb, wv, rows, o, i, bias.is_some())
-                                });
+                                match &packed {
+                                    Some(pb) => super::sgemm::gemm_packed(
+                                        p,
+                                        rows,
+                                        bias.is_some(),
+                                        xb,
+                                        pb,
+                                        1.0,
+                                    ),
+                                    None => ftk::linalg::serial(|| {
+                                        ftk::linalg::matmul_bt(
+                                            p,
+                                            xb,
+                                            wv,
+                                            rows,
+                                            o,
+                                            i,
+                                            bias.is_some(),
+                                        )
+                                    }),
+                                }
                                 for (yrow, prow) in yb.chunks_mut(d).zip(p.chunks(o)) {
                                     yrow.copy_from_slice(&prow[..d]);
                                     super::attention::geglu_rows(yrow, &prow[d..]);

@@ -64,11 +64,14 @@ macro_rules! multiversion {
 
 mod attention;
 mod conv;
+#[cfg(test)]
+mod gemm_bench;
 mod layout;
 mod linear;
 mod math;
 mod norm;
 pub mod resnet;
+mod sgemm;
 #[cfg(test)]
 mod tests;
 
