@@ -586,6 +586,7 @@ fn selective_modules(
     job: &Job,
     i: usize,
     rm: RecomputeModules,
+    mods: &[WeightModule],
     gs: &[f64],
     n_attn: usize,
     parts: &RcParts,
@@ -594,8 +595,7 @@ fn selective_modules(
     let st = &job.strategy;
     let t = st.tp as f64;
     let is_moe = m.moe.is_some() && m.is_moe.get(i).copied().unwrap_or(false);
-    let (mods, _) = weight_modules(job, i);
-    let gemm: f64 = rc_module_gemms(job, i, rm, &mods, n_attn)
+    let gemm: f64 = rc_module_gemms(job, i, rm, mods, n_attn)
         .into_iter()
         .map(|k| gs[k])
         .sum();
@@ -876,7 +876,7 @@ pub fn layer_cost(job: &Job, i: usize, hw: &Hw, c: &Calib) -> LayerCost {
                 shared_act: hbm(act_shared),
                 bias_f,
             };
-            let (secs, tp_ar, ep_a2a) = selective_modules(job, i, rm, &gs, n_attn, &parts);
+            let (secs, tp_ar, ep_a2a) = selective_modules(job, i, rm, &mods, &gs, n_attn, &parts);
             rc_tp_ar = tp_ar;
             rc_ep_a2a = ep_a2a;
             secs
