@@ -16,6 +16,17 @@ fn nchw(l: &Layout) -> Result<(usize, usize, usize)> {
     }
 }
 
+/// A new buffer the size of `x`, filled plane by plane (one task per H·W plane):
+/// `f(plane index, output plane, input plane)`; the channel is `plane % C`.
+fn map_planes(x: &[f32], sp: usize, f: impl Fn(usize, &mut [f32], &[f32]) + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(sp)
+        .zip(x.par_chunks(sp))
+        .enumerate()
+        .for_each(|(i, (o, xs))| f(i, o, xs));
+    y
+}
+
 /// y = x · scale[c] + shift[c] (eval-mode batch norm).
 struct ChannelAffine {
     scale: Vec<f32>,
@@ -30,14 +41,10 @@ impl CustomOp1 for ChannelAffine {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(st, l)?;
         let (_, c, sp) = nchw(l)?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(sp)
-            .zip(x.par_chunks(sp))
-            .enumerate()
-            .for_each(|(i, (o, xs))| {
-                let (a, b) = (self.scale[i % c], self.shift[i % c]);
-                o.iter_mut().zip(xs).for_each(|(o, &v)| *o = v * a + b);
-            });
+        let y = map_planes(x, sp, |i, o, xs| {
+            let (a, b) = (self.scale[i % c], self.shift[i % c]);
+            o.iter_mut().zip(xs).for_each(|(o, &v)| *o = v * a + b);
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -45,15 +52,10 @@ impl CustomOp1 for ChannelAffine {
         let (_, c, h, w) = arg.dims4()?;
         let sp = h * w;
         let dx = with_slice(grad, |g| {
-            let mut dx = vec![0f32; g.len()];
-            dx.par_chunks_mut(sp)
-                .zip(g.par_chunks(sp))
-                .enumerate()
-                .for_each(|(i, (o, gs))| {
-                    let a = self.scale[i % c];
-                    o.iter_mut().zip(gs).for_each(|(o, &v)| *o = v * a);
-                });
-            Ok(dx)
+            Ok(map_planes(g, sp, |i, o, gs| {
+                let a = self.scale[i % c];
+                o.iter_mut().zip(gs).for_each(|(o, &v)| *o = v * a);
+            }))
         })?;
         Tensor::from_vec(dx, arg.dims(), &Device::Cpu).map(Some)
     }
@@ -86,25 +88,20 @@ struct ChannelAffineRelu {
 
 impl ChannelAffineRelu {
     fn forward(&self, x: &[f32], r: Option<&[f32]>, c: usize, sp: usize) -> Vec<f32> {
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(sp)
-            .zip(x.par_chunks(sp))
-            .enumerate()
-            .for_each(|(i, (o, xs))| {
-                let (a, b) = (self.scale[i % c], self.shift[i % c]);
-                match r {
-                    // the same roundings as BN, then `+ identity`, then ReLU
-                    Some(r) => o
-                        .iter_mut()
-                        .zip(xs.iter().zip(&r[i * sp..(i + 1) * sp]))
-                        .for_each(|(o, (&v, &rv))| *o = (v * a + b + rv).max(0.0)),
-                    None => o
-                        .iter_mut()
-                        .zip(xs)
-                        .for_each(|(o, &v)| *o = (v * a + b).max(0.0)),
-                }
-            });
-        y
+        map_planes(x, sp, |i, o, xs| {
+            let (a, b) = (self.scale[i % c], self.shift[i % c]);
+            match r {
+                // the same roundings as BN, then `+ identity`, then ReLU
+                Some(r) => o
+                    .iter_mut()
+                    .zip(xs.iter().zip(&r[i * sp..(i + 1) * sp]))
+                    .for_each(|(o, (&v, &rv))| *o = (v * a + b + rv).max(0.0)),
+                None => o
+                    .iter_mut()
+                    .zip(xs)
+                    .for_each(|(o, &v)| *o = (v * a + b).max(0.0)),
+            }
+        })
     }
 
     /// (dx, dr): the output gradient where the output is positive (torch's ReLU), times
